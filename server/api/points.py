@@ -1,0 +1,110 @@
+"""Routes: ingest of point batches, series listing and downsampled reads, events."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+
+import orjson
+
+from stethoscope.wire import encode_values
+
+from ..ingest_parse import BadBatch, decode_body, parse_batch
+from .deps import SettingsDep, StoreDep
+from .runs import RunId
+from .schemas import EventBatch, EventOut, EventsReply, IngestBatch, IngestReply, SeriesData, SeriesInfo
+
+router = APIRouter(tags=["points"])
+
+
+
+def _inline_schema(model) -> dict:
+    """The model's JSON schema with its ``$defs`` inlined: it is placed inside the OpenAPI
+    document, where a ``#/$defs/...`` reference would point at the document's root."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if ref is not None and ref.startswith("#/$defs/"):
+                return inline(defs[ref.rsplit("/", 1)[1]])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return inline(schema)
+
+
+_INGEST_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": _inline_schema(IngestBatch)}}}}
+
+
+@router.post(
+    "/runs/{run_id}/points",
+    response_model=IngestReply,
+    openapi_extra=_INGEST_BODY,
+    responses={404: {"description": "no such run"}, 413: {"description": "too many points or bytes"}, 422: {"description": "malformed batch"}},
+)
+async def ingest(run_id: RunId, request: Request, store: StoreDep, settings: SettingsDep):
+    """Store a batch of points of one run. A 2xx reply means they are committed; resending stores nothing twice."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > settings.max_body_bytes:
+        raise BadBatch(f"body of {declared} bytes is larger than the limit of {settings.max_body_bytes}", 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > settings.max_body_bytes:
+            raise BadBatch(f"body is larger than the limit of {settings.max_body_bytes} bytes", 413)
+        chunks.append(chunk)
+    body = decode_body(b"".join(chunks), request.headers.get("content-encoding"), settings.max_body_bytes)
+    batches = parse_batch(body, settings.max_points_per_batch)
+    runner = request.app.state.run_in_thread
+    result = await runner(store.ingest, run_id, batches)
+    hook = getattr(request.app.state, "after_ingest", None)
+    if hook is not None:
+        await runner(hook, run_id, result)
+    return Response(
+        orjson.dumps({"points": result.points, "inserted": result.inserted, "alerts": result.alerts}, default=str),
+        media_type="application/json",
+    )
+
+
+@router.get("/runs/{run_id}/series", response_model=list[SeriesInfo])
+def list_series(run_id: RunId, store: StoreDep):
+    out = store.list_series(run_id)
+    for s in out:
+        if s["last_value"] is not None:
+            s["last_value"] = encode_values([s["last_value"]])[0]
+    return out
+
+
+@router.get("/runs/{run_id}/series/{name:path}", response_model=SeriesData)
+def read_series(
+    run_id: RunId,
+    name: str,
+    store: StoreDep,
+    start: Annotated[int | None, Query(ge=-(2**63), le=2**63 - 1, description="first step, inclusive")] = None,
+    end: Annotated[int | None, Query(ge=-(2**63), le=2**63 - 1, description="last step, inclusive")] = None,
+    max_points: Annotated[int, Query(ge=3, le=1_000_000, description="at most this many points; each bucket keeps its min, max and first NaN")] = 2000,
+):
+    r = store.read_series(run_id, name, start, end, max_points)
+    # orjson straight to bytes: a 2,000-point reply would spend longer in pydantic than in the database.
+    return Response(
+        orjson.dumps({"name": name, "steps": r.steps, "values": encode_values(r.values), "downsampled": r.downsampled}),
+        media_type="application/json",
+    )
+
+
+@router.post("/runs/{run_id}/events", response_model=EventsReply)
+def add_events(run_id: RunId, body: EventBatch, store: StoreDep):
+    """Task switches, restarts, checkpoints, notes, on the step axis. Resending an event (same key) stores it once."""
+    events = [e.model_dump() for e in body.events]
+    return {"received": len(events), "inserted": store.add_events(run_id, events)}
+
+
+@router.get("/runs/{run_id}/events", response_model=list[EventOut])
+def list_events(run_id: RunId, store: StoreDep, kind: Annotated[str | None, Query(max_length=200)] = None):
+    return store.list_events(run_id, kind)

@@ -1,0 +1,112 @@
+"""Wire schemas of the REST API (pydantic), separate from the table models."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from stethoscope.wire import MAX_NAME_LENGTH, RUN_STATUSES
+
+Name = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_LENGTH, strip_whitespace=False)]
+RunStatus = Literal[RUN_STATUSES]  # type: ignore[valid-type]
+WireFloat = float | Literal["NaN", "Infinity", "-Infinity"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunCreate(Strict):
+    project: Name = "default"
+    name: Name | None = None
+    config: dict[str, Any] | None = None
+    tags: list[Name] | None = Field(default=None, max_length=100)
+
+
+class RunUpdate(Strict):
+    status: RunStatus | None = None
+    name: Name | None = None
+    tags: list[Name] | None = Field(default=None, max_length=100)
+
+
+class RunOut(BaseModel):
+    id: str
+    project: str
+    name: str
+    status: str
+    config: dict[str, Any]
+    tags: list[str]
+    created_at: datetime
+    updated_at: datetime
+    last_seen_at: datetime | None
+    last_step: int | None
+
+
+class ProjectOut(BaseModel):
+    name: str
+    created_at: datetime
+    runs: int
+
+
+class SeriesPoints(Strict):
+    """Points of one series, as columns. Non-finite values are the strings NaN, Infinity, -Infinity."""
+
+    name: Name
+    steps: list[int]
+    values: list[WireFloat]
+    walls: list[float] | None = Field(default=None, description="Unix seconds per point; the server's clock when absent.")
+
+
+class IngestBatch(Strict):
+    """One request: points of many series of one run (the schema; the route validates it by hand, faster)."""
+
+    series: list[SeriesPoints]
+
+
+class IngestReply(BaseModel):
+    points: int = Field(description="points received")
+    inserted: int = Field(description="points stored now; a resend stores none")
+    alerts: list[dict[str, Any]] = Field(default_factory=list, description="alerts opened for this run by this batch")
+
+
+class SeriesInfo(BaseModel):
+    name: str
+    first_step: int | None
+    last_step: int | None
+    last_value: WireFloat | None
+
+
+class SeriesData(BaseModel):
+    name: str
+    steps: list[int]
+    values: list[WireFloat]
+    downsampled: bool
+
+
+class EventIn(Strict):
+    key: Name = Field(description="client-chosen id: a resent event with the same key is stored once")
+    step: int = Field(ge=-(2**63), le=2**63 - 1)
+    kind: Name
+    message: str = Field(default="", max_length=10_000)
+    info: dict[str, Any] = Field(default_factory=dict)
+    wall: float | None = None
+
+
+class EventBatch(Strict):
+    events: list[EventIn] = Field(max_length=10_000)
+
+
+class EventOut(BaseModel):
+    key: str
+    step: int
+    kind: str
+    message: str
+    info: dict[str, Any]
+    wall: float | None
+
+
+class EventsReply(BaseModel):
+    received: int
+    inserted: int

@@ -1,0 +1,70 @@
+"""The app factory: settings in, a FastAPI app out; nothing heavy happens at import."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from stethoscope import __version__
+
+from . import migrate
+from .api import points as points_api
+from .api import runs as runs_api
+from .db import make_engine
+from .ingest_parse import BadBatch
+from .settings import Settings
+from .store import Conflict, NotFound, Store
+
+log = logging.getLogger("stethoscope.server")
+
+API_PREFIX = "/api/v1"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the service. ``uvicorn --factory stethoscope_server.app:create_app`` serves it."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if settings.migrate_on_start:
+            await run_in_threadpool(migrate.upgrade, settings.database_url)
+        app.state.engine = make_engine(settings)
+        app.state.store = Store(app.state.engine)
+        log.info("stethoscope server ready on %s (database %s)", settings.base_url, app.state.engine.url.render_as_string(hide_password=True))
+        try:
+            yield
+        finally:
+            app.state.engine.dispose()
+
+    app = FastAPI(
+        title="Stethoscope",
+        version=__version__,
+        description="Training-health monitoring: runs, metric series, events and alerts.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.run_in_thread = run_in_threadpool
+    app.include_router(runs_api.router, prefix=API_PREFIX)
+    app.include_router(points_api.router, prefix=API_PREFIX)
+
+    @app.exception_handler(NotFound)
+    async def _not_found(_: Request, exc: NotFound):
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(Conflict)
+    async def _conflict(_: Request, exc: Conflict):
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    @app.exception_handler(BadBatch)
+    async def _bad_batch(_: Request, exc: BadBatch):
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz():
+        return {"status": "ok"}
+
+    return app

@@ -1,0 +1,60 @@
+"""Engine construction: the two databases we support and their connection settings."""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.pool import NullPool
+
+from .settings import Settings
+
+
+#: Execution option that marks a connection as about to write (see ``_sqlite_begin``).
+WRITE_OPTION = "stethoscope_write"
+
+
+def is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def make_engine(settings: Settings) -> Engine:
+    url = settings.database_url
+    if url.startswith("sqlite"):
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            # One file, many threads: a small pool of long-lived connections.
+            pool_size=4,
+            max_overflow=4,
+        )
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):  # pragma: no cover - exercised by every sqlite test
+            # WAL lets readers run beside the writer; NORMAL sync in WAL keeps committed
+            # transactions across an application crash (only an OS crash may lose the last ones).
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves, see below
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA cache_size=-65536")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn):  # pragma: no cover
+            # pysqlite's own transaction handling is off (isolation_level=None), so we say
+            # BEGIN ourselves. A writing transaction asks for IMMEDIATE: it takes the write lock
+            # up front, so two writers (threads or worker processes) queue on busy_timeout
+            # instead of one failing with "database is locked" when it upgrades a read lock.
+            if conn.get_execution_options().get(WRITE_OPTION):
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            else:
+                conn.exec_driver_sql("BEGIN")
+
+        return engine
+    return create_engine(url, pool_size=settings.pool_size, max_overflow=settings.pool_size, pool_pre_ping=True)
+
+
+def make_null_engine(url: str) -> Engine:
+    """An engine that holds no connection open (migrations, CLI)."""
+    return create_engine(url, poolclass=NullPool)

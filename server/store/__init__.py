@@ -1,0 +1,210 @@
+"""The store: every database operation of the service, behind one object.
+
+Routes stay thin and call these methods; each method is one transaction.
+
+    store = Store(make_engine(settings))
+    store.upsert_run("r1", project="demo", name="baseline", config={}, tags=[])
+    store.ingest("r1", [SeriesBatch("loss", [0, 1], [2.3, 2.1], [t0, t1])])
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from ..db import WRITE_OPTION
+from ..models import Event, Run, Series, utcnow
+from . import runs as _runs
+from .downsample import SeriesRead, SeriesReader
+from .errors import Conflict, NotFound
+from .points import PointWriter, SeriesBatch
+
+__all__ = ["Store", "SeriesBatch", "SeriesRead", "IngestResult", "NotFound", "Conflict"]
+
+R = Run.__table__
+S = Series.__table__
+E = Event.__table__
+
+#: Series ids kept in memory (run, name) -> id; a few MB at most.
+SERIES_CACHE_SIZE = 100_000
+
+
+@dataclass(slots=True)
+class IngestResult:
+    points: int
+    inserted: int
+    #: What the detectors made of the new points (filled by the detector runner).
+    alerts: list[dict] = field(default_factory=list)
+    #: Newly stored points per series name, for the detector runner: [(name, steps, values)].
+    new_points: list[tuple[str, list[int], list[float]]] = field(default_factory=list)
+
+
+class Store:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        self._writer = PointWriter(self.dialect)
+        self._reader = SeriesReader(self.dialect)
+        self._series_ids: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        # SQLite has one writer at a time. Threads of this process queue here, on a lock that
+        # wakes the next one at once, rather than in SQLite's busy handler, which sleeps.
+        self._write_lock = threading.Lock() if self.dialect == "sqlite" else None
+
+    # -- transactions -----------------------------------------------------------------
+    @contextmanager
+    def writing(self) -> Iterator[Connection]:
+        if self._write_lock is not None:
+            self._write_lock.acquire()
+        try:
+            with self.engine.connect().execution_options(**{WRITE_OPTION: True}) as conn, conn.begin():
+                yield conn
+        finally:
+            if self._write_lock is not None:
+                self._write_lock.release()
+
+    @contextmanager
+    def reading(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    # -- runs -------------------------------------------------------------------------
+    def upsert_run(self, run_id: str, project: str, name: str | None = None, config: dict | None = None, tags: list | None = None) -> tuple[dict, bool]:
+        with self.writing() as conn:
+            return _runs.upsert_run(conn, run_id, project, name, config, tags)
+
+    def update_run(self, run_id: str, status: str | None = None, name: str | None = None, tags: list | None = None) -> dict:
+        with self.writing() as conn:
+            return _runs.update_run(conn, run_id, status, name, tags)
+
+    def get_run(self, run_id: str) -> dict:
+        with self.reading() as conn:
+            return _runs.get_run(conn, run_id)
+
+    def list_runs(self, **filters) -> list[dict]:
+        with self.reading() as conn:
+            return _runs.list_runs(conn, **filters)
+
+    def list_projects(self) -> list[dict]:
+        with self.reading() as conn:
+            return _runs.project_names(conn)
+
+    # -- points -----------------------------------------------------------------------
+    def ingest(self, run_id: str, batches: list[SeriesBatch]) -> IngestResult:
+        """Store a batch; returns once it is committed. Resent points are not stored twice."""
+        total = sum(len(b.steps) for b in batches)
+        with self.writing() as conn:
+            if conn.execute(select(R.c.id).where(R.c.id == run_id)).first() is None:
+                raise NotFound(f"run {run_id!r} does not exist: create it first with PUT /api/v1/runs/{run_id}")
+            ids, created = self._resolve_series(conn, run_id, [b.name for b in batches])
+            new = self._writer.write(conn, [(ids[b.name], b) for b in batches])
+            last_step = max((max(b.steps) for b in batches), default=None)
+            values: dict = {"last_seen_at": utcnow()}
+            if last_step is not None:
+                conn.execute(
+                    update(R).where(R.c.id == run_id).where((R.c.last_step.is_(None)) | (R.c.last_step < last_step)).values(last_step=last_step)
+                )
+            conn.execute(update(R).where(R.c.id == run_id).values(**values))
+        self._remember(run_id, created)
+        inserted = sum(len(sb.steps) for _, sb in new)
+        return IngestResult(total, inserted, new_points=[(sb.name, sb.steps, sb.values) for _, sb in new])
+
+    def _resolve_series(self, conn: Connection, run_id: str, names: list[str]) -> tuple[dict[str, int], dict[str, int]]:
+        ids: dict[str, int] = {}
+        missing: list[str] = []
+        with self._cache_lock:
+            for n in names:
+                sid = self._series_ids.get((run_id, n))
+                if sid is None:
+                    missing.append(n)
+                else:
+                    ids[n] = sid
+        created: dict[str, int] = {}
+        if missing:
+            found = dict(conn.execute(select(S.c.name, S.c.id).where(S.c.run_id == run_id, S.c.name.in_(missing))).all())
+            for n in missing:
+                if n not in found:
+                    try:
+                        with conn.begin_nested():
+                            found[n] = conn.execute(insert(S).values(run_id=run_id, name=n).returning(S.c.id)).scalar_one()
+                    except IntegrityError:  # another worker created it in between
+                        found[n] = conn.execute(select(S.c.id).where(S.c.run_id == run_id, S.c.name == n)).scalar_one()
+            ids.update(found)
+            created = found
+        return ids, created
+
+    def _remember(self, run_id: str, ids: dict[str, int]) -> None:
+        # Only after commit: a rolled-back insert must not leave a dangling id in the cache.
+        if not ids:
+            return
+        with self._cache_lock:
+            for n, sid in ids.items():
+                self._series_ids[(run_id, n)] = sid
+            while len(self._series_ids) > SERIES_CACHE_SIZE:
+                self._series_ids.popitem(last=False)
+
+    def list_series(self, run_id: str) -> list[dict]:
+        ph = "%s" if self.dialect == "postgresql" else "?"
+        with self.reading() as conn:
+            _runs.get_run(conn, run_id)
+            rows = conn.execute(select(S.c.id, S.c.name).where(S.c.run_id == run_id).order_by(S.c.name)).all()
+            out = []
+            for sid, name in rows:
+                last = conn.exec_driver_sql(
+                    f"SELECT step, value FROM points WHERE series_id = {ph} ORDER BY step DESC LIMIT 1", (sid,)
+                ).first()
+                first = conn.exec_driver_sql(f"SELECT min(step) FROM points WHERE series_id = {ph}", (sid,)).scalar()
+                out.append(
+                    {
+                        "name": name,
+                        "first_step": first,
+                        "last_step": last[0] if last else None,
+                        "last_value": (float("nan") if last[1] is None else last[1]) if last else None,
+                    }
+                )
+            return out
+
+    def read_series(self, run_id: str, name: str, start: int | None = None, end: int | None = None, max_points: int = 2000) -> SeriesRead:
+        with self.reading() as conn:
+            sid = conn.execute(select(S.c.id).where(S.c.run_id == run_id, S.c.name == name)).scalar()
+            if sid is None:
+                _runs.get_run(conn, run_id)  # 404 for the run first, if that is what is missing
+                raise NotFound(f"run {run_id!r} has no series {name!r}")
+            return self._reader.read(conn, sid, start, end, max_points)
+
+    # -- events -----------------------------------------------------------------------
+    def add_events(self, run_id: str, events: list[dict]) -> int:
+        """Store events; an event whose key is stored already is skipped. Returns how many were new."""
+        with self.writing() as conn:
+            _runs.get_run(conn, run_id)
+            keys = [e["key"] for e in events]
+            have = set(conn.execute(select(E.c.key).where(E.c.run_id == run_id, E.c.key.in_(keys))).scalars())
+            fresh = []
+            seen: set[str] = set()
+            for e in events:
+                if e["key"] in have or e["key"] in seen:
+                    continue
+                seen.add(e["key"])
+                fresh.append({**e, "run_id": run_id})
+            if fresh:
+                conn.execute(insert(E), fresh)
+            return len(fresh)
+
+    def list_events(self, run_id: str, kind: str | None = None) -> list[dict]:
+        with self.reading() as conn:
+            _runs.get_run(conn, run_id)
+            stmt = select(E).where(E.c.run_id == run_id)
+            if kind is not None:
+                stmt = stmt.where(E.c.kind == kind)
+            return [
+                {"key": r.key, "step": r.step, "kind": r.kind, "message": r.message, "info": r.info or {}, "wall": r.wall}
+                for r in conn.execute(stmt.order_by(E.c.step, E.c.id))
+            ]
+
+

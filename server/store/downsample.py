@@ -1,0 +1,125 @@
+"""Reading a range of a series, downsampled to at most ``max_points`` points.
+
+Each output bucket keeps its minimum, its maximum and its first NaN (+-inf are the extremes
+themselves), so a spike, a dip or a non-finite point is never averaged away. Long ranges are
+read from the rollups written at ingest (``points.ROLLUP_LEVELS``), aligned so that every
+output bucket is a whole number of rollup buckets: the extremes are exact, not approximate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from sqlalchemy import Connection
+
+from .points import ROLLUP_LEVELS
+
+#: Points each output bucket may contribute: its min, its max and its first NaN.
+POINTS_PER_BUCKET = 3
+
+
+@dataclass(slots=True)
+class SeriesRead:
+    steps: list[int]
+    values: list[float]
+    downsampled: bool
+
+
+class _Extremes:
+    __slots__ = ("min_v", "min_s", "max_v", "max_s", "nan_s")
+
+    def __init__(self) -> None:
+        self.min_v = self.max_v = None
+        self.min_s = self.max_s = self.nan_s = None
+
+    def add(self, min_v, min_s, max_v, max_s, nan_s) -> None:
+        if min_v is not None and (self.min_v is None or min_v < self.min_v or (min_v == self.min_v and min_s < self.min_s)):
+            self.min_v, self.min_s = min_v, min_s
+        if max_v is not None and (self.max_v is None or max_v > self.max_v or (max_v == self.max_v and max_s < self.max_s)):
+            self.max_v, self.max_s = max_v, max_s
+        if nan_s is not None and (self.nan_s is None or nan_s < self.nan_s):
+            self.nan_s = nan_s
+
+    def add_point(self, s: int, v: float | None) -> None:
+        if v is None:
+            self.add(None, None, None, None, s)
+        else:
+            self.add(v, s, v, s, None)
+
+    def emit(self, out: dict[int, float]) -> None:
+        if self.min_s is not None:
+            out[self.min_s] = self.min_v
+        if self.max_s is not None:
+            out[self.max_s] = self.max_v
+        if self.nan_s is not None:
+            out[self.nan_s] = math.nan
+
+
+class SeriesReader:
+    def __init__(self, dialect: str) -> None:
+        ph = "%s" if dialect == "postgresql" else "?"
+        # Two scalar subqueries so each can use the primary key's order (one probe each).
+        self._bounds_sql = (
+            f"SELECT (SELECT min(step) FROM points WHERE series_id = {ph} AND step >= {ph}), "
+            f"(SELECT max(step) FROM points WHERE series_id = {ph} AND step <= {ph})"
+        )
+        self._raw_sql = f"SELECT step, value FROM points WHERE series_id = {ph} AND step >= {ph} AND step <= {ph} ORDER BY step"
+        self._rollup_sql = (
+            "SELECT bucket, min_value, min_step, max_value, max_step, nan_step, first_step, last_step FROM rollups "
+            f"WHERE series_id = {ph} AND level = {ph} AND bucket >= {ph} AND bucket <= {ph} ORDER BY bucket"
+        )
+
+    def read(self, conn: Connection, series_id: int, start: int | None, end: int | None, max_points: int) -> SeriesRead:
+        lo_bound = -(2**63) if start is None else start
+        hi_bound = 2**63 - 1 if end is None else end
+        lo, hi = conn.exec_driver_sql(self._bounds_sql, (series_id, lo_bound, series_id, hi_bound)).one()
+        if lo is None or hi is None or lo > hi:
+            return SeriesRead([], [], False)
+        width = hi - lo + 1
+        n_buckets = max(1, max_points // POINTS_PER_BUCKET)
+        bucket_width = -(-width // n_buckets)
+        levels = [lv for lv in ROLLUP_LEVELS if (1 << lv) <= bucket_width]
+        if width <= max_points or not levels:
+            return self._read_raw(conn, series_id, lo, hi, max_points, n_buckets)
+        return self._read_rollups(conn, series_id, lo, hi, levels[-1], n_buckets)
+
+    def _read_raw(self, conn, series_id, lo, hi, max_points, n_buckets) -> SeriesRead:
+        rows = conn.exec_driver_sql(self._raw_sql, (series_id, lo, hi)).fetchall()
+        if len(rows) <= max_points:
+            return SeriesRead([r[0] for r in rows], [math.nan if r[1] is None else r[1] for r in rows], False)
+        width = hi - lo + 1
+        bucket_width = -(-width // n_buckets)
+        buckets: dict[int, _Extremes] = {}
+        for s, v in rows:
+            b = (s - lo) // bucket_width
+            ex = buckets.get(b)
+            if ex is None:
+                ex = buckets[b] = _Extremes()
+            ex.add_point(s, v)
+        return _finish(buckets)
+
+    def _read_rollups(self, conn, series_id, lo, hi, level, n_buckets) -> SeriesRead:
+        blo, bhi = lo >> level, hi >> level
+        group = -(-(bhi - blo + 1) // n_buckets)
+        buckets: dict[int, _Extremes] = {}
+        rows = conn.exec_driver_sql(self._rollup_sql, (series_id, level, blo, bhi)).fetchall()
+        for b, min_v, min_s, max_v, max_s, nan_s, first, last in rows:
+            ex = buckets.get((b - blo) // group)
+            if ex is None:
+                ex = buckets[(b - blo) // group] = _Extremes()
+            if first >= lo and last <= hi:
+                ex.add(min_v, min_s, max_v, max_s, nan_s)
+            else:  # an edge bucket that the range cuts: its extremes may lie outside, read it
+                a, z = max(lo, b << level), min(hi, ((b + 1) << level) - 1)
+                for s, v in conn.exec_driver_sql(self._raw_sql, (series_id, a, z)):
+                    ex.add_point(s, v)
+        return _finish(buckets)
+
+
+def _finish(buckets: dict[int, _Extremes]) -> SeriesRead:
+    out: dict[int, float] = {}
+    for ex in buckets.values():
+        ex.emit(out)
+    steps = sorted(out)
+    return SeriesRead(steps, [out[s] for s in steps], True)

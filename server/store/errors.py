@@ -1,0 +1,9 @@
+"""Errors the store raises; the API turns each into its 4xx."""
+
+
+class NotFound(LookupError):
+    """The named run, series or project does not exist (404)."""
+
+
+class Conflict(ValueError):
+    """The request contradicts what is stored (409)."""

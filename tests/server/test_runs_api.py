@@ -1,0 +1,66 @@
+"""Runs and projects through the real HTTP API, on both databases."""
+
+from __future__ import annotations
+
+
+def test_create_is_idempotent_and_resumes(client):
+    r = client.put("/runs/run-1", json={"project": "vision", "name": "resnet", "config": {"lr": 0.1}, "tags": ["a"]})
+    assert r.status_code == 201, r.text
+    run = r.json()
+    assert run["id"] == "run-1" and run["project"] == "vision" and run["status"] == "running"
+    assert run["config"] == {"lr": 0.1} and run["tags"] == ["a"]
+    assert client.patch("/runs/run-1", json={"status": "failed"}).json()["status"] == "failed"
+    again = client.put("/runs/run-1", json={"project": "vision"})
+    assert again.status_code == 200
+    assert again.json()["status"] == "running"  # a restarted job resumes its run
+    assert again.json()["name"] == "resnet" and again.json()["config"] == {"lr": 0.1}
+    assert len(client.get("/runs", params={"project": "vision"}).json()) == 1
+
+
+def test_run_in_another_project_conflicts(client):
+    assert client.put("/runs/x", json={"project": "a"}).status_code == 201
+    r = client.put("/runs/x", json={"project": "b"})
+    assert r.status_code == 409 and "belongs to project 'a'" in r.json()["detail"]
+
+
+def test_list_filters(client):
+    client.put("/runs/r1", json={"project": "p1", "name": "alpha", "tags": ["big"]})
+    client.put("/runs/r2", json={"project": "p1", "name": "beta"})
+    client.put("/runs/r3", json={"project": "p2", "name": "alphabet"})
+    client.patch("/runs/r2", json={"status": "finished"})
+    ids = lambda **p: sorted(r["id"] for r in client.get("/runs", params=p).json())  # noqa: E731
+    assert ids(project="p1") == ["r1", "r2"]
+    assert ids(status="finished") == ["r2"]
+    assert ids(q="ALPHA") == ["r1", "r3"]
+    assert ids(tag="big") == ["r1"]
+    assert ids(project="p1", limit=1, offset=1) != ids(project="p1", limit=1)
+    projects = {p["name"]: p["runs"] for p in client.get("/projects").json()}
+    assert projects == {"p1": 2, "p2": 1}
+
+
+def test_run_errors_are_clear_4xx(client):
+    assert client.get("/runs/missing").status_code == 404
+    assert client.patch("/runs/missing", json={"status": "finished"}).status_code == 404
+    client.put("/runs/r", json={})
+    bad = [
+        client.patch("/runs/r", json={"status": "exploded"}),
+        client.put("/runs/r", json={"project": ""}),
+        client.put("/runs/r", json={"project": "x" * 201}),
+        client.put("/runs/r", json={"config": [1, 2]}),
+        client.put("/runs/r", json={"unknown": 1}),
+        client.put("/runs/r", content=b"{not json", headers={"content-type": "application/json"}),
+        client.get("/runs", params={"limit": 0}),
+    ]
+    for r in bad:
+        assert r.status_code == 422, (r.request.url, r.text)
+        assert r.json()["detail"]
+
+
+def test_openapi_schema_is_served(live_server):
+    import httpx
+
+    schema = httpx.get(live_server.url + "/openapi.json").json()
+    for path in ["/api/v1/runs/{run_id}", "/api/v1/runs/{run_id}/points", "/api/v1/runs/{run_id}/series/{name}", "/api/v1/runs/{run_id}/events"]:
+        assert path in schema["paths"], path
+    body = schema["paths"]["/api/v1/runs/{run_id}/points"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert "series" in body["properties"]
