@@ -7,8 +7,24 @@
         loss.backward(); optimizer.step()
         mon.log(step=step, loss=loss, logits=logits, targets=targets)
     mon.close()
+
+Framework adapters are imported only when asked for: ``stethoscope.lightning`` and
+``stethoscope.huggingface``.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+from ._attach import DisabledMonitor, attach  # noqa: E402
+from ._attention import attention_logits  # noqa: E402
+
+
+def __getattr__(name):
+    # The monitor needs torch; importing stethoscope alone (the CLI, a server) must not.
+    if name == "Monitor":
+        from ._monitor import Monitor
+
+        return Monitor
+    raise AttributeError(f"module 'stethoscope' has no attribute {name!r}")
+
+
+__all__ = ["DisabledMonitor", "Monitor", "__version__", "attach", "attention_logits"]

@@ -1,0 +1,203 @@
+"""``attach``: resolve the settings, name the run, start (lazily) the sender; exit handling."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import secrets
+import sys
+import threading
+import time
+from pathlib import Path
+
+from . import _spool
+from ._sender import Sender
+from ._transport import HttpTransport, check_server_url
+
+#: Run ids travel in URL paths: letters, digits, ``.``, ``_`` and ``-``.
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+#: Seconds the exit handler keeps trying to send what is left before leaving it in the spool.
+EXIT_FLUSH_TIMEOUT_S = 10.0
+
+_open: set = set()
+_open_lock = threading.Lock()
+_installed = False
+_failed = False
+
+
+def attach(model, optimizer=None, run: str | None = None, project: str = "default", server: str | None = None,
+           config: dict | None = None, every: int = 1, *, tags=(), module_depth: int | None = None,
+           update_ratio: bool = True, spool_dir: str | os.PathLike | None = None, rank_zero_only: bool = True,
+           sync_ranks: bool | None = None):
+    """Attach a training-health monitor to ``model`` and ``optimizer``; returns a ``Monitor``.
+
+    ``run`` names the run (and is its id; a new one is generated when None), ``project``
+    groups runs, ``server`` is a URL, ``"offline"`` (spool to disk; upload later with
+    ``stethoscope sync``) or None (``$STETHOSCOPE_SERVER``, else offline). ``config`` is the
+    run's hyperparameters (stored with the run). Metrics are measured every ``every`` steps.
+
+    ``module_depth`` groups per-module series at that many name components (default: leaf
+    modules, coarser past 64 series). ``update_ratio=False`` saves the copy of the weights the
+    update-to-weight ratio needs. Under ``torch.distributed`` every rank must call ``attach``
+    and ``log``; values are combined across ranks (``sync_ranks``, one small all-gather per
+    logging step) and rank 0 sends (``rank_zero_only``).
+
+    ``STETHOSCOPE_DISABLED=1`` returns a monitor that does nothing.
+
+    >>> with stethoscope.attach(model, optimizer, project="demo", server="http://localhost:8765") as mon:
+    ...     for step in range(1000):
+    ...         ...
+    ...         mon.log(step=step, loss=loss, logits=logits, targets=targets)
+    """
+    if os.environ.get("STETHOSCOPE_DISABLED", "").strip().lower() in ("1", "true", "yes", "on"):
+        return DisabledMonitor()
+    import torch
+
+    from ._monitor import Monitor, finish_values
+
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"attach() needs the torch.nn.Module you train, not {type(model).__name__}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"optimizer must be a torch.optim.Optimizer or None, not {type(optimizer).__name__}")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be a positive int (log every N steps), not {every!r}")
+    if not isinstance(project, str) or not RUN_ID_RE.match(project):
+        raise ValueError(f"project must be a short name of letters, digits, '.', '_' or '-', not {project!r}")
+    if config is not None and not isinstance(config, dict):
+        raise ValueError("config must be a dict of the run's hyperparameters")
+    if run is not None and (not isinstance(run, str) or not RUN_ID_RE.match(run)):
+        raise ValueError(f"run must be 1-200 letters, digits, '.', '_' or '-' (it is the run's id in URLs), "
+                         f"not {run!r}")
+    if server is None:
+        server = os.environ.get("STETHOSCOPE_SERVER") or "offline"
+    server = server if server == "offline" else check_server_url(server)
+
+    rank, world, dist = _distributed()
+    generated = run is None
+    run_id = run if run is not None else _new_run_id()
+    if world > 1 and generated:
+        box = [run_id]
+        dist.broadcast_object_list(box, src=0)  # one logical run: every rank uses rank 0's id
+        run_id = box[0]
+    if sync_ranks is None:
+        sync_ranks = world > 1
+    sends = rank == 0 or not rank_zero_only
+    url = None if server == "offline" else f"{server}/runs/{run_id}"
+    sender = None
+    if sends:
+        meta = {"project": project, "name": run or run_id, "config": _json_config(config or {}),
+                "tags": [str(t) for t in tags]}
+        root = Path(spool_dir) if spool_dir is not None else _spool.default_root()
+        transport = None if server == "offline" else HttpTransport(server)
+        sender = Sender(run_id, meta, root, transport, [],
+                        finish_values)
+    mon = Monitor(model, optimizer, run_id=run_id, url=url, every=every, sender=sender,
+                  module_depth=module_depth, update_ratio=update_ratio,
+                  dist=(dist, world) if sync_ranks and world > 1 else None)
+    if sends and generated:
+        where = url or f"offline (spooled under {root}; upload with `stethoscope sync`)"
+        print(f"stethoscope: run {run_id} -> {where}", file=sys.stderr)
+    _remember(mon)
+    return mon
+
+
+def _new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def _distributed():
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size(), dist
+    except Exception:  # noqa: BLE001 - a broken torch.distributed means: not distributed
+        pass
+    return 0, 1, None
+
+
+def _json_config(config: dict) -> dict:
+    import json
+
+    from ._monitor import _jsonable
+
+    try:
+        return json.loads(json.dumps(config, default=_jsonable, allow_nan=False))
+    except ValueError:
+        raise ValueError("config must be JSON-serialisable (no NaN or infinity)") from None
+
+
+# -- exit, fork and crash handling ------------------------------------------------------
+def _remember(mon) -> None:
+    global _installed
+    with _open_lock:
+        _open.add(mon)
+        if not _installed:
+            _installed = True
+            atexit.register(_close_all)
+            os.register_at_fork(after_in_child=_after_fork_in_child)
+            previous = sys.excepthook
+
+            def excepthook(tp, value, tb):
+                global _failed
+                _failed = True  # runs before atexit: the runs this process leaves are "failed"
+                previous(tp, value, tb)
+
+            sys.excepthook = excepthook
+
+
+def forget(mon) -> None:
+    with _open_lock:
+        _open.discard(mon)
+
+
+def _close_all() -> None:
+    for mon in list(_open):
+        try:
+            mon.close("failed" if _failed else "finished", timeout=EXIT_FLUSH_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - interpreter shutdown; nothing may escape
+            pass
+
+
+def _after_fork_in_child() -> None:
+    # The child has copies of the monitors but not their threads; each sender starts a new
+    # thread (and its own spool directory) if the child logs. The lock may have been held.
+    global _open_lock
+    _open_lock = threading.Lock()
+    for mon in list(_open):
+        if mon._sender is not None:
+            mon._sender.after_fork()
+
+
+class DisabledMonitor:
+    """What ``attach`` returns under ``STETHOSCOPE_DISABLED=1``: every call does nothing."""
+
+    run_id = None
+    url = None
+    dropped = 0
+    collector_errors = 0
+
+    def log(self, step=None, loss=None, logits=None, targets=None, **scalars) -> None:
+        pass
+
+    def event(self, kind, **info) -> None:
+        pass
+
+    def add_collector(self, fn) -> None:
+        pass
+
+    def on_alert(self, fn) -> None:
+        pass
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        return True
+
+    def close(self, status: str = "finished", timeout: float = 10.0) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass

@@ -1,0 +1,56 @@
+"""The ``stethoscope`` command: ``sync`` here; ``server`` and ``db`` belong to the server extra."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+SERVER_COMMANDS = ("server", "db")
+INSTALL_HINT = "stethoscope: this command needs the server extra: pip install 'stethoscope[server]'"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SERVER_COMMANDS:
+        try:
+            from stethoscope_server.cli import main as server_main
+        except ImportError as exc:
+            if exc.name and exc.name.split(".")[0] in ("stethoscope_server", "fastapi", "sqlalchemy", "uvicorn",
+                                                       "pydantic", "pydantic_settings", "alembic"):
+                print(INSTALL_HINT, file=sys.stderr)
+                return 2
+            raise
+        return server_main(argv)
+    parser = argparse.ArgumentParser(prog="stethoscope", description="Training-health monitoring.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("sync", help="upload runs spooled offline (or while the server was down)")
+    p.add_argument("path", nargs="?", default=None,
+                   help="a spool directory, a run's directory or the spool root (default: $STETHOSCOPE_DIR/spool)")
+    p.add_argument("--server", default=os.environ.get("STETHOSCOPE_SERVER"),
+                   help="server URL (default: $STETHOSCOPE_SERVER)")
+    sub.add_parser("server", help="run the server (needs the server extra)")
+    sub.add_parser("db", help="database migrations (needs the server extra)")
+    args = parser.parse_args(argv)
+    if args.command == "sync":
+        from ._spool import default_root
+        from ._sync import sync
+
+        if not args.server:
+            parser.error("sync needs --server URL (or STETHOSCOPE_SERVER)")
+        path = args.path if args.path is not None else default_root()
+        if not os.path.exists(path):
+            print(f"stethoscope: nothing to sync: {path} does not exist", file=sys.stderr)
+            return 0
+        try:
+            runs, points = sync(path, args.server)
+        except (RuntimeError, ValueError) as exc:
+            print(f"stethoscope: sync stopped: {exc} (run it again to resume)", file=sys.stderr)
+            return 1
+        print(f"stethoscope: synced {runs} run(s), {points} points to {args.server}", file=sys.stderr)
+        return 0
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Metrics computed on the training device, one fused pass each, no host synchronisation.
+
+Every function here returns a 1-D float32 tensor on the device plus the names of its
+entries; the monitor concatenates them into one small tensor per step and the sender
+copies that to the host once. Columns that several ranks must combine carry a reduction
+(``MEAN``, ``MAX`` or ``SUM``); columns holding squared norms are finished (square root,
+ratios) on the host by ``finish``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+MEAN, MAX, SUM = 0, 1, 2
+
+#: A sample's float32 softmax is exactly one-hot when sum_j exp(z_j - max z) == 1, i.e. once
+#: every other term is below the absorption bound 2^-24 (Prieto et al. 2025): margins above
+#: about 16.6 nats. We test the sum itself, computed with the ops softmax uses, not the bound.
+SC_ABSORPTION_BOUND = 2.0**-24
+
+#: Above this many modules the per-module series are grouped at a coarser depth.
+MAX_MODULE_SERIES = 64
+
+_PREFIXES = ("module.", "_orig_mod.", "_forward_module.", "_fsdp_wrapped_module.")
+
+
+def _strip(name: str) -> str:
+    # DDP, torch.compile and FSDP wrappers add a prefix that is not part of the model.
+    changed = True
+    while changed:
+        changed = False
+        for p in _PREFIXES:
+            if name.startswith(p):
+                name, changed = name[len(p):], True
+    return name
+
+
+def _local(t):
+    # A DTensor (FSDP2 / tensor parallel) holds a shard; its norm is combined across ranks.
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
+class ParamLayout:
+    """Which parameter belongs to which module series, decided once at attach time."""
+
+    def __init__(self, model: torch.nn.Module, depth: int | None = None):
+        named = [(_strip(n), p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("the model has no parameter with requires_grad=True; nothing to monitor")
+        paths = [n.split(".")[:-1] for n, _ in named]
+        if depth is None:
+            depth = max((len(p) for p in paths), default=0)
+            while depth > 1 and len({tuple(p[:depth]) for p in paths}) > MAX_MODULE_SERIES:
+                depth -= 1
+        groups: dict[str, int] = {}
+        index = []
+        for path in paths:
+            key = ".".join(path[:depth]) or "root"
+            index.append(groups.setdefault(key, len(groups)))
+        self.params = [p for _, p in named]
+        self.groups = list(groups)
+        self.sharded = any(hasattr(p, "to_local") for p in self.params)
+        self.device = _local(self.params[0]).device
+        self._multi_device = len({_local(p).device for p in self.params}) > 1
+        self._index_all = torch.tensor(index, dtype=torch.long, device=self.device)
+        self._index_list = index
+        self._subset_cache: dict[tuple, torch.Tensor] = {}
+        self.snapshot: list[torch.Tensor] | None = None
+        red = SUM if self.sharded else MEAN
+        g = self.groups
+        self.grad_names = ("grad/norm",) + tuple(f"grad/norm/{m}" for m in g) + ("grad/nonfinite",)
+        self.grad_ops = (red,) * (len(g) + 1) + (SUM if self.sharded else MEAN,)
+        self.update_names = tuple(f"weight/norm/{m}" for m in g) + tuple(f"update_ratio/{m}" for m in g)
+        self.update_ops = (red,) * (2 * len(g))
+
+    def _stack_sq(self, norms: list[torch.Tensor]) -> torch.Tensor:
+        if self._multi_device:
+            norms = [n.to(self.device) for n in norms]
+        return torch.stack(norms).square_()
+
+    def _group_sum(self, sq: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(len(self.groups), dtype=torch.float32, device=self.device).index_add_(0, index, sq)
+
+    def grad_stats(self) -> torch.Tensor | None:
+        """[total sum of squares, per-module sums of squares..., non-finite count]."""
+        present = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if not present:
+            return None
+        if len(present) == len(self.params):
+            grads = [_local(p.grad) for p in self.params]
+            index = self._index_all
+        else:
+            grads = [_local(self.params[i].grad) for i in present]
+            key = tuple(present)
+            index = self._subset_cache.get(key)
+            if index is None:
+                index = torch.tensor([self._index_list[i] for i in present], dtype=torch.long, device=self.device)
+                self._subset_cache = {key: index}
+        sq = self._stack_sq(torch._foreach_norm(grads, 2, dtype=torch.float32))
+        per = self._group_sum(sq, index)
+        total = per.sum().view(1)
+        return torch.cat([total, per, count_nonfinite(grads, total)])
+
+    def take_snapshot(self) -> None:
+        """Copy the weights before the optimizer step (for the update ratio)."""
+        params = [_local(p).detach() for p in self.params]
+        if self.snapshot is None:
+            self.snapshot = [t.clone() for t in params]
+        else:
+            torch._foreach_copy_(self.snapshot, params)
+
+    def update_stats(self) -> torch.Tensor | None:
+        """[weight sums of squares per module..., update sums of squares per module...]."""
+        if self.snapshot is None:
+            return None
+        params = [_local(p).detach() for p in self.params]
+        torch._foreach_sub_(self.snapshot, params)  # snapshot now holds -update
+        dn = self._stack_sq(torch._foreach_norm(self.snapshot, 2, dtype=torch.float32))
+        wn = self._stack_sq(torch._foreach_norm(params, 2, dtype=torch.float32))
+        return torch.cat([self._group_sum(wn, self._index_all), self._group_sum(dn, self._index_all)])
+
+    def release_snapshot(self) -> None:
+        self.snapshot = None
+
+
+def count_nonfinite(grads: list[torch.Tensor], total_sq: torch.Tensor) -> torch.Tensor:
+    """Number of NaN/inf gradient entries, as a 1-element float32 tensor."""
+    dev = total_sq.device
+    if dev.type == "cpu":
+        # On the CPU reading a value costs no stall, and a finite sum of squares means every
+        # entry is finite, so the exact count is only taken on the rare bad step.
+        if math.isfinite(float(total_sq)):
+            return torch.zeros(1, device=dev)
+        n = sum(int((~torch.isfinite(g)).sum()) for g in grads)
+        return torch.tensor([float(n)], device=dev)
+    # On an accelerator: x - x is 0 for finite x and NaN otherwise; its L0 "norm" counts those.
+    counts = torch._foreach_norm(torch._foreach_sub(grads, grads), 0, dtype=torch.float32)
+    return torch.stack([c.to(dev) for c in counts]).sum().view(1)
+
+
+LOGIT_NAMES_NO_TARGETS = ("logits/max_abs", "logits/mean_logz", "logits/sc_fraction", "logits/entropy")
+LOGIT_OPS_NO_TARGETS = (MAX, MEAN, MEAN, MEAN)
+LOGIT_NAMES = LOGIT_NAMES_NO_TARGETS + ("logits/zero_loss_fraction", "logits/median_margin")
+LOGIT_OPS = LOGIT_OPS_NO_TARGETS + (MEAN, MEAN)
+
+
+def logit_stats(logits: torch.Tensor, targets: torch.Tensor | None, ignore_index: int = -100) -> torch.Tensor:
+    """Softmax-health statistics of a batch of logits, in float32 with softmax's own ops.
+
+    ``logits`` is [..., classes] ([batch, classes] or [batch, seq, vocab]); ``targets`` has
+    the leading shape and class indices; entries equal to ``ignore_index`` are left out.
+    Returns the values named by ``LOGIT_NAMES`` (or ``LOGIT_NAMES_NO_TARGETS``).
+    """
+    z = logits.detach().reshape(-1, logits.shape[-1]).float()
+    m = z.amax(dim=-1, keepdim=True)
+    d = z - m                                   # log_softmax's first op
+    e = d.exp()
+    s = e.sum(dim=-1)                           # sum_j exp(z_j - max z); exactly 1 means collapse
+    log_s = s.log()
+    lse = m.squeeze(-1) + log_s                 # log Z
+    ent = log_s - (e * d).sum(dim=-1) / s       # H = log Z - sum p z
+    mx, mn = z.aminmax()
+    max_abs = torch.maximum(mx.abs(), mn.abs()).view(1)
+    collapsed = (s == 1.0).float()
+    if targets is None:
+        return torch.cat([max_abs, lse.mean().view(1), collapsed.mean().view(1), ent.mean().view(1)])
+    y = targets.detach().reshape(-1, 1)
+    valid = y != ignore_index
+    y = torch.where(valid, y, torch.zeros_like(y))
+    valid = valid.squeeze(-1).float()
+    n = valid.sum().clamp_min(1.0)
+    d_y = d.gather(-1, y).squeeze(-1)
+    logp_y = d_y - log_s                        # exactly what log_softmax gives the target
+    zero_loss = (logp_y == 0).float()
+    # Margin z_y - logsumexp(z_others), with the others' sum taken on its own (s - e_y would
+    # cancel catastrophically in the regime that matters, margins near 16.6).
+    e.scatter_(-1, y, 0.0)
+    others = e.sum(dim=-1)
+    margin = d_y - others.log()
+    margin = torch.where(valid > 0, margin, torch.full_like(margin, math.nan))
+
+    def vmean(x):
+        return ((x * valid).sum() / n).view(1)
+
+    return torch.cat([
+        max_abs, vmean(lse), vmean(collapsed), vmean(ent), vmean(zero_loss), margin.nanmedian().view(1),
+    ])
+
+
+def finish(names: tuple, values: list[float]) -> list[float]:
+    """Turn packed squares into norms and ratios, on the host, in place."""
+    for i, name in enumerate(names):
+        if name.startswith(("grad/norm", "weight/norm/")):
+            values[i] = math.sqrt(values[i]) if values[i] >= 0 else values[i]
+    # update ratios follow the weight norms of the same modules (see update_names)
+    k = 0
+    for i, name in enumerate(names):
+        if name.startswith("update_ratio/"):
+            if k == 0:
+                k = sum(1 for n in names if n.startswith("update_ratio/"))
+                w0 = i - k
+            w = values[w0 + (i - w0 - k)]
+            u = math.sqrt(values[i]) if values[i] >= 0 else values[i]
+            values[i] = u / w if w > 0 else (0.0 if u == 0 else math.inf)
+    return values

@@ -1,0 +1,366 @@
+"""The monitor: what ``stethoscope.attach`` returns. The hot path lives here.
+
+``log`` does no I/O and reads nothing back from the device: on a logging step it runs the
+metric kernels, concatenates their results into one small tensor, queues it with the
+host-side numbers (learning rates, Python floats) and returns; the sender thread copies
+the tensor to the host. Gradients and updates are seen from optimizer step hooks, so
+``log`` may be called before or after ``optimizer.step()`` (the first call decides which).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import operator
+import threading
+import time
+import uuid
+
+import torch
+
+from . import _attention, _errors, _metrics
+from ._metrics import MAX, MEAN, SUM
+from .wire import MAX_NAME_LENGTH
+
+
+class Monitor:
+    """Watches one training run; made by ``stethoscope.attach``.
+
+    >>> mon = stethoscope.attach(model, optimizer, project="demo")
+    >>> for step, (x, y) in enumerate(loader):
+    ...     logits = model(x); loss = F.cross_entropy(logits, y)
+    ...     loss.backward(); optimizer.step(); optimizer.zero_grad()
+    ...     mon.log(step=step, loss=loss, logits=logits, targets=y)
+    >>> mon.close()
+    """
+
+    def __init__(self, model, optimizer, *, run_id: str, url: str | None, every: int, sender,
+                 module_depth: int | None = None, update_ratio: bool = True, dist=None):
+        self.run_id = run_id
+        #: The run's dashboard page, or None offline.
+        self.url = url
+        self._every = every
+        self._sender = sender  # None on ranks that do not send
+        self._dist = dist  # (torch.distributed, world size) when ranks are combined
+        self._layout = _metrics.ParamLayout(model, module_depth)
+        self._optimizer = optimizer
+        self._update_ratio = update_ratio and optimizer is not None
+        self._calls = 0
+        self._next_step = 0
+        self._last_step = 0
+        self._mode = None  # "after" / "before": is log() called after or before optimizer.step()?
+        self._pending_grads = None
+        self._pending_update = None
+        self._snapped = False
+        self._post_step = None
+        self._collectors: list = []
+        self.collector_errors = 0
+        self._alert_callbacks = sender.alert_callbacks if sender is not None else []
+        self._closed = False
+        self._lock = threading.Lock()
+        self._hooks = []
+        if optimizer is not None:
+            self._hooks = [optimizer.register_step_pre_hook(self._pre_step),
+                           optimizer.register_step_post_hook(self._post_step_hook)]
+        self._lr_names = _lr_names(optimizer)
+
+    # -- public API ------------------------------------------------------------------
+    def log(self, step=None, loss=None, logits=None, targets=None, **scalars) -> None:
+        """Record one training step. Call once per step, after ``loss.backward()``."""
+        if self._closed:
+            raise ValueError("this monitor is closed; attach a new one to keep logging")
+        n = self._calls
+        self._calls = n + 1
+        if step is None:
+            step = self._next_step
+        else:
+            step = _check_step(step)
+        self._next_step = step + 1
+        self._last_step = step
+        if self._mode is None:
+            self._mode = "before"  # logged before any optimizer step
+        if n % self._every:
+            _attention.set_active((n + 1) % self._every == 0)
+            return
+        _attention.set_active(self._every == 1)
+        _check_log_args(loss, logits, targets, scalars)
+        with _errors.swallowed("log"):
+            self._record(step, loss, logits, targets, scalars)
+
+    def event(self, kind: str, **info) -> None:
+        """Record an event (``"task_switch"``, ``"checkpoint"``, ``"note"``...) at the current step.
+
+        ``message=`` and ``step=`` are taken out of ``info``; the rest is stored as JSON.
+        """
+        if not isinstance(kind, str) or not kind or len(kind) > MAX_NAME_LENGTH:
+            raise ValueError(f"event kind must be a non-empty string of at most {MAX_NAME_LENGTH} characters")
+        message = str(info.pop("message", ""))
+        step = _check_step(info.pop("step", self._last_step))
+        try:
+            info = json.loads(json.dumps(info, default=_jsonable, allow_nan=False))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"event info must be JSON-serialisable: {exc}") from None
+        if self._sender is not None:
+            self._sender.put(("event", {"key": uuid.uuid4().hex, "step": step, "kind": kind,
+                                        "message": message, "info": info, "wall": time.time()}))
+
+    def add_collector(self, fn) -> None:
+        """Call ``fn(step) -> dict[str, float | tensor] | None`` on every logging step.
+
+        Its values are sent as series under the names it returns (slash paths, such as
+        ``hessian/trace``). An exception in ``fn`` is logged and counted in
+        ``stethoscope/collector_errors``, never raised into the training loop.
+        """
+        if not callable(fn):
+            raise ValueError("add_collector takes a callable fn(step) -> dict of name: value")
+        self._collectors.append(fn)
+
+    def on_alert(self, fn) -> None:
+        """Call ``fn(alerts)`` from the sender thread with alerts the server opens for this run."""
+        if not callable(fn):
+            raise ValueError("on_alert takes a callable fn(alerts)")
+        self._alert_callbacks.append(fn)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Block until what was logged so far is sent (or spooled); True if it finished in time."""
+        return self._sender.flush(timeout) if self._sender is not None else True
+
+    @property
+    def dropped(self) -> int:
+        """Records dropped because the queue was full."""
+        return self._sender.dropped if self._sender is not None else 0
+
+    def close(self, status: str = "finished", timeout: float = 10.0) -> None:
+        """Stop monitoring: remove the hooks, send what is left (up to ``timeout`` s), mark the run."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        for h in self._hooks:
+            h.remove()
+        self._layout.release_snapshot()
+        from . import _attach
+
+        _attach.forget(self)
+        if self._sender is not None:
+            self._sender.put(("status", status))
+            self._sender.close(timeout)
+            if self._sender.unsent and self._sender.spool_path is not None:
+                import sys
+
+                where = self._sender.spool_path
+                hint = f" --server {self._sender.transport.base_url}" if self._sender.transport else ""
+                print(f"stethoscope: run {self.run_id} is saved in {where}; "
+                      f"upload it with `stethoscope sync {where}{hint}`", file=sys.stderr)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close("failed" if exc_type is not None else "finished")
+
+    # -- optimizer hooks -------------------------------------------------------------
+    def _pre_step(self, optimizer, args, kwargs):
+        with _errors.swallowed("optimizer pre-step hook"):
+            if self._mode is None:
+                self._mode = "after"
+            if self._mode == "after":
+                if self._calls % self._every == 0:
+                    self._pending_grads = self._layout.grad_stats()
+                    self._snap()
+            elif self._post_step is not None:
+                self._snap()
+
+    def _snap(self):
+        if self._update_ratio:
+            self._layout.take_snapshot()
+            self._snapped = True
+
+    def _post_step_hook(self, optimizer, args, kwargs):
+        with _errors.swallowed("optimizer post-step hook"):
+            if not self._snapped:
+                return
+            self._snapped = False
+            stats = self._layout.update_stats()
+            if self._mode == "after":
+                self._pending_update = stats
+            elif self._post_step is not None and stats is not None:
+                step, self._post_step = self._post_step, None
+                L = self._layout
+                self._emit(step, [stats], [L.update_names], [L.update_ops], [], [])
+
+    # -- the record ------------------------------------------------------------------
+    def _record(self, step, loss, logits, targets, scalars):
+        L = self._layout
+        tensors, names, ops, host_names, host_values = [], [], [], [], []
+
+        def add(t, n, o):
+            tensors.append(t)
+            names.append(n)
+            ops.append(o)
+
+        if loss is not None:
+            if isinstance(loss, torch.Tensor):
+                add(loss.detach().reshape(1).float(), ("loss",), (MEAN,))
+            else:
+                host_names.append("loss")
+                host_values.append(float(loss))
+        grads = self._pending_grads
+        if grads is None:  # no optimizer, log() before step(), or the step was skipped
+            grads = L.grad_stats()
+        if grads is not None:
+            add(grads, L.grad_names, L.grad_ops)
+        if self._pending_update is not None:
+            add(self._pending_update, L.update_names, L.update_ops)
+        self._pending_grads = self._pending_update = None
+        if self._mode == "before" and self._update_ratio:
+            self._post_step = step
+        if logits is not None:
+            if targets is None:
+                add(_metrics.logit_stats(logits, None), _metrics.LOGIT_NAMES_NO_TARGETS,
+                    _metrics.LOGIT_OPS_NO_TARGETS)
+            else:
+                add(_metrics.logit_stats(logits, targets), _metrics.LOGIT_NAMES, _metrics.LOGIT_OPS)
+        att = _attention.take()
+        if att is not None:
+            add(att, ("attention/max_logit",), (MAX,))
+        for name, lr in zip(self._lr_names, self._optimizer.param_groups if self._optimizer else ()):
+            _add_value(name, lr["lr"], add, host_names, host_values)
+        for name, v in scalars.items():
+            _add_value(name, v, add, host_names, host_values)
+        for fn in self._collectors:
+            self._collect(fn, step, add, host_names, host_values)
+        self._emit(step, tensors, names, ops, host_names, host_values)
+
+    def _collect(self, fn, step, add, host_names, host_values):
+        errors = self.collector_errors
+        try:
+            out = fn(step)
+            if out:
+                for name, v in out.items():
+                    _check_name(name)
+                    _add_value(name, v, add, host_names, host_values)
+        except Exception as exc:  # noqa: BLE001 - the collector is not our code
+            self.collector_errors += 1
+            if self.collector_errors == 1:
+                _errors.logger.warning("stethoscope: collector %r raised %r (counted, training continues)", fn, exc)
+        if self.collector_errors != errors:
+            host_names.append("stethoscope/collector_errors")
+            host_values.append(float(self.collector_errors))
+
+    def _emit(self, step, tensors, names, ops, host_names, host_values):
+        packed = ready = None
+        if tensors:
+            packed = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+            names = sum(names, ())
+            ops = sum(ops, ())
+            if self._dist is not None:
+                dist, world = self._dist
+                out = packed.new_empty((world, packed.numel()))
+                dist.all_gather_into_tensor(out, packed)
+                packed = out
+            if packed.device.type != "cpu":
+                host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+                host.copy_(packed, non_blocking=True)
+                ready = torch.cuda.Event() if packed.device.type == "cuda" else None
+                if ready is not None:
+                    ready.record()
+                packed = host
+        else:
+            names = ops = ()
+        if self._sender is not None:
+            self._sender.put(("points", step, time.time(), names, ops, packed, ready, host_names, host_values))
+
+
+def finish_values(names, ops, packed) -> list[float]:
+    """Host side of a record (the sender thread): combine ranks, then squares to norms."""
+    if packed.dim() == 2:
+        rows = packed.tolist()
+        values = []
+        for j, op in enumerate(ops):
+            col = [r[j] for r in rows]
+            if op == SUM:
+                values.append(math.fsum(col))
+            elif op == MAX:
+                values.append(math.nan if any(c != c for c in col) else max(col))
+            else:
+                values.append(math.fsum(col) / len(col))
+    else:
+        values = packed.tolist()
+    return _metrics.finish(names, values)
+
+
+def _lr_names(optimizer):
+    if optimizer is None:
+        return []
+    groups = optimizer.param_groups
+    if len(groups) == 1:
+        return ["lr"]
+    return [f"lr/{g.get('name', i)}" for i, g in enumerate(groups)]
+
+
+def _add_value(name, v, add, host_names, host_values):
+    if isinstance(v, torch.Tensor):
+        add(v.detach().reshape(1).float(), (name,), (MEAN,))
+    else:
+        host_names.append(name)
+        host_values.append(float(v))
+
+
+def _check_step(step) -> int:
+    try:
+        step = operator.index(step)
+    except TypeError:
+        if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_floating_point():
+            step = int(step)
+        else:
+            raise ValueError(f"step must be an int, not {type(step).__name__}") from None
+    if step < 0:
+        raise ValueError(f"step must be >= 0, not {step}")
+    return step
+
+
+_checked_names: set = set()
+
+
+def _check_name(name) -> None:
+    if name in _checked_names:
+        return
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH or name.startswith("/") \
+            or name.endswith("/") or "//" in name or any(c.isspace() for c in name):
+        raise ValueError(f"metric name {name!r}: use a slash path like 'eval/acc/task1' "
+                         f"(no spaces, at most {MAX_NAME_LENGTH} characters)")
+    _checked_names.add(name)
+
+
+def _check_log_args(loss, logits, targets, scalars) -> None:
+    if loss is not None and not _is_scalar(loss):
+        raise ValueError("loss must be a number or a one-element tensor (pass loss, not a batch of losses)")
+    if logits is not None:
+        if not isinstance(logits, torch.Tensor) or logits.dim() < 2 or logits.shape[-1] < 2:
+            raise ValueError("logits must be a tensor of shape [batch, classes] or [batch, seq, vocab]")
+        if targets is not None:
+            if not isinstance(targets, torch.Tensor) or targets.shape != logits.shape[:-1] \
+                    or targets.is_floating_point():
+                raise ValueError(f"targets must be class indices of shape {tuple(logits.shape[:-1])} "
+                                 f"(logits' shape without the class dimension)")
+    elif targets is not None:
+        raise ValueError("targets were given without logits")
+    for name, v in scalars.items():
+        _check_name(name)
+        if not _is_scalar(v):
+            raise ValueError(f"{name}: a logged value must be a number or a one-element tensor")
+
+
+def _is_scalar(v) -> bool:
+    if isinstance(v, torch.Tensor):
+        return v.numel() == 1
+    return isinstance(v, (int, float)) and not isinstance(v, bool) or hasattr(v, "__float__")
+
+
+def _jsonable(o):
+    if isinstance(o, torch.Tensor) and o.numel() == 1:
+        return o.item()
+    if hasattr(o, "__float__"):
+        return float(o)
+    return str(o)

@@ -1,0 +1,276 @@
+"""The background sender: a bounded queue, a daemon thread, batches, the spool, the server.
+
+The training loop only ever calls ``put``, which never blocks: when the queue is full the
+record is dropped and counted (sentry-python's ``record_lost_event``); the count is sent as
+the series ``stethoscope/dropped``. The thread starts on the first ``put`` and again in a
+forked child (the pid is checked on every put, as prometheus/client_python does). It turns
+records into column batches about once a second, appends each batch to the spool (a
+write-ahead log) and then sends the spool in order; while the server is unreachable it
+retries with backoff and jitter and the spool grows; when the server is back the backlog
+goes first, so series arrive in order. Ingest is idempotent, so a batch resent after a
+crash or a timeout stores nothing twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+
+from . import _errors
+from ._spool import Spool
+from ._transport import Backoff, HttpTransport, NotFound, Rejected, TryLater
+from .wire import MAX_POINTS_PER_BATCH, encode_values
+
+logger = logging.getLogger("stethoscope")
+
+#: Records the queue holds; at one record a step this is minutes of training.
+QUEUE_SIZE = 10_000
+#: Seconds between batches: one request a second is nothing for the server or the job.
+FLUSH_INTERVAL_S = 1.0
+#: A batch is sent early past this many points (well under the server's 50,000).
+BATCH_POINTS = 10_000
+
+_STOP = object()
+
+
+class Sender:
+    """Owns the queue and the thread; ``put`` from the training loop, ``close`` at the end."""
+
+    def __init__(self, run_id: str, run_meta: dict, spool_dir, transport: HttpTransport | None,
+                 alert_callbacks: list, finish_values):
+        self.run_id = run_id
+        self.run_meta = run_meta
+        self.spool_dir = spool_dir
+        self.transport = transport
+        self.alert_callbacks = alert_callbacks
+        self.finish_values = finish_values
+        self.dropped = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._queue: queue.Queue = queue.Queue(QUEUE_SIZE)
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._spool: Spool | None = None
+        self._deadline: float | None = None
+        #: After close: whether entries are left in the spool for ``stethoscope sync``.
+        self.unsent = False
+        self.spool_path = None
+
+    def after_fork(self) -> None:
+        """In a forked child: the parent's thread and spool are not ours; start afresh."""
+        self._reset()
+        if self.transport is not None:
+            self.transport = HttpTransport(self.transport.base_url)
+
+    def put(self, record) -> None:
+        if self._pid != os.getpid():
+            self.after_fork()
+        if self._thread is None:
+            self._start()
+        try:
+            self._queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                t = threading.Thread(target=self._run, name="stethoscope-sender", daemon=True)
+                t.start()
+                self._thread = t
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything put so far has been sent (or spooled, offline)."""
+        if self._thread is None or self._pid != os.getpid():
+            return True
+        done = threading.Event()
+        self.put(("flush", done))
+        return done.wait(timeout)
+
+    def close(self, timeout: float) -> None:
+        """Send what is left, trying until ``timeout`` seconds have passed; then stop."""
+        if self._thread is None or self._pid != os.getpid():
+            return
+        self._deadline = time.monotonic() + timeout
+        try:
+            self._queue.put(_STOP, timeout=timeout)
+        except queue.Full:
+            return
+        self._thread.join(timeout + 1.0)
+
+    # -- the thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        batch = _Batch(self.finish_values)
+        backoff = Backoff()
+        next_try = 0.0
+        run_created = False
+        last_ship = time.monotonic()
+        reported_drops = 0
+        while True:
+            try:
+                rec = self._queue.get(timeout=max(0.05, FLUSH_INTERVAL_S - (time.monotonic() - last_ship)))
+            except queue.Empty:
+                rec = None
+            stop = rec is _STOP
+            flush_event = None
+            with _errors.swallowed("sender.record"):
+                if rec is not None and not stop:
+                    kind = rec[0]
+                    if kind == "flush":
+                        flush_event = rec[1]
+                    else:
+                        batch.add(rec)
+            if self.dropped != reported_drops and batch.last_step is not None:
+                reported_drops = self.dropped
+                batch.add_point("stethoscope/dropped", batch.last_step, float(reported_drops))
+            due = stop or flush_event is not None or batch.points >= BATCH_POINTS \
+                or time.monotonic() - last_ship >= FLUSH_INTERVAL_S
+            if not due:
+                continue
+            last_ship = time.monotonic()
+            with _errors.swallowed("sender.ship"):
+                spool = self._open_spool()
+                for kind, body in batch.take():
+                    spool.append(kind, body)
+            if self.transport is not None and (time.monotonic() >= next_try or stop or flush_event):
+                with _errors.swallowed("sender.drain"):
+                    run_created, next_try = self._drain(run_created, backoff, stop or flush_event is not None)
+            if flush_event is not None:
+                flush_event.set()
+            if stop:
+                self._finish()
+                return
+
+    def _open_spool(self) -> Spool:
+        if self._spool is None:
+            from ._spool import writer_name
+
+            path = self.spool_dir / self.run_id / writer_name()
+            self._spool = Spool(path, {"run_id": self.run_id, **self.run_meta})
+            self.spool_path = path
+        return self._spool
+
+    def _drain(self, run_created: bool, backoff: Backoff, until_deadline: bool):
+        """Send spooled entries in order. Returns (run_created, time of the next attempt)."""
+        spool = self._spool
+        while spool is not None:
+            entry = spool.peek()
+            if entry is None:
+                spool.compact()
+                return run_created, 0.0
+            try:
+                if not run_created:
+                    self.transport.request("PUT", f"/api/v1/runs/{self.run_id}", self.run_meta)
+                    run_created = True
+                self._deliver(*entry)
+                spool.ack()
+                backoff.reset()
+            except NotFound:
+                run_created = False  # the server lost the run (a fresh database): make it again
+                delay = backoff.next_delay()
+            except TryLater as exc:
+                logger.debug("stethoscope: server unreachable, will retry: %s", exc)
+                delay = backoff.next_delay(exc.retry_after)
+            except Rejected as exc:
+                logger.warning("stethoscope: the server refused a batch for run %s (%s); it is dropped",
+                               self.run_id, exc)
+                spool.ack()
+                continue
+            else:
+                continue
+            if until_deadline and self._deadline is not None and time.monotonic() + delay < self._deadline:
+                time.sleep(delay)
+                continue
+            return run_created, time.monotonic() + delay
+        return run_created, 0.0
+
+    def _deliver(self, kind: str, body) -> None:
+        path = f"/api/v1/runs/{self.run_id}"
+        if kind == "points":
+            reply = self.transport.request("POST", path + "/points", body)
+            alerts = reply.get("alerts") if isinstance(reply, dict) else None
+            if alerts:
+                for fn in list(self.alert_callbacks):
+                    try:
+                        fn(alerts)
+                    except Exception as exc:  # noqa: BLE001 - the user's callback, not our bug
+                        logger.warning("stethoscope: on_alert callback %r raised %r", fn, exc)
+        elif kind == "events":
+            self.transport.request("POST", path + "/events", body)
+        elif kind == "status":
+            self.transport.request("PATCH", path, body)
+
+    def _finish(self) -> None:
+        spool = self._spool
+        if spool is None:
+            return
+        self.unsent = spool.peek() is not None
+        spool.close(remove_if_empty=self.transport is not None)
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _Batch:
+    """Records gathered into per-series columns (steps, values, walls)."""
+
+    def __init__(self, finish_values):
+        self.finish_values = finish_values
+        self.series: dict[str, tuple[list, list, list]] = {}
+        self.events: list[dict] = []
+        self.statuses: list[str] = []
+        self.points = 0
+        self.last_step = None
+
+    def add(self, rec) -> None:
+        kind = rec[0]
+        if kind == "points":
+            _, step, wall, names, ops, packed, ready, host_names, host_values = rec
+            if packed is not None:
+                if ready is not None:
+                    ready.synchronize()  # the device-to-host copy was queued by the loop
+                values = self.finish_values(names, ops, packed)
+                for name, v in zip(names, values):
+                    self.add_point(name, step, v, wall)
+            for name, v in zip(host_names, host_values):
+                self.add_point(name, step, v, wall)
+            self.last_step = step
+        elif kind == "event":
+            self.events.append(rec[1])
+        elif kind == "status":
+            self.statuses.append(rec[1])
+
+    def add_point(self, name: str, step: int, value: float, wall: float | None = None) -> None:
+        col = self.series.get(name)
+        if col is None:
+            col = self.series[name] = ([], [], [])
+        col[0].append(step)
+        col[1].append(value)
+        col[2].append(wall if wall is not None else time.time())
+        self.points += 1
+
+    def take(self):
+        """Yield spool entries in the order they must reach the server, and empty the batch."""
+        if self.series:
+            chunk, n = [], 0
+            for name, (steps, values, walls) in self.series.items():
+                for i in range(0, len(steps), MAX_POINTS_PER_BATCH):
+                    s = {"name": name, "steps": steps[i:i + MAX_POINTS_PER_BATCH],
+                         "values": encode_values(values[i:i + MAX_POINTS_PER_BATCH]),
+                         "walls": walls[i:i + MAX_POINTS_PER_BATCH]}
+                    if n + len(s["steps"]) > MAX_POINTS_PER_BATCH and chunk:
+                        yield "points", {"series": chunk}
+                        chunk, n = [], 0
+                    chunk.append(s)
+                    n += len(s["steps"])
+            if chunk:
+                yield "points", {"series": chunk}
+        if self.events:
+            yield "events", {"events": self.events}
+        for status in self.statuses:
+            yield "status", {"status": status}
+        self.series, self.events, self.statuses, self.points = {}, [], [], 0

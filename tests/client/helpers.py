@@ -1,0 +1,58 @@
+"""Tiny models and loops for the hook's tests (built in code, nothing downloaded)."""
+
+from __future__ import annotations
+
+import httpx
+import torch
+import torch.nn.functional as F
+
+from stethoscope.wire import decode_value
+
+
+class TinyNet(torch.nn.Module):
+    def __init__(self, d_in=8, hidden=16, classes=4):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(d_in, hidden), torch.nn.Tanh())
+        self.head = torch.nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def batch(n=32, d_in=8, classes=4, seed=None):
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    x = torch.randn(n, d_in, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return x, y
+
+
+def train(mon, model, opt, steps, start=0, log_after_step=True):
+    """A plain loop; returns the losses it logged."""
+    losses = []
+    for step in range(start, start + steps):
+        x, y = batch(seed=step)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        opt.zero_grad()
+        loss.backward()
+        if log_after_step:
+            opt.step()
+            mon.log(step=step, loss=loss, logits=logits, targets=y)
+        else:
+            mon.log(step=step, loss=loss, logits=logits, targets=y)
+            opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def read_series(url: str, run_id: str, name: str):
+    r = httpx.get(f"{url}/api/v1/runs/{run_id}/series/{name}", params={"max_points": 100000}, timeout=30)
+    r.raise_for_status()
+    body = r.json()
+    return body["steps"], [decode_value(v) for v in body["values"]]
+
+
+def series_names(url: str, run_id: str) -> set:
+    r = httpx.get(f"{url}/api/v1/runs/{run_id}/series", timeout=30)
+    r.raise_for_status()
+    return {s["name"] for s in r.json()}

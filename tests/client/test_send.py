@@ -1,0 +1,59 @@
+"""The hook against a real server: what is logged arrives, once, in order."""
+
+from __future__ import annotations
+
+import math
+
+import httpx
+import torch
+
+import stethoscope
+from helpers import TinyNet, read_series, series_names, train
+
+
+def test_metrics_reach_the_server(live_server, tmp_path):
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = stethoscope.attach(model, opt, project="hooktest", server=live_server.url, config={"lr": 0.1},
+                             spool_dir=tmp_path / "spool")
+    assert mon.url == f"{live_server.url}/runs/{mon.run_id}"
+    losses = train(mon, model, opt, 25)
+    mon.log(step=25, loss=float("nan"), custom=float("inf"))
+    mon.event("checkpoint", message="saved", path="/tmp/x")
+    mon.close()
+    steps, values = read_series(live_server.url, mon.run_id, "loss")
+    assert steps == list(range(26))
+    assert values[:25] == [torch.tensor(v).item() for v in losses]
+    assert math.isnan(values[25])
+    assert read_series(live_server.url, mon.run_id, "custom") == ([25], [math.inf])
+    names = series_names(live_server.url, mon.run_id)
+    for expected in ("lr", "grad/norm", "grad/norm/body.0", "grad/norm/head", "grad/nonfinite",
+                     "weight/norm/head", "update_ratio/head", "logits/max_abs", "logits/mean_logz",
+                     "logits/sc_fraction", "logits/zero_loss_fraction", "logits/median_margin", "logits/entropy"):
+        assert expected in names
+    run = httpx.get(f"{live_server.url}/api/v1/runs/{mon.run_id}").json()
+    assert run["status"] == "finished"
+    assert run["project"] == "hooktest"
+    events = httpx.get(f"{live_server.url}/api/v1/runs/{mon.run_id}/events").json()
+    events = events.get("events", events) if isinstance(events, dict) else events
+    assert [(e["kind"], e["step"], e["message"]) for e in events] == [("checkpoint", 25, "saved")]
+    # Sent segments are deleted: an online run leaves nothing behind.
+    assert not any((tmp_path / "spool").rglob("*.jsonl"))
+
+
+def test_alerts_in_the_ingest_reply_reach_on_alert(live_server, tmp_path):
+    # The detectors fill "alerts"; here the server's own after-ingest hook adds one.
+    def after_ingest(run_id, result):
+        result.alerts.append({"id": 1, "run_id": run_id, "kind": "loss_spike"})
+
+    live_server.app.state.after_ingest = after_ingest
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    got = []
+    with stethoscope.attach(model, opt, server=live_server.url, spool_dir=tmp_path) as mon:
+        mon.on_alert(got.append)
+        train(mon, model, opt, 3)
+        assert mon.flush(10)
+    assert got and got[0][0]["kind"] == "loss_spike"
+    assert got[0][0]["run_id"] == mon.run_id
