@@ -1,0 +1,131 @@
+"""Lanczos for the top eigenvalue and a deflated Hutchinson estimate of the trace.
+
+Both work on any symmetric operator given as ``matvec(V) -> H V`` for a ``[k, n]`` block.
+
+The trace estimate reuses the Lanczos basis (the Krylov-space sketch of Hutch++, Meyer et al.
+2021; Chen & Hallman 2023 for the Krylov variant): with ``Q`` the ``m`` orthonormal Lanczos
+vectors,
+
+    tr(H) = tr(Q^T H Q) + tr(P H P),   P = I - Q Q^T.
+
+The first term is the sum of the Lanczos diagonal, known exactly; the second is estimated with
+Rademacher probes projected by ``P``, which is unbiased (E[P v v^T P] = P) and has lower
+variance than plain Hutchinson because the extreme eigendirections that dominate
+sum_{i != j} H_ij^2 are removed. The projected probes are drawn until the standard error of
+the mean falls below a target share of the estimate, or a cap on products is reached.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+#: Default relative tolerance on lambda_max: Lanczos stops when the top Ritz value moved by
+#: less than this share over each of the last two steps, or its residual bound is below it.
+#: PyHessian's power iteration uses the same 1e-3 on successive estimates.
+LANCZOS_TOL = 1e-3
+#: Default cap on Lanczos steps. On the 1M-parameter benchmark MLP and the test models the
+#: top Ritz value settles in 8-15 steps.
+LANCZOS_MAX_ITER = 30
+#: Default target for the relative standard error of the trace (5%, the issue's target).
+TRACE_REL_TOL = 0.05
+#: A standard error needs a few samples to mean anything: with fewer than this many probes,
+#: the sample standard deviation is too noisy to stop on.
+MIN_PROBES = 5
+
+
+def rademacher(k, n, generator, device, dtype):
+    v = torch.empty(k, n, device=device, dtype=dtype)
+    v.bernoulli_(0.5, generator=generator)
+    return v.mul_(2).sub_(1)
+
+
+@dataclass
+class LanczosResult:
+    lambda_max: float
+    lambda_min: float
+    basis: torch.Tensor  # [m, n] orthonormal rows
+    diagonal_sum: float  # tr(Q^T H Q)
+    iterations: int
+
+
+def _ritz(alphas, betas):
+    m = len(alphas)
+    T = torch.zeros(m, m, dtype=torch.float64)
+    T[range(m), range(m)] = torch.tensor(alphas, dtype=torch.float64)
+    if m > 1:
+        off = torch.tensor(betas[: m - 1], dtype=torch.float64)
+        T[range(m - 1), range(1, m)] = off
+        T[range(1, m), range(m - 1)] = off
+    return torch.linalg.eigh(T)
+
+
+def lanczos(matvec, n, *, generator, device, dtype, tol=LANCZOS_TOL, max_iter=LANCZOS_MAX_ITER,
+            min_iter=3):
+    """Lanczos with full reorthogonalisation from a normalised Rademacher start vector."""
+    max_iter = max(1, min(int(max_iter), n))
+    Q = torch.empty(max_iter, n, device=device, dtype=dtype)
+    Q[0] = rademacher(1, n, generator, device, dtype)[0] / math.sqrt(n)
+    alphas, betas, thetas = [], [], []
+    lam_max = lam_min = 0.0
+    m = 0
+    for j in range(max_iter):
+        m = j + 1
+        w = matvec(Q[j : j + 1])[0]
+        alphas.append(float(torch.dot(Q[j], w)))
+        basis = Q[: j + 1]
+        # Classical Gram-Schmidt twice ("twice is enough", Giraud et al. 2005) keeps the basis
+        # orthonormal to working precision, which the deflated trace relies on.
+        for _ in range(2):
+            w = w - basis.T @ (basis @ w)
+        beta = float(torch.linalg.vector_norm(w))
+        evals, evecs = _ritz(alphas, betas)
+        lam_max, lam_min = float(evals[-1]), float(evals[0])
+        thetas.append(lam_max)
+        scale = max(abs(lam_max), abs(lam_min), 1e-30)
+        if beta <= 100 * torch.finfo(dtype).eps * scale:
+            break  # invariant subspace: these Ritz values are eigenvalues
+        if m >= min_iter:
+            bound = beta * abs(float(evecs[-1, -1]))  # |theta - lambda| <= bound for some eigenvalue
+            steady = len(thetas) >= 3 and all(
+                abs(thetas[-i] - thetas[-i - 1]) <= tol * max(abs(lam_max), 1e-30) for i in (1, 2)
+            )
+            if bound <= tol * max(abs(lam_max), 1e-30) or steady:
+                break
+        if j + 1 < max_iter:
+            betas.append(beta)
+            Q[j + 1] = w / beta
+    return LanczosResult(lam_max, lam_min, Q[:m], float(sum(alphas)), m)
+
+
+@dataclass
+class TraceResult:
+    trace: float
+    stderr: float
+    probes: int
+
+
+def deflated_hutchinson(matvec, n, *, generator, device, dtype, basis=None, base=0.0,
+                        rel_tol=TRACE_REL_TOL, abs_tol=0.0, min_probes=MIN_PROBES, max_probes=100,
+                        block=8):
+    """``base + tr(P H P)`` with probes drawn in blocks until the standard error is small."""
+    samples = []
+    max_probes = max(2, int(max_probes))
+    min_probes = max(2, min(int(min_probes), max_probes))
+    mean = se = 0.0
+    while len(samples) < max_probes:
+        want = min_probes - len(samples) if len(samples) < min_probes else block
+        k = max(1, min(want, block, max_probes - len(samples)))
+        V = rademacher(k, n, generator, device, dtype)
+        if basis is not None and basis.shape[0]:
+            V = V - (V @ basis.T) @ basis
+        HV = matvec(V)
+        samples.extend((V * HV).sum(dim=1, dtype=torch.float64).tolist())
+        if len(samples) >= min_probes:
+            s = torch.tensor(samples, dtype=torch.float64)
+            mean, se = float(s.mean()), float(s.std() / math.sqrt(len(samples)))
+            if se <= max(rel_tol * abs(base + mean), abs_tol):
+                break
+    return TraceResult(base + mean, se, len(samples))
