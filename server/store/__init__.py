@@ -13,9 +13,9 @@ import threading
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
-from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy import Connection, Engine, case, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ..db import WRITE_OPTION
@@ -30,6 +30,9 @@ __all__ = ["Store", "SeriesBatch", "SeriesRead", "IngestResult", "NotFound", "Co
 R = Run.__table__
 S = Series.__table__
 E = Event.__table__
+
+#: ``on_points(conn, run_id, project_id, [(series, steps, values), ...]) -> alerts opened``
+OnPoints = Callable[[Connection, str, int, list[tuple[str, list[int], list[float]]]], list[dict]]
 
 #: Series ids kept in memory (run, name) -> id; a few MB at most.
 SERIES_CACHE_SIZE = 100_000
@@ -46,8 +49,10 @@ class IngestResult:
 
 
 class Store:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, on_points: OnPoints | None = None) -> None:
         self.engine = engine
+        #: Called inside each ingest transaction with the newly stored points (the detectors).
+        self.on_points = on_points
         self.dialect = engine.dialect.name
         self._writer = PointWriter(self.dialect)
         self._reader = SeriesReader(self.dialect)
@@ -99,21 +104,33 @@ class Store:
     def ingest(self, run_id: str, batches: list[SeriesBatch]) -> IngestResult:
         """Store a batch; returns once it is committed. Resent points are not stored twice."""
         total = sum(len(b.steps) for b in batches)
+        batches = [b for b in batches if b.steps]
+        last_step = max((max(b.steps) for b in batches), default=None)
         with self.writing() as conn:
-            if conn.execute(select(R.c.id).where(R.c.id == run_id)).first() is None:
+            # One statement marks the run as seen and tells whether it exists.
+            project_id = conn.execute(
+                update(R)
+                .where(R.c.id == run_id)
+                .values(
+                    last_seen_at=utcnow(),
+                    last_step=R.c.last_step if last_step is None else case((R.c.last_step.is_(None) | (R.c.last_step < last_step), last_step), else_=R.c.last_step),
+                )
+                .returning(R.c.project_id)
+            ).scalar()
+            if project_id is None:
                 raise NotFound(f"run {run_id!r} does not exist: create it first with PUT /api/v1/runs/{run_id}")
             ids, created = self._resolve_series(conn, run_id, [b.name for b in batches])
-            new = self._writer.write(conn, [(ids[b.name], b) for b in batches])
-            last_step = max((max(b.steps) for b in batches), default=None)
-            values: dict = {"last_seen_at": utcnow()}
-            if last_step is not None:
-                conn.execute(
-                    update(R).where(R.c.id == run_id).where((R.c.last_step.is_(None)) | (R.c.last_step < last_step)).values(last_step=last_step)
-                )
-            conn.execute(update(R).where(R.c.id == run_id).values(**values))
+            new, maxes = self._writer.write(conn, [(ids[b.name], b) for b in batches])
+            new_points = [(sb.name, sb.steps, sb.values) for _, sb in new]
+            alerts: list[dict] = []
+            if self.on_points is not None and new_points:
+                # Same transaction as the points: detector state and alerts commit with them,
+                # so a crash or a second worker neither forgets nor doubles an alert.
+                alerts = self.on_points(conn, run_id, project_id, new_points)
         self._remember(run_id, created)
+        self._writer.remember(maxes)
         inserted = sum(len(sb.steps) for _, sb in new)
-        return IngestResult(total, inserted, new_points=[(sb.name, sb.steps, sb.values) for _, sb in new])
+        return IngestResult(total, inserted, alerts=alerts, new_points=new_points)
 
     def _resolve_series(self, conn: Connection, run_id: str, names: list[str]) -> tuple[dict[str, int], dict[str, int]]:
         ids: dict[str, int] = {}

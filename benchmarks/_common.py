@@ -1,0 +1,81 @@
+"""Helpers for the benchmarks: a real server process on a fresh database, and timing stats."""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from contextlib import contextmanager
+
+PG_URL = os.environ.get("STETHOSCOPE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def fresh_database(kind: str):
+    """A URL for an empty database: an SQLite file, or a PostgreSQL schema dropped afterwards."""
+    if kind == "sqlite":
+        with tempfile.TemporaryDirectory() as d:
+            yield f"sqlite:///{d}/bench.db"
+        return
+    import psycopg
+
+    schema = "bench_" + uuid.uuid4().hex[:10]
+    with psycopg.connect(PG_URL, autocommit=True) as admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+        try:
+            sep = "&" if "?" in PG_URL else "?"
+            yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+        finally:
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@contextmanager
+def server(db_url: str, workers: int = 1):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stethoscope_server.cli", "server", "--db", db_url, "--port", str(port), "--log-level", "warning", "--workers", str(workers)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(url + "/healthz", timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("server did not start: " + proc.stderr.read().decode()[-2000:])
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    k = min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))
+    return xs[k]
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
