@@ -136,8 +136,14 @@ def count_nonfinite(grads: list[torch.Tensor], total_sq: torch.Tensor) -> torch.
             return torch.zeros(1, device=dev)
         n = sum(int((~torch.isfinite(g)).sum()) for g in grads)
         return torch.tensor([float(n)], device=dev)
-    # On an accelerator: x - x is 0 for finite x and NaN otherwise; its L0 "norm" counts those.
+    return count_nonfinite_on_device(grads).to(dev)
+
+
+def count_nonfinite_on_device(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The same count without reading anything back: x - x is 0 for finite x and NaN
+    otherwise, and the L0 "norm" counts the non-zero entries (NaN != 0)."""
     counts = torch._foreach_norm(torch._foreach_sub(grads, grads), 0, dtype=torch.float32)
+    dev = counts[0].device
     return torch.stack([c.to(dev) for c in counts]).sum().view(1)
 
 
@@ -155,16 +161,16 @@ def logit_stats(logits: torch.Tensor, targets: torch.Tensor | None, ignore_index
     Returns the values named by ``LOGIT_NAMES`` (or ``LOGIT_NAMES_NO_TARGETS``).
     """
     z = logits.detach().reshape(-1, logits.shape[-1]).float()
-    m = z.amax(dim=-1, keepdim=True)
-    d = z - m                                   # log_softmax's first op
-    e = d.exp()
-    s = e.sum(dim=-1)                           # sum_j exp(z_j - max z); exactly 1 means collapse
-    log_s = s.log()
-    lse = m.squeeze(-1) + log_s                 # log Z
-    ent = log_s - (e * d).sum(dim=-1) / s       # H = log Z - sum p z
+    # torch's own log_softmax, the kernel cross_entropy runs: its rounding decides which
+    # samples have exactly zero loss and an exactly one-hot softmax, so we use it, not a copy.
+    logp = torch.log_softmax(z, dim=-1)
+    top = logp.amax(dim=-1)                     # -log sum_j exp(z_j - max z)
+    collapsed = (top == 0).float()              # the sum is exactly 1: Softmax Collapse
+    lse = z.amax(dim=-1) - top                  # log Z
+    p = torch.softmax(z, dim=-1)                # cheaper on the CPU than logp.exp()
+    ent = -(p * logp).sum(dim=-1)
     mx, mn = z.aminmax()
     max_abs = torch.maximum(mx.abs(), mn.abs()).view(1)
-    collapsed = (s == 1.0).float()
     if targets is None:
         return torch.cat([max_abs, lse.mean().view(1), collapsed.mean().view(1), ent.mean().view(1)])
     y = targets.detach().reshape(-1, 1)
@@ -172,14 +178,12 @@ def logit_stats(logits: torch.Tensor, targets: torch.Tensor | None, ignore_index
     y = torch.where(valid, y, torch.zeros_like(y))
     valid = valid.squeeze(-1).float()
     n = valid.sum().clamp_min(1.0)
-    d_y = d.gather(-1, y).squeeze(-1)
-    logp_y = d_y - log_s                        # exactly what log_softmax gives the target
+    logp_y = logp.gather(-1, y).squeeze(-1)
     zero_loss = (logp_y == 0).float()
-    # Margin z_y - logsumexp(z_others), with the others' sum taken on its own (s - e_y would
-    # cancel catastrophically in the regime that matters, margins near 16.6).
-    e.scatter_(-1, y, 0.0)
-    others = e.sum(dim=-1)
-    margin = d_y - others.log()
+    # Margin z_y - logsumexp(z_others) = log p_y - log(sum of the others' p), the others'
+    # sum taken on its own: 1 - p_y cancels to 0 in float32 right where it matters (> 16.6).
+    p.scatter_(-1, y, 0.0)
+    margin = logp_y - p.sum(dim=-1).log()
     margin = torch.where(valid > 0, margin, torch.full_like(margin, math.nan))
 
     def vmean(x):
