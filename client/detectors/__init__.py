@@ -1,0 +1,40 @@
+"""Training-health detectors: pure Python, incremental, with their state in a plain dict.
+
+The same code runs inside the server on ingest and inside a training job offline::
+
+    from stethoscope.detectors import DetectorSet
+    detectors = DetectorSet({"loss_spike": {"threshold": 8.0}})
+    state = {}                                   # keep it between calls; it is JSON-safe
+    changes = detectors.update(state, [("loss", 10, 2.31), ("grad/norm", 10, 0.8)])
+    for c in changes:                            # AlertChange: open / update / resolve
+        print(c.detector, c.key, c.severity, c.status, c.message)
+
+Standard library only: no torch, no numpy.
+"""
+
+from ._base import SEVERITIES, AlertChange, Detector
+from ._engine import DETECTORS, DetectorSet
+from .divergence import DivergenceDetector, DivergenceParams
+from .edge_of_stability import EdgeOfStabilityDetector, EdgeOfStabilityParams
+from .loss_spike import LossSpikeDetector, LossSpikeParams
+from .softmax_collapse import SC_MARGIN_NATS, SoftmaxCollapseDetector, SoftmaxCollapseParams
+from .stalled import StalledRunDetector, StalledRunParams
+
+__all__ = [
+    "AlertChange",
+    "DETECTORS",
+    "Detector",
+    "DetectorSet",
+    "DivergenceDetector",
+    "DivergenceParams",
+    "EdgeOfStabilityDetector",
+    "EdgeOfStabilityParams",
+    "LossSpikeDetector",
+    "LossSpikeParams",
+    "SC_MARGIN_NATS",
+    "SEVERITIES",
+    "SoftmaxCollapseDetector",
+    "SoftmaxCollapseParams",
+    "StalledRunDetector",
+    "StalledRunParams",
+]

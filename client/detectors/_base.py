@@ -1,0 +1,235 @@
+"""What every detector shares: the alert change, the episode lifecycle, robust statistics.
+
+Standard library only: this module runs inside the server on ingest and inside training
+jobs offline. Everything a detector keeps between calls lives in the plain ``state`` dict it
+is handed, so the server can save it as JSON next to the points in one transaction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar, Iterable
+
+from ..wire import encode_value
+
+#: Severities, mildest first. An episode keeps the worst severity it reached.
+SEVERITIES = ("info", "warning", "critical")
+_RANK = {s: i for i, s in enumerate(SEVERITIES)}
+
+#: Actions an :class:`AlertChange` carries.
+OPEN, UPDATE, RESOLVE = "open", "update", "resolve"
+
+#: 1.4826 * MAD estimates the standard deviation of normal data (1 / Phi^-1(3/4)); it puts a
+#: robust z-score on the same scale as the mean/std rules of OLMo-core and Lightning.
+MAD_TO_SIGMA = 1.4826
+
+
+@dataclasses.dataclass(frozen=True)
+class AlertChange:
+    """One change to one alert: ``open`` a new episode, ``update`` it, or ``resolve`` it.
+
+    ``(detector, key)`` names the episode; at most one is open at a time. ``start_step`` is
+    where the condition first held, ``peak_step`` where it was worst. ``end_step`` is the last
+    step at which it held while the alert is open, and the step at which it cleared once
+    resolved. ``evidence`` is JSON-safe (non-finite numbers encoded as in
+    :mod:`stethoscope.wire`).
+    """
+
+    action: str
+    detector: str
+    key: str
+    severity: str
+    start_step: int
+    peak_step: int
+    end_step: int
+    message: str
+    evidence: dict
+
+    @property
+    def status(self) -> str:
+        """The alert's status after this change: ``open`` or ``resolved``."""
+        return "resolved" if self.action == RESOLVE else "open"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["status"] = self.status
+        return d
+
+
+def json_safe(evidence: dict) -> dict:
+    """Evidence with every float encoded as it travels on the wire (NaN -> "NaN", ...)."""
+    out = {}
+    for k, v in evidence.items():
+        if isinstance(v, float):
+            out[k] = encode_value(v)
+        elif isinstance(v, dict):
+            out[k] = json_safe(v)
+        else:
+            out[k] = v
+    return out
+
+
+def finite(x: float) -> bool:
+    return x - x == 0.0
+
+
+def median(xs: list) -> float:
+    s = sorted(xs)
+    n = len(s)
+    h = n // 2
+    return s[h] if n % 2 else 0.5 * (s[h - 1] + s[h])
+
+
+def median_mad(xs: list) -> tuple[float, float]:
+    """Median and median absolute deviation of a non-empty list."""
+    m = median(xs)
+    return m, median([abs(x - m) for x in xs])
+
+
+def push(window: list, x: float, size: int) -> None:
+    """Append to a fixed-size window kept as a plain list (oldest first)."""
+    window.append(x)
+    if len(window) > size:
+        del window[: len(window) - size]
+
+
+class ChangeLog:
+    """The changes one ``update`` call produces, at most one open/update per episode.
+
+    A point that only extends an open episode replaces the pending change for it instead of
+    adding one, so a batch of a thousand bad points yields one change, not a thousand.
+    """
+
+    def __init__(self) -> None:
+        self.changes: list[AlertChange] = []
+        self._pending: dict[tuple[str, str], int] = {}
+
+    def add(self, change: AlertChange) -> None:
+        k = (change.detector, change.key)
+        i = self._pending.get(k)
+        if change.action == RESOLVE:
+            self._pending.pop(k, None)
+            self.changes.append(change)
+        elif i is not None and change.action == UPDATE:
+            # Keep "open" if the episode opened in this same batch.
+            self.changes[i] = dataclasses.replace(change, action=self.changes[i].action)
+        else:
+            self._pending[k] = len(self.changes)
+            self.changes.append(change)
+
+
+class Detector:
+    """Base class. A subclass sets ``name`` and ``Params`` and implements ``accepts``/``point``.
+
+    ``update(state, points)`` reads ``(series, step, value)`` points for one run, keeps what
+    it needs in ``state`` (a JSON dict it owns, bounded in size) and returns alert changes.
+    Points of one series come in step order; a point at a step not after the last one seen
+    for its series is ignored, so feeding a batch twice changes nothing.
+    """
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type] = object
+
+    def __init__(self, params: Any = None) -> None:
+        self.params = params if params is not None else self.Params()
+
+    # -- what subclasses implement ---------------------------------------------------------
+    def accepts(self, series: str) -> bool:
+        raise NotImplementedError
+
+    def point(self, state: dict, series: str, step: int, value: float, log: ChangeLog) -> None:
+        raise NotImplementedError
+
+    # -- driver ----------------------------------------------------------------------------
+    def update(self, state: dict, points: Iterable[tuple[str, int, float]]) -> list[AlertChange]:
+        """Feed ``(series, step, value)`` points; return the alert changes they caused."""
+        return self.feed(state, [pt for pt in points if self.accepts(pt[0])])
+
+    def feed(self, state: dict, points: Iterable[tuple[str, int, float]]) -> list[AlertChange]:
+        """:meth:`update` for points already known to be accepted (the engine routes them)."""
+        log = ChangeLog()
+        seen = state.setdefault("seen", {})
+        for series, step, value in points:
+            last = seen.get(series)
+            if last is not None and step <= last:
+                continue
+            seen[series] = step
+            self.point(state, series, step, float(value), log)
+        return log.changes
+
+    # -- episode lifecycle -----------------------------------------------------------------
+    def hold(self, state: dict, log: ChangeLog, key: str, step: int, severity: str, score: float,
+             message: str, evidence: dict, start: int | None = None) -> None:
+        """The condition for episode ``key`` holds at ``step``: open, escalate or extend it.
+
+        ``start`` backdates a new episode to where its condition began (after a patience).
+        """
+        eps = state.setdefault("episodes", {})
+        ep = eps.get(key)
+        if ep is None:
+            ep = eps[key] = {"severity": severity, "start": step if start is None else start, "peak": step, "end": step,
+                             "score": _json_score(score), "message": message,
+                             "evidence": json_safe(evidence), "clear": 0}
+            log.add(self._change(OPEN, key, ep))
+            return
+        ep["end"] = step
+        ep["clear"] = 0
+        ep.pop("cleared_at", None)
+        ep.pop("clear_step", None)
+        worse = _RANK[severity] > _RANK[ep["severity"]]
+        if worse or (_RANK[severity] == _RANK[ep["severity"]] and _json_score(score) > ep["score"]):
+            ep.update(severity=severity, peak=step, score=_json_score(score), message=message,
+                      evidence=json_safe(evidence))
+        log.add(self._change(UPDATE, key, ep))
+
+    def clear(self, state: dict, log: ChangeLog, key: str, step: int, needed: int) -> None:
+        """The condition for ``key`` does not hold at ``step``; resolve after ``needed`` such steps.
+
+        Steps, not points: a detector fed by several series sees each step more than once.
+        """
+        eps = state.get("episodes")
+        ep = eps.get(key) if eps else None
+        if ep is None:
+            return
+        if ep["clear"] == 0:
+            ep["cleared_at"] = step
+        elif ep.get("clear_step") == step:
+            return
+        ep["clear_step"] = step
+        ep["clear"] += 1
+        if ep["clear"] >= needed:
+            ep["end"] = ep.pop("cleared_at")
+            ep.pop("clear_step", None)
+            del eps[key]
+            log.add(self._change(RESOLVE, key, ep))
+
+    def keep(self, state: dict, key: str) -> None:
+        """Neither held nor cleared: restart the count of clear points without extending."""
+        ep = state["episodes"][key]
+        ep["clear"] = 0
+        ep.pop("cleared_at", None)
+        ep.pop("clear_step", None)
+
+    def is_open(self, state: dict, key: str) -> bool:
+        return key in state.get("episodes", ())
+
+    def _change(self, action: str, key: str, ep: dict) -> AlertChange:
+        return AlertChange(action, self.name, key, ep["severity"], ep["start"], ep["peak"], ep["end"],
+                           ep["message"], ep["evidence"])
+
+
+def _json_score(x: float) -> float:
+    """Scores are compared to find the peak; +inf would not survive JSON, so cap it."""
+    if x != x:
+        return 0.0
+    return max(-1e300, min(1e300, x))
+
+
+def fmt(x: float) -> str:
+    """A number as a person reads it in a one-line message."""
+    if not finite(x):
+        return str(encode_value(x))
+    if x == 0 or 1e-3 <= abs(x) < 1e5:
+        return f"{x:.4g}"
+    return f"{x:.3e}"

@@ -1,0 +1,141 @@
+"""The detector set: every enabled detector, per-project settings, one call per batch."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from operator import itemgetter
+from typing import Iterable
+
+from ._base import AlertChange, Detector
+from .divergence import DivergenceDetector
+from .edge_of_stability import EdgeOfStabilityDetector
+from .loss_spike import LossSpikeDetector
+from .softmax_collapse import SoftmaxCollapseDetector
+from .stalled import StalledRunDetector
+
+#: Every detector, by the name used in settings, states and alerts.
+DETECTORS: dict[str, type[Detector]] = {
+    cls.name: cls
+    for cls in (DivergenceDetector, LossSpikeDetector, SoftmaxCollapseDetector,
+                EdgeOfStabilityDetector, StalledRunDetector)
+}
+
+_step = itemgetter(1)
+#: Series names whose routing is cached; a run with more distinct names still works, it just
+#: recomputes routes after the cache is cleared.
+_ROUTE_CACHE = 4096
+
+
+class DetectorSet:
+    """Runs every enabled detector on the points of one run.
+
+    ``settings`` maps a detector name to overrides of its parameters, plus ``enabled``
+    (default true); anything unknown is a ``ValueError``. ``state`` is a JSON-safe dict that
+    the caller keeps between calls: ``{detector_name: {...}}`` (the server saves one row per
+    detector, in the transaction that stores the points).
+
+        detectors = DetectorSet({"loss_spike": {"threshold": 8.0}, "stalled": {"enabled": False}})
+        state = {}
+        for batch in batches:                   # [(series, step, value), ...]
+            for change in detectors.update(state, batch):
+                print(change.severity, change.message)
+    """
+
+    def __init__(self, settings: dict | None = None) -> None:
+        self.detectors: list[Detector] = []
+        settings = dict(settings or {})
+        unknown = sorted(set(settings) - set(DETECTORS))
+        if unknown:
+            raise ValueError(f"unknown detector {unknown[0]!r}; known detectors: {', '.join(DETECTORS)}")
+        for name, cls in DETECTORS.items():
+            overrides = settings.get(name) or {}
+            if not isinstance(overrides, dict):
+                raise ValueError(f"settings for {name!r} must be an object of parameters, got {overrides!r}")
+            overrides = dict(overrides)
+            enabled = overrides.pop("enabled", True)
+            if not isinstance(enabled, bool):
+                raise ValueError(f"{name}.enabled must be true or false, got {enabled!r}")
+            params = make_params(cls, overrides)
+            if enabled:
+                self.detectors.append(cls(params))
+        self._routes: dict[str, list[Detector]] = {}
+
+    @staticmethod
+    def defaults() -> dict:
+        """Every detector's settings with their defaults: ``{name: {"enabled": True, ...}}``."""
+        return {name: {"enabled": True, **_as_json(cls.Params())} for name, cls in DETECTORS.items()}
+
+    def settings(self) -> dict:
+        """The effective settings of this set, in the shape the constructor takes."""
+        out = {name: {"enabled": False, **_as_json(cls.Params())} for name, cls in DETECTORS.items()}
+        for det in self.detectors:
+            out[det.name] = {"enabled": True, **_as_json(det.params)}
+        return out
+
+    def update(self, state: dict, points: Iterable[tuple[str, int, float]]) -> list[AlertChange]:
+        """Feed one run's new points, in any interleaving of series; return alert changes.
+
+        Points are taken in step order (stable, so a series' own order is kept); a point at
+        or before the last step a detector saw for its series is ignored.
+        """
+        routes = self._routes
+        batches: dict[str, list] = {}
+        for pt in sorted(points, key=_step):
+            dets = routes.get(pt[0])
+            if dets is None:
+                if len(routes) >= _ROUTE_CACHE:
+                    routes.clear()
+                dets = routes[pt[0]] = [d for d in self.detectors if d.accepts(pt[0])]
+            for d in dets:
+                batches.setdefault(d.name, []).append(pt)
+        changes: list[AlertChange] = []
+        for d in self.detectors:
+            if d.name in batches:
+                changes += d.feed(state.setdefault(d.name, {}), batches[d.name])
+        return changes
+
+    def check(self, state: dict, now: float, last_seen: float | None, status: str,
+              last_step: int | None = None) -> list[AlertChange]:
+        """Run the time-based detectors (stalled run); see :class:`StalledRunDetector`."""
+        changes: list[AlertChange] = []
+        for d in self.detectors:
+            if isinstance(d, StalledRunDetector):
+                changes += d.check(state.setdefault(d.name, {}), now, last_seen, status, last_step)
+        return changes
+
+
+def make_params(cls: type[Detector], overrides: dict):
+    """``cls.Params`` with ``overrides`` checked by name and type (``ValueError`` if wrong)."""
+    fields = {f.name: f for f in dataclasses.fields(cls.Params)}
+    hints = typing.get_type_hints(cls.Params)
+    kwargs = {}
+    for key, value in overrides.items():
+        if key not in fields:
+            raise ValueError(f"{cls.name}: unknown setting {key!r}; known settings: enabled, {', '.join(fields)}")
+        kwargs[key] = _coerce(f"{cls.name}.{key}", hints[key], value)
+    return cls.Params(**kwargs)
+
+
+def _coerce(where: str, kind, value):
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value - value == 0:
+            return float(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    elif kind is tuple:
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ValueError(f"{where} must be a non-empty list of series names, got {value!r}")
+    raise ValueError(f"{where} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+
+
+def _as_json(params) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(params).items()}

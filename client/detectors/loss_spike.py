@@ -1,0 +1,107 @@
+"""Loss spikes: a point far above the robust rolling statistics of its own series."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from ._base import MAD_TO_SIGMA, ChangeLog, Detector, finite, fmt, median_mad, push
+
+#: OLMo-core's SkipStepOptimizer judges a step against the last 128 values
+#: (``rolling_interval_length=128``).
+SPIKE_WINDOW = 128
+#: OLMo-core skips a step more than 6 standard deviations above the rolling mean
+#: (``sigma_factor=6``). We measure sigma as 1.4826 * MAD, which one spike cannot inflate.
+SPIKE_SIGMAS = 6.0
+#: Points needed before judging: a quarter of the window. Below ~30 values the MAD is too
+#: noisy (its relative standard error is ~1/sqrt(n)), and the first steps of a run, when the
+#: loss falls fastest and the learning rate is still warming up, are never spikes.
+SPIKE_WARMUP = 32
+#: Statistics on log(loss): minibatch losses are skewed (a batch of 4 with one hard sample
+#: costs 3x the median), and on a log scale their spread is roughly symmetric and the same
+#: at any loss level; in our batch-4 runs the largest healthy excursion is ~4 log-sigmas.
+SPIKE_LOG_SCALE = True
+#: Zero (a float32 loss can be exactly 0) is taken as this value on the log scale.
+LOG_FLOOR = 1e-30
+#: A spike must also be this far above the median, relative to it: when the loss is nearly
+#: flat the MAD collapses and a 1% wobble would count as "6 sigma".
+SPIKE_MIN_RISE = 0.1
+#: The episode ends when the loss is back within 3 robust sigmas of the median ...
+RECOVER_SIGMAS = 3.0
+#: ... for 3 points in a row, so a spike that bounces is one episode, not several.
+RECOVER_POINTS = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpikeParams:
+    """Settings of :class:`LossSpikeDetector` (names are the per-project setting keys)."""
+
+    series: tuple = ("loss",)          #: series to watch, each on its own
+    window: int = SPIKE_WINDOW         #: rolling window, in points
+    threshold: float = SPIKE_SIGMAS    #: robust sigmas above the median that make a spike
+    warmup: int = SPIKE_WARMUP         #: points seen before the first judgement
+    log_scale: bool = SPIKE_LOG_SCALE  #: judge log(value); turn off for losses that can be <= 0
+    min_rise: float = SPIKE_MIN_RISE   #: also needed: value >= median * (1 + min_rise)
+    recover_threshold: float = RECOVER_SIGMAS
+    recover_points: int = RECOVER_POINTS
+
+    def __post_init__(self):
+        if self.window < 8 or not 2 <= self.warmup <= self.window:
+            raise ValueError("loss_spike: need window >= 8 and 2 <= warmup <= window")
+        if not 0 < self.recover_threshold <= self.threshold:
+            raise ValueError("loss_spike: need 0 < recover_threshold <= threshold")
+        if self.recover_points < 1 or self.min_rise < 0:
+            raise ValueError("loss_spike: need recover_points >= 1 and min_rise >= 0")
+
+
+class LossSpikeDetector(Detector):
+    """One alert per spike episode of a loss-like series, with start, peak and recovery step.
+
+    A point is a spike when it is more than ``threshold`` robust sigmas (1.4826 * MAD) above
+    the median of the last ``window`` points, and at least ``min_rise`` above it in relative
+    terms; both on log(value) unless ``log_scale`` is off. Values enter the window clipped at that threshold, so a spike barely moves the
+    baseline while a lasting shift of level is learned within half a window. Downward moves
+    (a falling loss, learning-rate warm-up) never count. Non-finite values are left to the
+    divergence detector.
+
+        det = LossSpikeDetector()
+        state = {}
+        changes = det.update(state, [("loss", 0, 2.3), ("loss", 1, 2.2)])
+    """
+
+    name = "loss_spike"
+    Params = LossSpikeParams
+
+    def accepts(self, series: str) -> bool:
+        return series in self.params.series
+
+    def point(self, state: dict, series: str, step: int, value: float, log: ChangeLog) -> None:
+        if not finite(value):
+            return
+        p = self.params
+        x = math.log(max(value, LOG_FLOOR)) if p.log_scale else value
+        window = state.setdefault("windows", {}).setdefault(series, [])
+        if len(window) < p.warmup:
+            push(window, x, p.window)
+            return
+        med, mad = median_mad(window)
+        sigma = MAD_TO_SIGMA * mad
+        high = med + p.threshold * sigma
+        z = (x - med) / sigma if sigma > 0 else (0.0 if x <= med else math.inf)
+        if p.log_scale:
+            rose, median_value = x - med >= math.log1p(p.min_rise), math.exp(med)
+        else:
+            rose, median_value = med <= 0 or x >= med * (1.0 + p.min_rise), med
+        if x > high and rose:
+            scale = " on a log scale" if p.log_scale else ""
+            self.hold(state, log, series, step, "warning", z,
+                      f"{series} spiked to {fmt(value)} at step {step}: {fmt(z)} robust sigmas{scale} above "
+                      f"its rolling median {fmt(median_value)} (threshold {fmt(p.threshold)})",
+                      {"value": value, "median": median_value, "sigma": sigma, "z": z, "threshold": p.threshold,
+                       "log_scale": p.log_scale, "min_rise": p.min_rise, "window": len(window)})
+        elif self.is_open(state, series):
+            if x <= med + p.recover_threshold * sigma:
+                self.clear(state, log, series, step, p.recover_points)
+            else:  # still elevated: the episode goes on, though this is no longer a spike
+                self.keep(state, series)
+        push(window, min(x, high) if sigma > 0 else x, p.window)
