@@ -57,6 +57,7 @@ class Sender:
         self._lock = threading.Lock()
         self._spool: Spool | None = None
         self._deadline: float | None = None
+        self._abort = False
         #: After close: whether entries are left in the spool for ``stethoscope sync``.
         self.unsent = False
         self.spool_path = None
@@ -101,7 +102,13 @@ class Sender:
             self._queue.put(_STOP, timeout=timeout)
         except queue.Full:
             return
-        self._thread.join(timeout + 1.0)
+        self._thread.join(timeout)
+        if self._thread.is_alive() and self.transport is not None:
+            # Stuck on a server that does not answer: cut the request short so the thread
+            # writes what is left to the spool (quick, local) instead of losing it.
+            self._abort = True
+            self.transport.abort()
+            self._thread.join(5.0)
 
     # -- the thread ------------------------------------------------------------------
     def _run(self) -> None:
@@ -137,7 +144,8 @@ class Sender:
                 spool = self._open_spool()
                 for kind, body in batch.take():
                     spool.append(kind, body)
-            if self.transport is not None and (time.monotonic() >= next_try or stop or flush_event):
+            if self.transport is not None and not self._abort and (time.monotonic() >= next_try or stop
+                                                                  or flush_event):
                 with _errors.swallowed("sender.drain"):
                     run_created, next_try = self._drain(run_created, backoff, stop or flush_event is not None)
             if flush_event is not None:
@@ -183,6 +191,8 @@ class Sender:
                 continue
             else:
                 continue
+            if self._abort:
+                return run_created, time.monotonic() + delay
             if until_deadline and self._deadline is not None and time.monotonic() + delay < self._deadline:
                 time.sleep(delay)
                 continue

@@ -105,6 +105,16 @@ class HttpTransport:
                 pass
             self._conn = None
 
+    def abort(self) -> None:
+        """From another thread: wake a request blocked on a silent server (it fails at once)."""
+        conn = self._conn
+        sock = getattr(conn, "sock", None) if conn is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(2)  # socket.SHUT_RDWR
+            except OSError:
+                pass
+
     def request(self, method: str, path: str, payload=None):
         """Send ``payload`` as JSON; return the decoded reply, or raise one of the errors above."""
         headers = dict(self._headers)
