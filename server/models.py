@@ -16,6 +16,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -139,6 +140,9 @@ class Alert(Base):
     __table_args__ = (
         Index("ix_alerts_run_status", "run_id", "status"),
         Index("ix_alerts_project_opened", "project_id", "opened_at"),
+        # One open alert per episode, enforced by the database too (migration 0002).
+        Index("uq_alerts_open_episode", "run_id", "detector", "key", unique=True,
+              sqlite_where=text("status = 'open'"), postgresql_where=text("status = 'open'")),
     )
 
 
@@ -189,7 +193,11 @@ class WebhookDelivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    __table_args__ = (Index("ix_deliveries_due", "status", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_deliveries_due", "status", "next_attempt_at"),
+        # The delivery log of one webhook, newest first (migration 0002).
+        Index("ix_deliveries_webhook", "webhook_id", "id"),
+    )
 
 
 class Token(Base):

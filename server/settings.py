@@ -34,6 +34,24 @@ class Settings(BaseSettings):
     #: URL people use to reach the dashboard (for links in messages); default: host and port.
     public_url: str | None = None
 
+    # -- alerts and webhooks (see stethoscope_server.outbox and .detector_runner) -------------
+    #: Seconds a project's detector settings are cached by each worker; a change made through
+    #: another worker takes effect within this time (the worker that took it: at once).
+    detector_settings_ttl_s: float = Field(default=5.0, ge=0)
+    #: How often each worker looks for stalled runs, in seconds.
+    stall_check_s: float = Field(default=15.0, gt=0)
+    #: How often the webhook outbox looks for due deliveries when nothing woke it, in seconds.
+    outbox_poll_s: float = Field(default=1.0, gt=0)
+    #: Timeout of one webhook request, in seconds.
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    #: Attempts before a delivery is marked failed. With the backoff below (2 s doubling to a
+    #: 30 min cap, each delay jittered to 50-100%) the last attempt comes 1.3 to 2.6 hours
+    #: after the first: long enough to ride out a receiver's restart or a short outage.
+    webhook_max_attempts: int = Field(default=15, ge=1)
+    #: First retry delay; each retry doubles it (with jitter), up to ``webhook_backoff_max_s``.
+    webhook_backoff_s: float = Field(default=2.0, gt=0)
+    webhook_backoff_max_s: float = Field(default=1800.0, gt=0)
+
     @field_validator("database_url")
     @classmethod
     def _known_database(cls, v: str) -> str:

@@ -23,6 +23,7 @@ from ..models import Event, Run, Series, utcnow
 from . import runs as _runs
 from .downsample import SeriesRead, SeriesReader
 from .errors import Conflict, NotFound
+from .group_commit import GroupCommitter
 from .points import PointWriter, SeriesBatch
 
 __all__ = ["Store", "SeriesBatch", "SeriesRead", "IngestResult", "NotFound", "Conflict"]
@@ -46,6 +47,8 @@ class IngestResult:
     alerts: list[dict] = field(default_factory=list)
     #: Newly stored points per series name, for the detector runner: [(name, steps, values)].
     new_points: list[tuple[str, list[int], list[float]]] = field(default_factory=list)
+    #: What the store remembers once the transaction committed (series ids, largest steps).
+    _commit_info: tuple = field(default=(), repr=False)
 
 
 class Store:
@@ -61,6 +64,10 @@ class Store:
         # SQLite has one writer at a time. Threads of this process queue here, on a lock that
         # wakes the next one at once, rather than in SQLite's busy handler, which sleeps.
         self._write_lock = threading.Lock() if self.dialect == "sqlite" else None
+        # SQLite writes one transaction at a time anyway: concurrent ingests share one.
+        self._ingest_group = (
+            GroupCommitter(self._write_lock, self._begin_write, self._ingest_in, self._after_ingest_commit) if self._write_lock is not None else None
+        )
 
     # -- transactions -----------------------------------------------------------------
     @contextmanager
@@ -68,11 +75,16 @@ class Store:
         if self._write_lock is not None:
             self._write_lock.acquire()
         try:
-            with self.engine.connect().execution_options(**{WRITE_OPTION: True}) as conn, conn.begin():
+            with self._begin_write() as conn:
                 yield conn
         finally:
             if self._write_lock is not None:
                 self._write_lock.release()
+
+    @contextmanager
+    def _begin_write(self) -> Iterator[Connection]:
+        with self.engine.connect().execution_options(**{WRITE_OPTION: True}) as conn, conn.begin():
+            yield conn
 
     @contextmanager
     def reading(self) -> Iterator[Connection]:
@@ -103,34 +115,48 @@ class Store:
     # -- points -----------------------------------------------------------------------
     def ingest(self, run_id: str, batches: list[SeriesBatch]) -> IngestResult:
         """Store a batch; returns once it is committed. Resent points are not stored twice."""
+        if self._ingest_group is not None:
+            return self._ingest_group.submit(run_id, batches)
+        # PostgreSQL: concurrent transactions, each its own; the server commits them in
+        # parallel (and groups their WAL flushes itself).
+        with self._begin_write() as conn:
+            result = self._ingest_in(conn, {}, run_id, batches)
+        self._after_ingest_commit(result)
+        return result
+
+    def _ingest_in(self, conn: Connection, overlay: dict, run_id: str, batches: list[SeriesBatch]) -> IngestResult:
         total = sum(len(b.steps) for b in batches)
         batches = [b for b in batches if b.steps]
         last_step = max((max(b.steps) for b in batches), default=None)
-        with self.writing() as conn:
-            # One statement marks the run as seen and tells whether it exists.
-            project_id = conn.execute(
-                update(R)
-                .where(R.c.id == run_id)
-                .values(
-                    last_seen_at=utcnow(),
-                    last_step=R.c.last_step if last_step is None else case((R.c.last_step.is_(None) | (R.c.last_step < last_step), last_step), else_=R.c.last_step),
-                )
-                .returning(R.c.project_id)
-            ).scalar()
-            if project_id is None:
-                raise NotFound(f"run {run_id!r} does not exist: create it first with PUT /api/v1/runs/{run_id}")
-            ids, created = self._resolve_series(conn, run_id, [b.name for b in batches])
-            new, maxes = self._writer.write(conn, [(ids[b.name], b) for b in batches])
-            new_points = [(sb.name, sb.steps, sb.values) for _, sb in new]
-            alerts: list[dict] = []
-            if self.on_points is not None and new_points:
-                # Same transaction as the points: detector state and alerts commit with them,
-                # so a crash or a second worker neither forgets nor doubles an alert.
-                alerts = self.on_points(conn, run_id, project_id, new_points)
+        # One statement marks the run as seen and tells whether it exists.
+        project_id = conn.execute(
+            update(R)
+            .where(R.c.id == run_id)
+            .values(
+                last_seen_at=utcnow(),
+                last_step=R.c.last_step if last_step is None else case((R.c.last_step.is_(None) | (R.c.last_step < last_step), last_step), else_=R.c.last_step),
+            )
+            .returning(R.c.project_id)
+        ).scalar()
+        if project_id is None:
+            raise NotFound(f"run {run_id!r} does not exist: create it first with PUT /api/v1/runs/{run_id}")
+        ids, created = self._resolve_series(conn, run_id, [b.name for b in batches])
+        new, maxes = self._writer.write(conn, [(ids[b.name], b) for b in batches], overlay)
+        new_points = [(sb.name, sb.steps, sb.values) for _, sb in new]
+        alerts: list[dict] = []
+        if self.on_points is not None and new_points:
+            # Same transaction as the points: detector state and alerts commit with them,
+            # so a crash or a second worker neither forgets nor doubles an alert.
+            alerts = self.on_points(conn, run_id, project_id, new_points)
+        inserted = sum(len(sb.steps) for _, sb in new)
+        result = IngestResult(total, inserted, alerts=alerts, new_points=new_points)
+        result._commit_info = (run_id, created, maxes)
+        return result
+
+    def _after_ingest_commit(self, result: IngestResult) -> None:
+        run_id, created, maxes = result._commit_info
         self._remember(run_id, created)
         self._writer.remember(maxes)
-        inserted = sum(len(sb.steps) for _, sb in new)
-        return IngestResult(total, inserted, alerts=alerts, new_points=new_points)
 
     def _resolve_series(self, conn: Connection, run_id: str, names: list[str]) -> tuple[dict[str, int], dict[str, int]]:
         ids: dict[str, int] = {}

@@ -175,7 +175,9 @@ class PointWriter:
         self._max_step: OrderedDict[int, int] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _known_max(self, conn: Connection, series_id: int) -> int | None:
+    def _known_max(self, conn: Connection, series_id: int, overlay: dict[int, int]) -> int | None:
+        if series_id in overlay:  # written earlier in this same transaction
+            return overlay[series_id]
         with self._lock:
             if series_id in self._max_step:
                 return self._max_step[series_id]
@@ -196,15 +198,16 @@ class PointWriter:
             for sid in series_ids:
                 self._max_step.pop(sid, None)
 
-    def write(self, conn: Connection, items: list[tuple[int, SeriesBatch]]) -> tuple[list[tuple[int, SeriesBatch]], dict[int, int]]:
+    def write(self, conn: Connection, items: list[tuple[int, SeriesBatch]], overlay: dict[int, int]) -> tuple[list[tuple[int, SeriesBatch]], dict[int, int]]:
         """Store the points not stored yet. Returns, per series, the points that were new, and
-        the largest step now stored per series: pass it to ``remember`` once committed."""
+        the largest step now stored per series: pass it to ``remember`` once committed.
+        ``overlay`` carries those largest steps between writes of one transaction."""
         new_items: list[tuple[int, SeriesBatch]] = []
         maxes: dict[int, int] = {}
         for series_id, sb in items:
             lo, hi = min(sb.steps), max(sb.steps)
-            known = self._known_max(conn, series_id)
-            maxes[series_id] = hi if known is None or hi > known else known
+            known = self._known_max(conn, series_id, overlay)
+            maxes[series_id] = overlay[series_id] = hi if known is None or hi > known else known
             if known is not None and lo <= known:
                 existing = conn.exec_driver_sql(self._existing_sql, (series_id, lo, hi)).fetchall()
                 if existing:  # a resend or an overlap: first write wins, keep only what is new
