@@ -6,7 +6,7 @@ import time
 
 from . import _errors
 from ._curvature_hvp import HessianOperator, check_batch
-from .curvature import (
+from ._curvature_estimate import (
     DEFAULT_BUDGET,
     LANCZOS_MAX_ITER,
     LANCZOS_TOL,

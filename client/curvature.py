@@ -28,21 +28,22 @@ and dropout draws one fixed mask per estimate.
 
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import dataclass
-
 import torch
 
-from ._curvature_hvp import HessianOperator
-from ._curvature_linalg import (
+from ._curvature_estimate import (
+    DEFAULT_BUDGET,
     LANCZOS_MAX_ITER,
     LANCZOS_TOL,
-    MIN_PROBES,
+    MAX_HVPS,
+    PROBE_BLOCK,
+    SERIES,
     TRACE_REL_TOL,
-    deflated_hutchinson,
-    lanczos,
+    CurvatureEstimate,
+    _check_tolerances,
+    _estimate,
 )
+from ._curvature_hvp import HessianOperator
+from ._curvature_monitor import CurvatureMonitor
 
 __all__ = [
     "CurvatureEstimate",
@@ -52,81 +53,6 @@ __all__ = [
     "hvp",
     "lambda_max",
 ]
-
-#: Default share of training wall time the monitor may spend on curvature (the issue's 5%).
-DEFAULT_BUDGET = 0.05
-#: Default cap on Hessian-vector products per estimate (Lanczos steps plus trace probes).
-MAX_HVPS = 200
-#: Largest block of probes pushed through one vmapped product; halved on out-of-memory.
-PROBE_BLOCK = 8
-
-SERIES = (
-    "hessian/trace",
-    "hessian/trace_stderr",
-    "hessian/lambda_max",
-    "hessian/two_over_lr",
-    "hessian/hvps",
-    "hessian/seconds",
-)
-
-
-@dataclass(frozen=True)
-class CurvatureEstimate:
-    """One curvature estimate. ``trace_stderr`` is the standard error of ``trace``; NaN where
-    a quantity was not estimated."""
-
-    trace: float
-    trace_stderr: float
-    lambda_max: float
-    lambda_min: float
-    hvps: int
-    seconds: float
-    backend: str
-
-    def as_series(self, lr: float | None = None) -> dict[str, float]:
-        out = {
-            "hessian/trace": self.trace,
-            "hessian/trace_stderr": self.trace_stderr,
-            "hessian/lambda_max": self.lambda_max,
-            "hessian/hvps": float(self.hvps),
-            "hessian/seconds": self.seconds,
-        }
-        if lr is not None:
-            out["hessian/two_over_lr"] = 2.0 / lr if lr > 0 else math.inf
-        return out
-
-
-def _probe_generator(device, seed):
-    gen = torch.Generator(device=device)
-    gen.manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
-    return gen
-
-
-def _estimate(op, *, seed, trace=True, eig=True, rel_tol=TRACE_REL_TOL, tol=LANCZOS_TOL,
-              max_iter=LANCZOS_MAX_ITER, max_hvps=MAX_HVPS, deflate=True, min_probes=MIN_PROBES,
-              block=PROBE_BLOCK):
-    t0 = time.perf_counter()
-    gen = _probe_generator(op.device, seed)
-    common = dict(generator=gen, device=op.device, dtype=op.dtype)
-    lam_max = lam_min = math.nan
-    basis, base = None, 0.0
-    if eig or deflate:
-        res = lanczos(op.matvec, op.n, tol=tol, max_iter=min(max_iter, max(1, max_hvps - 2)), **common)
-        lam_max, lam_min = res.lambda_max, res.lambda_min
-        if deflate:
-            basis, base = res.basis, res.diagonal_sum
-    tr = se = math.nan
-    if trace:
-        if basis is not None and basis.shape[0] >= op.n:
-            tr, se = base, 0.0  # the Krylov space is the whole space: the trace is exact
-        else:
-            out = deflated_hutchinson(op.matvec, op.n, basis=basis, base=base, rel_tol=rel_tol,
-                                      min_probes=min_probes, max_probes=max(2, max_hvps - op.hvps),
-                                      block=block, **common)
-            tr, se = out.trace, out.stderr
-    name = op._products.name if op._products is not None else op.backend
-    return CurvatureEstimate(tr, se, lam_max, lam_min, op.hvps, time.perf_counter() - t0, name)
-
 
 def estimate_curvature(model, loss_fn=None, batch=None, *, closure=None, rel_tol=TRACE_REL_TOL,
                        tol=LANCZOS_TOL, max_iter=LANCZOS_MAX_ITER, max_hvps=MAX_HVPS, deflate=True,
@@ -187,17 +113,3 @@ def hvp(model, loss_fn=None, batch=None, vector=None, *, closure=None, backend="
         V = vector.reshape(-1, vector.shape[-1]).to(device=op.device, dtype=op.dtype)
         out = op.matvec(V)
     return out.reshape(vector.shape).to(vector.dtype)
-
-
-def _check_tolerances(rel_tol, tol, max_iter, max_hvps):
-    if not (isinstance(rel_tol, (int, float)) and 0 < rel_tol < 1):
-        raise ValueError(f"rel_tol must be in (0, 1), e.g. 0.05 for a 5% standard error; got {rel_tol!r}")
-    if not (isinstance(tol, (int, float)) and 0 < tol < 1):
-        raise ValueError(f"tol must be in (0, 1), e.g. 1e-3; got {tol!r}")
-    if not (isinstance(max_iter, int) and max_iter >= 1):
-        raise ValueError(f"max_iter must be a positive int; got {max_iter!r}")
-    if not (isinstance(max_hvps, int) and max_hvps >= 4):
-        raise ValueError(f"max_hvps must be an int >= 4; got {max_hvps!r}")
-
-
-from ._curvature_monitor import CurvatureMonitor  # noqa: E402  (uses the functions above)
