@@ -1,0 +1,214 @@
+"""Unit tests of the detector core: lifecycle, idempotence, state, settings (no torch)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+import stethoscope.detectors as D
+from stethoscope.detectors import AlertChange, DetectorSet
+
+
+def flat_loss(n, start=0, level=2.0):
+    # deterministic wobble of +-1%: a healthy, nearly flat loss
+    return [("loss", start + i, level * (1 + 0.01 * ((i * 7919) % 13 - 6) / 6)) for i in range(n)]
+
+
+def test_public_names_are_pinned():
+    assert sorted(D.__all__) == sorted([
+        "AlertChange", "DETECTORS", "Detector", "DetectorSet", "DivergenceDetector", "DivergenceParams",
+        "EdgeOfStabilityDetector", "EdgeOfStabilityParams", "LossSpikeDetector", "LossSpikeParams",
+        "SC_MARGIN_NATS", "SEVERITIES", "SoftmaxCollapseDetector", "SoftmaxCollapseParams",
+        "StalledRunDetector", "StalledRunParams"])
+    assert set(D.DETECTORS) == {"divergence", "loss_spike", "softmax_collapse", "edge_of_stability", "stalled"}
+
+
+def test_the_package_imports_only_the_standard_library():
+    code = ("import sys, stethoscope.detectors; "
+            "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_float32_absorption_bound():
+    assert D.SC_MARGIN_NATS == pytest.approx(math.log(2**24))
+    assert D.SC_MARGIN_NATS == pytest.approx(16.6355, abs=1e-4)
+
+
+def test_a_spike_is_one_episode_with_start_peak_and_recovery():
+    ds = DetectorSet()
+    state = {}
+    pts = flat_loss(100) + [("loss", 100, 5.0), ("loss", 101, 9.0), ("loss", 102, 4.0)] + flat_loss(10, start=103)
+    changes = ds.update(state, pts)
+    assert [c.action for c in changes] == ["open", "resolve"]
+    c = changes[-1]
+    assert (c.detector, c.key, c.severity, c.status) == ("loss_spike", "loss", "warning", "resolved")
+    assert (c.start_step, c.peak_step, c.end_step) == (100, 101, 103)
+    assert c.evidence["value"] == 9.0 and c.evidence["threshold"] == 6.0
+    assert "loss spiked to 9 at step 101" in c.message and "\n" not in c.message
+    d = c.to_dict()
+    assert d["status"] == "resolved" and set(d) >= {"detector", "key", "severity", "start_step", "peak_step",
+                                                  "end_step", "message", "evidence", "action"}
+
+
+def test_point_by_point_changes_are_open_update_resolve():
+    ds = DetectorSet()
+    state = {}
+    ds.update(state, flat_loss(100))
+    seen = []
+    for pt in [("loss", 100, 5.0), ("loss", 101, 9.0)] + flat_loss(4, start=102):
+        seen += [(c.action, c.peak_step, c.end_step) for c in ds.update(state, [pt])]
+    assert seen == [("open", 100, 100), ("update", 101, 101), ("resolve", 101, 102)]
+
+
+def test_feeding_the_same_points_twice_changes_nothing():
+    ds = DetectorSet()
+    state = {}
+    pts = flat_loss(100) + [("loss", 100, 9.0), ("grad/norm", 100, math.nan)]
+    first = ds.update(state, pts)
+    snapshot = json.dumps(state, allow_nan=False)
+    assert {(c.detector, c.action) for c in first} == {("loss_spike", "open"), ("divergence", "open")}
+    assert ds.update(state, pts) == []
+    assert ds.update(state, pts[50:]) == []
+    assert json.dumps(state, allow_nan=False) == snapshot
+
+
+def test_non_finite_loss_is_critical_at_once_and_travels_as_json():
+    ds = DetectorSet()
+    state = {}
+    changes = ds.update(state, [("loss", 0, 2.3), ("loss", 1, math.inf), ("grad/norm", 1, math.nan)])
+    assert len(changes) == 1
+    c = changes[0]
+    assert (c.detector, c.key, c.severity, c.action, c.start_step) == ("divergence", "nonfinite", "critical", "open", 1)
+    assert c.evidence == {"series": "loss", "value": "Infinity"}
+    json.dumps(c.to_dict(), allow_nan=False)
+    json.dumps(state, allow_nan=False)
+
+
+def test_nonfinite_gradient_count_opens_and_finite_steps_resolve():
+    ds = DetectorSet()
+    state = {}
+    assert [c.key for c in ds.update(state, [("grad/nonfinite", 5, 3.0)])] == ["nonfinite"]
+    changes = ds.update(state, [("grad/nonfinite", s, 0.0) for s in range(6, 11)])
+    assert [(c.action, c.end_step) for c in changes] == [("resolve", 6)]
+
+
+def test_gradient_explosion_warns_after_patience_and_is_backdated():
+    ds = DetectorSet({"divergence": {"patience": 5}})
+    state = {}
+    ds.update(state, [("grad/norm", s, 1.0 + 0.01 * (s % 3)) for s in range(40)])
+    changes = []
+    for s in range(40, 60):
+        changes += ds.update(state, [("grad/norm", s, 1.5 ** (s - 39))])
+    runaway = [c for c in changes if c.action == "open"]
+    assert len(runaway) == 1
+    r = runaway[0]
+    # 1.5^k crosses 10x the median at k=6 (step 45); the 3-point median one step later.
+    assert r.key == "runaway" and r.severity == "warning" and r.start_step == 46
+    assert r.evidence["grad_ratio"] >= 10 and r.evidence["patience"] == 5
+
+
+def test_interleaving_across_series_and_batches_gives_the_same_alerts():
+    lr = [("lr", s, 0.1) for s in range(0, 200, 10)]
+    lam = [("hessian/lambda_max", s, 2.0 + 0.1 * s) for s in range(0, 200, 10)]  # 2/lr = 20
+    pts = sorted(lr + lam, key=lambda p: (p[1], p[0]))
+
+    def rows(batches):
+        ds, state, out = DetectorSet(), {}, {}
+        for b in batches:
+            for c in ds.update(state, b):
+                out[(c.detector, c.key)] = (c.severity, c.start_step, c.peak_step, c.status)
+        return out
+
+    one = rows([pts])
+    assert one == {("edge_of_stability", "lambda_max"): ("warning", 160, 190, "open")}
+    assert rows([[p] for p in pts]) == one
+    # each series in its own batch, the curvature before the learning rate
+    assert rows([lam[:10], lr[:10], lam[10:], lr[10:]]) == one
+
+
+def test_edge_of_stability_uses_two_over_lr_when_sent_in_the_same_step():
+    ds = DetectorSet()
+    state = {}
+    changes = ds.update(state, [("hessian/lambda_max", 10, 21.0), ("hessian/two_over_lr", 10, 20.0)])
+    assert [(c.key, c.severity, c.evidence["two_over_lr"]) for c in changes] == [("lambda_max", "warning", 20.0)]
+
+
+def test_softmax_collapse_escalates_within_one_alert():
+    ds = DetectorSet()
+    state = {}
+    changes = []
+    for s, (sc, margin) in enumerate([(0, 8), (0, 10), (0, 13), (0, 13.5), (0, 14), (0.2, 15), (0.3, 16),
+                                      (0.6, 17), (0.7, 17), (0.7, 17)]):
+        changes += ds.update(state, [("logits/sc_fraction", s, sc), ("logits/median_margin", s, margin)])
+    assert [(c.action, c.severity) for c in changes][0] == ("open", "warning")
+    assert changes[0].start_step == 3  # the median of 3 margins crosses 12.6 nats
+    assert changes[-1].severity == "critical" and changes[-1].action == "update"
+    assert len([c for c in changes if c.action == "open"]) == 1
+
+
+def test_stalled_run_is_checked_by_time():
+    ds = DetectorSet({"stalled": {"timeout_s": 60}})
+    state = {}
+    assert ds.check(state, now=1000.0, last_seen=990.0, status="running") == []
+    (c,) = ds.check(state, now=1100.0, last_seen=990.0, status="running", last_step=42)
+    assert (c.detector, c.key, c.action, c.start_step) == ("stalled", "run", "open", 42)
+    assert "no data for" in c.message and c.evidence["timeout_s"] == 60.0
+    assert ds.check(state, now=1200.0, last_seen=990.0, status="running", last_step=42) == []  # no repeats
+    (r,) = ds.check(state, now=1210.0, last_seen=1205.0, status="running", last_step=43)
+    assert r.action == "resolve"
+    assert ds.check({}, now=5000.0, last_seen=0.0, status="finished") == []
+
+
+def test_settings_are_validated_with_clear_errors():
+    with pytest.raises(ValueError, match="unknown detector 'spikes'"):
+        DetectorSet({"spikes": {}})
+    with pytest.raises(ValueError, match="loss_spike: unknown setting 'treshold'.*threshold"):
+        DetectorSet({"loss_spike": {"treshold": 5}})
+    with pytest.raises(ValueError, match="loss_spike.window must be int"):
+        DetectorSet({"loss_spike": {"window": 12.5}})
+    with pytest.raises(ValueError, match="enabled must be true or false"):
+        DetectorSet({"loss_spike": {"enabled": "yes"}})
+    with pytest.raises(ValueError, match="warn_fraction <= critical_fraction"):
+        DetectorSet({"softmax_collapse": {"warn_fraction": 0.9, "critical_fraction": 0.5}})
+    with pytest.raises(ValueError, match="must be float"):
+        DetectorSet({"divergence": {"grad_ratio": math.nan}})
+
+
+def test_settings_round_trip_and_disable():
+    ds = DetectorSet({"loss_spike": {"threshold": 8, "series": ["loss", "eval/loss"]}, "stalled": {"enabled": False}})
+    eff = ds.settings()
+    assert eff["loss_spike"]["threshold"] == 8.0 and eff["loss_spike"]["series"] == ["loss", "eval/loss"]
+    assert eff["stalled"]["enabled"] is False
+    assert DetectorSet(eff).settings() == eff
+    assert json.loads(json.dumps(DetectorSet.defaults())) == DetectorSet.defaults()
+    assert [d.name for d in ds.detectors] == ["divergence", "loss_spike", "softmax_collapse", "edge_of_stability"]
+    state = {}
+    assert ds.check(state, now=1e9, last_seen=0.0, status="running") == []
+    off = DetectorSet({"loss_spike": {"enabled": False}})
+    assert off.update({}, flat_loss(100) + [("loss", 100, 50.0)]) == []
+
+
+def test_state_stays_small_on_a_long_run():
+    ds = DetectorSet()
+    state = {}
+    for start in range(0, 20_000, 1000):
+        batch = []
+        for s in range(start, start + 1000):
+            batch += [("loss", s, 2.0 + 0.1 * math.sin(s)), ("grad/norm", s, 1.0 + 0.1 * math.cos(s)),
+                      ("grad/nonfinite", s, 0.0), ("lr", s, 0.01), ("logits/sc_fraction", s, 0.0)]
+            if s % 100 == 0:
+                batch.append(("hessian/lambda_max", s, 10.0))
+        assert ds.update(state, batch) == []
+    assert len(json.dumps(state, allow_nan=False)) < 12_000
+
+
+def test_alert_change_is_frozen_and_json_ready():
+    c = AlertChange("open", "x", "k", "info", 1, 1, 1, "m", {"v": 1.0})
+    with pytest.raises(Exception):
+        c.severity = "critical"
+    assert c.status == "open" and AlertChange("resolve", "x", "k", "info", 1, 1, 2, "m", {}).status == "resolved"
