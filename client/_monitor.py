@@ -115,11 +115,35 @@ class Monitor:
             raise ValueError("add_collector takes a callable fn(step) -> dict of name: value")
         self._collectors.append(fn)
 
+    def watch_curvature(self, model, loss_fn=None, batch=None, **options):
+        """Send ``hessian/*`` series (trace, its standard error, lambda_max, 2/lr, HVPs,
+        seconds) from estimates on a fixed ``batch=(inputs, targets)`` or ``closure=``,
+        within 5% of training time by default; ``options`` go to
+        ``stethoscope.curvature.CurvatureMonitor``, which this returns.
+
+        >>> mon.watch_curvature(model, F.cross_entropy, batch=(x_fixed, y_fixed))
+        """
+        from .curvature import CurvatureMonitor
+
+        options.setdefault("optimizer", self._optimizer)
+        curvature = CurvatureMonitor(model, loss_fn, batch, **options)
+        self.add_collector(curvature)
+        return curvature
+
     def on_alert(self, fn) -> None:
         """Call ``fn(alerts)`` from the sender thread with alerts the server opens for this run."""
         if not callable(fn):
             raise ValueError("on_alert takes a callable fn(alerts)")
         self._alert_callbacks.append(fn)
+
+    def _send_scalars(self, step: int, values: dict) -> None:
+        """Host numbers for ``step`` outside the log() cadence (framework adapters use it)."""
+        if self._sender is not None and values:
+            names = list(values)
+            for n in names:
+                _check_name(n)
+            self._sender.put(("points", step, time.time(), (), (), None, None, names,
+                              [float(values[n]) for n in names]))
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Block until what was logged so far is sent (or spooled); True if it finished in time."""
@@ -256,9 +280,9 @@ class Monitor:
             ops = sum(ops, ())
             if self._dist is not None:
                 dist, world = self._dist
-                out = packed.new_empty((world, packed.numel()))
+                out = packed.new_empty(world * packed.numel())
                 dist.all_gather_into_tensor(out, packed)
-                packed = out
+                packed = out.view(world, -1)
             if packed.device.type != "cpu":
                 host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
                 host.copy_(packed, non_blocking=True)

@@ -173,7 +173,15 @@ class Sender:
                 return run_created, 0.0
             try:
                 if not run_created:
-                    self.transport.request("PUT", f"/api/v1/runs/{self.run_id}", self.run_meta)
+                    try:
+                        self.transport.request("PUT", f"/api/v1/runs/{self.run_id}", self.run_meta)
+                    except Rejected as exc:
+                        # The server will not create this run (auth, a clash of projects):
+                        # keep everything in the spool for `stethoscope sync` and stop trying.
+                        logger.warning("stethoscope: the server refused run %s (%s); metrics stay in %s",
+                                       self.run_id, exc, self.spool_path)
+                        self._abort = True
+                        return run_created, 0.0
                     run_created = True
                 self._deliver(*entry)
                 spool.ack()
@@ -202,7 +210,7 @@ class Sender:
     def _deliver(self, kind: str, body) -> None:
         path = f"/api/v1/runs/{self.run_id}"
         if kind == "points":
-            reply = self.transport.request("POST", path + "/points", body)
+            reply = self.transport.request("POST", path + "/points", body, compress=True)
             alerts = reply.get("alerts") if isinstance(reply, dict) else None
             if alerts:
                 for fn in list(self.alert_callbacks):

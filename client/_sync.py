@@ -81,7 +81,7 @@ def sync(path, server: str, progress_stream=None, force_progress: bool = False, 
                 method, suffix = {"points": ("POST", "/points"), "events": ("POST", "/events"),
                                   "status": ("PATCH", "")}[kind]
                 try:
-                    _retry(lambda: transport.request(method, base + suffix, body), sleep)
+                    _retry(lambda: transport.request(method, base + suffix, body, compress=kind == "points"), sleep)
                 except Rejected as exc:
                     print(f"stethoscope: the server refused a batch of run {run_id} ({exc}); skipped",
                           file=sys.stderr)

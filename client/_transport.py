@@ -115,14 +115,17 @@ class HttpTransport:
             except OSError:
                 pass
 
-    def request(self, method: str, path: str, payload=None):
-        """Send ``payload`` as JSON; return the decoded reply, or raise one of the errors above."""
+    def request(self, method: str, path: str, payload=None, compress: bool = False):
+        """Send ``payload`` as JSON; return the decoded reply, or raise one of the errors above.
+
+        ``compress``: gzip a large body (the ingest endpoint accepts ``Content-Encoding: gzip``).
+        """
         headers = dict(self._headers)
         body = None
         if payload is not None:
             body = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
             headers["Content-Type"] = "application/json"
-            if len(body) >= GZIP_MIN_BYTES:
+            if compress and len(body) >= GZIP_MIN_BYTES:
                 body = gzip.compress(body, compresslevel=5)
                 headers["Content-Encoding"] = "gzip"
         try:
