@@ -28,6 +28,13 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def aware(dt: datetime | None) -> datetime | None:
+    """A stored time as UTC-aware: SQLite hands back naive datetimes, PostgreSQL aware ones."""
+    if dt is None or dt.tzinfo is not None:
+        return dt
+    return dt.replace(tzinfo=timezone.utc)
+
+
 class Base(DeclarativeBase):
     pass
 

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import Connection, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from ..models import Project, Run, utcnow
+from ..models import Project, Run, aware, utcnow
 from .errors import Conflict, NotFound
 
 P = Project.__table__
@@ -23,9 +23,9 @@ def run_dict(row: Any, project: str) -> dict:
         "status": row.status,
         "config": row.config or {},
         "tags": row.tags or [],
-        "created_at": row.created_at,
-        "updated_at": row.updated_at,
-        "last_seen_at": row.last_seen_at,
+        "created_at": aware(row.created_at),
+        "updated_at": aware(row.updated_at),
+        "last_seen_at": aware(row.last_seen_at),
         "last_step": row.last_step,
     }
 
@@ -51,7 +51,7 @@ def project_names(conn: Connection) -> list[dict]:
         .group_by(P.c.id, P.c.name, P.c.created_at)
         .order_by(P.c.name)
     )
-    return [{"name": r.name, "created_at": r.created_at, "runs": r.runs} for r in conn.execute(q)]
+    return [{"name": r.name, "created_at": aware(r.created_at), "runs": r.runs} for r in conn.execute(q)]
 
 
 def upsert_run(conn: Connection, run_id: str, project: str, name: str | None, config: dict | None, tags: list | None) -> tuple[dict, bool]:

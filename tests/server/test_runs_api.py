@@ -9,6 +9,7 @@ def test_create_is_idempotent_and_resumes(client):
     run = r.json()
     assert run["id"] == "run-1" and run["project"] == "vision" and run["status"] == "running"
     assert run["config"] == {"lr": 0.1} and run["tags"] == ["a"]
+    assert run["created_at"].endswith(("+00:00", "Z")), run["created_at"]  # UTC on both databases
     assert client.patch("/runs/run-1", json={"status": "failed"}).json()["status"] == "failed"
     again = client.put("/runs/run-1", json={"project": "vision"})
     assert again.status_code == 200
