@@ -150,7 +150,10 @@ def _classifier(steps: int, lr_at, batch: int = 32, corrupt=(), seed: int = 0, a
         if step % 10 == 0:
             values.update(logit_stats(z, yb))
         _emit(points, step, values)
-        if first_bad is None and (values["grad/nonfinite"] or not all(map(math.isfinite, values.values()))):
+        # The divergence itself: the first non-finite loss or gradient (logit statistics such as
+        # log Z can overflow a step earlier; they are not the loss).
+        if first_bad is None and (values["grad/nonfinite"] or not all(
+                math.isfinite(values[k]) for k in ("loss", "grad/norm"))):
             first_bad = step
         if first_bad is not None and step >= first_bad + stop_after_nonfinite:
             break
