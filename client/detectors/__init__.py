@@ -12,7 +12,7 @@ The same code runs inside the server on ingest and inside a training job offline
 Standard library only: no torch, no numpy.
 """
 
-from ._base import SEVERITIES, AlertChange, Detector
+from ._base import OPEN, RESOLVE, SEVERITIES, UPDATE, AlertChange, Detector
 from ._engine import DETECTORS, DetectorSet
 from .divergence import DivergenceDetector, DivergenceParams
 from .edge_of_stability import EdgeOfStabilityDetector, EdgeOfStabilityParams
@@ -31,10 +31,13 @@ __all__ = [
     "EdgeOfStabilityParams",
     "LossSpikeDetector",
     "LossSpikeParams",
+    "OPEN",
+    "RESOLVE",
     "SC_MARGIN_NATS",
     "SEVERITIES",
     "SoftmaxCollapseDetector",
     "SoftmaxCollapseParams",
     "StalledRunDetector",
     "StalledRunParams",
+    "UPDATE",
 ]

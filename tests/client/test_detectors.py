@@ -21,9 +21,10 @@ def flat_loss(n, start=0, level=2.0):
 def test_public_names_are_pinned():
     assert sorted(D.__all__) == sorted([
         "AlertChange", "DETECTORS", "Detector", "DetectorSet", "DivergenceDetector", "DivergenceParams",
-        "EdgeOfStabilityDetector", "EdgeOfStabilityParams", "LossSpikeDetector", "LossSpikeParams",
+        "EdgeOfStabilityDetector", "EdgeOfStabilityParams", "LossSpikeDetector", "LossSpikeParams", "OPEN", "RESOLVE",
         "SC_MARGIN_NATS", "SEVERITIES", "SoftmaxCollapseDetector", "SoftmaxCollapseParams",
-        "StalledRunDetector", "StalledRunParams"])
+        "StalledRunDetector", "StalledRunParams", "UPDATE"])
+    assert (D.OPEN, D.UPDATE, D.RESOLVE) == ("open", "update", "resolve")
     assert set(D.DETECTORS) == {"divergence", "loss_spike", "softmax_collapse", "edge_of_stability", "stalled"}
 
 
