@@ -12,8 +12,11 @@ from starlette.concurrency import run_in_threadpool
 from stethoscope import __version__
 
 from . import migrate
+from .alerting import Alerting
+from .api import alerts as alerts_api
 from .api import points as points_api
 from .api import runs as runs_api
+from .api import webhooks as webhooks_api
 from .db import make_engine
 from .ingest_parse import BadBatch
 from .settings import Settings
@@ -33,11 +36,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.migrate_on_start:
             await run_in_threadpool(migrate.upgrade, settings.database_url)
         app.state.engine = make_engine(settings)
-        app.state.store = Store(app.state.engine)
+        # Detectors run inside each ingest transaction; webhooks and the stalled-run check in
+        # background threads of this worker.
+        alerting = app.state.alerting = Alerting(settings)
+        app.state.store = alerting.make_store(app.state.engine)
+        app.state.detector_runner, app.state.outbox = alerting.runner, alerting.outbox
+        alerting.start()
         log.info("stethoscope server ready on %s (database %s)", settings.base_url, app.state.engine.url.render_as_string(hide_password=True))
         try:
             yield
         finally:
+            alerting.stop()
             app.state.engine.dispose()
 
     app = FastAPI(
@@ -50,6 +59,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.run_in_thread = run_in_threadpool
     app.include_router(runs_api.router, prefix=API_PREFIX)
     app.include_router(points_api.router, prefix=API_PREFIX)
+    app.include_router(alerts_api.router, prefix=API_PREFIX)
+    app.include_router(webhooks_api.router, prefix=API_PREFIX)
 
     @app.exception_handler(NotFound)
     async def _not_found(_: Request, exc: NotFound):

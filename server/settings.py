@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     public_url: str | None = None
 
     # -- alerts and webhooks (see stethoscope_server.outbox and .detector_runner) -------------
+    #: Run the detectors on ingest and the stalled-run check (off: points are only stored).
+    detectors_enabled: bool = True
     #: Seconds a project's detector settings are cached by each worker; a change made through
     #: another worker takes effect within this time (the worker that took it: at once).
     detector_settings_ttl_s: float = Field(default=5.0, ge=0)

@@ -6,12 +6,11 @@ runner can apply alert changes in the same transaction as the points and detecto
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from typing import Any, Iterable
 
 from sqlalchemy import Connection, insert, select, update
 
-from ..models import Alert, Project, Run, utcnow
+from ..models import Alert, Project, Run, aware, utcnow
 from .errors import NotFound
 
 A = Alert.__table__
@@ -24,13 +23,6 @@ ALERT_STATUSES = ("open", "resolved")
 _COLUMNS = (A.c.id, A.c.run_id, A.c.detector, A.c.key, A.c.severity, A.c.status, A.c.start_step,
             A.c.peak_step, A.c.end_step, A.c.message, A.c.evidence, A.c.opened_at, A.c.resolved_at,
             A.c.acknowledged_at)
-
-
-def aware(t: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; every time we store is UTC."""
-    if t is not None and t.tzinfo is None:
-        return t.replace(tzinfo=timezone.utc)
-    return t
 
 
 def alert_dict(row: Any, project: str) -> dict:

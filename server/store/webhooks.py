@@ -114,6 +114,18 @@ def claim_due(conn: Connection, now: datetime, limit: int, lease_s: float) -> li
     return [dict(r._mapping) for r in rows]
 
 
+def insert_claimed(conn: Connection, webhook_id: int, payload: dict, lease_until: datetime) -> dict:
+    """A delivery the caller sends itself right away (a test-send): inserted as claimed."""
+    now = utcnow()
+    did = conn.execute(
+        insert(WD).values(webhook_id=webhook_id, alert_id=None, payload=payload, status="pending", attempts=1,
+                          next_attempt_at=lease_until, created_at=now).returning(WD.c.id)
+    ).scalar_one()
+    hook = conn.execute(select(W.c.url, W.c.secret).where(W.c.id == webhook_id)).one()
+    return {"id": did, "webhook_id": webhook_id, "alert_id": None, "payload": payload, "attempts": 1,
+            "url": hook.url, "secret": hook.secret}
+
+
 def record(conn: Connection, delivery_id: int, status: str, status_code: int | None, error: str | None,
            next_attempt_at: datetime | None = None) -> None:
     values: dict[str, Any] = {"status": status, "last_status_code": status_code, "last_error": error}

@@ -1,0 +1,94 @@
+"""Wire schemas of alerts, detector settings and webhooks."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, Field, field_validator
+
+from stethoscope.detectors import SEVERITIES
+
+from .schemas import Strict
+
+Severity = Literal[SEVERITIES]  # type: ignore[valid-type]
+AlertStatus = Literal["open", "resolved"]
+DeliveryStatus = Literal["pending", "delivered", "failed"]
+
+#: What a new webhook hears about unless told otherwise: ``info`` (e.g. sharpness nearing the
+#: edge of stability) is for the dashboard, not for a pager.
+DEFAULT_WEBHOOK_SEVERITIES = ["warning", "critical"]
+
+
+class AlertOut(BaseModel):
+    id: int
+    run_id: str
+    project: str
+    detector: str
+    key: str = Field(description="the episode inside the detector (a series name, ...): one open alert per key")
+    severity: Severity
+    status: AlertStatus
+    start_step: int | None = Field(description="first step at which the condition held")
+    peak_step: int | None = Field(description="step at which it was worst")
+    end_step: int | None = Field(description="last step it held (open) or the step it cleared (resolved)")
+    message: str
+    evidence: dict[str, Any] = Field(description="values and thresholds; non-finite numbers as NaN, Infinity, -Infinity")
+    opened_at: datetime
+    resolved_at: datetime | None
+    acknowledged_at: datetime | None
+
+
+class WebhookCreate(Strict):
+    url: str = Field(max_length=2000, description="http(s) URL the alerts are POSTed to")
+    secret: str | None = Field(default=None, min_length=8, max_length=200,
+                               description="HMAC key for X-Stethoscope-Signature; generated when absent; shown only in this reply")
+    severities: list[Severity] = Field(default_factory=lambda: list(DEFAULT_WEBHOOK_SEVERITIES), min_length=1)
+    format: Literal["json", "slack"] = Field(default="json", description="json: the alert as an object; slack: {text, blocks} for a Slack incoming webhook")
+    enabled: bool = True
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        u = urlsplit(v)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError("url must be an http:// or https:// URL with a host")
+        try:
+            u.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            raise ValueError("url has an invalid port") from None
+        return v
+
+    @field_validator("severities")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        return [s for s in SEVERITIES if s in v]
+
+
+class WebhookOut(BaseModel):
+    id: int
+    project: str
+    url: str
+    severities: list[Severity]
+    format: str
+    enabled: bool
+    created_at: datetime
+
+
+class WebhookCreated(WebhookOut):
+    secret: str = Field(description="shown once: store it now to verify signatures")
+
+
+class DeliveryOut(BaseModel):
+    id: int
+    webhook_id: int
+    alert_id: int | None
+    event: str | None = Field(description="alert.opened, alert.escalated, alert.resolved or test")
+    status: DeliveryStatus
+    attempts: int
+    next_attempt_at: datetime | None = Field(description="when the next attempt is due (pending only)")
+    last_status_code: int | None
+    last_error: str | None
+    created_at: datetime
+    delivered_at: datetime | None
+    body: dict[str, Any] | None = Field(description="the JSON object sent")

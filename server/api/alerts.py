@@ -1,0 +1,81 @@
+"""Routes: alerts (per run, per project, acknowledge) and per-project detector settings."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, HTTPException, Path, Query, Request
+
+from ..store import alerts as _alerts
+from ..store import detector_settings as _detector_settings
+from .alert_schemas import AlertOut, AlertStatus, Severity
+from .deps import StoreDep
+from .runs import RunId
+
+router = APIRouter(tags=["alerts"])
+
+ProjectName = Annotated[str, Path(min_length=1, max_length=200, description="project name")]
+AlertId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+
+_SETTINGS_EXAMPLE = {"loss_spike": {"threshold": 8.0, "window": 256}, "stalled": {"enabled": True, "timeout_s": 600}}
+
+
+@router.get("/runs/{run_id}/alerts", response_model=list[AlertOut])
+def run_alerts(run_id: RunId, store: StoreDep, status: AlertStatus | None = None):
+    """The run's alerts, oldest first: one per episode, open or resolved."""
+    with store.reading() as conn:
+        return _alerts.list_run_alerts(conn, run_id, status)
+
+
+@router.get("/projects/{project}/alerts", response_model=list[AlertOut])
+def project_alerts(
+    project: ProjectName,
+    store: StoreDep,
+    status: AlertStatus | None = None,
+    severity: Severity | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+):
+    """The project's alerts, newest first."""
+    with store.reading() as conn:
+        return _alerts.list_project_alerts(conn, project, status, severity, limit, offset)
+
+
+@router.post("/alerts/{alert_id}/ack", response_model=AlertOut, responses={404: {"description": "no such alert"}})
+def acknowledge(alert_id: AlertId, store: StoreDep):
+    """A person has seen the alert. Safe to repeat: the first acknowledgement's time is kept."""
+    with store.writing() as conn:
+        return _alerts.acknowledge(conn, alert_id)
+
+
+@router.get("/projects/{project}/detectors", response_model=dict[str, dict[str, Any]])
+def get_detector_settings(project: ProjectName, store: StoreDep):
+    """Effective settings of every detector: ``{name: {"enabled": ..., param: value, ...}}``."""
+    with store.reading() as conn:
+        return _detector_settings.effective(conn, project)
+
+
+@router.put(
+    "/projects/{project}/detectors",
+    response_model=dict[str, dict[str, Any]],
+    responses={422: {"description": "unknown detector or parameter, or a bad value; nothing is stored"}},
+)
+def put_detector_settings(
+    project: ProjectName,
+    store: StoreDep,
+    request: Request,
+    body: Annotated[dict[str, dict[str, Any]], Body(examples=[_SETTINGS_EXAMPLE])],
+):
+    """Set the detectors named in the body; each gets exactly the parameters given (the rest
+    back to defaults) and ``enabled`` (default true). Detectors not named keep their settings.
+    Creates the project if needed, so alerts can be set up before the first run. Returns the
+    effective settings of every detector."""
+    try:
+        with store.writing() as conn:
+            out = _detector_settings.put(conn, project, body)
+    except ValueError as e:
+        raise HTTPException(422, detail=str(e)) from None
+    runner = getattr(request.app.state, "detector_runner", None)
+    if runner is not None:
+        runner.invalidate()
+    return out

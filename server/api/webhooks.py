@@ -1,0 +1,64 @@
+"""Routes: webhooks per project, test-send, and each webhook's delivery log."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
+
+from ..store import webhooks as _webhooks
+from .alert_schemas import DeliveryOut, DeliveryStatus, WebhookCreate, WebhookCreated, WebhookOut
+from .alerts import ProjectName
+from .deps import SettingsDep, StoreDep
+
+router = APIRouter(tags=["webhooks"])
+
+WebhookId = Annotated[int, Path(ge=1, le=2**31 - 1)]
+
+#: Bytes of randomness in a generated secret (256 bits, the HMAC-SHA256 key size).
+SECRET_BYTES = 32
+
+
+@router.get("/projects/{project}/webhooks", response_model=list[WebhookOut])
+def list_webhooks(project: ProjectName, store: StoreDep):
+    """The project's webhooks. Secrets are never shown again after creation."""
+    with store.reading() as conn:
+        return _webhooks.list_for_project(conn, project)
+
+
+@router.post("/projects/{project}/webhooks", response_model=WebhookCreated, status_code=201)
+def create_webhook(project: ProjectName, body: WebhookCreate, store: StoreDep):
+    """Add a webhook (creating the project if needed). The reply holds the secret: the only time it is shown."""
+    secret = body.secret or secrets.token_hex(SECRET_BYTES)
+    with store.writing() as conn:
+        return _webhooks.create(conn, project, body.url, secret, list(body.severities), body.format, body.enabled)
+
+
+@router.delete("/webhooks/{webhook_id}", status_code=204, responses={404: {"description": "no such webhook"}})
+def delete_webhook(webhook_id: WebhookId, store: StoreDep):
+    """Remove a webhook and its delivery log (pending deliveries are dropped)."""
+    with store.writing() as conn:
+        _webhooks.delete_webhook(conn, webhook_id)
+    return Response(status_code=204)
+
+
+@router.post("/webhooks/{webhook_id}/test", response_model=DeliveryOut, responses={404: {"description": "no such webhook"}})
+def test_webhook(webhook_id: WebhookId, request: Request, settings: SettingsDep):
+    """Send a sample alert now (once, no retries) and return the delivery with its outcome."""
+    outbox = getattr(request.app.state, "outbox", None)
+    if outbox is None:
+        raise HTTPException(503, detail="the webhook outbox is not running")
+    return outbox.send_test(webhook_id, settings.base_url)
+
+
+@router.get("/webhooks/{webhook_id}/deliveries", response_model=list[DeliveryOut])
+def list_deliveries(
+    webhook_id: WebhookId,
+    store: StoreDep,
+    status: DeliveryStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+):
+    """The webhook's delivery log, newest first: attempts, last status code or error, when delivered."""
+    with store.reading() as conn:
+        return _webhooks.list_deliveries(conn, webhook_id, status, limit)

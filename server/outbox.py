@@ -1,0 +1,234 @@
+"""Webhook delivery: payloads (JSON or Slack), signatures, and the outbox worker.
+
+Deliveries are rows written in the transaction that changed the alert (see
+``store/webhooks.py``), so ingest never waits on a receiver and a restart loses none. A
+background thread in each server worker claims due rows, POSTs them with the standard
+library, and records the outcome; a failed attempt is retried with exponential backoff and
+jitter until ``webhook_max_attempts``, then marked ``failed``.
+
+Receivers verify ``X-Stethoscope-Signature: sha256=<hex>``, the HMAC-SHA256 of the exact body
+bytes under the webhook's secret::
+
+    expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    ok = hmac.compare_digest(expected, request.headers["X-Stethoscope-Signature"])
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import http.client
+import json
+import logging
+import random
+import ssl
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from sqlalchemy import Connection, event
+
+from stethoscope import __version__
+
+from .background import Periodic
+from .models import utcnow
+from .settings import Settings
+from .store import Store
+from .store import webhooks as _webhooks
+
+log = logging.getLogger("stethoscope.server.webhooks")
+
+SIGNATURE_HEADER = "X-Stethoscope-Signature"
+EVENT_HEADER = "X-Stethoscope-Event"
+DELIVERY_HEADER = "X-Stethoscope-Delivery"
+FORMATS = ("json", "slack")
+
+#: Deliveries sent at once by one worker; a receiver that hangs holds up only its own.
+CONCURRENCY = 4
+#: A claimed delivery is hidden from other workers for the request timeout plus this margin;
+#: if the worker dies mid-send the row comes due again afterwards.
+LEASE_MARGIN_S = 30.0
+#: Bytes of a failed receiver's reply kept in ``last_error``.
+ERROR_BODY_BYTES = 300
+#: Slack shows at most 3,000 characters in a section block.
+SLACK_TEXT_LIMIT = 2900
+
+_SEVERITY_MARK = {"info": ":information_source:", "warning": ":warning:", "critical": ":rotating_light:"}
+_EVENT_WORD = {"alert.opened": "opened", "alert.escalated": "escalated", "alert.resolved": "resolved", "test": "test"}
+
+
+# -- payloads ----------------------------------------------------------------------------
+def jsonable(alert: dict) -> dict:
+    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in alert.items()}
+
+
+def run_link(base_url: str, run_id: str) -> str:
+    return f"{base_url.rstrip('/')}/runs/{run_id}"
+
+
+def body_for(fmt: str, event_name: str, alert: dict, run: dict, link: str) -> dict:
+    """The JSON object a webhook of format ``fmt`` receives for this alert event."""
+    alert = jsonable(alert)
+    if fmt == "slack":
+        return _slack(event_name, alert, run, link)
+    return {"event": event_name, "alert": alert, "run": run, "link": link}
+
+
+def _slack(event_name: str, alert: dict, run: dict, link: str) -> dict:
+    word = _EVENT_WORD.get(event_name, event_name)
+    sev = alert["severity"]
+    steps = f"steps {alert['start_step']}-{alert['end_step']}" if alert.get("end_step") != alert.get("start_step") else f"step {alert['start_step']}"
+    head = f"[{sev.upper()}] {alert['detector']} {word} on run {run['name']} ({run['project']})"
+    text = f"{head}: {alert['message']}"[:SLACK_TEXT_LIMIT]
+    evidence = ", ".join(f"{k}={v}" for k, v in (alert.get("evidence") or {}).items())
+    return {
+        "text": text,
+        "blocks": [
+            {"type": "section", "text": {"type": "mrkdwn", "text": f"{_SEVERITY_MARK.get(sev, '')} *{head}*\n{alert['message']}"[:SLACK_TEXT_LIMIT]}},
+            {"type": "context", "elements": [{"type": "mrkdwn", "text": f"{steps} | alert {alert['id']} | {evidence}"[:SLACK_TEXT_LIMIT]}]},
+            {"type": "actions", "elements": [{"type": "button", "text": {"type": "plain_text", "text": "Open run"}, "url": link}]},
+        ],
+    }
+
+
+def encode_body(body: dict) -> bytes:
+    """The exact bytes sent (and signed): compact, keys sorted, no NaN (evidence encodes it)."""
+    return json.dumps(body, separators=(",", ":"), sort_keys=True, ensure_ascii=False, allow_nan=False).encode()
+
+
+def sign(secret: str, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def backoff_s(attempts: int, base: float, cap: float, rng: random.Random = random._inst) -> float:  # type: ignore[attr-defined]
+    """Delay before the next attempt after ``attempts`` failed ones: doubling, capped, jittered
+    to 50-100% so that many deliveries failing together do not retry together."""
+    return min(cap, base * 2.0 ** min(attempts - 1, 60)) * rng.uniform(0.5, 1.0)
+
+
+def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> tuple[int | None, str | None, str | None]:
+    """POST once, following no redirect. Returns (status code, Retry-After, error text)."""
+    u = urlsplit(url)
+    try:
+        if u.scheme == "https":
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(u.hostname, u.port, timeout=timeout, context=ssl.create_default_context())
+        else:
+            conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+        headers = dict(headers)
+        if u.username is not None:
+            cred = f"{unquote(u.username)}:{unquote(u.password or '')}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(cred).decode()
+        try:
+            conn.request("POST", (u.path or "/") + (f"?{u.query}" if u.query else ""), body=body, headers=headers)
+            r = conn.getresponse()
+            reply = r.read(ERROR_BODY_BYTES)
+        finally:
+            conn.close()
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        return None, None, f"{type(e).__name__}: {e}"[:ERROR_BODY_BYTES]
+    if 200 <= r.status < 300:
+        return r.status, None, None
+    return r.status, r.getheader("Retry-After"), f"HTTP {r.status}: {reply.decode('utf-8', 'replace')}"[:ERROR_BODY_BYTES]
+
+
+# -- the worker --------------------------------------------------------------------------
+class Outbox:
+    """Delivers pending webhook rows in the background; ``wake()`` after enqueueing.
+
+        outbox = Outbox(store, settings); outbox.start()
+        ...                       # the detector runner enqueues rows and wakes it on commit
+        outbox.stop()
+    """
+
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+        self.lease_s = settings.webhook_timeout_s + LEASE_MARGIN_S
+        self._pool = ThreadPoolExecutor(CONCURRENCY, thread_name_prefix="stethoscope-webhook")
+        self._periodic = Periodic("webhook-outbox", settings.outbox_poll_s, self.deliver_due)
+
+    @property
+    def errors(self) -> int:
+        return self._periodic.errors
+
+    def start(self) -> None:
+        self._periodic.start()
+
+    def stop(self) -> None:
+        self._periodic.stop(self.settings.webhook_timeout_s + 5)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def wake(self) -> None:
+        self._periodic.wake()
+
+    def wake_on_commit(self, conn: Connection) -> None:
+        """Wake the worker when ``conn``'s transaction commits (before, it would find nothing)."""
+        event.listen(conn, "commit", lambda _conn: self.wake())
+
+    def deliver_due(self) -> bool:
+        """Send up to ``CONCURRENCY`` due deliveries; true if there may be more due now."""
+        with self.store.writing() as conn:
+            rows = _webhooks.claim_due(conn, utcnow(), CONCURRENCY, self.lease_s)
+        if not rows:
+            return False
+        list(self._pool.map(self._attempt, rows))
+        return len(rows) == CONCURRENCY
+
+    def _attempt(self, row: dict) -> dict:
+        payload = row["payload"] or {}
+        body = encode_body(payload.get("body") or {})
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": f"stethoscope-webhooks/{__version__}",
+            SIGNATURE_HEADER: sign(row["secret"], body),
+            EVENT_HEADER: str(payload.get("event", "")),
+            DELIVERY_HEADER: str(row["id"]),
+        }
+        code, retry_after, error = post(row["url"], body, headers, self.settings.webhook_timeout_s)
+        attempts = row["attempts"]
+        if error is None:
+            status, next_at = "delivered", None
+        elif attempts >= self.settings.webhook_max_attempts or payload.get("event") == "test":
+            status, next_at = "failed", None  # a test-send is tried once: its reply says what happened
+        else:
+            delay = backoff_s(attempts, self.settings.webhook_backoff_s, self.settings.webhook_backoff_max_s)
+            if retry_after is not None and retry_after.strip().isdigit():
+                delay = max(delay, min(float(retry_after), self.settings.webhook_backoff_max_s))
+            status, next_at = "pending", utcnow() + timedelta(seconds=delay)
+        if error is not None:
+            log.warning("webhook %s delivery %s attempt %d: %s", row["webhook_id"], row["id"], attempts, error)
+        with self.store.writing() as conn:
+            _webhooks.record(conn, row["id"], status, code, error, next_at)
+        return {"status": status, "code": code, "error": error}
+
+    def send_test(self, webhook_id: int, base_url: str) -> dict:
+        """Send a sample alert to one webhook now, through the delivery log; returns the delivery."""
+        now = utcnow()
+        with self.store.writing() as conn:
+            hook = _webhooks.get(conn, webhook_id)
+            sample = {
+                "id": 0, "run_id": "stethoscope-test", "project": hook["project"], "detector": "test", "key": "",
+                "severity": "info", "status": "open", "start_step": 0, "peak_step": 0, "end_step": 0,
+                "message": "test message from Stethoscope: this webhook is set up correctly",
+                "evidence": {}, "opened_at": now, "resolved_at": None, "acknowledged_at": None,
+            }
+            run = {"id": "stethoscope-test", "name": "stethoscope-test", "project": hook["project"]}
+            payload = {"event": "test", "body": body_for(hook["format"], "test", sample, run, run_link(base_url, run["id"]))}
+            # Inserted as claimed by this request (attempt 1, leased): the worker leaves it alone.
+            row = _webhooks.insert_claimed(conn, webhook_id, payload, now + timedelta(seconds=self.lease_s))
+        self._attempt(row)
+        with self.store.reading() as conn:
+            return _webhooks.get_delivery(conn, row["id"])
+
+
+def enqueue_for_alert(conn: Connection, hooks: list[Any], notified: set[int], event_name: str, alert: dict, run: dict, link: str) -> list[int]:
+    """Outbox rows for one alert event, one per webhook that wants it (same transaction)."""
+    rows = []
+    for h in hooks:
+        wants = alert["severity"] in (h.severities or []) or h.id in notified
+        if wants:
+            rows.append({"webhook_id": h.id, "alert_id": alert["id"],
+                         "payload": {"event": event_name, "body": body_for(h.format, event_name, alert, run, link)}})
+    return _webhooks.enqueue(conn, rows)

@@ -1,0 +1,186 @@
+"""Alerts from ingested series through the real API, on both databases: open, resolve, one
+per episode, stalled runs, acknowledgement, detector settings, and a server restart."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import httpx
+import pytest
+
+from _alert_helpers import SPIKE, loss_curve, make_run, post, post_batches, wait_until
+from stethoscope_server.settings import Settings
+
+
+@pytest.fixture
+def settings(db_url):
+    # Background checks every 0.2 s so the stalled-run tests take a second, not a minute.
+    return Settings(database_url=db_url, stall_check_s=0.2, outbox_poll_s=0.2)
+
+
+@pytest.fixture(autouse=True)
+def no_internal_errors(request):
+    """Errors the server swallows (logged, points kept) are failures in these tests."""
+    server = request.getfixturevalue("live_server") if "live_server" in request.fixturenames else None
+    yield
+    if server is not None:
+        assert server.app.state.alerting.errors == 0
+
+
+def _alerts(client, run_id="r", **params):
+    r = client.get(f"/runs/{run_id}/alerts", params={k: v for k, v in params.items() if v is not None})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_loss_spikes_open_and_resolve_one_alert_per_episode(client):
+    run = make_run(client)
+    # Two episodes: a three-point spike ending a batch (so the alert is still open in the
+    # reply), and a one-point spike later. Batches of 20 steps.
+    values = loss_curve(240, spikes=(137, 138, 139, 200))
+    opened = post_batches(client, run, values, 0, 140)
+    assert [(a["detector"], a["key"], a["status"]) for a in opened] == [("loss_spike", "loss", "open")]
+    first = opened[0]
+    assert first["start_step"] == 137 and first["end_step"] == 139 and first["peak_step"] in (137, 138, 139)
+    assert first["severity"] == "warning" and first["run_id"] == run and first["project"] == "p"
+    assert "loss spiked to 40" in first["message"]
+    assert first["evidence"]["threshold"] == 6.0 and first["evidence"]["value"] == SPIKE
+
+    assert [a["status"] for a in _alerts(client, status="open")] == ["open"]
+    opened += post_batches(client, run, values, 140, 240)
+    assert len(opened) == 2  # the second spike: a second episode, a second alert
+
+    alerts = _alerts(client)
+    assert [(a["id"], a["status"]) for a in alerts] == [(first["id"], "resolved"), (opened[1]["id"], "resolved")]
+    assert alerts[0]["start_step"] == 137 and 139 < alerts[0]["end_step"] < 150  # cleared after 3 calm points
+    assert alerts[0]["resolved_at"] is not None and alerts[1]["start_step"] == 200
+    assert _alerts(client, status="open") == []
+
+    # Resending every batch stores nothing and opens nothing.
+    assert post_batches(client, run, values) == []
+    assert len(_alerts(client)) == 2
+
+
+def test_nonfinite_loss_is_critical_and_clears(client):
+    run = make_run(client)
+    values = loss_curve(80, nans=(40, 41))
+    opened = post_batches(client, run, values, 0, 60)
+    assert [(a["detector"], a["key"], a["severity"]) for a in opened] == [("divergence", "nonfinite", "critical")]
+    assert opened[0]["evidence"] == {"series": "loss", "value": "NaN"}
+    assert "NaN" in opened[0]["message"] and opened[0]["start_step"] == 40
+    post_batches(client, run, values, 60, 80)
+    (alert,) = [a for a in _alerts(client) if a["detector"] == "divergence"]
+    assert alert["status"] == "resolved" and alert["end_step"] == 42
+    # +inf in the gradient norm is the same episode kind, a new one.
+    inf = post(client, run, 80, [1.0, math.inf], name="grad/norm")["alerts"]
+    assert [(a["key"], a["evidence"]["value"]) for a in inf] == [("nonfinite", "Infinity")]
+
+
+def test_project_alerts_filter_and_acknowledge(client):
+    run = make_run(client, "a")
+    make_run(client, "b")
+    post_batches(client, run, loss_curve(140, spikes=(139,)))
+    r = client.get("/projects/p/alerts", params={"status": "open"})
+    assert r.status_code == 200
+    (alert,) = r.json()
+    assert alert["run_id"] == "a" and alert["acknowledged_at"] is None
+    assert client.get("/projects/p/alerts", params={"status": "resolved"}).json() == []
+    assert client.get("/projects/p/alerts", params={"severity": "critical"}).json() == []
+
+    acked = client.post(f"/alerts/{alert['id']}/ack").json()
+    assert acked["acknowledged_at"] is not None and acked["status"] == "open"
+    again = client.post(f"/alerts/{alert['id']}/ack").json()
+    assert again["acknowledged_at"] == acked["acknowledged_at"]  # the first time is kept
+    assert client.get("/runs/a/alerts").json()[0]["acknowledged_at"] == acked["acknowledged_at"]
+
+    assert client.post("/alerts/987654/ack").status_code == 404
+    assert client.get("/runs/nope/alerts").status_code == 404
+    assert client.get("/projects/nope/alerts").status_code == 404
+    assert client.get("/projects/p/alerts", params={"status": "closed"}).status_code == 422
+
+
+def test_detector_settings_defaults_validation_and_effect(client):
+    make_run(client)
+    defaults = client.get("/projects/p/detectors").json()
+    assert set(defaults) == {"divergence", "loss_spike", "softmax_collapse", "edge_of_stability", "stalled"}
+    assert all(d["enabled"] is True for d in defaults.values())
+    assert defaults["loss_spike"]["threshold"] == 6.0 and defaults["stalled"]["timeout_s"] == 900.0
+
+    bad = {
+        "unknown detector": ({"spikes": {}}, "unknown detector 'spikes'"),
+        "unknown parameter": ({"loss_spike": {"treshold": 3}}, "unknown setting 'treshold'"),
+        "wrong type": ({"loss_spike": {"threshold": "high"}}, "loss_spike.threshold must be float"),
+        "out of range": ({"loss_spike": {"window": 4}}, "window >= 8"),
+        "enabled not bool": ({"stalled": {"enabled": "yes"}}, "stalled.enabled must be true or false"),
+    }
+    for why, (body, message) in bad.items():
+        r = client.put("/projects/p/detectors", json=body)
+        assert r.status_code == 422, (why, r.text)
+        assert message in r.json()["detail"], (why, r.text)
+    assert client.put("/projects/p/detectors", json={"loss_spike": 3}).status_code == 422
+    assert client.get("/projects/p/detectors").json() == defaults  # nothing was stored
+
+    r = client.put("/projects/p/detectors", json={"loss_spike": {"enabled": False}, "stalled": {"timeout_s": 60}})
+    assert r.status_code == 200, r.text
+    assert r.json()["loss_spike"]["enabled"] is False and r.json()["stalled"]["timeout_s"] == 60.0
+    # Another PUT leaves detectors it does not name alone.
+    client.put("/projects/p/detectors", json={"divergence": {"patience": 30}})
+    now = client.get("/projects/p/detectors").json()
+    assert now["loss_spike"]["enabled"] is False and now["stalled"]["timeout_s"] == 60.0 and now["divergence"]["patience"] == 30
+
+    # Disabled: the spike that alerts by default alerts no more.
+    assert post_batches(client, "r", loss_curve(140, spikes=(139,))) == []
+    # Enabled with a threshold above the spike's ~42 sigmas: still none; at 6 it would alert.
+    client.put("/projects/p/detectors", json={"loss_spike": {"threshold": 60.0}})
+    assert post_batches(client, "r", loss_curve(300, spikes=(279,)), 140, 300) == []
+    assert _alerts(client) == []
+    # Settings for a project with no run yet create it: webhooks and settings come first.
+    assert client.put("/projects/fresh/detectors", json={"stalled": {"timeout_s": 120}}).status_code == 200
+    assert client.get("/projects/fresh/detectors").json()["stalled"]["timeout_s"] == 120.0
+    assert client.get("/projects/missing/detectors").status_code == 404
+
+
+def test_stalled_run_opens_once_and_resolves(client):
+    assert client.put("/projects/p/detectors", json={"stalled": {"timeout_s": 0.5}}).status_code == 200
+    run = make_run(client)
+    post(client, run, 0, loss_curve(10))
+
+    def stalled(status):
+        return [a for a in _alerts(client, status=status) if a["detector"] == "stalled"]
+
+    (alert,) = wait_until(lambda: stalled("open"), what="stalled alert")
+    assert alert["severity"] == "warning" and alert["start_step"] == 9 and "no data for" in alert["message"]
+    assert alert["evidence"]["timeout_s"] == 0.5 and alert["evidence"]["status"] == "running"
+    # Five more checks while the run stays silent: still one alert.
+    time.sleep(1.0)
+    assert len(stalled(None)) == 1
+    # Data again: resolved by that very ingest.
+    post(client, run, 10, loss_curve(20)[10:])
+    (alert,) = stalled("resolved")
+    assert alert["status"] == "resolved" and alert["end_step"] == 19
+    # Silent again: a new episode; the run finishing resolves it (the periodic check).
+    wait_until(lambda: stalled("open"), what="second stalled alert")
+    assert client.patch(f"/runs/{run}", json={"status": "finished"}).status_code == 200
+    wait_until(lambda: not stalled("open"), what="resolution after the run finished")
+    assert [a["status"] for a in stalled(None)] == ["resolved", "resolved"]
+
+
+@pytest.mark.slow
+def test_restart_neither_forgets_nor_doubles_an_alert(server_process):
+    """Kill the server while a spike episode is open, start a fresh one on the same database,
+    resend the last batch and go on: one alert, resolved (the state survived the restart)."""
+    values = loss_curve(200, spikes=(137, 138, 139))
+    sp = server_process().start()
+    with httpx.Client(base_url=sp.url + "/api/v1", timeout=30) as c:
+        run = make_run(c)
+        opened = post_batches(c, run, values, 0, 140)
+        assert [a["status"] for a in opened] == ["open"]
+    sp.kill()
+    sp2 = server_process().start()
+    with httpx.Client(base_url=sp2.url + "/api/v1", timeout=30) as c:
+        assert post_batches(c, run, values, 120, 140) == []  # the resent batch: nothing new
+        assert post_batches(c, run, values, 140, 200) == []
+        alerts = _alerts(c)
+        assert [(a["detector"], a["status"], a["start_step"]) for a in alerts] == [("loss_spike", "resolved", 137)]
+        assert alerts[0]["id"] == opened[0]["id"]
