@@ -41,6 +41,28 @@ def fresh_database(kind: str):
             admin.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its reaped children (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        parts = f.read().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in parts[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+class Server:
+    def __init__(self, url: str, proc: subprocess.Popen) -> None:
+        self.url = url
+        self.proc = proc
+
+    def cpu(self) -> float:
+        """CPU seconds of the server and its worker processes so far."""
+        total = cpu_seconds(self.proc.pid)
+        try:
+            children = open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read().split()
+        except OSError:
+            children = []
+        return total + sum(cpu_seconds(int(c)) for c in children)
+
+
 @contextmanager
 def server(db_url: str, workers: int = 1):
     port = free_port()
@@ -60,7 +82,7 @@ def server(db_url: str, workers: int = 1):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("server did not start: " + proc.stderr.read().decode()[-2000:])
                 time.sleep(0.1)
-        yield url
+        yield Server(url, proc)
     finally:
         proc.terminate()
         try:

@@ -67,7 +67,9 @@ def _sender(url: str, run_id: str, seconds: float, out: "mp.Queue") -> None:
     out.put((points, errors, latencies))
 
 
-def measure_ingest(url: str, senders: int, seconds: float) -> dict:
+def measure_ingest(srv, senders: int, seconds: float) -> dict:
+    url = srv.url
+    cpu0 = srv.cpu()
     q: mp.Queue = mp.Queue()
     procs = [mp.Process(target=_sender, args=(url, f"bench-{i}", seconds, q)) for i in range(senders)]
     t0 = time.perf_counter()
@@ -77,6 +79,7 @@ def measure_ingest(url: str, senders: int, seconds: float) -> dict:
     for p in procs:
         p.join()
     elapsed = time.perf_counter() - t0
+    server_cpu = srv.cpu() - cpu0
     points = sum(r[0] for r in results)
     lat = [x for r in results for x in r[2]]
     return {
@@ -86,6 +89,10 @@ def measure_ingest(url: str, senders: int, seconds: float) -> dict:
         "p50_ms": round(percentile(lat, 50) * 1e3, 2),
         "p99_ms": round(percentile(lat, 99) * 1e3, 2),
         "senders": senders,
+        # What bounds it: the server's own CPU per point, and what one core would sustain.
+        "server_cpu_us_per_point": round(server_cpu / max(points, 1) * 1e6, 2),
+        "server_cpu_share": round(server_cpu / elapsed, 2),
+        "points_per_server_cpu_s": round(points / max(server_cpu, 1e-9)),
         "seconds": round(elapsed, 1),
     }
 
@@ -124,10 +131,10 @@ def main() -> None:
     ap.add_argument("--db", default="sqlite,postgres")
     args = ap.parse_args()
     for kind in args.db.split(","):
-        with fresh_database(kind) as db_url, server(db_url, args.workers) as url:
+        with fresh_database(kind) as db_url, server(db_url, args.workers) as srv:
             result = {"benchmark": "ingest", "database": kind, "workers": args.workers, "batch_points": SERIES * STEPS_PER_BATCH}
-            result.update(measure_ingest(url, args.senders, args.seconds))
-            result.update(measure_read(url))
+            result.update(measure_ingest(srv, args.senders, args.seconds))
+            result.update(measure_read(srv.url))
             result["target_points_per_s"] = 250_000 if kind == "sqlite" else 150_000
             result["target_read_ms"] = 150
             print(json.dumps(result), flush=True)
