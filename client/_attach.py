@@ -187,6 +187,9 @@ class DisabledMonitor:
     def add_collector(self, fn) -> None:
         pass
 
+    def watch_curvature(self, model, loss_fn=None, batch=None, **options) -> None:
+        return None
+
     def on_alert(self, fn) -> None:
         pass
 
