@@ -18,6 +18,16 @@ from stethoscope.curvature import CurvatureMonitor, estimate_curvature, hessian_
 BACKENDS = ["func", "autograd"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine two OpenMP threads per
+    process thrash; one keeps these tests quick and steady."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def exact_hessian(model, loss_fn, batch):
     """torch.autograd.functional.hessian of the loss over the flat trainable parameters."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
