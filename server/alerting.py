@@ -28,6 +28,7 @@ class Alerting:
     def make_store(self, engine: Engine) -> Store:
         store = Store(engine, on_points=self.runner if self.settings.detectors_enabled else None)
         self.outbox = Outbox(store, self.settings)
+        self.outbox.watch(engine)
         self.runner.wake_outbox = self.outbox.wake_on_commit
 
         def check() -> bool:

@@ -28,7 +28,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from sqlalchemy import Connection, event
+from sqlalchemy import Connection, Engine, event
 
 from stethoscope import __version__
 
@@ -54,6 +54,9 @@ LEASE_MARGIN_S = 30.0
 ERROR_BODY_BYTES = 300
 #: Slack shows at most 3,000 characters in a section block.
 SLACK_TEXT_LIMIT = 2900
+
+#: Key in a pooled connection's ``info``: deliveries were enqueued in its transaction.
+_WAKE = "stethoscope_wake_outbox"
 
 _SEVERITY_MARK = {"info": ":information_source:", "warning": ":warning:", "critical": ":rotating_light:"}
 _EVENT_WORD = {"alert.opened": "opened", "alert.escalated": "escalated", "alert.resolved": "resolved", "test": "test"}
@@ -163,9 +166,20 @@ class Outbox:
     def wake(self) -> None:
         self._periodic.wake()
 
+    def watch(self, engine: Engine) -> None:
+        """Wake the worker when a connection that enqueued deliveries goes back to ``engine``'s
+        pool: its transaction is over by then. (The ``commit`` event would be too early: it
+        comes before the commit, and the worker would find nothing yet.)"""
+
+        def checkin(_dbapi_conn, record) -> None:
+            if record.info.pop(_WAKE, False):
+                self.wake()
+
+        event.listen(engine, "checkin", checkin)
+
     def wake_on_commit(self, conn: Connection) -> None:
-        """Wake the worker when ``conn``'s transaction commits (before, it would find nothing)."""
-        event.listen(conn, "commit", lambda _conn: self.wake())
+        """Wake the worker once ``conn``'s transaction is over (see :meth:`watch`)."""
+        conn.info[_WAKE] = True
 
     def deliver_due(self) -> bool:
         """Send up to ``CONCURRENCY`` due deliveries; true if there may be more due now."""

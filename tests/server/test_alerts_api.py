@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from _alert_helpers import SPIKE, loss_curve, make_run, post, post_batches, wait_until
+from stethoscope.detectors import DETECTORS
 from stethoscope_server.settings import Settings
 
 
@@ -103,7 +104,7 @@ def test_project_alerts_filter_and_acknowledge(client):
 def test_detector_settings_defaults_validation_and_effect(client):
     make_run(client)
     defaults = client.get("/projects/p/detectors").json()
-    assert set(defaults) == {"divergence", "loss_spike", "softmax_collapse", "edge_of_stability", "stalled"}
+    assert set(defaults) == set(DETECTORS) >= {"divergence", "loss_spike", "softmax_collapse", "edge_of_stability", "stalled"}
     assert all(d["enabled"] is True for d in defaults.values())
     assert defaults["loss_spike"]["threshold"] == 6.0 and defaults["stalled"]["timeout_s"] == 900.0
 

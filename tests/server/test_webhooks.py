@@ -1,0 +1,231 @@
+"""Webhooks against a real HTTP receiver on loopback, on both databases: signed JSON and Slack
+bodies, a receiver that fails then recovers, give-up after the last attempt, test-send, the
+delivery log, a restart with deliveries pending, and two outbox workers never double-sending."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+
+from _alert_helpers import loss_curve, make_run, post, post_batches, wait_until
+from _receiver import Receiver
+from stethoscope_server.settings import Settings
+
+SECRET = "s3cret-for-tests"
+
+
+@pytest.fixture
+def settings(db_url):
+    # Quick retries (0.1-0.2 s, doubling to at most 1 s) and four attempts, so the retry
+    # tests take a second or two.
+    return Settings(database_url=db_url, outbox_poll_s=0.2, stall_check_s=0.2, webhook_backoff_s=0.2,
+                    webhook_backoff_max_s=1.0, webhook_max_attempts=4, webhook_timeout_s=5)
+
+
+@pytest.fixture(autouse=True)
+def no_internal_errors(request):
+    server = request.getfixturevalue("live_server") if "live_server" in request.fixturenames else None
+    yield
+    if server is not None:
+        assert server.app.state.alerting.errors == 0
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def _hook(client, url, **body):
+    r = client.post("/projects/p/webhooks", json={"url": url, "secret": SECRET, **body})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def _spike(client, run="r"):
+    """A spike episode that opens and resolves: two alert events."""
+    make_run(client, run)
+    (alert,) = post_batches(client, run, loss_curve(160, spikes=(139,)))
+    return alert
+
+
+def _deliveries(client, hook_id, **params):
+    r = client.get(f"/webhooks/{hook_id}/deliveries", params=params)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_signed_json_delivery_with_link_and_severity_filter(client, live_server, receiver):
+    hook = _hook(client, receiver.url)
+    assert hook["secret"] == SECRET and hook["severities"] == ["warning", "critical"] and hook["format"] == "json"
+    critical_only = _hook(client, receiver.url + "?only=critical", severities=["critical"])
+    listed = client.get("/projects/p/webhooks").json()
+    assert [h["id"] for h in listed] == [hook["id"], critical_only["id"]]
+    assert all("secret" not in h for h in listed)
+
+    alert = _spike(client)
+    got = receiver.wait_for(lambda rs: len(rs) >= 2)
+    assert [r.json["event"] for r in got] == ["alert.opened", "alert.resolved"]
+    for r in got:
+        assert r.path == "/hook" and r.signature_ok(SECRET)
+        assert not r.signature_ok("another-secret")  # the check can fail
+        body = r.json
+        assert body["alert"]["id"] == alert["id"] and body["alert"]["detector"] == "loss_spike"
+        assert body["run"] == {"id": "r", "name": "r", "project": "p"}
+        assert body["link"] == f"{live_server.settings.base_url}/runs/r"
+        assert r.headers["content-type"] == "application/json" and r.headers["x-stethoscope-event"] == body["event"]
+    assert got[0].json["alert"]["status"] == "open" and got[1].json["alert"]["status"] == "resolved"
+    assert got[0].headers["x-stethoscope-delivery"] != got[1].headers["x-stethoscope-delivery"]
+
+    # The receiver has replied; the worker records that right after.
+    log = wait_until(lambda: (lambda log: log if all(d["status"] != "pending" for d in log) else None)(_deliveries(client, hook["id"])))
+    assert [(d["event"], d["status"], d["attempts"], d["last_status_code"]) for d in log] == [
+        ("alert.resolved", "delivered", 1, 200), ("alert.opened", "delivered", 1, 200)]
+    assert log[1]["alert_id"] == alert["id"] and log[1]["delivered_at"] is not None and log[1]["body"] == got[0].json
+    assert _deliveries(client, critical_only["id"]) == []  # a warning is not for it
+
+    # A NaN loss is critical: both webhooks hear of it.
+    (crit,) = post(client, "r", 160, [float("nan")])["alerts"]
+    got = receiver.wait_for(lambda rs: len(rs) >= 4)
+    assert sorted(r.path for r in got[2:]) == ["/hook", "/hook?only=critical"]
+    assert all(r.json["alert"]["id"] == crit["id"] and r.json["alert"]["severity"] == "critical" for r in got[2:])
+
+
+def test_slack_format(client, live_server, receiver):
+    hook = _hook(client, receiver.url, format="slack")
+    _spike(client)
+    first = receiver.wait_for(lambda rs: len(rs) >= 1)[0]
+    assert first.signature_ok(SECRET)
+    body = first.json
+    assert set(body) == {"text", "blocks"}
+    assert body["text"].startswith("[WARNING] loss_spike opened on run r (p): loss spiked to 40")
+    assert body["blocks"][0]["type"] == "section" and "loss spiked" in body["blocks"][0]["text"]["text"]
+    assert body["blocks"][-1]["elements"][0]["url"] == f"{live_server.settings.base_url}/runs/r"
+    assert _deliveries(client, hook["id"])[-1]["event"] == "alert.opened"
+
+
+def test_receiver_that_fails_then_recovers(client, receiver):
+    receiver.statuses[:] = [500, 503]
+    hook = _hook(client, receiver.url)
+    make_run(client)
+    post_batches(client, "r", loss_curve(140, spikes=(139,)))  # opens; stays open
+    got = receiver.wait_for(lambda rs: len(rs) >= 3)
+    assert [r.replied for r in got] == [500, 503, 200]
+    assert len({r.body for r in got}) == 1 and len({r.headers["x-stethoscope-delivery"] for r in got}) == 1
+    (d,) = wait_until(lambda: [d for d in _deliveries(client, hook["id"]) if d["status"] == "delivered"])
+    assert d["attempts"] == 3 and d["last_status_code"] == 200 and d["last_error"] is None
+
+
+def test_gives_up_after_the_last_attempt(client, receiver):
+    receiver.default_status = 500
+    hook = _hook(client, receiver.url)
+    make_run(client)
+    post_batches(client, "r", loss_curve(140, spikes=(139,)))
+    (d,) = wait_until(lambda: [d for d in _deliveries(client, hook["id"]) if d["status"] == "failed"], what="failed delivery")
+    assert d["attempts"] == 4 and d["last_status_code"] == 500 and "HTTP 500" in d["last_error"]
+    time.sleep(1.5)  # longer than the largest backoff: no fifth attempt
+    assert len(receiver.requests) == 4
+
+
+def test_webhook_validation_delete_and_test_send(client, receiver):
+    bad = [
+        {"url": "ftp://example.com/hook"},
+        {"url": "example.com/hook"},
+        {"url": "http:///nohost"},
+        {"url": receiver.url, "severities": ["urgent"]},
+        {"url": receiver.url, "severities": []},
+        {"url": receiver.url, "format": "teams"},
+        {"url": receiver.url, "secret": "short"},
+        {"url": receiver.url, "colour": "red"},
+    ]
+    for body in bad:
+        r = client.post("/projects/p/webhooks", json=body)
+        assert r.status_code == 422, (body, r.text)
+    assert client.get("/projects/p/webhooks").status_code == 404  # nothing created, not even the project
+
+    generated = client.post("/projects/p/webhooks", json={"url": receiver.url}).json()
+    assert len(generated["secret"]) == 64  # 256 random bits, shown once
+
+    ok = client.post(f"/webhooks/{generated['id']}/test")
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["status"] == "delivered" and ok.json()["event"] == "test" and ok.json()["attempts"] == 1
+    (req,) = receiver.requests
+    assert req.signature_ok(generated["secret"]) and req.json["event"] == "test"
+
+    dead = _hook(client, "http://127.0.0.1:9/nothing-listens")
+    r = client.post(f"/webhooks/{dead['id']}/test").json()
+    assert r["status"] == "failed" and r["last_status_code"] is None and "Connection" in r["last_error"]
+
+    assert client.delete(f"/webhooks/{dead['id']}").status_code == 204
+    assert client.delete(f"/webhooks/{dead['id']}").status_code == 404
+    assert client.get(f"/webhooks/{dead['id']}/deliveries").status_code == 404
+    assert client.post(f"/webhooks/{dead['id']}/test").status_code == 404
+    assert [h["id"] for h in client.get("/projects/p/webhooks").json()] == [generated["id"]]
+
+
+@pytest.mark.slow
+def test_restart_with_pending_deliveries(server_process, receiver, monkeypatch):
+    """The receiver is down while the server is killed and started again: the deliveries
+    wait in the store and reach the receiver once both are back."""
+    monkeypatch.setenv("STETHOSCOPE_WEBHOOK_BACKOFF_S", "2")
+    monkeypatch.setenv("STETHOSCOPE_WEBHOOK_BACKOFF_MAX_S", "2")
+    monkeypatch.setenv("STETHOSCOPE_WEBHOOK_TIMEOUT_S", "3")
+    monkeypatch.setenv("STETHOSCOPE_OUTBOX_POLL_S", "0.2")
+    receiver.default_status = 500
+    sp = server_process().start()
+    with httpx.Client(base_url=sp.url + "/api/v1", timeout=30) as c:
+        hook = _hook(c, receiver.url)
+        alert = _spike(c)
+        # Both events failed once and wait for their retry (not mid-attempt).
+        wait_until(lambda: len([d for d in _deliveries(c, hook["id"]) if d["last_status_code"] == 500]) == 2)
+    sp.kill()
+    receiver.default_status = 200
+    sp2 = server_process().start()
+    got = receiver.wait_for(lambda rs: {r.json["event"] for r in rs if r.replied == 200} == {"alert.opened", "alert.resolved"}, timeout=60)
+    assert all(r.json["alert"]["id"] == alert["id"] and r.signature_ok(SECRET) for r in got)
+    with httpx.Client(base_url=sp2.url + "/api/v1", timeout=30) as c:
+        def all_delivered():
+            log = _deliveries(c, hook["id"])
+            return log if all(d["status"] == "delivered" for d in log) else None
+
+        log = wait_until(all_delivered, what="every delivery recorded as delivered")
+        assert len(log) == 2 and all(d["attempts"] >= 2 for d in log)
+
+
+def test_two_outbox_workers_never_send_a_delivery_twice(settings, receiver):
+    """Two workers (separate engines, as two server processes have) drain one outbox."""
+    from stethoscope_server import migrate
+    from stethoscope_server.db import make_engine
+    from stethoscope_server.outbox import Outbox
+    from stethoscope_server.store import Store
+    from stethoscope_server.store import webhooks as W
+
+    migrate.upgrade(settings.database_url)
+    stores = [Store(make_engine(settings)) for _ in range(2)]
+    with stores[0].writing() as conn:
+        hook = W.create(conn, "p", receiver.url, SECRET, ["warning"], "json", True)
+        W.enqueue(conn, [{"webhook_id": hook["id"], "alert_id": None, "payload": {"event": "test", "body": {"n": i}}} for i in range(40)])
+    outboxes = [Outbox(s, settings) for s in stores]
+
+    def drain(outbox):
+        while outbox.deliver_due():
+            pass
+
+    threads = [threading.Thread(target=drain, args=(o,)) for o in outboxes for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for o in outboxes:
+        o.stop()
+    ids = [r.headers["x-stethoscope-delivery"] for r in receiver.requests]
+    assert len(ids) == 40 and len(set(ids)) == 40
+    assert sorted(r.json["n"] for r in receiver.requests) == list(range(40))
+    with stores[0].reading() as conn:
+        assert W.pending_count(conn) == 0
+    for s in stores:
+        s.engine.dispose()
