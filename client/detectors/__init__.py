@@ -18,6 +18,7 @@ from .divergence import DivergenceDetector, DivergenceParams
 from .edge_of_stability import EdgeOfStabilityDetector, EdgeOfStabilityParams
 from .loss_spike import LossSpikeDetector, LossSpikeParams
 from .softmax_collapse import SC_MARGIN_NATS, SoftmaxCollapseDetector, SoftmaxCollapseParams
+from .stability_gap import StabilityGapDetector, StabilityGapParams
 from .stalled import StalledRunDetector, StalledRunParams
 
 __all__ = [
@@ -37,6 +38,8 @@ __all__ = [
     "SEVERITIES",
     "SoftmaxCollapseDetector",
     "SoftmaxCollapseParams",
+    "StabilityGapDetector",
+    "StabilityGapParams",
     "StalledRunDetector",
     "StalledRunParams",
     "UPDATE",

@@ -12,13 +12,14 @@ from .divergence import DivergenceDetector
 from .edge_of_stability import EdgeOfStabilityDetector
 from .loss_spike import LossSpikeDetector
 from .softmax_collapse import SoftmaxCollapseDetector
+from .stability_gap import StabilityGapDetector
 from .stalled import StalledRunDetector
 
 #: Every detector, by the name used in settings, states and alerts.
 DETECTORS: dict[str, type[Detector]] = {
     cls.name: cls
     for cls in (DivergenceDetector, LossSpikeDetector, SoftmaxCollapseDetector,
-                EdgeOfStabilityDetector, StalledRunDetector)
+                EdgeOfStabilityDetector, StabilityGapDetector, StalledRunDetector)
 }
 
 _step = itemgetter(1)

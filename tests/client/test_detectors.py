@@ -23,9 +23,10 @@ def test_public_names_are_pinned():
         "AlertChange", "DETECTORS", "Detector", "DetectorSet", "DivergenceDetector", "DivergenceParams",
         "EdgeOfStabilityDetector", "EdgeOfStabilityParams", "LossSpikeDetector", "LossSpikeParams", "OPEN", "RESOLVE",
         "SC_MARGIN_NATS", "SEVERITIES", "SoftmaxCollapseDetector", "SoftmaxCollapseParams",
-        "StalledRunDetector", "StalledRunParams", "UPDATE"])
+        "StabilityGapDetector", "StabilityGapParams", "StalledRunDetector", "StalledRunParams", "UPDATE"])
     assert (D.OPEN, D.UPDATE, D.RESOLVE) == ("open", "update", "resolve")
-    assert set(D.DETECTORS) == {"divergence", "loss_spike", "softmax_collapse", "edge_of_stability", "stalled"}
+    assert set(D.DETECTORS) == {"divergence", "loss_spike", "softmax_collapse", "edge_of_stability",
+                               "stability_gap", "stalled"}
 
 
 def test_the_package_imports_only_the_standard_library():
@@ -187,7 +188,8 @@ def test_settings_round_trip_and_disable():
     assert eff["stalled"]["enabled"] is False
     assert DetectorSet(eff).settings() == eff
     assert json.loads(json.dumps(DetectorSet.defaults())) == DetectorSet.defaults()
-    assert [d.name for d in ds.detectors] == ["divergence", "loss_spike", "softmax_collapse", "edge_of_stability"]
+    assert [d.name for d in ds.detectors] == ["divergence", "loss_spike", "softmax_collapse", "edge_of_stability",
+                                             "stability_gap"]
     state = {}
     assert ds.check(state, now=1e9, last_seen=0.0, status="running") == []
     off = DetectorSet({"loss_spike": {"enabled": False}})
