@@ -24,7 +24,11 @@ def __getattr__(name):
         from ._monitor import Monitor
 
         return Monitor
+    if name == "ContinualEvaluator":
+        from .continual import ContinualEvaluator
+
+        return ContinualEvaluator
     raise AttributeError(f"module 'stethoscope' has no attribute {name!r}")
 
 
-__all__ = ["DisabledMonitor", "Monitor", "__version__", "attach", "attention_logits"]
+__all__ = ["ContinualEvaluator", "DisabledMonitor", "Monitor", "__version__", "attach", "attention_logits"]

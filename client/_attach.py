@@ -184,6 +184,9 @@ class DisabledMonitor:
     def event(self, kind, **info) -> None:
         pass
 
+    def task_switch(self, task, step=None) -> None:
+        pass
+
     def add_collector(self, fn) -> None:
         pass
 

@@ -54,6 +54,7 @@ class Monitor:
         self._snapped = False
         self._post_step = None
         self._collectors: list = []
+        self._tasks: dict = {}  # task name -> index, for task_switch
         self.collector_errors = 0
         self._alert_callbacks = sender.alert_callbacks if sender is not None else []
         self._closed = False
@@ -103,6 +104,29 @@ class Monitor:
         if self._sender is not None:
             self._sender.put(("event", {"key": uuid.uuid4().hex, "step": step, "kind": kind,
                                         "message": message, "info": info, "wall": time.time()}))
+
+    def task_switch(self, task, step=None) -> None:
+        """Training on ``task`` (an int or a name) starts at ``step``, by default the next step logged.
+
+        Sends a ``task_switch`` event with ``{"task": task, "index": i}`` and a point
+        ``continual/task = i`` at that step: the event is for people and the continual summary,
+        the point puts the boundary in the point stream, where the incremental stability-gap
+        detector sees it (detectors read points only). ``i`` is ``task`` when it is an int, else
+        the order in which this monitor first saw the name (0, 1, ...). Call it before the new
+        task's first training step; evaluations at ``step`` and later count as after the switch.
+
+        >>> for task, loader in enumerate(task_loaders):
+        ...     mon.task_switch(task)
+        ...     for x, y in loader: ...
+        """
+        if self._closed:
+            raise ValueError("this monitor is closed; attach a new one to keep logging")
+        if isinstance(task, bool) or not isinstance(task, (int, str)) or task == "":
+            raise ValueError(f"task must be an int or a non-empty string, not {task!r}")
+        step = self._next_step if step is None else _check_step(step)
+        index = task if isinstance(task, int) else self._tasks.setdefault(task, len(self._tasks))
+        self.event("task_switch", step=step, task=task, index=index)
+        self._send_scalars(step, {"continual/task": index})
 
     def add_collector(self, fn) -> None:
         """Call ``fn(step) -> dict[str, float | tensor] | None`` on every logging step.

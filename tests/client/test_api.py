@@ -15,7 +15,7 @@ from helpers import TinyNet, read_series, train
 
 
 def test_exported_names_are_pinned():
-    assert stethoscope.__all__ == ["DisabledMonitor", "Monitor", "__version__", "attach", "attention_logits"]
+    assert stethoscope.__all__ == ["ContinualEvaluator", "DisabledMonitor", "Monitor", "__version__", "attach", "attention_logits"]
     for name in stethoscope.__all__:
         assert getattr(stethoscope, name) is not None
 
