@@ -78,4 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def healthz():
         return {"status": "ok"}
 
+    from stethoscope_dashboard import mount as mount_dashboard
+
+    mount_dashboard(app)  # pages at /, chart JSON at /ui/api, static files at /static
     return app

@@ -1,0 +1,40 @@
+"""JSON for the charts: a run's panels (any step range), its live state, a compare overlay."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import orjson
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+
+from . import _panels, _queries
+
+router = APIRouter(prefix="/ui/api", include_in_schema=False)
+
+Step = Annotated[int | None, Query(ge=-(2**63), le=2**63 - 1)]
+
+
+def _json(obj) -> Response:
+    # Figures hold only lists and numbers (non-finite values became gaps plus markers).
+    return Response(orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json",
+                    headers={"Cache-Control": "no-store"})
+
+
+@router.get("/runs/{run_id}/panels")
+def run_panels(run_id: str, request: Request, start: Step = None, end: Step = None):
+    return _json(_panels.run_panels(request.app.state.store, run_id, start, end))
+
+
+@router.get("/runs/{run_id}/state")
+def run_state(run_id: str, request: Request):
+    """What the page polls: a change in any of these fetches the panels again."""
+    store = request.app.state.store
+    run = store.get_run(run_id)
+    return _json(_queries.run_version(run, _queries.list_alerts(store, run_id=run_id), len(store.list_events(run_id))))
+
+
+@router.get("/compare")
+def compare(request: Request, metric: Annotated[str, Query(min_length=1, max_length=200)],
+            run: Annotated[list[str], Query(max_length=50)] = [], start: Step = None, end: Step = None):  # noqa: B006
+    return _json(_panels.compare_figure(request.app.state.store, run, metric, start, end))

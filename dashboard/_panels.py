@@ -1,0 +1,176 @@
+"""The run page's panels and the compare figure, built from the store.
+
+Each panel is one plotly figure over the step axis; the page links their x zoom. A zoom asks
+for ``start``/``end`` again, and every series is re-read at full detail for that range
+(the store downsamples to ``max_points`` keeping each bucket's min, max and first NaN).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import plotly.graph_objects as go
+
+from stethoscope_server.store import NotFound, Store
+
+from . import _figures as F
+from . import _queries as Q
+
+#: float32 absorbs x into 1 + x for x <= 2^-24, so a softmax is exactly one-hot once the
+#: margin passes 24 ln 2 = 16.64 nats (Prieto et al. 2025, "Grokking at the Edge of
+#: Numerical Stability").
+SC_MARGIN_BOUND = 24 * math.log(2)
+#: Points per series per read: a bucket gives up to 3 points, so ~500 buckets over a plot
+#: about 1000 px wide.
+MAX_POINTS = 1500
+#: Per module in the gradient heatmap: the heatmap bins them again into HEATMAP_BINS columns.
+HEATMAP_POINTS = 600
+HEATMAP_BINS = 200
+
+
+@dataclass
+class PanelSpec:
+    id: str
+    title: str
+    names: tuple[str, ...] = ()
+    prefix: str | None = None
+    y_title: str = ""
+    dashed: tuple[str, ...] = ()
+    hlines: tuple[tuple[float, str], ...] = ()
+    alerts: bool = False
+    heatmap: bool = False
+    #: Fractions and accuracies start the y axis at 0 (a flat zero is not centred on -1..1).
+    to_zero: bool = False
+    taken: list[str] = field(default_factory=list)
+
+
+def run_panel_specs() -> list[PanelSpec]:
+    return [
+        PanelSpec("loss", "Loss, with alerts", ("loss",), alerts=True),
+        PanelSpec("grad", "Gradient norm (global)", ("grad/norm",), y_title="‖g‖"),
+        PanelSpec("grad_modules", "Gradient norm per module", prefix="grad/norm/", heatmap=True),
+        PanelSpec("logits", "Logits: max |z|, mean log Z, entropy", ("logits/max_abs", "logits/mean_logz", "logits/entropy")),
+        PanelSpec("collapse", "Softmax Collapse: SC fraction and zero-loss fraction", ("logits/sc_fraction", "logits/zero_loss_fraction"), y_title="fraction",
+                  to_zero=True),
+        PanelSpec("margin", "Median margin against the float32 bound", ("logits/median_margin",), y_title="nats",
+                  hlines=((SC_MARGIN_BOUND, f"SC bound {SC_MARGIN_BOUND:.1f} nats"),)),
+        PanelSpec("hessian", "Sharpness: Hessian trace, λmax and 2/lr", ("hessian/trace", "hessian/lambda_max", "hessian/two_over_lr"),
+                  dashed=("hessian/two_over_lr",)),
+        PanelSpec("continual", "Per-task accuracy, min-ACC and WC-ACC", ("continual/min_acc", "continual/wc_acc"), prefix="eval/acc/",
+                  y_title="accuracy", dashed=("continual/min_acc", "continual/wc_acc"), to_zero=True),
+        PanelSpec("lr", "Learning rate", ("lr",)),
+    ]
+
+
+def _assign(specs: list[PanelSpec], names: list[str]) -> list[str]:
+    """Give each series to its panel; returns the ones no panel takes."""
+    left = []
+    for n in names:
+        for p in specs:
+            if n in p.names or (p.prefix is not None and n.startswith(p.prefix) and n != p.prefix.rstrip("/")):
+                p.taken.append(n)
+                break
+        else:
+            left.append(n)
+    return left
+
+
+def run_panels(store: Store, run_id: str, start: int | None, end: int | None) -> dict:
+    run = store.get_run(run_id)
+    names = Q.series_names(store, run_id)
+    events = store.list_events(run_id)
+    alerts = Q.list_alerts(store, run_id=run_id)
+    specs = run_panel_specs()
+    other = _assign(specs, names)
+    if other:
+        specs.append(PanelSpec("other", "Other series", taken=other))
+    panels = []
+    for spec in specs:
+        if not spec.taken:
+            continue
+        shown = [e for e in events if _in(e["step"], start, end)]
+        if spec.heatmap:
+            fig = _heatmap_panel(store, run_id, spec, start, end, shown)
+        else:
+            fig = _line_panel(store, run_id, spec, start, end, shown, alerts, run["last_step"])
+        if fig is not None:
+            panels.append({"id": spec.id, "title": spec.title, "log_toggle": not spec.heatmap, "figure": fig.to_plotly_json()})
+    return {
+        "run": {"id": run["id"], **Q.run_version(run, alerts, len(events))},
+        "panels": panels,
+        "alerts": [{"id": a["id"], "start_step": a["start_step"], "peak_step": a["peak_step"], "end_step": a["end_step"],
+                    "severity": a["severity"], "status": a["status"]} for a in alerts],
+    }
+
+
+def _in(step: int, start: int | None, end: int | None) -> bool:
+    return (start is None or step >= start) and (end is None or step <= end)
+
+
+def _read(store: Store, run_id: str, name: str, start, end, max_points: int):
+    try:
+        r = store.read_series(run_id, name, start, end, max_points)
+    except NotFound:  # deleted in between
+        return [], []
+    return r.steps, r.values
+
+
+def _line_panel(store, run_id, spec: PanelSpec, start, end, events, alerts, last_step) -> go.Figure | None:
+    layout = F.base_layout(spec.title, spec.y_title)
+    if spec.to_zero:
+        layout["yaxis"]["rangemode"] = "tozero"
+    fig = go.Figure()
+    any_points = False
+    for name in sorted(spec.taken, key=lambda n: (n not in spec.names, spec.names.index(n) if n in spec.names else 0, n)):
+        steps, values = _read(store, run_id, name, start, end, MAX_POINTS)
+        any_points |= bool(steps)
+        line = {"dash": "dash"} if name in spec.dashed else {}
+        label = name[len(spec.prefix):] if spec.prefix and name.startswith(spec.prefix) else name
+        label = f"task {label}" if spec.prefix == "eval/acc/" and name.startswith(spec.prefix) else label
+        fig.add_traces(F.line_traces(label, steps, values, **line))
+    if not any_points:
+        return None
+    for y, label in spec.hlines:
+        F.hline(layout, y, label)
+    if spec.alerts:
+        F.add_alerts(fig, layout, [a for a in alerts if _overlaps(a, start, end)], last_step)
+    if spec.id in ("loss", "continual"):
+        ev = F.event_trace(events)
+        if ev is not None:
+            fig.add_trace(ev)
+    F.add_events(layout, events)
+    fig.update_layout(layout)
+    return fig
+
+
+def _overlaps(a: dict, start, end) -> bool:
+    lo = a["start_step"] if a["start_step"] is not None else a["peak_step"]
+    hi = a["end_step"] if a["end_step"] is not None and a["status"] != "open" else None
+    return (end is None or lo is None or lo <= end) and (start is None or hi is None or hi >= start)
+
+
+def _heatmap_panel(store, run_id, spec: PanelSpec, start, end, events) -> go.Figure | None:
+    rows = []
+    for name in spec.taken:
+        steps, values = _read(store, run_id, name, start, end, HEATMAP_POINTS)
+        if steps:
+            rows.append((name[len(spec.prefix):], steps, values))
+    return F.heatmap(spec.title, rows, HEATMAP_BINS, events)
+
+
+def compare_figure(store: Store, run_ids: list[str], metric: str, start: int | None, end: int | None) -> dict:
+    """One metric of several runs overlaid; the legend names each run."""
+    layout = F.base_layout(f"{metric} across runs")
+    layout["height"] = 460
+    fig = go.Figure()
+    for rid in run_ids:
+        try:
+            run = store.get_run(rid)
+        except NotFound:
+            continue
+        steps, values = _read(store, rid, metric, start, end, MAX_POINTS)
+        if steps:
+            fig.add_traces(F.line_traces(f"{run['name']} ({rid})" if run["name"] != rid else rid, steps, values))
+    fig.update_layout(layout)
+    return {"panels": [{"id": "compare", "title": metric, "log_toggle": True, "figure": fig.to_plotly_json()}], "run": None, "alerts": []}

@@ -1,0 +1,75 @@
+"""Templates, the page security headers, and the static files (plotly.js included)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import threading
+from pathlib import Path
+
+import jinja2
+import plotly
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+HERE = Path(__file__).parent
+PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+#: The URL carries the plotly version, so browsers may keep the file for good.
+PLOTLY_URL = f"/static/plotly-{plotly.__version__}.min.js"
+STATIC_URL = "/static/dashboard"
+
+#: No inline script and nothing from elsewhere: an injected <script> could not run even if
+#: escaping failed. plotly.js adds <style> elements, hence 'unsafe-inline' for styles only.
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+
+# Autoescape everything: every run name, config value and message is user text.
+env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True, trim_blocks=True, lstrip_blocks=True)
+env.filters["tojson_pretty"] = lambda v: json.dumps(v, ensure_ascii=False, default=str)
+env.globals.update(plotly_url=PLOTLY_URL, static_url=STATIC_URL)
+
+
+def render(request: Request, template: str, status_code: int = 200, **context) -> HTMLResponse:
+    html = env.get_template(template).render(request=request, **context)
+    return HTMLResponse(html, status_code=status_code, headers={
+        "Content-Security-Policy": CSP,
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "same-origin",
+        "Cache-Control": "no-store",
+    })
+
+
+class _PlotlyFile:
+    """plotly.min.js (about 4.8 MB) from the plotly package, gzipped once on first request."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._raw: bytes | None = None
+        self._gz: bytes | None = None
+
+    def get(self, gz: bool) -> bytes:
+        with self._lock:
+            if self._raw is None:
+                self._raw = PLOTLY_JS.read_bytes()
+                self._gz = gzip.compress(self._raw, compresslevel=6)
+            return self._gz if gz else self._raw
+
+
+_plotly = _PlotlyFile()
+
+
+def mount_static(app: FastAPI) -> None:
+    # Compress plotly.js now, off the request path: the first page view should not wait for it.
+    threading.Thread(target=_plotly.get, args=(True,), name="stethoscope-plotly-gzip", daemon=True).start()
+    app.mount(STATIC_URL, StaticFiles(directory=HERE / "static"), name="dashboard-static")
+
+    @app.get(PLOTLY_URL, include_in_schema=False)
+    def plotly_js(request: Request) -> Response:
+        gz = "gzip" in request.headers.get("accept-encoding", "")
+        headers = {"Cache-Control": "public, max-age=31536000, immutable", "Vary": "Accept-Encoding"}
+        if gz:
+            headers["Content-Encoding"] = "gzip"
+        return Response(_plotly.get(gz), media_type="text/javascript", headers=headers)

@@ -1,0 +1,193 @@
+// Stethoscope dashboard: charts (linked zoom, zoom re-fetch, log toggles, live polling),
+// alert acknowledgement and project settings. Text from the server is only ever set with
+// textContent or as a property value, never as HTML.
+"use strict";
+(function () {
+  const ZOOM_DEBOUNCE_MS = 250;
+  const PLOT_CONFIG = { responsive: true, displaylogo: false, scrollZoom: false,
+    modeBarButtonsToRemove: ["lasso2d", "select2d", "autoScale2d"] };
+
+  function el(tag, props, children) {
+    const node = document.createElement(tag);
+    Object.assign(node, props || {});
+    for (const c of children || []) node.append(c);
+    return node;
+  }
+
+  async function getJSON(url, init) {
+    const resp = await fetch(url, Object.assign({ headers: { Accept: "application/json" } }, init || {}));
+    if (!resp.ok) {
+      let detail = resp.statusText;
+      try { detail = (await resp.json()).detail || detail; } catch (_) { /* not JSON */ }
+      const err = new Error(typeof detail === "string" ? detail : JSON.stringify(detail));
+      err.status = resp.status;
+      throw err;
+    }
+    return resp.status === 204 ? null : resp.json();
+  }
+
+  // ---- charts -------------------------------------------------------------------------
+  class Charts {
+    constructor(root) {
+      this.root = root;
+      this.src = root.dataset.src;
+      this.stateUrl = root.dataset.state || null;
+      this.pollMs = Number(root.dataset.pollMs || 1500);
+      this.range = null;          // [start, end] in steps while zoomed, else null
+      this.logY = {};             // panel id -> bool
+      this.panels = {};           // panel id -> {box, plot, toggle}
+      this.syncing = false;       // true while we move the other panels ourselves
+      this.loading = false;
+      this.again = false;
+      this.renders = 0;
+      this.drawn = null;          // the run's version (steps, alerts, events) the charts show
+      this.zoomTimer = null;
+    }
+
+    url() {
+      if (!this.range) return this.src;
+      const sep = this.src.includes("?") ? "&" : "?";
+      return `${this.src}${sep}start=${Math.floor(this.range[0])}&end=${Math.ceil(this.range[1])}`;
+    }
+
+    async load() {
+      if (this.loading) { this.again = true; return; }
+      this.loading = true;
+      try {
+        const data = await getJSON(this.url());
+        await this.render(data);
+      } catch (e) {
+        console.warn("stethoscope: chart data not loaded:", e.message);
+      } finally {
+        this.loading = false;
+        if (this.again) { this.again = false; this.load(); }
+      }
+    }
+
+    panelBox(p) {
+      let entry = this.panels[p.id];
+      if (entry) return entry;
+      const plot = el("div", { className: "plot", id: "plot-" + p.id });
+      const bar = el("div", { className: "bar" });
+      let toggle = null;
+      if (p.log_toggle) {
+        toggle = el("input", { type: "checkbox", className: "logy" });
+        toggle.addEventListener("change", () => {
+          this.logY[p.id] = toggle.checked;
+          Plotly.relayout(plot, { "yaxis.type": toggle.checked ? "log" : "linear", "yaxis.autorange": true });
+        });
+        bar.append(el("label", {}, [toggle, " log y"]));
+      }
+      const box = el("div", { className: "panel", id: "panel-" + p.id }, [bar, plot]);
+      box.dataset.panel = p.id;
+      this.root.append(box);
+      entry = this.panels[p.id] = { box, plot, toggle, bound: false };
+      return entry;
+    }
+
+    async render(data) {
+      const seen = new Set();
+      this.syncing = true;
+      try {
+        for (const p of data.panels) {
+          seen.add(p.id);
+          const entry = this.panelBox(p);
+          const fig = p.figure;
+          const layout = fig.layout || {};
+          layout.yaxis = Object.assign(layout.yaxis || {}, this.logY[p.id] ? { type: "log" } : {});
+          layout.xaxis = Object.assign(layout.xaxis || {}, this.range ? { range: this.range.slice(), autorange: false } : { autorange: true });
+          await Plotly.react(entry.plot, fig.data || [], layout, PLOT_CONFIG);
+          if (!entry.bound) {
+            entry.plot.on("plotly_relayout", (ev) => this.onRelayout(p.id, ev));
+            entry.bound = true;
+          }
+        }
+        for (const id of Object.keys(this.panels)) {
+          if (!seen.has(id)) { Plotly.purge(this.panels[id].plot); this.panels[id].box.remove(); delete this.panels[id]; }
+        }
+      } finally {
+        this.syncing = false;
+      }
+      this.renders += 1;
+      this.root.dataset.rendered = String(this.renders);
+      if (data.run) {
+        this.drawn = versionKey(data.run);
+        this.root.dataset.lastStep = String(data.run.last_step);
+      }
+    }
+
+    onRelayout(sourceId, ev) {
+      if (this.syncing) return;
+      let range;
+      if (ev["xaxis.autorange"] === true) range = null;
+      else if (ev["xaxis.range[0]"] !== undefined) range = [ev["xaxis.range[0]"], ev["xaxis.range[1]"]];
+      else if (Array.isArray(ev["xaxis.range"])) range = ev["xaxis.range"].slice();
+      else return;  // a y-only change, a legend click...
+      this.range = range;
+      this.syncing = true;
+      const update = range ? { "xaxis.range": range.slice(), "xaxis.autorange": false } : { "xaxis.autorange": true };
+      const moves = Object.entries(this.panels).filter(([id]) => id !== sourceId).map(([, e]) => Plotly.relayout(e.plot, update));
+      Promise.all(moves).finally(() => { this.syncing = false; });
+      clearTimeout(this.zoomTimer);
+      this.zoomTimer = setTimeout(() => this.load(), ZOOM_DEBOUNCE_MS);
+    }
+
+    startLive() {
+      if (!this.stateUrl) return;
+      const indicator = document.querySelector("[data-live-indicator]");
+      const tick = async () => {
+        try {
+          const st = await getJSON(this.stateUrl);
+          this.state = st;
+          if (indicator) indicator.hidden = st.status !== "running";
+          setText("[data-live-step]", st.last_step === null ? "—" : String(st.last_step));
+          const status = document.querySelector("[data-live-status] .status");
+          if (status && status.textContent !== st.status) { status.textContent = st.status; status.className = "status status-" + st.status; }
+          if (this.drawn !== null && versionKey(st) !== this.drawn) this.load();
+        } catch (e) {
+          console.warn("stethoscope: live update failed:", e.message);
+        }
+        setTimeout(tick, this.pollMs);
+      };
+      setTimeout(tick, this.pollMs);
+    }
+  }
+
+  function versionKey(v) {
+    return [v.status, v.last_step, v.alerts, v.alert_version, v.events].join("|");
+  }
+
+  function setText(selector, text) {
+    const node = document.querySelector(selector);
+    if (node && node.textContent !== text) node.textContent = text;
+  }
+
+  // ---- alerts -------------------------------------------------------------------------
+  function bindAcks() {
+    document.addEventListener("click", async (ev) => {
+      const btn = ev.target.closest("button[data-ack]");
+      if (!btn) return;
+      btn.disabled = true;
+      try {
+        await getJSON(`/api/v1/alerts/${encodeURIComponent(btn.dataset.ack)}/ack`, { method: "POST" });
+        btn.replaceWith(el("span", { className: "muted", textContent: "acknowledged" }));
+      } catch (e) {
+        btn.disabled = false;
+        btn.textContent = "Acknowledge (failed: " + e.message + ")";
+      }
+    });
+  }
+
+  // ---- boot ---------------------------------------------------------------------------
+  document.addEventListener("DOMContentLoaded", () => {
+    bindAcks();
+    const root = document.getElementById("charts");
+    if (root && window.Plotly) {
+      const charts = new Charts(root);
+      window.stethoscopeCharts = charts;
+      charts.load().then(() => charts.startLive());
+    }
+    const settings = document.getElementById("settings");
+    if (settings && window.StethoscopeSettings) window.StethoscopeSettings(settings, { el, getJSON });
+  });
+})();

@@ -1,0 +1,139 @@
+// Project settings: detector thresholds (GET/PUT /api/v1/projects/{p}/detectors) and webhooks
+// (GET/POST /api/v1/projects/{p}/webhooks, POST /api/v1/webhooks/{id}/test). All text is set
+// with textContent or as input values.
+"use strict";
+window.StethoscopeSettings = function (root, { el, getJSON }) {
+  const api = root.dataset.api;
+
+  function say(id, text, ok) {
+    const node = document.getElementById(id);
+    node.textContent = text;
+    node.className = "msg " + (ok ? "ok" : "err");
+  }
+
+  function paramInput(name, value) {
+    const input = el("input", { name });
+    if (typeof value === "boolean") { input.type = "checkbox"; input.checked = value; input.dataset.kind = "bool"; }
+    else if (typeof value === "number") {
+      input.type = "number"; input.step = "any"; input.value = String(value);
+      input.dataset.kind = Number.isInteger(value) ? "int" : "float";
+    } else if (typeof value === "string") { input.type = "text"; input.value = value; input.dataset.kind = "str"; }
+    else { input.type = "text"; input.value = JSON.stringify(value); input.dataset.kind = "json"; }
+    return input;
+  }
+
+  function readInput(input) {
+    switch (input.dataset.kind) {
+      case "bool": return input.checked;
+      case "int": return Number.parseInt(input.value, 10);
+      case "float": return Number.parseFloat(input.value);
+      case "json": return JSON.parse(input.value);
+      default: return input.value;
+    }
+  }
+
+  async function loadDetectors() {
+    const box = document.getElementById("detectors");
+    let settings;
+    try {
+      settings = await getJSON(api + "/detectors");
+    } catch (e) {
+      box.replaceChildren(el("p", { className: "muted", textContent: `Detector settings are not available (${e.status || ""} ${e.message}).` }));
+      return;
+    }
+    const cards = [];
+    for (const [name, cfg] of Object.entries(settings)) {
+      const enabled = el("input", { type: "checkbox", checked: cfg.enabled !== false, name: "enabled" });
+      enabled.dataset.kind = "bool";
+      const rows = Object.entries(cfg).filter(([k]) => k !== "enabled")
+        .map(([k, v]) => el("label", {}, [el("span", { textContent: k }), paramInput(k, v)]));
+      const card = el("div", { className: "detector" }, [
+        el("h3", {}, [el("span", { textContent: name }), el("label", {}, [enabled, " enabled"])]), ...rows]);
+      card.dataset.detector = name;
+      cards.push(card);
+    }
+    box.replaceChildren(...cards);
+  }
+
+  document.getElementById("detectors-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const changes = {};
+    try {
+      for (const card of document.querySelectorAll(".detector")) {
+        const cfg = {};
+        for (const input of card.querySelectorAll("input")) cfg[input.name] = readInput(input);
+        changes[card.dataset.detector] = cfg;
+      }
+      await getJSON(api + "/detectors", { method: "PUT", headers: { "Content-Type": "application/json" }, body: JSON.stringify(changes) });
+      say("detectors-msg", "Saved.", true);
+      loadDetectors();
+    } catch (e) {
+      say("detectors-msg", "Not saved: " + e.message, false);
+    }
+  });
+
+  async function loadWebhooks() {
+    const body = document.getElementById("webhooks");
+    let hooks;
+    try {
+      hooks = await getJSON(api + "/webhooks");
+    } catch (e) {
+      if (e.status !== 404) {  // 404: a project with no runs yet, so no webhooks either
+        body.replaceChildren(el("tr", {}, [el("td", { colSpan: 5, className: "muted", textContent: `Webhooks are not available (${e.status || ""} ${e.message}).` })]));
+        return;
+      }
+      hooks = [];
+    }
+    if (!hooks.length) {
+      body.replaceChildren(el("tr", {}, [el("td", { colSpan: 5, className: "muted", textContent: "No webhooks yet." })]));
+      return;
+    }
+    body.replaceChildren(...hooks.map((h) => {
+      const result = el("span", { className: "msg" });
+      const test = el("button", { type: "button", textContent: "Send test" });
+      test.dataset.webhook = String(h.id);
+      test.addEventListener("click", async () => {
+        test.disabled = true;
+        result.textContent = "sending…";
+        try {
+          const r = await getJSON(`/api/v1/webhooks/${encodeURIComponent(h.id)}/test`, { method: "POST" });
+          // The reply is the test delivery: status "delivered" or "failed", with the receiver's code.
+          const code = r.last_status_code ? ` (HTTP ${r.last_status_code})` : "";
+          const ok = r.status === "delivered";
+          result.textContent = ok ? `delivered${code}` : `failed${code}: ${r.last_error || r.status}`;
+          result.className = "msg " + (ok ? "ok" : "err");
+        } catch (e) {
+          result.textContent = "failed: " + e.message;
+          result.className = "msg err";
+        } finally {
+          test.disabled = false;
+        }
+      });
+      return el("tr", {}, [
+        el("td", {}, [el("code", { textContent: h.url })]),
+        el("td", { textContent: h.format }),
+        el("td", { textContent: (h.severities || []).join(", ") || "all" }),
+        el("td", { textContent: h.enabled ? "yes" : "no" }),
+        el("td", {}, [test, " ", result]),
+      ]);
+    }));
+  }
+
+  document.getElementById("webhook-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const form = ev.target;
+    const severities = form.severities.value.split(",").map((s) => s.trim()).filter(Boolean);
+    try {
+      const hook = await getJSON(api + "/webhooks", { method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ url: form.url.value, format: form.format.value, severities }) });
+      say("webhook-msg", hook && hook.secret ? `Added. Signing secret (shown once): ${hook.secret}` : "Added.", true);
+      form.url.value = "";
+      loadWebhooks();
+    } catch (e) {
+      say("webhook-msg", "Not added: " + e.message, false);
+    }
+  });
+
+  loadDetectors();
+  loadWebhooks();
+};
