@@ -14,6 +14,7 @@ from stethoscope import __version__
 from . import migrate
 from .alerting import Alerting
 from .api import alerts as alerts_api
+from .api import continual as continual_api
 from .api import points as points_api
 from .api import runs as runs_api
 from .api import webhooks as webhooks_api
@@ -61,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(points_api.router, prefix=API_PREFIX)
     app.include_router(alerts_api.router, prefix=API_PREFIX)
     app.include_router(webhooks_api.router, prefix=API_PREFIX)
+    app.include_router(continual_api.router, prefix=API_PREFIX)
 
     @app.exception_handler(NotFound)
     async def _not_found(_: Request, exc: NotFound):
