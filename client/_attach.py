@@ -120,7 +120,7 @@ def _distributed():
 def _json_config(config: dict) -> dict:
     import json
 
-    from ._monitor import _jsonable
+    from ._checks import _jsonable
 
     try:
         return json.loads(json.dumps(config, default=_jsonable, allow_nan=False))

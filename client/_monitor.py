@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import operator
 import threading
 import time
 import uuid
@@ -19,6 +18,7 @@ import uuid
 import torch
 
 from . import _attention, _errors, _metrics
+from ._checks import _check_log_args, _check_name, _check_step, _jsonable
 from ._metrics import MAX, MEAN, SUM
 from .wire import MAX_NAME_LENGTH
 
@@ -353,62 +353,3 @@ def _add_value(name, v, add, host_names, host_values):
     else:
         host_names.append(name)
         host_values.append(float(v))
-
-
-def _check_step(step) -> int:
-    try:
-        step = operator.index(step)
-    except TypeError:
-        if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_floating_point():
-            step = int(step)
-        else:
-            raise ValueError(f"step must be an int, not {type(step).__name__}") from None
-    if step < 0:
-        raise ValueError(f"step must be >= 0, not {step}")
-    return step
-
-
-_checked_names: set = set()
-
-
-def _check_name(name) -> None:
-    if name in _checked_names:
-        return
-    if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH or name.startswith("/") \
-            or name.endswith("/") or "//" in name or any(c.isspace() for c in name):
-        raise ValueError(f"metric name {name!r}: use a slash path like 'eval/acc/task1' "
-                         f"(no spaces, at most {MAX_NAME_LENGTH} characters)")
-    _checked_names.add(name)
-
-
-def _check_log_args(loss, logits, targets, scalars) -> None:
-    if loss is not None and not _is_scalar(loss):
-        raise ValueError("loss must be a number or a one-element tensor (pass loss, not a batch of losses)")
-    if logits is not None:
-        if not isinstance(logits, torch.Tensor) or logits.dim() < 2 or logits.shape[-1] < 2:
-            raise ValueError("logits must be a tensor of shape [batch, classes] or [batch, seq, vocab]")
-        if targets is not None:
-            if not isinstance(targets, torch.Tensor) or targets.shape != logits.shape[:-1] \
-                    or targets.is_floating_point():
-                raise ValueError(f"targets must be class indices of shape {tuple(logits.shape[:-1])} "
-                                 f"(logits' shape without the class dimension)")
-    elif targets is not None:
-        raise ValueError("targets were given without logits")
-    for name, v in scalars.items():
-        _check_name(name)
-        if not _is_scalar(v):
-            raise ValueError(f"{name}: a logged value must be a number or a one-element tensor")
-
-
-def _is_scalar(v) -> bool:
-    if isinstance(v, torch.Tensor):
-        return v.numel() == 1
-    return isinstance(v, (int, float)) and not isinstance(v, bool) or hasattr(v, "__float__")
-
-
-def _jsonable(o):
-    if isinstance(o, torch.Tensor) and o.numel() == 1:
-        return o.item()
-    if hasattr(o, "__float__"):
-        return float(o)
-    return str(o)

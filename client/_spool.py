@@ -208,10 +208,11 @@ class Spool:
 
     def close(self, remove_if_empty: bool = True) -> None:
         self._close_writer()
+        empty = remove_if_empty and self.peek() is None and not self.segments_with_data()
         if self._reader is not None:
             self._reader.close()
             self._reader = None
-        if remove_if_empty and self.peek() is None and not self.segments_with_data():
+        if empty:
             for p in list(self.path.iterdir()):
                 try:
                     p.unlink()
@@ -222,9 +223,6 @@ class Spool:
                 self.path.parent.rmdir()  # the run directory, when this was its last writer
             except OSError:
                 pass
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
