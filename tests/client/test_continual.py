@@ -243,3 +243,42 @@ def test_disabled_monitor_takes_task_switches(monkeypatch):
     mon.task_switch(3)
     ev = stethoscope.ContinualEvaluator(fresh()[0], mon)
     ev.record(0, 0.5)  # nowhere to send: nothing happens
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_on_a_real_class_incremental_run_the_detector_works_offline_in_the_job(seed):
+    """No server: the job runs the detectors on the points it produces, as an offline job can."""
+    import _continual_training as T
+    from stethoscope.detectors import DetectorSet
+
+    res = T.class_incremental(seed=seed)
+    assert res.evaluator.evaluations == res.steps == T.TASKS * T.STEPS_PER_TASK
+    points = [("continual/task", s, float(t)) for s, t in res.switches]
+    points += [(f"eval/acc/{t}", s, v) for t, pts in res.acc.items() for s, v in pts]
+    changes = DetectorSet().update({}, points)
+    resolved = [c for c in changes if c.detector == "stability_gap" and c.action == "resolve"]
+    assert len([c for c in changes if c.action == "open"]) == len(resolved) == len(changes) - len(resolved)
+
+    # A direct look at the accuracies: every previous task whose accuracy fell more than 0.1
+    # below its level just before a switch, before the next one, has exactly one alert.
+    acc = {t: dict(pts) for t, pts in res.acc.items()}
+    starts = [s for s, _ in res.switches] + [res.steps]
+    expected = {}
+    for (s, new), end in zip(res.switches[1:], starts[2:]):
+        for t, by_step in acc.items():
+            if t != new and s - 1 in by_step:
+                low_step = min(range(s, end), key=lambda i: (by_step[i], i))
+                if by_step[s - 1] - by_step[low_step] > 0.1:
+                    expected[(s, t)] = (by_step[s - 1] - by_step[low_step], low_step)
+    assert len(expected) >= T.TASKS - 1  # at least one gap per switch: the phenomenon is there
+    assert sorted((c.evidence["switch_step"], c.key) for c in resolved) == sorted(expected)
+    for c in resolved:
+        gap, low_step = expected[(c.evidence["switch_step"], c.key)]
+        assert c.evidence["gap"] == pytest.approx(gap) and c.evidence["min_step"] == low_step
+        assert c.evidence["switch_step"] <= c.start_step <= low_step < c.end_step
+        assert c.end_step - c.evidence["switch_step"] == c.evidence["recovery_steps"] <= 60
+        # Recovered: three evaluations in a row back within 0.05 of the pre-switch level.
+        level = c.evidence["pre_switch_acc"] - 0.05
+        assert all(acc[c.key][c.end_step + i] >= level for i in range(3))
+        assert acc[c.key][c.end_step - 1] < level
