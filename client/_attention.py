@@ -8,7 +8,7 @@ flag test. (Under ``torch.compile`` mark it with ``torch.compiler.disable`` or l
 
 from __future__ import annotations
 
-_active = True
+_active = False  # set by an attached monitor on its logging steps
 _max = None
 
 

@@ -64,6 +64,7 @@ class Monitor:
             self._hooks = [optimizer.register_step_pre_hook(self._pre_step),
                            optimizer.register_step_post_hook(self._post_step_hook)]
         self._lr_names = _lr_names(optimizer)
+        _attention.set_active(True)  # the first call logs
 
     # -- public API ------------------------------------------------------------------
     def log(self, step=None, loss=None, logits=None, targets=None, **scalars) -> None:
@@ -187,6 +188,8 @@ class Monitor:
         for h in self._hooks:
             h.remove()
         self._layout.release_snapshot()
+        _attention.set_active(False)
+        _attention.take()
         from . import _attach
 
         _attach.forget(self)

@@ -123,3 +123,17 @@ def test_a_forked_child_sends_with_its_own_sender(live_server, tmp_path):
     mon.close()
     assert read_series(live_server.url, "forked", "child")[0] == list(range(100, 105))
     assert read_series(live_server.url, "forked", "loss")[0] == list(range(10))
+
+
+def test_a_failure_inside_log_is_swallowed_and_reported(internal_errors, tmp_path):
+    class Weird:
+        def __float__(self):
+            raise ArithmeticError("cannot be read")
+
+    model = TinyNet()
+    mon = stethoscope.attach(model, None, server="offline", spool_dir=tmp_path)
+    mon.log(step=0, weird=Weird())  # must not raise into the loop
+    mon.close()
+    assert [w for w, _ in internal_errors] == ["log"]
+    assert isinstance(internal_errors[0][1], ArithmeticError)
+    internal_errors.clear()  # expected here; the autouse fixture fails on anything left
