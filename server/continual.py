@@ -39,7 +39,7 @@ from collections import deque
 
 from stethoscope.detectors.stability_gap import ACC_PREFIX, RECOVER_POINTS, RECOVER_TOLERANCE, TASK_SERIES
 
-__all__ = ["ACC_PREFIX", "TASK_SERIES", "Summary", "Switch", "compute", "downsample", "segments",
+__all__ = ["ACC_PREFIX", "TASK_SERIES", "Summary", "Switch", "compute", "downsample", "run_summary", "segments",
            "switch_gaps", "switches_from_events", "task_of", "wf_name"]
 
 #: The windows of WF^w: 10 evaluations for short-lived drops, 100 for longer ones (the two
@@ -279,3 +279,45 @@ def downsample(steps: list[int], values: list[float], max_points: int) -> tuple[
             out_s.append(steps[i])
             out_v.append(values[i])
     return out_s, out_v, True
+
+
+# -- reading a run (the only part that touches the database) ----------------------------------
+
+def run_summary(store, run_id: str, max_points: int = 2000) -> dict:
+    """The run's summary as the API serves it (``NotFound`` for an unknown run): tasks,
+    switches with their gaps, current metrics, and the ``continual/*`` series downsampled to
+    ``max_points``. The dashboard can call this in-process instead of reading stored series.
+
+        body = run_summary(app.state.store, "run-1")
+        body["current"]["wc_acc"], body["series"]["continual/min_acc"]["steps"]
+    """
+    from sqlalchemy import select
+
+    from .models import Event, Point, Series
+    from .store import runs as _runs
+
+    S, P, E = Series.__table__, Point.__table__, Event.__table__
+
+    def points(sid):
+        q = select(P.c.step, P.c.value).where(P.c.series_id == sid).order_by(P.c.step)
+        return [(s, v) for s, v in conn.execute(q) if v is not None]  # NULL is how NaN is stored
+
+    with store.reading() as conn:
+        _runs.get_run(conn, run_id)
+        acc = {}
+        for sid, name in conn.execute(select(S.c.id, S.c.name).where(S.c.run_id == run_id, S.c.name.startswith(ACC_PREFIX, autoescape=True))):
+            task = task_of(name)
+            if task is not None:
+                acc[task] = points(sid)
+        q = select(E.c.step, E.c.info).where(E.c.run_id == run_id, E.c.kind == "task_switch").order_by(E.c.step, E.c.id)
+        switches = switches_from_events([{"step": r.step, "info": r.info or {}} for r in conn.execute(q)])
+        if not switches:  # points posted without events: the hook's continual/task series
+            sid = conn.execute(select(S.c.id).where(S.c.run_id == run_id, S.c.name == TASK_SERIES)).scalar()
+            switches = [Switch(s, str(int(v))) for s, v in points(sid) if v - v == 0] if sid is not None else []
+    summary = compute(acc, switches)
+    series = {}
+    for name, (steps, values) in summary.series.items():
+        steps, values, down = downsample(steps, values, max_points)
+        series[name] = {"steps": steps, "values": values, "downsampled": down}
+    return {"run_id": run_id, "tasks": summary.tasks, "switches": summary.switches, "current": summary.current,
+            "series": series}
