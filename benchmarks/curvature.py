@@ -134,6 +134,26 @@ def reference(model, loss_fn, batch, seed, rel_tol=0.05, tol=1e-3, max_iter=100,
                 trace_hvps=len(samples), seconds=time.perf_counter() - t0, eig_seconds=t_eig)
 
 
+def power_hvps_to_reach(model, loss_fn, batch, truth, rel_err, seed=0, cap=300):
+    """Power iterations (PyHessian's) until lambda_max is as accurate as ours was."""
+    x, y = batch
+    names = [n for n, _ in model.named_parameters()]
+    leaves = [p.detach().requires_grad_(True) for p in model.parameters()]
+    grads = torch.autograd.grad(loss_fn(functional_call(model, dict(zip(names, leaves)), (x,)), y), leaves,
+                                create_graph=True)
+    gen = torch.Generator().manual_seed(seed)
+    v = [torch.randn(p.shape, generator=gen) for p in leaves]
+    for i in range(1, cap + 1):
+        norm = math.sqrt(sum(float(torch.sum(u * u)) for u in v))
+        v = [u / norm for u in v]
+        Hv = torch.autograd.grad(grads, leaves, grad_outputs=v, retain_graph=True)
+        eig = sum(float(torch.sum(a * b)) for a, b in zip(Hv, v))
+        if abs(eig - truth) <= rel_err * abs(truth):
+            return i
+        v = list(Hv)
+    return None
+
+
 def per_probe_counts(model, loss_fn, batch, truth_trace, probes=40):
     """Probes needed for 5% relative standard error, plain vs deflated, from sample spreads."""
     from stethoscope._curvature_hvp import HessianOperator
@@ -161,7 +181,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch", type=int, default=256, help="size of the curvature batch")
     ap.add_argument("--train-seconds", type=float, default=60.0, help="length of each overhead run")
-    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -176,7 +196,7 @@ def main():
 
     # yardstick
     t0 = time.perf_counter()
-    truth = estimate_curvature(model, loss_fn, batch, tol=1e-9, max_iter=60, rel_tol=0.005, max_hvps=3000,
+    truth = estimate_curvature(model, loss_fn, batch, tol=1e-9, max_iter=60, rel_tol=0.01, max_hvps=1000,
                                seed=999, backend="autograd")
     emit("truth", lambda_max=truth.lambda_max, trace=truth.trace, trace_stderr=truth.trace_stderr,
          hvps=truth.hvps, seconds=time.perf_counter() - t0)
@@ -187,34 +207,51 @@ def main():
     emit("warmup", backend=backend, seconds=warm.seconds)
     reference(model, loss_fn, batch, seed=12345)
 
-    ours_runs, ref_runs = [], []
-    for r in range(args.repeats):
-        ref = reference(model, loss_fn, batch, seed=r)
-        est = estimate_curvature(model, loss_fn, batch, seed=r, backend=backend)
-        ref["lambda_rel_err"] = abs(ref["lambda_max"] - truth.lambda_max) / truth.lambda_max
-        ref["trace_rel_err"] = abs(ref["trace"] - truth.trace) / abs(truth.trace)
-        ours = dict(trace=est.trace, trace_stderr=est.trace_stderr, lambda_max=est.lambda_max, hvps=est.hvps,
+    ours_runs, ref_runs, loose_runs = [], [], []
+
+    def ours_record(est):
+        return dict(trace=est.trace, trace_stderr=est.trace_stderr, lambda_max=est.lambda_max, hvps=est.hvps,
                     seconds=est.seconds, backend=est.backend,
                     lambda_rel_err=abs(est.lambda_max - truth.lambda_max) / truth.lambda_max,
                     trace_rel_err=abs(est.trace - truth.trace) / abs(truth.trace))
+
+    for r in range(args.repeats):
+        ref = reference(model, loss_fn, batch, seed=r)
+        ref["lambda_rel_err"] = abs(ref["lambda_max"] - truth.lambda_max) / truth.lambda_max
+        ref["trace_rel_err"] = abs(ref["trace"] - truth.trace) / abs(truth.trace)
+        ours = ours_record(estimate_curvature(model, loss_fn, batch, seed=r, backend=backend))
+        # Lanczos at 1e-3 is ~100x more accurate than power iteration at 1e-3; at 1e-2 it is
+        # still more accurate than the reference, so this is the equal-accuracy comparison.
+        loose = ours_record(estimate_curvature(model, loss_fn, batch, seed=r, backend=backend, tol=1e-2))
         emit("reference", repeat=r, **ref)
-        emit("ours", repeat=r, **ours)
+        emit("ours", repeat=r, tol=1e-3, **ours)
+        emit("ours", repeat=r, tol=1e-2, **loose)
         ref_runs.append(ref)
         ours_runs.append(ours)
+        loose_runs.append(loose)
 
     emit("per_probe", **per_probe_counts(model, loss_fn, batch, truth.trace))
+    ours_err = statistics.median(o["lambda_rel_err"] for o in ours_runs)
+    emit("lambda_equal_accuracy", ours_lambda_rel_err=ours_err,
+         ref_power_hvps_to_reach_it=[power_hvps_to_reach(model, loss_fn, batch, truth.lambda_max,
+                                                          max(ours_err, 1e-6), seed=r) for r in range(3)])
 
     med = lambda runs, key: statistics.median(x[key] for x in runs)  # noqa: E731
+    rse = lambda runs: statistics.median(x["trace_stderr"] / abs(x["trace"]) for x in runs)  # noqa: E731
     emit("compare", model=args.model, params=n_params,
-         ref_seconds=med(ref_runs, "seconds"), ours_seconds=med(ours_runs, "seconds"),
-         speedup=med(ref_runs, "seconds") / med(ours_runs, "seconds"),
-         ref_hvps=med(ref_runs, "hvps"), ours_hvps=med(ours_runs, "hvps"),
-         ref_seconds_per_hvp=med(ref_runs, "seconds") / med(ref_runs, "hvps"),
-         ours_seconds_per_hvp=med(ours_runs, "seconds") / med(ours_runs, "hvps"),
-         ref_lambda_rel_err=med(ref_runs, "lambda_rel_err"), ours_lambda_rel_err=med(ours_runs, "lambda_rel_err"),
-         ref_trace_rel_err=med(ref_runs, "trace_rel_err"), ours_trace_rel_err=med(ours_runs, "trace_rel_err"),
-         ref_trace_rse=med([dict(x=r["trace_stderr"] / abs(r["trace"])) for r in ref_runs], "x"),
-         ours_trace_rse=med([dict(x=r["trace_stderr"] / abs(r["trace"])) for r in ours_runs], "x"))
+         ref_seconds=med(ref_runs, "seconds"), ref_hvps=med(ref_runs, "hvps"),
+         ref_lambda_rel_err=med(ref_runs, "lambda_rel_err"), ref_trace_rel_err=med(ref_runs, "trace_rel_err"),
+         ref_trace_rse=rse(ref_runs), ref_seconds_per_hvp=med(ref_runs, "seconds") / med(ref_runs, "hvps"),
+         ours_seconds=med(ours_runs, "seconds"), ours_hvps=med(ours_runs, "hvps"),
+         ours_lambda_rel_err=med(ours_runs, "lambda_rel_err"), ours_trace_rel_err=med(ours_runs, "trace_rel_err"),
+         ours_trace_rse=rse(ours_runs), ours_seconds_per_hvp=med(ours_runs, "seconds") / med(ours_runs, "hvps"),
+         speedup_same_settings=med(ref_runs, "seconds") / med(ours_runs, "seconds"),
+         ours_tol1e2_seconds=med(loose_runs, "seconds"), ours_tol1e2_hvps=med(loose_runs, "hvps"),
+         ours_tol1e2_lambda_rel_err=med(loose_runs, "lambda_rel_err"),
+         ours_tol1e2_trace_rel_err=med(loose_runs, "trace_rel_err"), ours_tol1e2_trace_rse=rse(loose_runs),
+         equal_accuracy=med(loose_runs, "lambda_rel_err") <= med(ref_runs, "lambda_rel_err"),
+         speedup_equal_accuracy=med(ref_runs, "seconds") / med(loose_runs, "seconds"),
+         hvp_ratio_equal_accuracy=med(ref_runs, "hvps") / med(loose_runs, "hvps"))
 
     # amortised overhead of the default schedule on training
     t_step, _ = train(model, data, 50)

@@ -75,9 +75,10 @@ def _estimate(op, *, seed, trace=True, eig=True, rel_tol=TRACE_REL_TOL, tol=LANC
     lam_max = lam_min = math.nan
     basis, base = None, 0.0
     if eig or deflate:
-        res = lanczos(op.matvec, op.n, tol=tol, max_iter=min(max_iter, max(1, max_hvps - 2)), **common)
+        res = lanczos(op.matvec, op.n, tol=tol, max_iter=min(max_iter, max(1, max_hvps - 2)),
+                      keep_basis=deflate and trace, **common)
         lam_max, lam_min = res.lambda_max, res.lambda_min
-        if deflate:
+        if deflate and trace:
             basis, base = res.basis, res.diagonal_sum
     tr = se = math.nan
     if trace:

@@ -63,23 +63,27 @@ def _ritz(alphas, betas):
 
 
 def lanczos(matvec, n, *, generator, device, dtype, tol=LANCZOS_TOL, max_iter=LANCZOS_MAX_ITER,
-            min_iter=3):
-    """Lanczos with full reorthogonalisation from a normalised Rademacher start vector."""
+            min_iter=3, keep_basis=True):
+    """Lanczos with full reorthogonalisation from a normalised Rademacher start vector.
+
+    Memory: the basis, one vector per step (``max_iter * n`` numbers at most); lower
+    ``max_iter`` for a model whose parameters barely fit.
+    """
     max_iter = max(1, min(int(max_iter), n))
-    Q = torch.empty(max_iter, n, device=device, dtype=dtype)
-    Q[0] = rademacher(1, n, generator, device, dtype)[0] / math.sqrt(n)
+    q = rademacher(1, n, generator, device, dtype)[0] / math.sqrt(n)
+    basis = []
     alphas, betas, thetas = [], [], []
     lam_max = lam_min = 0.0
-    m = 0
     for j in range(max_iter):
-        m = j + 1
-        w = matvec(Q[j : j + 1])[0]
-        alphas.append(float(torch.dot(Q[j], w)))
-        basis = Q[: j + 1]
+        basis.append(q)
+        w = matvec(q[None])[0]
+        alphas.append(float(torch.dot(q, w)))
         # Classical Gram-Schmidt twice ("twice is enough", Giraud et al. 2005) keeps the basis
         # orthonormal to working precision, which the deflated trace relies on.
         for _ in range(2):
-            w = w - basis.T @ (basis @ w)
+            coeffs = [torch.dot(b, w) for b in basis]  # device scalars: no host sync
+            for b, c in zip(basis, coeffs):
+                w.sub_(b * c)
         beta = float(torch.linalg.vector_norm(w))
         evals, evecs = _ritz(alphas, betas)
         lam_max, lam_min = float(evals[-1]), float(evals[0])
@@ -87,17 +91,17 @@ def lanczos(matvec, n, *, generator, device, dtype, tol=LANCZOS_TOL, max_iter=LA
         scale = max(abs(lam_max), abs(lam_min), 1e-30)
         if beta <= 100 * torch.finfo(dtype).eps * scale:
             break  # invariant subspace: these Ritz values are eigenvalues
-        if m >= min_iter:
+        if j + 1 >= min_iter:
             bound = beta * abs(float(evecs[-1, -1]))  # |theta - lambda| <= bound for some eigenvalue
             steady = len(thetas) >= 3 and all(
                 abs(thetas[-i] - thetas[-i - 1]) <= tol * max(abs(lam_max), 1e-30) for i in (1, 2)
             )
             if bound <= tol * max(abs(lam_max), 1e-30) or steady:
                 break
-        if j + 1 < max_iter:
-            betas.append(beta)
-            Q[j + 1] = w / beta
-    return LanczosResult(lam_max, lam_min, Q[:m], float(sum(alphas)), m)
+        betas.append(beta)
+        q = w / beta
+    Q = torch.stack(basis) if keep_basis else None
+    return LanczosResult(lam_max, lam_min, Q, float(sum(alphas)), len(basis))
 
 
 @dataclass
