@@ -162,7 +162,7 @@ def _heatmap_panel(store, run_id, spec: PanelSpec, start, end, events) -> go.Fig
 def compare_figure(store: Store, run_ids: list[str], metric: str, start: int | None, end: int | None) -> dict:
     """One metric of several runs overlaid; the legend names each run."""
     layout = F.base_layout(f"{metric} across runs")
-    layout["height"] = 460
+    layout["height"] = 480
     fig = go.Figure()
     for rid in run_ids:
         try:

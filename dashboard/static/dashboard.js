@@ -50,11 +50,11 @@
       return `${this.src}${sep}start=${Math.floor(this.range[0])}&end=${Math.ceil(this.range[1])}`;
     }
 
-    async load() {
+    async load(first) {
       if (this.loading) { this.again = true; return; }
       this.loading = true;
       try {
-        const data = await getJSON(this.url());
+        const data = await (first || getJSON(this.url()));
         await this.render(data);
       } catch (e) {
         console.warn("stethoscope: chart data not loaded:", e.message);
@@ -109,6 +109,7 @@
         this.syncing = false;
       }
       this.renders += 1;
+      if (this.renders === 1 && window.performance && performance.mark) performance.mark("stethoscope-charts-rendered");
       this.root.dataset.rendered = String(this.renders);
       if (data.run) {
         this.drawn = versionKey(data.run);
@@ -179,13 +180,18 @@
   }
 
   // ---- boot ---------------------------------------------------------------------------
+  // This script runs at the end of <body>, before the deferred plotly.js: ask for the chart
+  // data now, so the server works while the browser compiles plotly.js.
+  const chartsRoot = document.getElementById("charts");
+  const firstData = chartsRoot ? getJSON(chartsRoot.dataset.src) : null;
+  if (firstData) firstData.catch(() => {});  // handled in load(); no unhandled-rejection noise
+
   document.addEventListener("DOMContentLoaded", () => {
     bindAcks();
-    const root = document.getElementById("charts");
-    if (root && window.Plotly) {
-      const charts = new Charts(root);
+    if (chartsRoot && window.Plotly) {
+      const charts = new Charts(chartsRoot);
       window.stethoscopeCharts = charts;
-      charts.load().then(() => charts.startLive());
+      charts.load(firstData).then(() => charts.startLive());
     }
     const settings = document.getElementById("settings");
     if (settings && window.StethoscopeSettings) window.StethoscopeSettings(settings, { el, getJSON });

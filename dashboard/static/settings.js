@@ -15,8 +15,8 @@ window.StethoscopeSettings = function (root, { el, getJSON }) {
     const input = el("input", { name });
     if (typeof value === "boolean") { input.type = "checkbox"; input.checked = value; input.dataset.kind = "bool"; }
     else if (typeof value === "number") {
-      input.type = "number"; input.step = "any"; input.value = String(value);
-      input.dataset.kind = Number.isInteger(value) ? "int" : "float";
+      // JSON cannot tell 6.0 from 6: send what was typed ("8.5" stays 8.5, "128" stays 128).
+      input.type = "number"; input.step = "any"; input.value = String(value); input.dataset.kind = "number";
     } else if (typeof value === "string") { input.type = "text"; input.value = value; input.dataset.kind = "str"; }
     else { input.type = "text"; input.value = JSON.stringify(value); input.dataset.kind = "json"; }
     return input;
@@ -25,8 +25,11 @@ window.StethoscopeSettings = function (root, { el, getJSON }) {
   function readInput(input) {
     switch (input.dataset.kind) {
       case "bool": return input.checked;
-      case "int": return Number.parseInt(input.value, 10);
-      case "float": return Number.parseFloat(input.value);
+      case "number": {
+        const n = Number(input.value);
+        if (input.value.trim() === "" || !Number.isFinite(n)) throw new Error(`${input.name}: not a number`);
+        return n;
+      }
       case "json": return JSON.parse(input.value);
       default: return input.value;
     }

@@ -21,6 +21,12 @@ def training() -> _training.Training:
 
 
 @pytest.fixture(scope="session")
+def training_b() -> _training.Training:
+    """The same recipe with another seed: a second run worth comparing."""
+    return _training.train(seed=1)
+
+
+@pytest.fixture(scope="session")
 def browser():
     sync_api = pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists():

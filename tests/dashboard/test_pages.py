@@ -1,0 +1,98 @@
+"""The pages and chart JSON over HTTP, on both databases: escaping, security headers, plotly.js
+served by us (no CDN), panels per series, zoom ranges, NaN round trip to the figures."""
+
+from __future__ import annotations
+
+
+import httpx
+import plotly
+import pytest
+
+EVIL = '<script>alert("x")</script>'
+
+
+@pytest.fixture
+def web(live_server):
+    with httpx.Client(base_url=live_server.url, timeout=30) as c:
+        c.put("/api/v1/runs/r1", json={"project": "p<1>", "name": EVIL, "config": {"note": EVIL}, "tags": [EVIL]}).raise_for_status()
+        steps = list(range(100))
+        loss = [2.0 / (1 + s) for s in steps]
+        loss[40], loss[41], loss[42] = "NaN", "Infinity", "-Infinity"
+        c.post("/api/v1/runs/r1/points", json={"series": [
+            {"name": "loss", "steps": steps, "values": loss},
+            {"name": "grad/norm/fc1", "steps": steps, "values": [1.0] * 100},
+            {"name": "logits/median_margin", "steps": steps, "values": [s / 10 for s in steps]},
+            {"name": "my/custom", "steps": steps, "values": [0.0] * 100},
+        ]}).raise_for_status()
+        c.post("/api/v1/runs/r1/events", json={"events": [{"key": "s", "step": 50, "kind": "task_switch", "message": EVIL, "info": {"task": EVIL}}]})
+        yield c
+
+
+def test_pages_escape_user_text_and_send_a_strict_csp(web):
+    for path in ("/", "/runs/r1", "/alerts", "/compare?run=r1", "/projects/p%3C1%3E/settings"):
+        r = web.get(path)
+        assert r.status_code == 200, path
+        assert EVIL not in r.text and "<1>" not in r.text, path
+        csp = r.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "unsafe-inline" not in csp.split("script-src")[1].split(";")[0]
+    page = web.get("/runs/r1").text
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in page
+    assert "<script>" not in page.replace('<script src="', "")  # no inline script at all
+
+
+def test_plotly_js_is_served_by_us_not_a_cdn(web):
+    page = web.get("/runs/r1").text
+    url = f"/static/plotly-{plotly.__version__}.min.js"
+    assert f'src="{url}"' in page and "cdn" not in page.lower()
+    r = web.get(url)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/javascript")
+    assert "immutable" in r.headers["cache-control"] and len(r.content) > 1_000_000
+    assert web.get("/static/dashboard/dashboard.js").status_code == 200
+
+
+def test_run_panels_json_holds_each_series_and_its_non_finite_markers(web):
+    data = web.get("/ui/api/runs/r1/panels").json()
+    ids = [p["id"] for p in data["panels"]]
+    assert ids == ["loss", "grad_modules", "margin", "other"]
+    loss = data["panels"][0]["figure"]
+    line = loss["data"][0]
+    assert line["y"][40:43] == [None, None, None] and line["x"][40:43] == [40, 41, 42]
+    bad = next(t for t in loss["data"] if (t.get("meta") or {}).get("nonfinite"))
+    assert bad["x"] == [40, 41, 42]
+    # The event is on the step axis, its text escaped.
+    assert any(s.get("x0") == 50 for s in loss["layout"]["shapes"])
+    ev = next(t for t in loss["data"] if t["name"] == "events")
+    assert "<script>" not in ev["text"][0]
+    margin = data["panels"][2]["figure"]["layout"]
+    assert any(abs(s.get("y0", 0) - 16.6355) < 1e-3 for s in margin["shapes"])
+    assert data["run"]["last_step"] == 99
+
+
+def test_zoom_reads_only_the_range_at_full_detail(web):
+    data = web.get("/ui/api/runs/r1/panels", params={"start": 10, "end": 30}).json()
+    line = data["panels"][0]["figure"]["data"][0]
+    assert line["x"] == list(range(10, 31))
+    assert not any((t.get("meta") or {}).get("nonfinite") for t in data["panels"][0]["figure"]["data"])
+
+
+def test_live_state_and_compare(web):
+    st = web.get("/ui/api/runs/r1/state").json()
+    assert st["last_step"] == 99 and st["status"] == "running" and st["events"] == 1
+    web.post("/api/v1/runs/r1/points", json={"series": [{"name": "loss", "steps": [100], "values": [0.1]}]})
+    assert web.get("/ui/api/runs/r1/state").json()["last_step"] == 100
+    cmp = web.get("/ui/api/compare", params=[("metric", "loss"), ("run", "r1"), ("run", "missing")]).json()
+    names = [t["name"] for t in cmp["panels"][0]["figure"]["data"]]
+    assert names[0] == "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; (r1)" and len(names) == 2  # line + NaN/inf markers
+
+
+def test_unknown_run_is_404(web):
+    assert web.get("/runs/nope").status_code == 404
+    assert web.get("/ui/api/runs/nope/panels").status_code == 404
+
+
+def test_overview_filters(web):
+    web.put("/api/v1/runs/r2", json={"project": "other", "name": "second"})
+    assert "second" in web.get("/").text
+    assert "second" not in web.get("/", params={"project": "p<1>"}).text
+    assert "second" in web.get("/", params={"q": "SEC"}).text
+    assert "second" not in web.get("/", params={"status": "finished"}).text
