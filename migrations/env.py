@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from stethoscope_server.models import Base
+from stethoscope_server.models import Base, is_partition
 
 config = context.config
 target_metadata = Base.metadata
@@ -17,9 +17,15 @@ def _run(connection) -> None:
         target_metadata=target_metadata,
         render_as_batch=connection.dialect.name == "sqlite",  # SQLite alters tables by copying them
         compare_type=True,
+        include_name=include_name,
     )
     with context.begin_transaction():
         context.run_migrations()
+
+
+def include_name(name, type_, parent_names) -> bool:
+    """What autogenerate compares: everything but the partitions of ``points``."""
+    return not (type_ == "table" and name is not None and is_partition(name))
 
 
 def run_migrations_online() -> None:

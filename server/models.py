@@ -71,6 +71,11 @@ class Series(Base):
     __table_args__ = (UniqueConstraint("run_id", "name", name="uq_series_run_name"),)
 
 
+def is_partition(table_name: str) -> bool:
+    """Partitions of ``points`` (PostgreSQL, migration 0003) are not models of their own."""
+    return table_name.startswith("points_p") and table_name[len("points_p"):].isdigit()
+
+
 class Point(Base):
     """One value of one series at one step: (series_id, step) is the key and the read order.
 
