@@ -4,6 +4,7 @@
 "use strict";
 (function () {
   const ZOOM_DEBOUNCE_MS = 250;
+  const IDLE_POLL_FACTOR = 5;  // finished, failed or diverged runs are polled 5x less often
   const PLOT_CONFIG = { responsive: true, displaylogo: false, scrollZoom: false,
     modeBarButtonsToRemove: ["lasso2d", "select2d", "autoScale2d"] };
 
@@ -148,7 +149,9 @@
         } catch (e) {
           console.warn("stethoscope: live update failed:", e.message);
         }
-        setTimeout(tick, this.pollMs);
+        // A finished run may be resumed, so keep listening, but less often.
+        const running = !this.state || this.state.status === "running";
+        setTimeout(tick, running ? this.pollMs : this.pollMs * IDLE_POLL_FACTOR);
       };
       setTimeout(tick, this.pollMs);
     }
