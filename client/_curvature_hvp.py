@@ -156,11 +156,14 @@ class _AutogradProducts:
 
     def __call__(self, tangents):
         k = tangents[0].shape[0]
-        outs = [torch.zeros_like(t) for t in tangents]
         if not self._grads:
-            return tuple(outs)
+            return tuple(torch.zeros_like(t) for t in tangents)
         cotangents = [tangents[i] for i in self._live]
-        if k > 1 and self._batched:
+        if k == 1:
+            hv = self._grad([c[0] for c in cotangents], batched=False)
+            return tuple(torch.zeros_like(t) if h is None else h.unsqueeze(0) for t, h in zip(tangents, hv))
+        outs = [torch.zeros_like(t) for t in tangents]
+        if self._batched:
             try:
                 hv = self._grad(cotangents, batched=True)
             except torch.cuda.OutOfMemoryError:

@@ -70,38 +70,59 @@ def lanczos(matvec, n, *, generator, device, dtype, tol=LANCZOS_TOL, max_iter=LA
     ``max_iter`` for a model whose parameters barely fit.
     """
     max_iter = max(1, min(int(max_iter), n))
-    q = rademacher(1, n, generator, device, dtype)[0] / math.sqrt(n)
-    basis = []
+    # The basis grows by doubling: memory follows the steps taken, not max_iter, and the
+    # reorthogonalisation stays two matrix-vector products over one contiguous block.
+    Q = torch.empty(min(max_iter, 8), n, device=device, dtype=dtype)
+    Q[0] = rademacher(1, n, generator, device, dtype)[0] / math.sqrt(n)
     alphas, betas, thetas = [], [], []
     lam_max = lam_min = 0.0
+    m = 0
     for j in range(max_iter):
-        basis.append(q)
+        m = j + 1
+        q = Q[j]
         w = matvec(q[None])[0]
-        alphas.append(float(torch.dot(q, w)))
-        # Classical Gram-Schmidt twice ("twice is enough", Giraud et al. 2005) keeps the basis
-        # orthonormal to working precision, which the deflated trace relies on.
+        # In place throughout: on a CPU each fresh n-sized temporary costs page faults
+        # comparable to the arithmetic itself.
+        alpha = float(torch.dot(q, w))
+        alphas.append(alpha)
+        w.sub_(q, alpha=alpha)
+        if j:
+            w.sub_(Q[j - 1], alpha=betas[-1])
+        # Full reorthogonalisation keeps the basis orthonormal to working precision, which the
+        # deflated trace relies on: one classical Gram-Schmidt pass against the whole basis,
+        # repeated only when it removed much ("twice is enough", Giraud et al. 2005, with the
+        # 1/sqrt(2) test of Daniel et al. 1976). After the three-term step a second pass is
+        # rarely needed, and each pass reads the whole basis, the main cost besides products.
+        basis = Q[:m]
+        norm = float(torch.linalg.vector_norm(w))
         for _ in range(2):
-            coeffs = [torch.dot(b, w) for b in basis]  # device scalars: no host sync
-            for b, c in zip(basis, coeffs):
-                w.sub_(b * c)
-        beta = float(torch.linalg.vector_norm(w))
+            w.addmv_(basis.T, torch.mv(basis, w), alpha=-1)
+            before, norm = norm, float(torch.linalg.vector_norm(w))
+            if norm > 0.7071 * before:
+                break
+        beta = norm
         evals, evecs = _ritz(alphas, betas)
         lam_max, lam_min = float(evals[-1]), float(evals[0])
         thetas.append(lam_max)
         scale = max(abs(lam_max), abs(lam_min), 1e-30)
         if beta <= 100 * torch.finfo(dtype).eps * scale:
             break  # invariant subspace: these Ritz values are eigenvalues
-        if j + 1 >= min_iter:
+        if m >= min_iter:
             bound = beta * abs(float(evecs[-1, -1]))  # |theta - lambda| <= bound for some eigenvalue
             steady = len(thetas) >= 3 and all(
                 abs(thetas[-i] - thetas[-i - 1]) <= tol * max(abs(lam_max), 1e-30) for i in (1, 2)
             )
             if bound <= tol * max(abs(lam_max), 1e-30) or steady:
                 break
+        if m == max_iter:
+            break
+        if m == Q.shape[0]:
+            grown = torch.empty(min(2 * m, max_iter), n, device=device, dtype=dtype)
+            grown[:m] = Q
+            Q = grown
         betas.append(beta)
-        q = w / beta
-    Q = torch.stack(basis) if keep_basis else None
-    return LanczosResult(lam_max, lam_min, Q, float(sum(alphas)), len(basis))
+        torch.div(w, beta, out=Q[m])
+    return LanczosResult(lam_max, lam_min, Q[:m] if keep_basis else None, float(sum(alphas)), m)
 
 
 @dataclass
@@ -124,9 +145,9 @@ def deflated_hutchinson(matvec, n, *, generator, device, dtype, basis=None, base
         k = max(1, min(want, block, max_probes - len(samples)))
         V = rademacher(k, n, generator, device, dtype)
         if basis is not None and basis.shape[0]:
-            V = V - (V @ basis.T) @ basis
+            V.addmm_(V @ basis.T, basis, alpha=-1)  # P v = v - Q (Q^T v), in place
         HV = matvec(V)
-        samples.extend((V * HV).sum(dim=1, dtype=torch.float64).tolist())
+        samples.extend(torch.bmm(V.unsqueeze(1), HV.unsqueeze(2)).reshape(-1).double().tolist())
         if len(samples) >= min_probes:
             s = torch.tensor(samples, dtype=torch.float64)
             mean, se = float(s.mean()), float(s.std() / math.sqrt(len(samples)))

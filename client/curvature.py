@@ -16,7 +16,8 @@ stability), and a minimum is linearly stable for SGD only if tr(H) <= 2/lr (Wu &
 
 How (details in ``_curvature_linalg`` and ``_curvature_hvp``): Lanczos with full
 reorthogonalisation gives lambda_max (and lambda_min) in typically 8-15 products, where power
-iteration needs about twice as many for the same accuracy; its Krylov basis then deflates the
+iteration stopped at the same 1e-3 tolerance needs 15-40 and is ~100x less accurate (on the
+benchmark MLP it needs 57-77 to be as accurate); its Krylov basis then deflates the
 Hutchinson trace estimate, whose Rademacher probes are drawn in vmapped blocks until the
 standard error is below ``rel_tol`` of the estimate. Nothing of the training state changes:
 parameters, ``.grad``, optimizer, RNG, BatchNorm statistics, train/eval mode.
@@ -24,6 +25,12 @@ parameters, ``.grad``, optimizer, RNG, BatchNorm statistics, train/eval mode.
 The curvature is that of the training loss as the training step sees it: BatchNorm layers in
 training mode normalise with the batch's statistics (their running statistics are left alone),
 and dropout draws one fixed mask per estimate.
+
+Limits: pass the bare module, not a ``DistributedDataParallel`` wrapper (its forward would
+synchronise gradients); with ``SyncBatchNorm`` every rank must run the estimate, since the
+forward pass communicates. The Lanczos basis holds up to ``max_iter`` copies of the
+parameters (30 by default); lower it for a model that barely fits. ``"auto"`` picks the
+double-backward products on a CPU (measured faster there) and times both on an accelerator.
 """
 
 from __future__ import annotations
@@ -31,12 +38,12 @@ from __future__ import annotations
 import torch
 
 from ._curvature_estimate import (
-    DEFAULT_BUDGET,
+    DEFAULT_BUDGET,  # noqa: F401  (re-exported: the default share of training time)
     LANCZOS_MAX_ITER,
     LANCZOS_TOL,
     MAX_HVPS,
     PROBE_BLOCK,
-    SERIES,
+    SERIES,  # noqa: F401  (re-exported: the names of the series sent)
     TRACE_REL_TOL,
     CurvatureEstimate,
     _check_tolerances,
