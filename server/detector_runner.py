@@ -13,6 +13,7 @@ way from a periodic thread (:meth:`DetectorRunner.check_stalled`).
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -119,11 +120,11 @@ class DetectorRunner:
             # the periodic check within ``stall_check_s``.
             return []
         try:
-            # A savepoint: a bug in a detector must not cost the points (the client would
-            # retry the batch forever); the points commit, detection skips this batch.
-            with conn.begin_nested():
-                return self._run(conn, run_id, project_id, proj, points, fed, last_step)
+            return self._run(conn, run_id, project_id, proj, points, fed, last_step)
         except Exception:
+            # A bug in a detector must not cost the points (the client would retry the batch
+            # forever): they commit, detection skips this batch. Nothing of it reached the
+            # database: state is written last, alerts inside a savepoint.
             self.errors += 1
             log.exception("detectors failed on run %r; its points are stored without detection", run_id)
             return []
@@ -140,10 +141,15 @@ class DetectorRunner:
             now = time.time()
             changes += proj.dset.check(state, now, now, "running", last_step)
             fed.add(STALLED)
-        save_states(conn, run_id, {d: state[d] for d in fed if d in state}, stored)
-        if not changes:
-            return []
-        return self.apply_changes(conn, run_id, project_id, changes)
+        states = {d: state[d] for d in fed if d in state}
+        strict_json(states)  # before any write: state and alerts commit together or not at all
+        opened: list[dict] = []
+        if changes:
+            # Alerts are rare: their savepoint costs two round trips only when there are some.
+            with conn.begin_nested():
+                opened = self.apply_changes(conn, run_id, project_id, changes)
+        save_states(conn, run_id, states, stored)
+        return opened
 
     # -- alert rows and deliveries ---------------------------------------------------------
     def apply_changes(self, conn: Connection, run_id: str, project_id: int, changes: list[AlertChange]) -> list[dict]:
@@ -225,8 +231,16 @@ class DetectorRunner:
         changes = proj.dset.check(state, time.time(), seen.timestamp() if seen else None, run.status, run.last_step)
         if not changes:
             return
+        strict_json(state)
         save_states(conn, run_id, {STALLED: state[STALLED]}, {STALLED} if row is not None else set())
         self.apply_changes(conn, run_id, run.project_id, changes)
+
+
+def strict_json(states: dict[str, dict]) -> None:
+    """``ValueError`` for a state that is not strict JSON (an infinity a detector kept): on
+    PostgreSQL its statement would fail and take the whole ingest transaction with it."""
+    for st in states.values():
+        json.dumps(st, allow_nan=False)
 
 
 def save_states(conn: Connection, run_id: str, states: dict[str, dict], stored: set[str]) -> None:
