@@ -15,11 +15,13 @@ from . import migrate
 from .alerting import Alerting
 from .api import alerts as alerts_api
 from .api import continual as continual_api
+from .api import ops as ops_api
 from .api import points as points_api
 from .api import runs as runs_api
 from .api import webhooks as webhooks_api
 from .db import make_engine
 from .ingest_parse import BadBatch
+from .observability import IngestMetricsMiddleware
 from .settings import Settings
 from .store import Conflict, NotFound, Store
 
@@ -63,6 +65,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(alerts_api.router, prefix=API_PREFIX)
     app.include_router(webhooks_api.router, prefix=API_PREFIX)
     app.include_router(continual_api.router, prefix=API_PREFIX)
+    app.include_router(ops_api.router)  # /readyz, /metrics
+    app.add_middleware(IngestMetricsMiddleware, prefix=API_PREFIX)
 
     @app.exception_handler(NotFound)
     async def _not_found(_: Request, exc: NotFound):

@@ -27,6 +27,7 @@ from stethoscope.detectors import RESOLVE, SEVERITIES, AlertChange, DetectorSet
 from stethoscope.detectors.stalled import StalledRunDetector
 
 from .models import Alert, DetectorSetting, DetectorState, Project, Run, utcnow
+from .observability import METRICS
 from .outbox import enqueue_for_alert, run_link
 from .settings import Settings
 from .store import Store
@@ -119,6 +120,7 @@ class DetectorRunner:
             # Nothing for the detectors. A stalled alert of this run, if any, is resolved by
             # the periodic check within ``stall_check_s``.
             return []
+        t0 = time.perf_counter()
         try:
             return self._run(conn, run_id, project_id, proj, points, fed, last_step)
         except Exception:
@@ -128,6 +130,8 @@ class DetectorRunner:
             self.errors += 1
             log.exception("detectors failed on run %r; its points are stored without detection", run_id)
             return []
+        finally:
+            METRICS.detector_seconds.observe(time.perf_counter() - t0)
 
     def _run(self, conn: Connection, run_id: str, project_id: int, proj: _ProjectDetectors,
              points: list[tuple[str, int, float]], fed: set[str], last_step: int) -> list[dict]:

@@ -34,6 +34,7 @@ from stethoscope import __version__
 
 from .background import Periodic
 from .models import utcnow
+from .observability import METRICS
 from .settings import Settings
 from .store import Store
 from .store import webhooks as _webhooks
@@ -215,6 +216,7 @@ class Outbox:
             log.warning("webhook %s delivery %s attempt %d: %s", row["webhook_id"], row["id"], attempts, error)
         with self.store.writing() as conn:
             _webhooks.record(conn, row["id"], status, code, error, next_at)
+        METRICS.webhook_deliveries.inc(1, "retrying" if status == "pending" else status)
         return {"status": status, "code": code, "error": error}
 
     def send_test(self, webhook_id: int, base_url: str) -> dict:

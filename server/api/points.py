@@ -12,6 +12,7 @@ import orjson
 from stethoscope.wire import encode_values
 
 from ..ingest_parse import BadBatch, decode_body, parse_batch
+from ..observability import METRICS, note_batch_points
 from .deps import SettingsDep, StoreDep
 from .runs import RunId
 from .schemas import EventBatch, EventOut, EventsReply, IngestBatch, IngestReply, SeriesData, SeriesInfo
@@ -61,8 +62,10 @@ async def ingest(run_id: RunId, request: Request, store: StoreDep, settings: Set
         chunks.append(chunk)
     body = decode_body(b"".join(chunks), request.headers.get("content-encoding"), settings.max_body_bytes)
     batches = parse_batch(body, settings.max_points_per_batch)
+    note_batch_points(request.scope, sum(len(b.steps) for b in batches))
     runner = request.app.state.run_in_thread
     result = await runner(store.ingest, run_id, batches)
+    METRICS.points_inserted.inc(result.inserted)
     hook = getattr(request.app.state, "after_ingest", None)
     if hook is not None:
         await runner(hook, run_id, result)
