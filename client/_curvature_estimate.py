@@ -21,7 +21,9 @@ from ._curvature_linalg import (
 DEFAULT_BUDGET = 0.05
 #: Default cap on Hessian-vector products per estimate (Lanczos steps plus trace probes).
 MAX_HVPS = 200
-#: Largest block of probes pushed through one vmapped product; halved on out-of-memory.
+#: Largest block of probes pushed through one vmapped product; halved on out-of-memory. On a
+#: CPU a block is no faster per product than a loop, and checking the stopping rule after
+#: each probe saves products, so there the block is one probe.
 PROBE_BLOCK = 8
 
 SERIES = (
@@ -87,7 +89,7 @@ def _estimate(op, *, seed, trace=True, eig=True, rel_tol=TRACE_REL_TOL, tol=LANC
         else:
             out = deflated_hutchinson(op.matvec, op.n, basis=basis, base=base, rel_tol=rel_tol,
                                       min_probes=min_probes, max_probes=max(2, max_hvps - op.hvps),
-                                      block=block, **common)
+                                      block=block if op.device.type != "cpu" else 1, **common)
             tr, se = out.trace, out.stderr
     name = op._products.name if op._products is not None else op.backend
     return CurvatureEstimate(tr, se, lam_max, lam_min, op.hvps, time.perf_counter() - t0, name)

@@ -37,8 +37,8 @@ MIN_PROBES = 5
 
 
 def rademacher(k, n, generator, device, dtype):
-    v = torch.empty(k, n, device=device, dtype=dtype)
-    v.bernoulli_(0.5, generator=generator)
+    # randint, not bernoulli_: on a CPU it is 4x faster, which matters at a few ms per 1M.
+    v = torch.randint(0, 2, (k, n), generator=generator, device=device, dtype=dtype)
     return v.mul_(2).sub_(1)
 
 
