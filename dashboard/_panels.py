@@ -85,6 +85,7 @@ def run_panels(store: Store, run_id: str, start: int | None, end: int | None) ->
     other = _assign(specs, names)
     if other:
         specs.append(PanelSpec("other", "Other series", taken=other))
+    derived = _continual_series(store, run_id, specs, start, end)
     panels = []
     for spec in specs:
         if not spec.taken:
@@ -93,7 +94,7 @@ def run_panels(store: Store, run_id: str, start: int | None, end: int | None) ->
         if spec.heatmap:
             fig = _heatmap_panel(store, run_id, spec, start, end, shown)
         else:
-            fig = _line_panel(store, run_id, spec, start, end, shown, alerts, run["last_step"])
+            fig = _line_panel(store, run_id, spec, start, end, shown, alerts, run["last_step"], derived)
         if fig is not None:
             panels.append({"id": spec.id, "title": spec.title, "log_toggle": not spec.heatmap, "figure": fig.to_plotly_json()})
     return {
@@ -102,6 +103,24 @@ def run_panels(store: Store, run_id: str, start: int | None, end: int | None) ->
         "alerts": [{"id": a["id"], "start_step": a["start_step"], "peak_step": a["peak_step"], "end_step": a["end_step"],
                     "severity": a["severity"], "status": a["status"]} for a in alerts],
     }
+
+
+def _continual_series(store: Store, run_id: str, specs: list[PanelSpec], start, end) -> dict[str, tuple[list, list]]:
+    """min-ACC and WC-ACC are computed on read from the accuracies and task switches
+    (``stethoscope_server.continual``), not stored: fetch them for the continual panel."""
+    spec = next(p for p in specs if p.id == "continual")
+    if not any(n.startswith(spec.prefix) for n in spec.taken):
+        return {}
+    from stethoscope_server.continual import run_summary
+
+    out = {}
+    series = run_summary(store, run_id, max_points=MAX_POINTS)["series"]
+    for name in spec.names:
+        if name in series and name not in spec.taken:
+            kept = [(st, v) for st, v in zip(series[name]["steps"], series[name]["values"]) if _in(st, start, end)]
+            out[name] = ([st for st, _ in kept], [v for _, v in kept])
+            spec.taken.append(name)
+    return out
 
 
 def _in(step: int, start: int | None, end: int | None) -> bool:
@@ -116,14 +135,17 @@ def _read(store: Store, run_id: str, name: str, start, end, max_points: int):
     return r.steps, r.values
 
 
-def _line_panel(store, run_id, spec: PanelSpec, start, end, events, alerts, last_step) -> go.Figure | None:
+def _line_panel(store, run_id, spec: PanelSpec, start, end, events, alerts, last_step, derived=None) -> go.Figure | None:
     layout = F.base_layout(spec.title, spec.y_title)
     if spec.to_zero:
         layout["yaxis"]["rangemode"] = "tozero"
     fig = go.Figure()
     any_points = False
     for name in sorted(spec.taken, key=lambda n: (n not in spec.names, spec.names.index(n) if n in spec.names else 0, n)):
-        steps, values = _read(store, run_id, name, start, end, MAX_POINTS)
+        if derived and name in derived:
+            steps, values = derived[name]
+        else:
+            steps, values = _read(store, run_id, name, start, end, MAX_POINTS)
         any_points |= bool(steps)
         line = {"dash": "dash"} if name in spec.dashed else {}
         label = name[len(spec.prefix):] if spec.prefix and name.startswith(spec.prefix) else name

@@ -96,3 +96,26 @@ def test_overview_filters(web):
     assert "second" not in web.get("/", params={"project": "p<1>"}).text
     assert "second" in web.get("/", params={"q": "SEC"}).text
     assert "second" not in web.get("/", params={"status": "finished"}).text
+
+
+def test_continual_panel_shows_min_acc_and_wc_acc_computed_from_accuracies(live_server):
+    """min-ACC and WC-ACC are not stored (computed on read): the panel still draws them."""
+    with httpx.Client(base_url=live_server.url, timeout=30) as c:
+        c.put("/api/v1/runs/cl", json={"project": "p"}).raise_for_status()
+        steps = list(range(40))
+        acc_a = [0.9] * 20 + [0.5, 0.6, 0.7, 0.8] + [0.9] * 16  # task A dips after the switch at 20
+        acc_b = [0.0] * 20 + [0.2 + 0.03 * i for i in range(20)]
+        c.post("/api/v1/runs/cl/points", json={"series": [
+            {"name": "eval/acc/A", "steps": steps, "values": acc_a},
+            {"name": "eval/acc/B", "steps": steps[20:], "values": acc_b[20:]},
+        ]}).raise_for_status()
+        c.post("/api/v1/runs/cl/events", json={"events": [
+            {"key": "a", "step": 0, "kind": "task_switch", "info": {"task": "A"}},
+            {"key": "b", "step": 20, "kind": "task_switch", "info": {"task": "B"}},
+        ]}).raise_for_status()
+        summary = c.get("/api/v1/runs/cl/continual").json()
+        panel = next(p for p in c.get("/ui/api/runs/cl/panels").json()["panels"] if p["id"] == "continual")
+    traces = {t["name"]: t for t in panel["figure"]["data"] if t.get("name")}
+    assert {"task A", "task B", "continual/min_acc", "continual/wc_acc"} <= set(traces)
+    want = summary["series"]["continual/min_acc"]
+    assert traces["continual/min_acc"]["x"] == want["steps"] and min(want["values"]) == pytest.approx(0.5)
