@@ -20,6 +20,11 @@ TRACE_RATIO = 1.0
 EOS_CLEAR_POINTS = 5
 
 
+def _bound_first(pt) -> tuple[int, int]:
+    series = pt[0]
+    return pt[1], 0 if series == "hessian/two_over_lr" or series == "lr" or series.startswith("lr/") else 1
+
+
 @dataclasses.dataclass(frozen=True)
 class EdgeOfStabilityParams:
     """Settings of :class:`EdgeOfStabilityDetector`."""
@@ -54,6 +59,11 @@ class EdgeOfStabilityDetector(Detector):
     def accepts(self, series: str) -> bool:
         return (series == "hessian/lambda_max" or series == "hessian/trace" or series == "hessian/two_over_lr"
                 or series == "lr" or series.startswith("lr/"))
+
+    def feed(self, state: dict, points):
+        # Within one step, take the bound (2/lr, lr) before the curvature measured at that step:
+        # lambda_max at step t must be compared with 2/lr at step t, not with the one before.
+        return super().feed(state, sorted(points, key=_bound_first))
 
     def point(self, state: dict, series: str, step: int, value: float, log: ChangeLog) -> None:
         if not finite(value):

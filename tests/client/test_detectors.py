@@ -215,3 +215,18 @@ def test_alert_change_is_frozen_and_json_ready():
     with pytest.raises(Exception):
         c.severity = "critical"
     assert c.status == "open" and AlertChange("resolve", "x", "k", "info", 1, 1, 2, "m", {}).status == "resolved"
+
+
+def test_edge_of_stability_compares_sharpness_with_the_bound_of_its_own_step():
+    """A learning-rate change and a curvature point at the same step, curvature first in the
+    batch: the bound used is that step's 2/lr, not the previous one."""
+    from stethoscope.detectors import DetectorSet
+
+    dset = DetectorSet({"edge_of_stability": {"check_trace": False}})
+    state: dict = {}
+    assert dset.update(state, [("hessian/two_over_lr", 0, 20.0), ("hessian/lambda_max", 0, 5.0)]) == []
+    # lr drops 10x at step 10: 2/lr = 200; lambda_max 19 is far from it (it was near 20 before)
+    changes = dset.update(state, [("hessian/lambda_max", 10, 19.0), ("hessian/two_over_lr", 10, 200.0)])
+    assert changes == []
+    changes = dset.update(state, [("hessian/lambda_max", 20, 210.0), ("hessian/two_over_lr", 20, 200.0)])
+    assert [c.evidence["two_over_lr"] for c in changes] == [200.0]
