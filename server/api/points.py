@@ -66,9 +66,6 @@ async def ingest(run_id: RunId, request: Request, store: StoreDep, settings: Set
     runner = request.app.state.run_in_thread
     result = await runner(store.ingest, run_id, batches)
     METRICS.points_inserted.inc(result.inserted)
-    hook = getattr(request.app.state, "after_ingest", None)
-    if hook is not None:
-        await runner(hook, run_id, result)
     return Response(
         orjson.dumps({"points": result.points, "inserted": result.inserted, "alerts": result.alerts}, default=str),
         media_type="application/json",

@@ -43,17 +43,16 @@ def test_metrics_reach_the_server(live_server, tmp_path):
 
 
 def test_alerts_in_the_ingest_reply_reach_on_alert(live_server, tmp_path):
-    # The detectors fill "alerts"; here the server's own after-ingest hook adds one.
-    def after_ingest(run_id, result):
-        result.alerts.append({"id": 1, "run_id": run_id, "kind": "loss_spike"})
-
-    live_server.app.state.after_ingest = after_ingest
+    # A NaN loss: the server's divergence detector opens a critical alert on ingest, and the
+    # reply carries it back to the job.
     model = TinyNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     got = []
     with stethoscope.attach(model, opt, server=live_server.url, spool_dir=tmp_path) as mon:
         mon.on_alert(got.append)
         train(mon, model, opt, 3)
+        mon.log(step=3, loss=float("nan"))
         assert mon.flush(10)
-    assert got and got[0][0]["kind"] == "loss_spike"
-    assert got[0][0]["run_id"] == mon.run_id
+    alerts = [a for batch in got for a in batch]
+    assert [(a["detector"], a["severity"], a["run_id"]) for a in alerts] == [("divergence", "critical", mon.run_id)]
+    assert alerts[0]["peak_step"] == 3
