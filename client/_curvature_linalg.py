@@ -37,9 +37,13 @@ MIN_PROBES = 5
 
 
 def rademacher(k, n, generator, device, dtype):
-    # randint, not bernoulli_: on a CPU it is 4x faster, which matters at a few ms per 1M.
-    v = torch.randint(0, 2, (k, n), generator=generator, device=device, dtype=dtype)
-    return v.mul_(2).sub_(1)
+    # 31 random bits per int32 draw (randint's high is exclusive, so 0..2^31-1 is exactly
+    # uniform): on a CPU 2x faster than one randint per entry and 4x faster than bernoulli_,
+    # which matters at a few ms per million parameters per probe.
+    words = -(-(k * n) // 31)
+    bits = torch.randint(0, 2**31, (words, 1), generator=generator, device=device, dtype=torch.int32)
+    bits = (bits >> torch.arange(31, device=device, dtype=torch.int32)) & 1
+    return bits.reshape(-1)[: k * n].reshape(k, n).to(dtype).mul_(2).sub_(1)
 
 
 @dataclass
@@ -49,6 +53,15 @@ class LanczosResult:
     basis: torch.Tensor  # [m, n] orthonormal rows
     diagonal_sum: float  # tr(Q^T H Q)
     iterations: int
+    ritz_values: torch.Tensor  # [m] eigenvalues of T = Q^T H Q, ascending (float64, CPU)
+    ritz_vectors: torch.Tensor  # [m, m] their eigenvectors in the basis Q (columns)
+
+    def deflation(self, rank):
+        """The ``rank`` Ritz vectors of largest |value| (``[rank, n]``, orthonormal rows) and
+        the sum of their Ritz values, which is exactly tr(Y^T H Y) since Q^T H Q = T."""
+        order = torch.argsort(self.ritz_values.abs(), descending=True)[:rank]
+        S = self.ritz_vectors[:, order].to(device=self.basis.device, dtype=self.basis.dtype)
+        return S.T @ self.basis, float(self.ritz_values[order].sum())
 
 
 def _ritz(alphas, betas):
@@ -122,7 +135,7 @@ def lanczos(matvec, n, *, generator, device, dtype, tol=LANCZOS_TOL, max_iter=LA
             Q = grown
         betas.append(beta)
         torch.div(w, beta, out=Q[m])
-    return LanczosResult(lam_max, lam_min, Q[:m] if keep_basis else None, float(sum(alphas)), m)
+    return LanczosResult(lam_max, lam_min, Q[:m] if keep_basis else None, float(sum(alphas)), m, evals, evecs)
 
 
 @dataclass
