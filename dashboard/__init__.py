@@ -18,8 +18,9 @@ __all__ = ["mount"]
 
 def mount(app: FastAPI) -> None:
     """Add the dashboard's pages, chart data and static files to ``app``."""
-    from . import _data, _pages, _web
+    from . import _data, _login, _pages, _web
 
     _web.mount_static(app)
+    app.include_router(_login.router)
     app.include_router(_data.router)
     app.include_router(_pages.router)

@@ -10,6 +10,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Query, Request
 
 from stethoscope.wire import RUN_STATUSES
+from stethoscope_server.security import visible_project, visible_projects
 from stethoscope_server.store import NotFound
 
 from . import _queries as Q
@@ -56,6 +57,7 @@ def sparkline(steps: list[int], values: list[float]) -> dict | None:
 def runs_overview(request: Request, project: Filter = None, status: Filter = None, q: Filter = None):
     store = request.app.state.store
     status = status if status in RUN_STATUSES else None
+    project = visible_project(request, project or None)  # a project's token sees its project only
     runs = store.list_runs(project=project or None, status=status, q=q or None, limit=OVERVIEW_LIMIT)
     ids = [r["id"] for r in runs]
     health = Q.run_health(store, ids)
@@ -74,7 +76,7 @@ def runs_overview(request: Request, project: Filter = None, status: Filter = Non
             "values": [(n, fmt(vals[n]), not math.isfinite(vals[n])) for n in Q.KEY_SERIES if n in vals],
             "spark": spark,
         })
-    return render(request, "runs.html", rows=rows, projects=store.list_projects(), statuses=RUN_STATUSES,
+    return render(request, "runs.html", rows=rows, projects=visible_projects(request, store.list_projects()), statuses=RUN_STATUSES,
                   f_project=project or "", f_status=status or "", f_q=q or "", page="runs")
 
 
@@ -92,8 +94,9 @@ def run_page(run_id: str, request: Request):
 def alerts_page(request: Request, project: Filter = None, status: Filter = None):
     store = request.app.state.store
     status = status if status in ("open", "resolved") else None
+    project = visible_project(request, project or None)
     alerts = Q.list_alerts(store, project=project or None, status=status)
-    return render(request, "alerts.html", alerts=alerts, projects=store.list_projects(),
+    return render(request, "alerts.html", alerts=alerts, projects=visible_projects(request, store.list_projects()),
                   f_project=project or "", f_status=status or "", page="alerts")
 
 
@@ -101,13 +104,14 @@ def alerts_page(request: Request, project: Filter = None, status: Filter = None)
 def compare_page(request: Request, project: Filter = None, metric: Filter = None,
                  run: Annotated[list[str], Query(max_length=50)] = []):  # noqa: B006
     store = request.app.state.store
+    project = visible_project(request, project or None)
     runs = store.list_runs(project=project or None, limit=OVERVIEW_LIMIT)
     chosen = [r for r in run if r]
     metrics = Q.series_names_of_runs(store, chosen)
     metric = metric if metric in metrics else ("loss" if "loss" in metrics else (metrics[0] if metrics else None))
     src = "/ui/api/compare?" + urlencode([("metric", metric)] + [("run", r) for r in chosen]) if metric and chosen else None
     return render(request, "compare.html", runs=runs, chosen=set(chosen), metrics=metrics, metric=metric, src=src,
-                  projects=store.list_projects(), f_project=project or "", page="compare")
+                  projects=visible_projects(request, store.list_projects()), f_project=project or "", page="compare")
 
 
 @router.get("/projects/{project}/settings")

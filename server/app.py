@@ -11,19 +11,20 @@ from starlette.concurrency import run_in_threadpool
 
 from stethoscope import __version__
 
-from . import migrate
+from . import migrate, security
 from .alerting import Alerting
 from .api import alerts as alerts_api
 from .api import continual as continual_api
 from .api import ops as ops_api
 from .api import points as points_api
 from .api import runs as runs_api
+from .api import tokens as tokens_api
 from .api import webhooks as webhooks_api
 from .db import make_engine
 from .ingest_parse import BadBatch
 from .observability import IngestMetricsMiddleware
 from .settings import Settings
-from .store import Conflict, NotFound, Store
+from .store import Conflict, LimitExceeded, NotFound, Store
 
 log = logging.getLogger("stethoscope.server")
 
@@ -33,6 +34,7 @@ API_PREFIX = "/api/v1"
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the service. ``uvicorn --factory stethoscope_server.app:create_app`` serves it."""
     settings = settings or Settings()
+    settings.check_exposure()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -44,6 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         alerting = app.state.alerting = Alerting(settings)
         app.state.store = alerting.make_store(app.state.engine)
         app.state.detector_runner, app.state.outbox = alerting.runner, alerting.outbox
+        await run_in_threadpool(security.on_start, app.state.store, settings)  # admin token, limits
         alerting.start()
         log.info("stethoscope server ready on %s (database %s)", settings.base_url, app.state.engine.url.render_as_string(hide_password=True))
         try:
@@ -65,7 +68,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(alerts_api.router, prefix=API_PREFIX)
     app.include_router(webhooks_api.router, prefix=API_PREFIX)
     app.include_router(continual_api.router, prefix=API_PREFIX)
+    app.include_router(tokens_api.router, prefix=API_PREFIX)
     app.include_router(ops_api.router)  # /readyz, /metrics
+    # Tokens, scopes, rate and size limits; inside the metrics middleware, which counts its refusals.
+    app.add_middleware(security.SecurityMiddleware, settings=settings)
     app.add_middleware(IngestMetricsMiddleware, prefix=API_PREFIX)
 
     @app.exception_handler(NotFound)
@@ -75,6 +81,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(Conflict)
     async def _conflict(_: Request, exc: Conflict):
         return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    @app.exception_handler(LimitExceeded)
+    async def _limit(_: Request, exc: LimitExceeded):
+        return JSONResponse({"detail": str(exc)}, status_code=422)
 
     @app.exception_handler(BadBatch)
     async def _bad_batch(_: Request, exc: BadBatch):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: The embedded default: an SQLite file in the working directory.
@@ -54,6 +56,28 @@ class Settings(BaseSettings):
     webhook_backoff_s: float = Field(default=2.0, gt=0)
     webhook_backoff_max_s: float = Field(default=1800.0, gt=0)
 
+    # -- security (see stethoscope_server.security and README "Running it for a team") -------
+    #: ``on``: every /api/v1 and dashboard route needs a token; ``off``: none does. Unset: on
+    #: when bound to a non-loopback address, off on loopback (a single user's machine, the
+    #: tests, the demo and the benchmarks run there without tokens).
+    auth: Literal["on", "off"] | None = None
+    #: Serve without authentication on a non-loopback address, knowingly (``--insecure``).
+    insecure: bool = False
+    #: An admin token to accept from the first start on (stored hashed). Unset: the first
+    #: start with auth on generates one and prints it once.
+    admin_token: SecretStr | None = Field(default=None, min_length=16)
+    #: Seconds a worker trusts a token it has checked; a revocation made through another
+    #: worker takes effect within this time (through the same worker: at once).
+    token_cache_s: float = Field(default=5.0, ge=0)
+    #: Requests per second per token (token bucket per worker process); 0 turns it off. A
+    #: job's hook sends about one request a second; a dashboard page polls once a second.
+    rate_limit_per_s: float = Field(default=50.0, ge=0)
+    #: Requests a token may send at once above the rate (a page load fetches ~10 things).
+    rate_limit_burst: int = Field(default=200, ge=1)
+    #: Series one run may have: a job logging a new name every step would otherwise grow the
+    #: series table without bound. Per-module metrics of a large model stay well under it.
+    max_series_per_run: int = Field(default=10_000, gt=0)
+
     @field_validator("database_url")
     @classmethod
     def _known_database(cls, v: str) -> str:
@@ -67,5 +91,30 @@ class Settings(BaseSettings):
         return v
 
     @property
+    def auth_enabled(self) -> bool:
+        if self.auth is not None:
+            return self.auth == "on"
+        return not (is_loopback(self.host) or self.insecure)
+
+    def check_exposure(self) -> None:
+        """Refuse to serve without authentication on a non-loopback address unless told ``insecure``."""
+        if not self.auth_enabled and not self.insecure and not is_loopback(self.host):
+            raise ValueError(
+                f"refusing to serve on {self.host} without authentication (STETHOSCOPE_AUTH=off): anyone who "
+                f"can reach it could read and write every run. Turn auth on (the default off loopback) or "
+                f"pass --insecure (STETHOSCOPE_INSECURE=1) if the network itself is trusted"
+            )
+
+    @property
     def base_url(self) -> str:
         return self.public_url or f"http://{self.host}:{self.port}"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` only listens on this machine (``localhost``, 127.0.0.0/8, ::1)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any address

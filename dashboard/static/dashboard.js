@@ -17,6 +17,9 @@
 
   async function getJSON(url, init) {
     const resp = await fetch(url, Object.assign({ headers: { Accept: "application/json" } }, init || {}));
+    if (resp.status === 401) {  // authentication is on and the login has ended: log in again
+      location.assign("/login?next=" + encodeURIComponent(location.pathname + location.search));
+    }
     if (!resp.ok) {
       let detail = resp.statusText;
       try { detail = (await resp.json()).detail || detail; } catch (_) { /* not JSON */ }

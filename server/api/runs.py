@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 
+from ..security import visible_project, visible_projects
 from .deps import StoreDep
 from .schemas import Name, ProjectOut, RunCreate, RunOut, RunStatus, RunUpdate
 
@@ -15,8 +16,8 @@ RunId = Annotated[str, Path(min_length=1, max_length=200, description="client-ch
 
 
 @router.get("/projects", response_model=list[ProjectOut])
-def list_projects(store: StoreDep):
-    return store.list_projects()
+def list_projects(store: StoreDep, request: Request):
+    return visible_projects(request, store.list_projects())
 
 
 @router.put("/runs/{run_id}", response_model=RunOut, responses={201: {"model": RunOut, "description": "created"}, 409: {"description": "the run belongs to another project"}})
@@ -40,6 +41,7 @@ def get_run(run_id: RunId, store: StoreDep):
 @router.get("/runs", response_model=list[RunOut])
 def list_runs(
     store: StoreDep,
+    request: Request,
     project: Name | None = None,
     status: RunStatus | None = None,
     tag: Name | None = None,
@@ -47,4 +49,5 @@ def list_runs(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
 ):
+    project = visible_project(request, project)  # a project's token sees its project only
     return store.list_runs(project=project, status=status, tag=tag, q=q, limit=limit, offset=offset)

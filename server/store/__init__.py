@@ -15,18 +15,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from sqlalchemy import Connection, Engine, case, insert, select, update
+from sqlalchemy import Connection, Engine, case, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ..db import WRITE_OPTION
 from ..models import Event, Run, Series, utcnow
 from . import runs as _runs
 from .downsample import SeriesRead, SeriesReader
-from .errors import Conflict, NotFound
+from .errors import Conflict, LimitExceeded, NotFound
 from .group_commit import GroupCommitter
 from .points import PointWriter, SeriesBatch
 
-__all__ = ["Store", "SeriesBatch", "SeriesRead", "IngestResult", "NotFound", "Conflict"]
+__all__ = ["Store", "SeriesBatch", "SeriesRead", "IngestResult", "NotFound", "Conflict", "LimitExceeded"]
 
 R = Run.__table__
 S = Series.__table__
@@ -56,6 +56,8 @@ class Store:
         self.engine = engine
         #: Called inside each ingest transaction with the newly stored points (the detectors).
         self.on_points = on_points
+        #: Most series one run may have (``Settings.max_series_per_run``); None: no limit.
+        self.max_series_per_run: int | None = None
         self.dialect = engine.dialect.name
         self._writer = PointWriter(self.dialect)
         self._reader = SeriesReader(self.dialect)
@@ -171,6 +173,7 @@ class Store:
         created: dict[str, int] = {}
         if missing:
             found = dict(conn.execute(select(S.c.name, S.c.id).where(S.c.run_id == run_id, S.c.name.in_(missing))).all())
+            self._check_series_limit(conn, run_id, len(missing) - len(found))
             for n in missing:
                 if n not in found:
                     try:
@@ -181,6 +184,19 @@ class Store:
             ids.update(found)
             created = found
         return ids, created
+
+    def _check_series_limit(self, conn: Connection, run_id: str, new: int) -> None:
+        # Counted only when a batch brings new names (rare once a run is going). Two workers
+        # adding series at once may each pass and overshoot by a batch: a bound, not a quota.
+        limit = self.max_series_per_run
+        if not new or limit is None:
+            return
+        have = conn.execute(select(func.count()).select_from(S).where(S.c.run_id == run_id)).scalar_one()
+        if have + new > limit:
+            raise LimitExceeded(
+                f"run {run_id!r} has {have} series and this batch would add {new} more, past the limit of {limit} "
+                f"series per run (STETHOSCOPE_MAX_SERIES_PER_RUN); nothing of the batch was stored"
+            )
 
     def _remember(self, run_id: str, ids: dict[str, int]) -> None:
         # Only after commit: a rolled-back insert must not leave a dangling id in the cache.

@@ -7,3 +7,7 @@ class NotFound(LookupError):
 
 class Conflict(ValueError):
     """The request contradicts what is stored (409)."""
+
+
+class LimitExceeded(ValueError):
+    """The request would take the store past a configured limit (422; nothing is stored)."""

@@ -1,0 +1,72 @@
+"""The login page: a token typed once, kept in an HttpOnly, SameSite=Strict cookie.
+
+The cookie holds the token itself (no server-side session to share between workers). The
+browser sends it only on requests from the dashboard's own pages (SameSite=Strict), page
+scripts cannot read it (HttpOnly), and the gate also checks the Origin of every request that
+changes something (``stethoscope_server.security``). Logging out clears it; revoking the token
+ends every login made with it.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs
+
+from fastapi import APIRouter, Request
+from fastapi.responses import RedirectResponse
+from starlette.concurrency import run_in_threadpool
+
+from stethoscope_server.security import COOKIE, same_origin
+
+from ._web import render
+
+router = APIRouter(include_in_schema=False)
+
+#: How long a login lasts, in seconds (a week); the token's revocation ends it sooner.
+LOGIN_MAX_AGE_S = 7 * 24 * 3600
+
+
+def safe_next(target: str | None) -> str:
+    """Only a path on this server: never ``//elsewhere`` or ``https://elsewhere``."""
+    if not target or not target.startswith("/") or target.startswith("//") or target.startswith("/\\"):
+        return "/"
+    return target
+
+
+@router.get("/login")
+def login_page(request: Request, next: str = "/"):  # noqa: A002 - the query parameter's name
+    if not request.app.state.settings.auth_enabled:
+        return RedirectResponse(safe_next(next), status_code=303)
+    return render(request, "login.html", next=safe_next(next), error=None, page="login")
+
+
+@router.post("/login")
+async def login(request: Request):
+    form = parse_qs((await request.body()).decode("utf-8", "replace"))
+    target = safe_next(form.get("next", ["/"])[0])
+    if not request.app.state.settings.auth_enabled:
+        return RedirectResponse(target, status_code=303)
+    if not same_origin(request.headers) and request.headers.get("origin") is not None:
+        # Login CSRF: another site must not log a visitor in with a token of its choosing.
+        return render(request, "login.html", status_code=403, next=target, page="login",
+                      error="This login form was sent from another site; log in from this page.")
+    token = form.get("token", [""])[0].strip()
+    gate = request.state.gate
+    principal = await run_in_threadpool(gate.authenticate, request.app.state.store, token) if token else None
+    if principal is None:
+        return render(request, "login.html", status_code=401, next=target, page="login",
+                      error="That token is not valid: it is unknown or revoked.")
+    if not principal.has_scope("read"):
+        return render(request, "login.html", status_code=403, next=target, page="login",
+                      error=f"Token {principal.name!r} cannot read (scopes: {', '.join(sorted(principal.scopes))}); "
+                            f"the dashboard needs a token with the read or admin scope.")
+    resp = RedirectResponse(target, status_code=303)
+    resp.set_cookie(COOKIE, token, max_age=LOGIN_MAX_AGE_S, path="/", httponly=True, samesite="strict",
+                    secure=request.url.scheme == "https")
+    return resp
+
+
+@router.post("/logout")
+def logout(request: Request):
+    resp = RedirectResponse("/login" if request.app.state.settings.auth_enabled else "/", status_code=303)
+    resp.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict", secure=request.url.scheme == "https")
+    return resp

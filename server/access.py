@@ -1,0 +1,181 @@
+"""Who may call what: the access rule of every route, and how a request's project is found.
+
+Every route of the app has a rule here or is public; with authentication on, a route that has
+neither is refused (``tests/server/test_auth_routes.py`` walks the app's routes to keep this
+table complete). A rule names the scope a token needs and where the request's project comes
+from: a run id, a project name, an alert, a webhook, a token, the query or the body.
+
+    ingest  create/resume runs (PUT, PATCH), post points and events, in its project
+    read    every GET of its project: runs, series, events, alerts, detector settings, pages
+    admin   everything: detector settings, webhooks, tokens, acknowledging alerts
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, select
+from starlette.routing import compile_path
+
+from .models import Alert, Project, Run, Token, Webhook
+
+API = "/api/v1"
+
+#: Where the project of a request comes from.
+NONE = "none"  # no project: any valid token with the scope (e.g. /metrics)
+RUN = "run"  # the {run_id} in the path
+PROJECT = "project"  # the {project} in the path
+ALERT = "alert"
+WEBHOOK = "webhook"
+TOKEN = "token"
+QUERY = "query"  # ?project= when given; without it the route shows only what the token may see
+COMPARE = "compare"  # ?project= and every ?run=
+RUN_BODY = "run_body"  # PUT /runs/{run_id}: the body's project, and the run's if it exists
+TOKEN_BODY = "token_body"  # POST /tokens: the body's project (none: a token for every project)
+
+#: A project only a token for every project may act on (a global token).
+GLOBAL = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    scope: str | None  # None: public
+    target: str = NONE
+    #: An HTML page: without a token the browser is sent to the login page, not given a 401.
+    page: bool = False
+
+    @property
+    def needs_body(self) -> bool:
+        return self.target in (RUN_BODY, TOKEN_BODY)
+
+
+PUBLIC = Rule(None)
+
+#: (method, route path) -> rule. HEAD follows GET. Mounts (static files) are listed by path.
+RULES: dict[tuple[str, str], Rule] = {
+    # public: liveness, readiness, the schema and its viewers, the login page (and /static/...)
+    ("GET", "/healthz"): PUBLIC,
+    ("GET", "/readyz"): PUBLIC,
+    ("GET", "/openapi.json"): PUBLIC,
+    ("GET", "/docs"): PUBLIC,
+    ("GET", "/docs/oauth2-redirect"): PUBLIC,
+    ("GET", "/redoc"): PUBLIC,
+    ("GET", "/login"): PUBLIC,
+    ("POST", "/login"): PUBLIC,
+    ("POST", "/logout"): PUBLIC,
+    # the server's own counters: no project's data, but not for anyone on the network
+    ("GET", "/metrics"): Rule("read"),
+    # runs
+    ("GET", f"{API}/projects"): Rule("read", QUERY),
+    ("GET", f"{API}/runs"): Rule("read", QUERY),
+    ("PUT", f"{API}/runs/{{run_id}}"): Rule("ingest", RUN_BODY),
+    ("PATCH", f"{API}/runs/{{run_id}}"): Rule("ingest", RUN),
+    ("GET", f"{API}/runs/{{run_id}}"): Rule("read", RUN),
+    ("POST", f"{API}/runs/{{run_id}}/points"): Rule("ingest", RUN),
+    ("GET", f"{API}/runs/{{run_id}}/series"): Rule("read", RUN),
+    ("GET", f"{API}/runs/{{run_id}}/series/{{name:path}}"): Rule("read", RUN),
+    ("POST", f"{API}/runs/{{run_id}}/events"): Rule("ingest", RUN),
+    ("GET", f"{API}/runs/{{run_id}}/events"): Rule("read", RUN),
+    ("GET", f"{API}/runs/{{run_id}}/continual"): Rule("read", RUN),
+    # alerts and detector settings
+    ("GET", f"{API}/runs/{{run_id}}/alerts"): Rule("read", RUN),
+    ("GET", f"{API}/projects/{{project}}/alerts"): Rule("read", PROJECT),
+    ("POST", f"{API}/alerts/{{alert_id}}/ack"): Rule("admin", ALERT),
+    ("GET", f"{API}/projects/{{project}}/detectors"): Rule("read", PROJECT),
+    ("PUT", f"{API}/projects/{{project}}/detectors"): Rule("admin", PROJECT),
+    # webhooks: their URLs are secrets too (a Slack URL is its own credential)
+    ("GET", f"{API}/projects/{{project}}/webhooks"): Rule("admin", PROJECT),
+    ("POST", f"{API}/projects/{{project}}/webhooks"): Rule("admin", PROJECT),
+    ("DELETE", f"{API}/webhooks/{{webhook_id}}"): Rule("admin", WEBHOOK),
+    ("POST", f"{API}/webhooks/{{webhook_id}}/test"): Rule("admin", WEBHOOK),
+    ("GET", f"{API}/webhooks/{{webhook_id}}/deliveries"): Rule("admin", WEBHOOK),
+    # tokens
+    ("POST", f"{API}/tokens"): Rule("admin", TOKEN_BODY),
+    ("GET", f"{API}/tokens"): Rule("admin", QUERY),
+    ("DELETE", f"{API}/tokens/{{token_id}}"): Rule("admin", TOKEN),
+    # the dashboard: pages and the JSON their charts load
+    ("GET", "/"): Rule("read", QUERY, page=True),
+    ("GET", "/runs/{run_id}"): Rule("read", RUN, page=True),
+    ("GET", "/alerts"): Rule("read", QUERY, page=True),
+    ("GET", "/compare"): Rule("read", COMPARE, page=True),
+    ("GET", "/projects/{project}/settings"): Rule("read", PROJECT, page=True),
+    ("GET", "/ui/api/runs/{run_id}/panels"): Rule("read", RUN),
+    ("GET", "/ui/api/runs/{run_id}/state"): Rule("read", RUN),
+    ("GET", "/ui/api/compare"): Rule("read", COMPARE),
+}
+
+
+#: Static files (the dashboard's scripts and styles, plotly.js) hold no data: public.
+STATIC_PREFIX = "/static/"
+
+
+def _compile() -> list[tuple[str, re.Pattern, str, Rule]]:
+    # Starlette's own path syntax and compiler, so a rule's path means what the route's does.
+    return [(method, compile_path(path)[0], path, rule) for (method, path), rule in RULES.items()]
+
+
+_COMPILED = _compile()
+
+
+def match(method: str, path: str) -> tuple[str | None, Rule | None, dict[str, str]]:
+    """(route path, its rule, path parameters) for a request; (None, None, {}) when no rule
+    matches: with authentication on, such a request is refused (a route nobody gave a rule)."""
+    if path.startswith(STATIC_PREFIX):
+        return path, PUBLIC, {}
+    method = "GET" if method == "HEAD" else method
+    for m, regex, template, rule in _COMPILED:
+        if m == method:
+            found = regex.match(path)
+            if found:
+                return template, rule, found.groupdict()
+    return None, None, {}
+
+
+#: Runs whose project a worker remembers; a run never changes project.
+RUN_CACHE_SIZE = 100_000
+
+R, P, A, W, T = Run.__table__, Project.__table__, Alert.__table__, Webhook.__table__, Token.__table__
+
+
+class ProjectResolver:
+    """Finds the project a path parameter belongs to (None when the thing does not exist:
+    the route answers 404 then). Runs are remembered, so ingest costs no extra query."""
+
+    def __init__(self) -> None:
+        self._runs: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def cached_run(self, run_id: str) -> str | None:
+        with self._lock:
+            return self._runs.get(run_id)
+
+    def run(self, conn: Connection, run_id: str) -> str | None:
+        project = self.cached_run(run_id)
+        if project is not None:
+            return project
+        project = conn.execute(select(P.c.name).join(R, R.c.project_id == P.c.id).where(R.c.id == run_id)).scalar()
+        if project is not None:
+            with self._lock:
+                self._runs[run_id] = project
+                while len(self._runs) > RUN_CACHE_SIZE:
+                    self._runs.popitem(last=False)
+        return project
+
+    @staticmethod
+    def alert(conn: Connection, alert_id: int) -> str | None:
+        return conn.execute(select(P.c.name).join(A, A.c.project_id == P.c.id).where(A.c.id == alert_id)).scalar()
+
+    @staticmethod
+    def webhook(conn: Connection, webhook_id: int) -> str | None:
+        return conn.execute(select(P.c.name).join(W, W.c.project_id == P.c.id).where(W.c.id == webhook_id)).scalar()
+
+    @staticmethod
+    def token(conn: Connection, token_id: int):
+        row = conn.execute(select(T.c.project_id, P.c.name).select_from(T.outerjoin(P, P.c.id == T.c.project_id))
+                           .where(T.c.id == token_id)).first()
+        if row is None:
+            return None
+        return GLOBAL if row.project_id is None else row.name

@@ -1,0 +1,352 @@
+"""The service's gate, one ASGI middleware in front of every route: request size, then (with
+authentication on) the token, cross-site checks for the dashboard's cookie, the rate limit per
+token, and the route's scope and project (``access.RULES``). It runs before a route reads its
+body, so a request without a valid token costs neither a parse nor a database write.
+
+    app.add_middleware(SecurityMiddleware, settings=settings)
+
+A token comes in ``Authorization: Bearer <token>`` (the hook, scripts) or in the HttpOnly,
+SameSite=Strict cookie the dashboard's login page sets. 401: no token, or one that is unknown
+or revoked; 403: the token lacks the scope or the project, or a cookie-borne request that
+changes something came from another site; 413: the body is too large; 429: the token is over
+its rate (``Retry-After`` says when to come back).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import math
+import threading
+import time
+from urllib.parse import parse_qs, quote, urlsplit
+
+import anyio.to_thread
+import orjson
+from starlette.datastructures import Headers
+from starlette.requests import Request
+
+from . import access, tokens
+from .settings import Settings
+from .tokens import Principal
+
+log = logging.getLogger("stethoscope.server")
+
+#: The dashboard's login cookie (the token itself; HttpOnly, SameSite=Strict).
+COOKIE = "stethoscope_token"
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+class TokenBuckets:
+    """A token bucket per key: ``rate`` requests a second, up to ``burst`` at once.
+
+    >>> b = TokenBuckets(rate=1.0, burst=2)
+    >>> b.take(7, now=0.0), b.take(7, now=0.0), b.take(7, now=0.0) > 0
+    (0.0, 0.0, True)
+    """
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, burst
+        self._buckets: dict[object, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+        #: Requests refused so far (for tests and logs).
+        self.refused = 0
+
+    def take(self, key, now: float | None = None) -> float:
+        """0.0 when the request may go; else the seconds until it may."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            level, last = self._buckets.get(key, (float(self.burst), now))
+            level = min(float(self.burst), level + (now - last) * self.rate)
+            if level >= 1.0:
+                self._buckets[key] = (level - 1.0, now)
+                return 0.0
+            self._buckets[key] = (level, now)
+            self.refused += 1
+            return (1.0 - level) / self.rate
+
+
+class Denied(Exception):
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.headers = status, detail, headers or {}
+
+
+class Gate:
+    """Authentication, rate limit and authorization; one per app (and so per worker)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.resolver = access.ProjectResolver()
+        self.buckets = TokenBuckets(settings.rate_limit_per_s, settings.rate_limit_burst) if settings.rate_limit_per_s > 0 else None
+        self._principals: dict[str, tuple[float, Principal]] = {}
+        self._lock = threading.Lock()
+
+    # -- tokens ------------------------------------------------------------------------
+    def authenticate(self, store, token: str) -> Principal | None:
+        """The token's principal (cached for ``token_cache_s``), or None if it is not valid."""
+        key = tokens.hash_token(token)
+        now = time.monotonic()
+        with self._lock:
+            hit = self._principals.get(key)
+            if hit is not None and hit[0] > now:
+                return hit[1]
+        with store.reading() as conn:
+            principal = tokens.lookup(conn, token)
+        if principal is not None and self.settings.token_cache_s > 0:
+            with self._lock:
+                if len(self._principals) > 10_000:  # only valid tokens are cached, so this is rare
+                    self._principals.clear()
+                self._principals[key] = (now + self.settings.token_cache_s, principal)
+        return principal
+
+    def cached(self, token: str) -> Principal | None:
+        hit = self._principals.get(tokens.hash_token(token))
+        return hit[1] if hit is not None and hit[0] > time.monotonic() else None
+
+    def forget(self, token_id: int) -> None:
+        """A token was revoked through this worker: stop trusting it here at once."""
+        with self._lock:
+            self._principals = {k: v for k, v in self._principals.items() if v[1].token_id != token_id}
+
+    # -- projects ----------------------------------------------------------------------
+    def targets(self, store, rule: access.Rule, params: dict, query: dict[str, list[str]], body: bytes | None) -> list[tuple[str, object]]:
+        """(what, project) pairs the token must be allowed; a None project is not checked."""
+        t = rule.target
+        out: list[tuple[str, object]] = []
+        if t in (access.QUERY, access.COMPARE) and query.get("project"):
+            out.append((f"project {query['project'][0]!r}", query["project"][0]))
+        if t == access.PROJECT:
+            out.append((f"project {params['project']!r}", params["project"]))
+        elif t == access.TOKEN_BODY:
+            project = _json_field(body, "project")
+            out.append(("a token for every project", access.GLOBAL if project is None else project))
+        runs = []
+        if t in (access.RUN, access.RUN_BODY):
+            runs = [params["run_id"]]
+        elif t == access.COMPARE:
+            runs = [r for r in query.get("run", []) if r]
+        if t == access.RUN_BODY:
+            project = _json_field(body, "project")
+            project = "default" if project is None else project  # RunCreate's default
+            out.append((f"project {project!r}", project))
+        missing = []
+        for run_id in runs:
+            project = self.resolver.cached_run(run_id)
+            if project is None:
+                missing.append(run_id)
+            else:
+                out.append((f"run {run_id!r}", project))
+        lookups = [(t, params.get(f"{t}_id")) for t in (access.ALERT, access.WEBHOOK, access.TOKEN) if t == rule.target]
+        if missing or lookups:
+            with store.reading() as conn:
+                for run_id in missing:
+                    out.append((f"run {run_id!r}", self.resolver.run(conn, run_id)))
+                for kind, raw in lookups:
+                    if raw is not None and raw.isdigit() and int(raw) < 2**31:
+                        out.append((f"{kind} {raw}", getattr(self.resolver, kind)(conn, int(raw))))
+        return out
+
+
+def _json_field(body: bytes | None, name: str):
+    try:
+        doc = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        return None  # the route answers 422
+    value = doc.get(name) if isinstance(doc, dict) else None
+    return value if isinstance(value, str) or value is None else None
+
+
+def principal_of(request: Request) -> Principal | None:
+    """The token the request came with (None: authentication is off)."""
+    return getattr(request.state, "principal", None)
+
+
+def visible_project(request: Request, project: str | None) -> str | None:
+    """The project filter a listing must use: the token's own project, if it has one (the gate
+    has already refused a request naming another)."""
+    p = principal_of(request)
+    return project if p is None or p.project is None else p.project
+
+
+def visible_projects(request: Request, projects: list[dict]) -> list[dict]:
+    p = principal_of(request)
+    return projects if p is None or p.project is None else [x for x in projects if x["name"] == p.project]
+
+
+def token_from(headers: Headers) -> tuple[str | None, bool]:
+    """(token, came in the cookie). A malformed Authorization header is a 401."""
+    auth = headers.get("authorization")
+    if auth is not None:
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise Denied(401, "the Authorization header must be 'Bearer <token>'", {"WWW-Authenticate": "Bearer"})
+        return value.strip(), False
+    for part in headers.get("cookie", "").split(";"):
+        name, _, value = part.strip().partition("=")
+        if name == COOKIE and value:
+            return value, True
+    return None, False
+
+
+def same_origin(headers: Headers) -> bool:
+    """A browser names the page's origin in every POST/PUT/PATCH/DELETE it sends; it must be
+    this server. (The SameSite=Strict cookie already stays home; this is the second lock.)"""
+    origin = headers.get("origin")
+    if not origin or origin == "null":
+        return headers.get("sec-fetch-site") == "same-origin"
+    return urlsplit(origin).netloc.lower() == headers.get("host", "").lower()
+
+
+class SecurityMiddleware:
+    def __init__(self, app, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self.gate = Gate(settings)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)  # lifespan
+        if scope["type"] == "websocket":  # none are served; refuse rather than pass one ungated
+            return await send({"type": "websocket.close", "code": 1008})
+        scope.setdefault("state", {})["gate"] = self.gate
+        scope["app"].state.gate = self.gate  # for the operator's eyes (and the tests): refusals so far
+        try:
+            receive = await self._checked(scope, receive)
+        except Denied as d:
+            return await _deny(scope, send, d)
+        await self.app(scope, receive, send)
+
+    async def _checked(self, scope, receive):
+        s = self.settings
+        headers = Headers(scope=scope)
+        method = scope["method"]
+        limit = s.max_body_bytes
+        declared = headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise Denied(413, f"body of {declared} bytes is larger than the limit of {limit} bytes (STETHOSCOPE_MAX_BODY_BYTES)")
+        body: bytes | None = None
+        if declared is None and method in UNSAFE_METHODS:
+            body = await _read_body(receive, limit)  # chunked: counted here, then replayed
+        if not s.auth_enabled:
+            return receive if body is None else _replay(body, receive)
+        app = scope["app"]
+        path = scope["path"]
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):]
+        route_path, rule, params = access.match(method, path)
+        if rule is not None and rule.scope is None:
+            return receive if body is None else _replay(body, receive)
+        if rule is None:  # fail closed: no such route, or a route nobody gave a rule
+            raise Denied(403, f"{method} {path} has no access rule (no such route?), so it is refused while "
+                              f"authentication is on")
+        what = f"{method} {route_path}"
+        token, via_cookie = token_from(headers)
+        if token is None:
+            if rule.page:
+                raise _login_redirect(scope)
+            raise Denied(401, "authentication required: send 'Authorization: Bearer <token>' (the hook reads "
+                              "STETHOSCOPE_TOKEN) or log in at /login", {"WWW-Authenticate": "Bearer"})
+        store = app.state.store
+        principal = self.gate.cached(token) or await anyio.to_thread.run_sync(self.gate.authenticate, store, token)
+        if principal is None:
+            if rule.page:
+                raise _login_redirect(scope)
+            raise Denied(401, "the token is not valid: unknown or revoked", {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        if via_cookie and method in UNSAFE_METHODS and not same_origin(headers):
+            raise Denied(403, "cross-site request refused: the dashboard's login cookie only works from the dashboard's own pages")
+        if self.gate.buckets is not None:
+            wait = self.gate.buckets.take(principal.token_id)
+            if wait > 0:
+                retry = max(1, math.ceil(wait))
+                raise Denied(429, f"rate limit of {s.rate_limit_per_s:g} requests/s (burst {s.rate_limit_burst}) for token "
+                                  f"{principal.name!r} exceeded: retry after {retry} s", {"Retry-After": str(retry)})
+        if not principal.has_scope(rule.scope):
+            raise Denied(403, f"token {principal.name!r} has scope(s) {', '.join(sorted(principal.scopes)) or 'none'}; "
+                              f"{what} needs {rule.scope!r}")
+        if rule.target != access.NONE:
+            if rule.needs_body and body is None:
+                body = await _read_body(receive, limit)
+            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            known = self.gate.resolver.cached_run(params["run_id"]) if rule.target == access.RUN else None
+            if known is not None:  # the ingest path: no thread hop, no query
+                targets = [(f"run {params['run_id']!r}", known)]
+            else:
+                targets = await anyio.to_thread.run_sync(self.gate.targets, store, rule, params, query, body)
+            for label, project in targets:
+                if project is None:
+                    continue
+                if project is access.GLOBAL:
+                    if principal.project is not None:
+                        raise Denied(403, f"token {principal.name!r} is limited to project {principal.project!r}; "
+                                          f"{label} needs a token for every project")
+                elif not principal.may_see(project):
+                    where = f"not {label}" if label.startswith("project") else f"{label} belongs to project {project!r}"
+                    raise Denied(403, f"token {principal.name!r} is limited to project {principal.project!r}; {where}")
+        scope["state"]["principal"] = principal
+        return receive if body is None else _replay(body, receive)
+
+
+def _login_redirect(scope) -> Denied:
+    path = scope.get("path", "/")
+    qs = scope.get("query_string", b"").decode("latin-1")
+    target = path + ("?" + qs if qs else "")
+    return Denied(303, "log in first", {"Location": "/login?next=" + quote(target, safe="")})
+
+
+async def _read_body(receive, limit: int) -> bytes:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise Denied(413, f"body is larger than the limit of {limit} bytes (STETHOSCOPE_MAX_BODY_BYTES)")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, upstream):
+    """A ``receive`` that hands the app the body read already, then the client's disconnect."""
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await upstream()
+
+    return receive
+
+
+async def _deny(scope, send, d: Denied) -> None:
+    body = orjson.dumps({"detail": d.detail})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in d.headers.items()]
+    if d.status == 303 and scope.get("method") == "HEAD":
+        body = b""
+    await send({"type": "http.response.start", "status": d.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def on_start(store, settings: Settings) -> None:
+    """At each worker's start, with authentication on: make sure an admin can get in (see
+    ``tokens.bootstrap_admin``); a generated admin token is printed here, once."""
+    store.max_series_per_run = settings.max_series_per_run
+    if not settings.auth_enabled:
+        log.info("authentication is off (STETHOSCOPE_AUTH=on to require tokens)")
+        return
+    given = settings.admin_token.get_secret_value() if settings.admin_token is not None else None
+    with store.writing() as conn:
+        token = tokens.bootstrap_admin(conn, given)
+    if token is not None:
+        # Printed, not only logged: whoever starts the server the first time must see it.
+        print(f"stethoscope: authentication is on. Admin token (shown this once, stored only as a hash):\n\n    {token}\n\n"
+              f"stethoscope: make project tokens with it (POST /api/v1/tokens) or with `stethoscope token create`.",
+              file=sys.stderr, flush=True)
