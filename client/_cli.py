@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-SERVER_COMMANDS = ("server", "db")
+SERVER_COMMANDS = ("server", "db", "token")
 INSTALL_HINT = "stethoscope: this command needs the server extra: pip install 'stethoscope[server]'"
 
 
@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="server URL (default: $STETHOSCOPE_SERVER)")
     sub.add_parser("server", help="run the server (needs the server extra)")
     sub.add_parser("db", help="database migrations (needs the server extra)")
+    sub.add_parser("token", help="API tokens: create, list, revoke (needs the server extra)")
     args = parser.parse_args(argv)
     if args.command == "sync":
         from ._spool import default_root

@@ -23,6 +23,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1, help="worker processes")
     s.add_argument("--log-level", default="info")
     s.add_argument("--access-log", action="store_true", help="log every request (costs ~10%% of ingest throughput)")
+    s.add_argument("--insecure", action="store_true",
+                   help="allow serving without authentication on a non-loopback address (a trusted network only)")
+    t = sub.add_parser("token", help="API tokens: create, list, revoke (works on the database directly)")
+    tsub = t.add_subparsers(dest="token_cmd", required=True)
+    tc = tsub.add_parser("create", help="make a token and print it (shown this once)")
+    tc.add_argument("--project", default=None, help="the token's project (default: every project)")
+    tc.add_argument("--scopes", required=True, help="comma-separated: ingest, read, admin")
+    tc.add_argument("--name", default=None, help="what the token is for (default: project and scopes)")
+    tc.add_argument("--db", default=None)
+    tl = tsub.add_parser("list", help="list tokens (never the tokens themselves)")
+    tl.add_argument("--project", default=None)
+    tl.add_argument("--db", default=None)
+    tr = tsub.add_parser("revoke", help="revoke a token by id")
+    tr.add_argument("id", type=int)
+    tr.add_argument("--db", default=None)
     d = sub.add_parser("db", help="database migrations")
     dsub = d.add_subparsers(dest="db_cmd", required=True)
     up = dsub.add_parser("upgrade", help="migrate to a revision (default: head)")
@@ -42,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = _settings(args.db)
         if args.cmd == "server":
             return _serve(settings, args)
+        if args.cmd == "token":
+            return _token(settings, args)
     except ValueError as e:  # pydantic's ValidationError is a ValueError: a bad setting
         print(f"stethoscope: {e}", file=sys.stderr)
         return 2
@@ -59,18 +76,60 @@ def _serve(settings, args) -> int:
     import uvicorn
 
     updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if args.insecure:
+        updates["insecure"] = True
     settings = settings.model_copy(update=updates)
+    settings.check_exposure()  # a ValueError: exit 2 with the reason, before anything binds
+    if settings.insecure:
+        os.environ["STETHOSCOPE_INSECURE"] = "1"
     # Workers are separate processes: they read the settings from the environment.
     os.environ["STETHOSCOPE_DATABASE_URL"] = settings.database_url
     os.environ["STETHOSCOPE_HOST"] = settings.host
     os.environ["STETHOSCOPE_PORT"] = str(settings.port)
-    print(f"stethoscope: serving on http://{settings.host}:{settings.port}  (database {settings.database_url})", flush=True)
+    auth = "on" if settings.auth_enabled else "off"
+    print(f"stethoscope: serving on http://{settings.host}:{settings.port}  (database {settings.database_url}; "
+          f"authentication {auth})", flush=True)
     if args.workers > 1:
         uvicorn.run("stethoscope_server.app:create_app", factory=True, host=settings.host, port=settings.port, workers=args.workers, log_level=args.log_level, access_log=args.access_log)
     else:
         from .app import create_app
 
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level, access_log=args.access_log)
+    return 0
+
+
+def _token(settings, args) -> int:
+    from . import migrate, tokens
+    from .db import make_null_engine
+    from .store import NotFound
+
+    migrate.upgrade(settings.database_url)  # a first command on a fresh database works too
+    engine = make_null_engine(settings.database_url)
+    try:
+        with engine.begin() as conn:
+            if args.token_cmd == "create":
+                scopes = [x.strip() for x in args.scopes.split(",") if x.strip()]
+                name = args.name or f"{args.project or 'all projects'}: {','.join(scopes)}"
+                token, row = tokens.create(conn, name, args.project, scopes)
+                print(f"token {row['id']} ({row['name']}; project {row['project'] or '*'}; scopes {','.join(row['scopes'])}). "
+                      f"Shown this once, stored only as a hash:", file=sys.stderr)
+                print(token)
+            elif args.token_cmd == "list":
+                print(f"{'id':>4}  {'project':<20} {'scopes':<18} {'created':<20} {'revoked':<20} name")
+                for r in tokens.list_tokens(conn, args.project):
+                    revoked = r["revoked_at"].strftime("%Y-%m-%d %H:%M:%S") if r["revoked_at"] else "-"
+                    print(f"{r['id']:>4}  {r['project'] or '*':<20} {','.join(r['scopes']):<18} "
+                          f"{r['created_at'].strftime('%Y-%m-%d %H:%M:%S'):<20} {revoked:<20} {r['name']}")
+            elif args.token_cmd == "revoke":
+                try:
+                    row = tokens.revoke(conn, args.id)
+                except NotFound as e:
+                    print(f"stethoscope: {e}", file=sys.stderr)
+                    return 1
+                print(f"token {row['id']} ({row['name']}) revoked; running servers stop accepting it within "
+                      f"STETHOSCOPE_TOKEN_CACHE_S ({settings.token_cache_s:g} s)", file=sys.stderr)
+    finally:
+        engine.dispose()
     return 0
 
 
