@@ -6,6 +6,7 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -15,6 +16,7 @@ from . import migrate, security
 from .alerting import Alerting
 from .api import alerts as alerts_api
 from .api import continual as continual_api
+from .api import errors as errors_api
 from .api import ops as ops_api
 from .api import points as points_api
 from .api import runs as runs_api
@@ -73,6 +75,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Tokens, scopes, rate and size limits; inside the metrics middleware, which counts its refusals.
     app.add_middleware(security.SecurityMiddleware, settings=settings)
     app.add_middleware(IngestMetricsMiddleware, prefix=API_PREFIX)
+
+    app.add_exception_handler(RequestValidationError, errors_api.validation_error)
 
     @app.exception_handler(NotFound)
     async def _not_found(_: Request, exc: NotFound):

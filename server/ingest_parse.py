@@ -89,6 +89,8 @@ def parse_batch(body: bytes, max_points: int) -> list[SeriesBatch]:
         name, steps, values, walls = item.get("name"), item.get("steps"), item.get("values"), item.get("walls")
         if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH:
             raise BadBatch(f"{where}.name must be a non-empty string of at most {MAX_NAME_LENGTH} characters")
+        if "\x00" in name:  # PostgreSQL text cannot hold NUL: refused on both databases alike
+            raise BadBatch(f"{where}.name must not contain NUL characters")
         if name in seen:
             raise BadBatch(f"{where}: series {name!r} appears twice in one batch; merge its points")
         seen.add(name)

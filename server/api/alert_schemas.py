@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from stethoscope.detectors import SEVERITIES
 
-from .schemas import Strict
+from .schemas import NO_NUL, Strict
 
 Severity = Literal[SEVERITIES]  # type: ignore[valid-type]
 AlertStatus = Literal["open", "resolved"]
@@ -40,8 +40,8 @@ class AlertOut(BaseModel):
 
 
 class WebhookCreate(Strict):
-    url: str = Field(max_length=2000, description="http(s) URL the alerts are POSTed to")
-    secret: str | None = Field(default=None, min_length=8, max_length=200,
+    url: str = Field(max_length=2000, pattern=NO_NUL, description="http(s) URL the alerts are POSTed to")
+    secret: str | None = Field(default=None, min_length=8, max_length=200, pattern=NO_NUL,
                                description="HMAC key for X-Stethoscope-Signature; generated when absent; shown only in this reply")
     severities: list[Severity] = Field(default_factory=lambda: list(DEFAULT_WEBHOOK_SEVERITIES), min_length=1)
     format: Literal["json", "slack"] = Field(default="json", description="json: the alert as an object; slack: {text, blocks} for a Slack incoming webhook")

@@ -10,24 +10,25 @@ from ..store import alerts as _alerts
 from ..store import detector_settings as _detector_settings
 from .alert_schemas import AlertOut, AlertStatus, Severity
 from .deps import StoreDep
+from .schemas import NO_NUL
 from .runs import RunId
 
 router = APIRouter(tags=["alerts"])
 
-ProjectName = Annotated[str, Path(min_length=1, max_length=200, description="project name")]
+ProjectName = Annotated[str, Path(min_length=1, max_length=200, pattern=NO_NUL, description="project name")]
 AlertId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 
 _SETTINGS_EXAMPLE = {"loss_spike": {"threshold": 8.0, "window": 256}, "stalled": {"enabled": True, "timeout_s": 600}}
 
 
-@router.get("/runs/{run_id}/alerts", response_model=list[AlertOut])
+@router.get("/runs/{run_id}/alerts", response_model=list[AlertOut], responses={404: {"description": "no such run"}})
 def run_alerts(run_id: RunId, store: StoreDep, status: AlertStatus | None = None):
     """The run's alerts, oldest first: one per episode, open or resolved."""
     with store.reading() as conn:
         return _alerts.list_run_alerts(conn, run_id, status)
 
 
-@router.get("/projects/{project}/alerts", response_model=list[AlertOut])
+@router.get("/projects/{project}/alerts", response_model=list[AlertOut], responses={404: {"description": "no such project"}})
 def project_alerts(
     project: ProjectName,
     store: StoreDep,
@@ -48,7 +49,7 @@ def acknowledge(alert_id: AlertId, store: StoreDep):
         return _alerts.acknowledge(conn, alert_id)
 
 
-@router.get("/projects/{project}/detectors", response_model=dict[str, dict[str, Any]])
+@router.get("/projects/{project}/detectors", response_model=dict[str, dict[str, Any]], responses={404: {"description": "no such project"}})
 def get_detector_settings(project: ProjectName, store: StoreDep):
     """Effective settings of every detector: ``{name: {"enabled": ..., param: value, ...}}``."""
     with store.reading() as conn:

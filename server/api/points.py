@@ -15,9 +15,11 @@ from ..ingest_parse import BadBatch, decode_body, parse_batch
 from ..observability import METRICS, note_batch_points
 from .deps import SettingsDep, StoreDep
 from .runs import RunId
-from .schemas import EventBatch, EventOut, EventsReply, IngestBatch, IngestReply, SeriesData, SeriesInfo
+from .schemas import NO_NUL, EventBatch, EventOut, EventsReply, IngestBatch, IngestReply, SeriesData, SeriesInfo
 
 router = APIRouter(tags=["points"])
+
+_NO_RUN = {404: {"description": "no such run"}}
 
 
 
@@ -72,7 +74,7 @@ async def ingest(run_id: RunId, request: Request, store: StoreDep, settings: Set
     )
 
 
-@router.get("/runs/{run_id}/series", response_model=list[SeriesInfo])
+@router.get("/runs/{run_id}/series", response_model=list[SeriesInfo], responses=_NO_RUN)
 def list_series(run_id: RunId, store: StoreDep):
     out = store.list_series(run_id)
     for s in out:
@@ -81,7 +83,7 @@ def list_series(run_id: RunId, store: StoreDep):
     return out
 
 
-@router.get("/runs/{run_id}/series/{name:path}", response_model=SeriesData)
+@router.get("/runs/{run_id}/series/{name:path}", response_model=SeriesData, responses=_NO_RUN)
 def read_series(
     run_id: RunId,
     name: str,
@@ -98,13 +100,13 @@ def read_series(
     )
 
 
-@router.post("/runs/{run_id}/events", response_model=EventsReply)
+@router.post("/runs/{run_id}/events", response_model=EventsReply, responses=_NO_RUN)
 def add_events(run_id: RunId, body: EventBatch, store: StoreDep):
     """Task switches, restarts, checkpoints, notes, on the step axis. Resending an event (same key) stores it once."""
     events = [e.model_dump() for e in body.events]
     return {"received": len(events), "inserted": store.add_events(run_id, events)}
 
 
-@router.get("/runs/{run_id}/events", response_model=list[EventOut])
-def list_events(run_id: RunId, store: StoreDep, kind: Annotated[str | None, Query(max_length=200)] = None):
+@router.get("/runs/{run_id}/events", response_model=list[EventOut], responses=_NO_RUN)
+def list_events(run_id: RunId, store: StoreDep, kind: Annotated[str | None, Query(max_length=200, pattern=NO_NUL)] = None):
     return store.list_events(run_id, kind)

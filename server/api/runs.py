@@ -8,11 +8,11 @@ from fastapi import APIRouter, Path, Query, Request, Response
 
 from ..security import visible_project, visible_projects
 from .deps import StoreDep
-from .schemas import Name, ProjectOut, RunCreate, RunOut, RunStatus, RunUpdate
+from .schemas import NO_NUL, Name, ProjectOut, RunCreate, RunOut, RunStatus, RunUpdate
 
 router = APIRouter(tags=["runs"])
 
-RunId = Annotated[str, Path(min_length=1, max_length=200, description="client-chosen run id")]
+RunId = Annotated[str, Path(min_length=1, max_length=200, pattern=NO_NUL, description="client-chosen run id")]
 
 
 @router.get("/projects", response_model=list[ProjectOut])
@@ -28,12 +28,12 @@ def create_or_resume_run(run_id: RunId, body: RunCreate, store: StoreDep, respon
     return run
 
 
-@router.patch("/runs/{run_id}", response_model=RunOut)
+@router.patch("/runs/{run_id}", response_model=RunOut, responses={404: {"description": "no such run"}})
 def update_run(run_id: RunId, body: RunUpdate, store: StoreDep):
     return store.update_run(run_id, status=body.status, name=body.name, tags=body.tags)
 
 
-@router.get("/runs/{run_id}", response_model=RunOut)
+@router.get("/runs/{run_id}", response_model=RunOut, responses={404: {"description": "no such run"}})
 def get_run(run_id: RunId, store: StoreDep):
     return store.get_run(run_id)
 
@@ -45,7 +45,7 @@ def list_runs(
     project: Name | None = None,
     status: RunStatus | None = None,
     tag: Name | None = None,
-    q: Annotated[str | None, Query(max_length=200, description="substring of the run's name or id")] = None,
+    q: Annotated[str | None, Query(max_length=200, pattern=NO_NUL, description="substring of the run's name or id")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
 ):

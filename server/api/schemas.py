@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from stethoscope.wire import MAX_NAME_LENGTH, RUN_STATUSES
 
-Name = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_LENGTH, strip_whitespace=False)]
+#: Text we store: PostgreSQL's text types cannot hold NUL (SQLite can), so both databases
+#: refuse it at the door with a 422 instead of one of them failing with a 500.
+NO_NUL = r"^[^\x00]*$"
+Name = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_LENGTH, strip_whitespace=False, pattern=NO_NUL)]
+
+
+def _strict_json(v: dict) -> dict:
+    # Python's JSON reader takes NaN, 1e999 (infinity) and lone surrogates (a "\udc00" escape);
+    # PostgreSQL's json type refuses the first two, SQLite turns them into null, and a lone
+    # surrogate cannot be written back as UTF-8. Refused here, on both databases alike.
+    try:
+        json.dumps(v, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    except ValueError as e:  # UnicodeEncodeError is a ValueError
+        raise ValueError(f"must be plain JSON (no NaN, infinity or lone surrogates): {e}") from None
+    return v
+
+
+#: A JSON object stored as is (a run's config, an event's info).
+JsonObject = Annotated[dict[str, Any], AfterValidator(_strict_json)]
+
 RunStatus = Literal[RUN_STATUSES]  # type: ignore[valid-type]
 WireFloat = float | Literal["NaN", "Infinity", "-Infinity"]
 
@@ -21,7 +41,7 @@ class Strict(BaseModel):
 class RunCreate(Strict):
     project: Name = "default"
     name: Name | None = None
-    config: dict[str, Any] | None = None
+    config: JsonObject | None = None
     tags: list[Name] | None = Field(default=None, max_length=100)
 
 
@@ -89,8 +109,8 @@ class EventIn(Strict):
     key: Name = Field(description="client-chosen id: a resent event with the same key is stored once")
     step: int = Field(ge=-(2**63), le=2**63 - 1)
     kind: Name
-    message: str = Field(default="", max_length=10_000)
-    info: dict[str, Any] = Field(default_factory=dict)
+    message: str = Field(default="", max_length=10_000, pattern=NO_NUL)
+    info: JsonObject = Field(default_factory=dict)
     wall: float | None = None
 
 

@@ -20,7 +20,7 @@ WebhookId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 SECRET_BYTES = 32
 
 
-@router.get("/projects/{project}/webhooks", response_model=list[WebhookOut])
+@router.get("/projects/{project}/webhooks", response_model=list[WebhookOut], responses={404: {"description": "no such project"}})
 def list_webhooks(project: ProjectName, store: StoreDep):
     """The project's webhooks. Secrets are never shown again after creation."""
     with store.reading() as conn:
@@ -52,7 +52,7 @@ def test_webhook(webhook_id: WebhookId, request: Request, settings: SettingsDep)
     return outbox.send_test(webhook_id, settings.base_url)
 
 
-@router.get("/webhooks/{webhook_id}/deliveries", response_model=list[DeliveryOut])
+@router.get("/webhooks/{webhook_id}/deliveries", response_model=list[DeliveryOut], responses={404: {"description": "no such webhook"}})
 def list_deliveries(
     webhook_id: WebhookId,
     store: StoreDep,
