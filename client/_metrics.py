@@ -63,6 +63,9 @@ class ParamLayout:
         self.params = [p for _, p in named]
         self.groups = list(groups)
         self.sharded = any(hasattr(p, "to_local") for p in self.params)
+        # _foreach_norm(dtype=float32) refuses to narrow float64: such models take their norms
+        # in float64 and cast them (the series are float32 either way).
+        self._float64 = any(p.dtype == torch.float64 for p in self.params)
         self.device = _local(self.params[0]).device
         self._multi_device = len({_local(p).device for p in self.params}) > 1
         self._index_all = torch.tensor(index, dtype=torch.long, device=self.device)
@@ -99,10 +102,15 @@ class ParamLayout:
             if index is None:
                 index = torch.tensor([self._index_list[i] for i in present], dtype=torch.long, device=self.device)
                 self._subset_cache = {key: index}
-        sq = self._stack_sq(torch._foreach_norm(grads, 2, dtype=torch.float32))
+        sq = self._stack_sq(self._norms(grads))
         per = self._group_sum(sq, index)
         total = per.sum().view(1)
         return torch.cat([total, per, count_nonfinite(grads, total)])
+
+    def _norms(self, tensors: list) -> list:
+        if self._float64:
+            return [n.float() for n in torch._foreach_norm(tensors, 2)]
+        return torch._foreach_norm(tensors, 2, dtype=torch.float32)
 
     def take_snapshot(self) -> None:
         """Copy the weights before the optimizer step (for the update ratio)."""
@@ -118,8 +126,8 @@ class ParamLayout:
             return None
         params = [_local(p).detach() for p in self.params]
         torch._foreach_sub_(self.snapshot, params)  # snapshot now holds -update
-        dn = self._stack_sq(torch._foreach_norm(self.snapshot, 2, dtype=torch.float32))
-        wn = self._stack_sq(torch._foreach_norm(params, 2, dtype=torch.float32))
+        dn = self._stack_sq(self._norms(self.snapshot))
+        wn = self._stack_sq(self._norms(params))
         return torch.cat([self._group_sum(wn, self._index_all), self._group_sum(dn, self._index_all)])
 
     def release_snapshot(self) -> None:
@@ -142,7 +150,11 @@ def count_nonfinite(grads: list[torch.Tensor], total_sq: torch.Tensor) -> torch.
 def count_nonfinite_on_device(grads: list[torch.Tensor]) -> torch.Tensor:
     """The same count without reading anything back: x - x is 0 for finite x and NaN
     otherwise, and the L0 "norm" counts the non-zero entries (NaN != 0)."""
-    counts = torch._foreach_norm(torch._foreach_sub(grads, grads), 0, dtype=torch.float32)
+    diffs = torch._foreach_sub(grads, grads)
+    if any(g.dtype == torch.float64 for g in grads):  # float32 would narrow float64: refused
+        counts = [c.float() for c in torch._foreach_norm(diffs, 0)]
+    else:  # counted in float32 even for float16 grads (whose largest value is 65504)
+        counts = torch._foreach_norm(diffs, 0, dtype=torch.float32)
     dev = counts[0].device
     return torch.stack([c.to(dev) for c in counts]).sum().view(1)
 

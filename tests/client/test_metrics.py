@@ -217,3 +217,26 @@ def test_every_n_steps_collectors_scalars_and_attention(tmp_path):
     assert got["stethoscope/collector_errors"] == {0: 1.0, 3: 2.0, 6: 3.0}
     assert mon.collector_errors == 3
     assert got["attention/max_logit"] == {s: pytest.approx(att_max[s]) for s in (0, 3, 6)}
+
+
+def test_float64_models_are_measured_too(tmp_path):
+    """_foreach_norm(dtype=float32) refuses float64 tensors: a float64 model must still get its
+    gradient, weight and update norms, and its non-finite count."""
+    torch.manual_seed(0)
+    model = TinyNet().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = stethoscope.attach(model, opt, server="offline", spool_dir=tmp_path)
+    x, y = batch(seed=2)
+    loss = F.cross_entropy(model(x.double()), y)
+    loss.backward()
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    grads = {id(p): p.grad.clone() for p in model.parameters()}
+    opt.step()
+    mon.log(step=0, loss=loss)
+    mon.close()
+    got = spooled_points(tmp_path)
+    for name, want in direct(model, before, grads).items():
+        assert got[name][0] == pytest.approx(want, rel=1e-5), name
+    assert got["grad/nonfinite"][0] == 0.0
+    wide = [torch.tensor([1.0, math.nan], dtype=torch.float64), torch.tensor([math.inf], dtype=torch.float64)]
+    assert _metrics.count_nonfinite_on_device(wide).tolist() == [2.0]
