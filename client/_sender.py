@@ -193,6 +193,14 @@ class Sender:
                 logger.debug("stethoscope: server unreachable, will retry: %s", exc)
                 delay = backoff.next_delay(exc.retry_after)
             except Rejected as exc:
+                if exc.status in (401, 403):
+                    # A missing, wrong or revoked token (STETHOSCOPE_TOKEN): resending will not
+                    # help, and dropping would lose the run. Keep spooling; say so once.
+                    logger.warning("stethoscope: the server refused run %s (%s); set STETHOSCOPE_TOKEN to a token "
+                                   "with the ingest scope. Metrics stay in %s for `stethoscope sync`",
+                                   self.run_id, exc, self.spool_path)
+                    self._abort = True
+                    return run_created, 0.0
                 logger.warning("stethoscope: the server refused a batch for run %s (%s); it is dropped",
                                self.run_id, exc)
                 spool.ack()
@@ -209,8 +217,19 @@ class Sender:
 
     def _deliver(self, kind: str, body) -> None:
         path = f"/api/v1/runs/{self.run_id}"
+        if kind in ("points", "events"):
+            try:
+                reply = self.transport.request("POST", f"{path}/{kind}", body, compress=kind == "points")
+            except Rejected as exc:
+                halves = split_batch(kind, body) if exc.status == 413 else None
+                if halves is None:
+                    raise
+                # Too large for this server's limits: send it in halves (each is idempotent,
+                # so a half resent after a later failure stores nothing twice).
+                for half in halves:
+                    self._deliver(kind, half)
+                return
         if kind == "points":
-            reply = self.transport.request("POST", path + "/points", body, compress=True)
             alerts = reply.get("alerts") if isinstance(reply, dict) else None
             if alerts:
                 for fn in list(self.alert_callbacks):
@@ -218,8 +237,6 @@ class Sender:
                         fn(alerts)
                     except Exception as exc:  # noqa: BLE001 - the user's callback, not our bug
                         logger.warning("stethoscope: on_alert callback %r raised %r", fn, exc)
-        elif kind == "events":
-            self.transport.request("POST", path + "/events", body)
         elif kind == "status":
             self.transport.request("PATCH", path, body)
 
@@ -231,6 +248,21 @@ class Sender:
         spool.close(remove_if_empty=self.transport is not None)
         if self.transport is not None:
             self.transport.close()
+
+
+def split_batch(kind: str, body: dict) -> tuple[dict, dict] | None:
+    """Two halves of a points or events body (for a 413); None when it is one item already."""
+    if kind == "events":
+        events = body["events"]
+        return None if len(events) < 2 else ({"events": events[: len(events) // 2]}, {"events": events[len(events) // 2:]})
+    series = body["series"]
+    if len(series) > 1:
+        return {"series": series[: len(series) // 2]}, {"series": series[len(series) // 2:]}
+    if not series or len(series[0]["steps"]) < 2:
+        return None
+    s, half = series[0], len(series[0]["steps"]) // 2
+    cut = [{k: (v[:half] if i == 0 else v[half:]) if isinstance(v, list) else v for k, v in s.items()} for i in (0, 1)]
+    return {"series": [cut[0]]}, {"series": [cut[1]]}
 
 
 class _Batch:

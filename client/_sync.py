@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from ._sender import split_batch
 from ._spool import Spool, find_spools
 from ._transport import Backoff, HttpTransport, NotFound, Rejected, TryLater
 
@@ -81,7 +82,7 @@ def sync(path, server: str, progress_stream=None, force_progress: bool = False, 
                 method, suffix = {"points": ("POST", "/points"), "events": ("POST", "/events"),
                                   "status": ("PATCH", "")}[kind]
                 try:
-                    _retry(lambda: transport.request(method, base + suffix, body, compress=kind == "points"), sleep)
+                    _send(transport, method, base + suffix, kind, body, sleep)
                 except Rejected as exc:
                     print(f"stethoscope: the server refused a batch of run {run_id} ({exc}); skipped",
                           file=sys.stderr)
@@ -99,11 +100,28 @@ def sync(path, server: str, progress_stream=None, force_progress: bool = False, 
     return runs, points
 
 
+def _send(transport, method: str, path: str, kind: str, body, sleep) -> None:
+    """One spool entry; a batch too large for the server (413) goes in halves."""
+    try:
+        _retry(lambda: transport.request(method, path, body, compress=kind == "points"), sleep)
+    except Rejected as exc:
+        halves = split_batch(kind, body) if exc.status == 413 and kind in ("points", "events") else None
+        if halves is None:
+            raise
+        for half in halves:
+            _send(transport, method, path, kind, half, sleep)
+
+
 def _retry(fn, sleep):
     backoff = Backoff()
     for attempt in range(SYNC_ATTEMPTS):
         try:
             return fn()
+        except Rejected as exc:
+            if exc.status in (401, 403):  # stop: the spool keeps its place for a run with a good token
+                raise RuntimeError(f"the server refused the token ({exc}); set STETHOSCOPE_TOKEN to a token "
+                                   f"with the ingest scope") from None
+            raise
         except NotFound:
             raise RuntimeError("the server has no such run (it should have been created first)") from None
         except TryLater as exc:
