@@ -65,6 +65,11 @@ class SeriesReader:
             f"(SELECT max(step) FROM points WHERE series_id = {ph} AND step <= {ph})"
         )
         self._raw_sql = f"SELECT step, value FROM points WHERE series_id = {ph} AND step >= {ph} AND step <= {ph} ORDER BY step"
+        # How many points a range holds, counting no further than the limit (an index range scan).
+        self._fits_sql = (
+            f"SELECT count(*) FROM (SELECT 1 FROM points WHERE series_id = {ph} AND step >= {ph} AND step <= {ph} "
+            f"LIMIT {ph}) AS t"
+        )
         self._rollup_sql = (
             "SELECT bucket, min_value, min_step, max_value, max_step, nan_step, first_step, last_step FROM rollups "
             f"WHERE series_id = {ph} AND level = {ph} AND bucket >= {ph} AND bucket <= {ph} ORDER BY bucket"
@@ -81,6 +86,10 @@ class SeriesReader:
         bucket_width = -(-width // n_buckets)
         levels = [lv for lv in ROLLUP_LEVELS if (1 << lv) <= bucket_width]
         if width <= max_points or not levels:
+            return self._read_raw(conn, series_id, lo, hi, max_points, n_buckets)
+        # A sparse range (few points over many steps) fits as it is: downsampling it would
+        # drop points for nothing (two equal values in one bucket leave one).
+        if conn.exec_driver_sql(self._fits_sql, (series_id, lo, hi, max_points + 1)).scalar() <= max_points:
             return self._read_raw(conn, series_id, lo, hi, max_points, n_buckets)
         return self._read_rollups(conn, series_id, lo, hi, levels[-1], n_buckets)
 

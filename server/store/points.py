@@ -161,7 +161,7 @@ class PointWriter:
             self._insert_sql = (
                 "INSERT INTO points (series_id, step, value, wall) "
                 "SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::float8[], %s::float8[]) "
-                "ON CONFLICT DO NOTHING"
+                "ON CONFLICT DO NOTHING RETURNING series_id, step"
             )
             casts = ", ".join(f"%s::{t}[]" for t in _ROLLUP_TYPES)
             self._rollup_sql = f"INSERT INTO rollups AS r ({_ROLLUP_COLS}) SELECT * FROM unnest({casts}) {_MERGE}"
@@ -170,9 +170,10 @@ class PointWriter:
             self._rollup_sql = f"INSERT INTO rollups AS r ({_ROLLUP_COLS}) VALUES ({', '.join(['?'] * 10)}) {_MERGE}"
         # The largest step stored per series, as far as this process knows. A batch whose
         # steps all lie beyond it (a training job appending) needs no look-up of what exists.
-        # Another worker may have stored more since: that only means a resend it handled is
-        # looked up less carefully here, and ON CONFLICT DO NOTHING still stores each point
-        # once; the rollups re-apply the same extremes, which changes nothing.
+        # Another worker may have stored more since (a resend that reached the other worker
+        # first): on PostgreSQL the insert returns the rows it really stored, and only those
+        # count as new (for the reply, the rollups and the detectors). SQLite has one writer
+        # at a time (BEGIN IMMEDIATE), so there the look-up is always made: it is exact.
         self._max_step: OrderedDict[int, int] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -180,7 +181,7 @@ class PointWriter:
         if series_id in overlay:  # written earlier in this same transaction
             return overlay[series_id]
         with self._lock:
-            if series_id in self._max_step:
+            if self.postgres and series_id in self._max_step:
                 return self._max_step[series_id]
         return conn.exec_driver_sql(self._max_sql, (series_id,)).scalar()
 
@@ -220,9 +221,6 @@ class PointWriter:
             new_items.append((series_id, sb))
         if not new_items:
             return [], maxes
-        rollups: list[tuple] = []
-        for series_id, sb in new_items:
-            rollups.extend(rollup_rows(series_id, sb.steps, sb.values))
         if self.postgres:
             sids: list[int] = []
             steps: list[int] = []
@@ -233,13 +231,27 @@ class PointWriter:
                 steps.extend(sb.steps)
                 values.extend(sb.values)
                 walls.extend(sb.walls)
-            conn.exec_driver_sql(self._insert_sql, (_pg_array(sids), _pg_array(steps), _pg_float_array(values), _pg_array(walls)))
-            conn.exec_driver_sql(self._rollup_sql, tuple(_pg_array(col) for col in zip(*rollups)))
+            stored = conn.exec_driver_sql(self._insert_sql, (_pg_array(sids), _pg_array(steps), _pg_float_array(values), _pg_array(walls))).fetchall()
+            if len(stored) != len(steps):  # another worker stored some first: those are not new
+                new_items = _only(new_items, set(map(tuple, stored)))
+            rollups = [r for series_id, sb in new_items for r in rollup_rows(series_id, sb.steps, sb.values)]
+            if rollups:
+                conn.exec_driver_sql(self._rollup_sql, tuple(_pg_array(col) for col in zip(*rollups)))
         else:
             rows: list[tuple] = []
             for series_id, sb in new_items:
                 # sqlite3 binds NaN as NULL itself; spelled out for clarity of the encoding.
                 rows.extend(zip([series_id] * len(sb.steps), sb.steps, [None if v != v else v for v in sb.values], sb.walls))
             conn.exec_driver_sql(self._insert_sql, rows)
-            conn.exec_driver_sql(self._rollup_sql, rollups)
+            conn.exec_driver_sql(self._rollup_sql, [r for series_id, sb in new_items for r in rollup_rows(series_id, sb.steps, sb.values)])
         return new_items, maxes
+
+
+def _only(items: list[tuple[int, SeriesBatch]], stored: set[tuple[int, int]]) -> list[tuple[int, SeriesBatch]]:
+    """The points of ``items`` whose (series id, step) is in ``stored``."""
+    out = []
+    for series_id, sb in items:
+        keep = [i for i, s in enumerate(sb.steps) if (series_id, s) in stored]
+        if keep:
+            out.append((series_id, SeriesBatch(sb.name, [sb.steps[i] for i in keep], [sb.values[i] for i in keep], [sb.walls[i] for i in keep])))
+    return out
