@@ -133,6 +133,9 @@ _MERGE = (
 _ROLLUP_COLS = "series_id, level, bucket, min_value, min_step, max_value, max_step, nan_step, first_step, last_step"
 _ROLLUP_TYPES = ("bigint", "int", "bigint", "float8", "bigint", "float8", "bigint", "bigint", "bigint", "bigint")
 
+#: Series whose largest step one statement looks up (SQLite allows 2,000 result columns).
+MAX_LOOKUPS_PER_STATEMENT = 500
+
 #: Series whose largest stored step this process remembers (see ``PointWriter.write``).
 MAX_STEP_CACHE_SIZE = 100_000
 
@@ -155,7 +158,7 @@ class PointWriter:
         self.postgres = dialect == "postgresql"
         ph = "%s" if self.postgres else "?"
         self._existing_sql = f"SELECT step FROM points WHERE series_id = {ph} AND step >= {ph} AND step <= {ph}"
-        self._max_sql = f"SELECT max(step) FROM points WHERE series_id = {ph}"
+        self._max_sql = f"(SELECT max(step) FROM points WHERE series_id = {ph})"
         if self.postgres:
             # One statement per table for the whole batch: arrays travel as a few parameters.
             self._insert_sql = (
@@ -177,13 +180,26 @@ class PointWriter:
         self._max_step: OrderedDict[int, int] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _known_max(self, conn: Connection, series_id: int, overlay: dict[int, int]) -> int | None:
-        if series_id in overlay:  # written earlier in this same transaction
-            return overlay[series_id]
+    def _known_maxes(self, conn: Connection, series_ids: list[int], overlay: dict[int, int]) -> dict[int, int | None]:
+        """The largest stored step of each series: from this transaction, the cache
+        (PostgreSQL), else one statement for all the others."""
+        known: dict[int, int | None] = {}
+        ask: list[int] = []
         with self._lock:
-            if self.postgres and series_id in self._max_step:
-                return self._max_step[series_id]
-        return conn.exec_driver_sql(self._max_sql, (series_id,)).scalar()
+            for sid in series_ids:
+                if sid in overlay:  # written earlier in this same transaction
+                    known[sid] = overlay[sid]
+                elif self.postgres and sid in self._max_step:
+                    known[sid] = self._max_step[sid]
+                else:
+                    ask.append(sid)
+        for k in range(0, len(ask), MAX_LOOKUPS_PER_STATEMENT):
+            chunk = ask[k : k + MAX_LOOKUPS_PER_STATEMENT]
+            # One scalar subquery per series: each is a single probe of the primary key's end
+            # (a GROUP BY would read every point of the series).
+            sql = "SELECT " + ", ".join([self._max_sql] * len(chunk))
+            known.update(zip(chunk, conn.exec_driver_sql(sql, tuple(chunk)).one()))
+        return known
 
     def remember(self, maxes: dict[int, int]) -> None:
         """After commit: the largest stored step of each series written (from ``write``)."""
@@ -195,20 +211,16 @@ class PointWriter:
             while len(self._max_step) > MAX_STEP_CACHE_SIZE:
                 self._max_step.popitem(last=False)
 
-    def forget(self, series_ids) -> None:
-        with self._lock:
-            for sid in series_ids:
-                self._max_step.pop(sid, None)
-
     def write(self, conn: Connection, items: list[tuple[int, SeriesBatch]], overlay: dict[int, int]) -> tuple[list[tuple[int, SeriesBatch]], dict[int, int]]:
         """Store the points not stored yet. Returns, per series, the points that were new, and
         the largest step now stored per series: pass it to ``remember`` once committed.
         ``overlay`` carries those largest steps between writes of one transaction."""
         new_items: list[tuple[int, SeriesBatch]] = []
         maxes: dict[int, int] = {}
+        knowns = self._known_maxes(conn, [sid for sid, _ in items], overlay)
         for series_id, sb in items:
             lo, hi = min(sb.steps), max(sb.steps)
-            known = self._known_max(conn, series_id, overlay)
+            known = knowns[series_id]
             maxes[series_id] = overlay[series_id] = hi if known is None or hi > known else known
             if known is not None and lo <= known:
                 existing = conn.exec_driver_sql(self._existing_sql, (series_id, lo, hi)).fetchall()
