@@ -176,8 +176,8 @@ class Monitor:
 
     @property
     def dropped(self) -> int:
-        """Records dropped because the queue was full."""
-        return self._sender.dropped if self._sender is not None else 0
+        """Records dropped: the queue was full, or the disk and the spool's memory fallback were."""
+        return self._sender.dropped + self._sender.spool_dropped if self._sender is not None else 0
 
     def close(self, status: str = "finished", timeout: float = 10.0) -> None:
         """Stop monitoring: remove the hooks, send what is left (up to ``timeout`` s), mark the run."""

@@ -47,7 +47,8 @@ class Sender:
         self.transport = transport
         self.alert_callbacks = alert_callbacks
         self.finish_values = finish_values
-        self.dropped = 0
+        self.dropped = 0  # records the queue had no room for (counted by the training thread)
+        self.spool_dropped = 0  # records lost with a full disk and a full memory fallback (sender thread)
         self._reset()
 
     def _reset(self) -> None:
@@ -132,8 +133,8 @@ class Sender:
                         flush_event = rec[1]
                     else:
                         batch.add(rec)
-            if self.dropped != reported_drops and batch.last_step is not None:
-                reported_drops = self.dropped
+            if self.dropped + self.spool_dropped != reported_drops and batch.last_step is not None:
+                reported_drops = self.dropped + self.spool_dropped
                 batch.add_point("stethoscope/dropped", batch.last_step, float(reported_drops))
             due = stop or flush_event is not None or batch.points >= BATCH_POINTS \
                 or time.monotonic() - last_ship >= FLUSH_INTERVAL_S
@@ -143,7 +144,9 @@ class Sender:
             with _errors.swallowed("sender.ship"):
                 spool = self._open_spool()
                 for kind, body in batch.take():
-                    spool.append(kind, body)
+                    lost = spool.append(kind, body)
+                    if lost is not None:  # disk and memory full: the oldest entry is gone
+                        self.spool_dropped += _records_in(*lost)
             if self.transport is not None and not self._abort and (time.monotonic() >= next_try or stop
                                                                   or flush_event):
                 with _errors.swallowed("sender.drain"):
@@ -263,6 +266,13 @@ def split_batch(kind: str, body: dict) -> tuple[dict, dict] | None:
     s, half = series[0], len(series[0]["steps"]) // 2
     cut = [{k: (v[:half] if i == 0 else v[half:]) if isinstance(v, list) else v for k, v in s.items()} for i in (0, 1)]
     return {"series": [cut[0]]}, {"series": [cut[1]]}
+
+
+def _records_in(kind: str, body) -> int:
+    """How many ``put`` records a spool entry stood for: its steps, for points."""
+    if kind == "points":
+        return len({step for s in body["series"] for step in s["steps"]})
+    return len(body.get("events", ())) or 1
 
 
 class _Batch:

@@ -105,7 +105,9 @@ class Spool:
         return seg, off
 
     # -- writing -------------------------------------------------------------------
-    def append(self, kind: str, body) -> None:
+    def append(self, kind: str, body):
+        """Write an entry. Returns the entry pushed out of the memory fallback to make room
+        (disk full and the memory full too: the oldest goes) as ``(kind, body)``, else None."""
         line = (json.dumps({"t": kind, "b": body}, separators=(",", ":"), allow_nan=False) + "\n").encode()
         if self.disk_ok:
             try:
@@ -114,14 +116,17 @@ class Spool:
                 self._writer.write(line)
                 self._writer.flush()
                 self._write_size += len(line)
-                return
+                return None
             except OSError:
                 self.disk_ok = False  # full or read-only disk: keep going from memory
                 self._close_writer()
+        lost = None
         if len(self._mem) >= MEMORY_FALLBACK_ENTRIES:
-            self._mem.popleft()
+            entry = json.loads(self._mem.popleft())
+            lost = entry["t"], entry["b"]
             self.memory_dropped += 1
         self._mem.append(line)
+        return lost
 
     def _roll(self) -> None:
         if self._writer is not None:  # full: the next segment (after compact: already advanced)
@@ -177,7 +182,15 @@ class Spool:
             self._mem.popleft()
             return
         self._cursor = self._next
-        _write_atomic(self.path / "cursor", json.dumps(list(self._cursor)))
+        self._save_cursor()
+
+    def _save_cursor(self) -> None:
+        try:
+            _write_atomic(self.path / "cursor", json.dumps(list(self._cursor)))
+        except OSError:
+            # A full disk: the cursor is kept in memory. After a crash the entries since the
+            # last saved cursor are sent again, and the idempotent ingest stores them once.
+            pass
 
     def _drop_segment(self, seg: int) -> None:
         if self._reader is not None and self._read_seg == seg:
@@ -204,7 +217,7 @@ class Spool:
                 self._write_seg += 1
                 self._write_size = 0
                 self._cursor = (self._write_seg, 0)
-                _write_atomic(self.path / "cursor", json.dumps(list(self._cursor)))
+                self._save_cursor()
 
     def close(self, remove_if_empty: bool = True) -> None:
         self._close_writer()

@@ -54,7 +54,9 @@ class Backoff:
         self.first, self.cap, self.attempt = first, cap, 0
 
     def next_delay(self, retry_after: float | None = None) -> float:
-        delay = random.uniform(0, min(self.cap, self.first * 2**self.attempt))
+        # The exponent stops growing past the cap: 2**attempt as a float overflows after ~1,000
+        # failures (an outage of hours at the 30 s cap, or a job flushing every step).
+        delay = random.uniform(0, min(self.cap, self.first * 2.0 ** min(self.attempt, 64)))
         self.attempt += 1
         if retry_after is not None:
             delay = max(delay, min(retry_after, self.cap * 4))
