@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from stethoscope_server.models import Alert, Project, Run, Series
 from stethoscope_server.store import Store
+from stethoscope_server.store.alerts import alert_dict
 
 A = Alert.__table__
 P = Project.__table__
@@ -31,23 +32,12 @@ ALERT_LIMIT = 500
 
 
 def _alert_dict(row) -> dict:
-    return {
-        "id": row.id,
-        "run_id": row.run_id,
-        "run_name": row.run_name,
-        "project": row.project,
-        "detector": row.detector,
-        "key": row.key,
-        "severity": row.severity,
-        "status": row.status,
-        "start_step": row.start_step,
-        "peak_step": row.peak_step,
-        "end_step": row.end_step,
-        "message": row.message,
-        "opened_at": _iso(row.opened_at),
-        "resolved_at": _iso(row.resolved_at),
-        "acknowledged_at": _iso(row.acknowledged_at),
-    }
+    """The store's alert shape, plus the run's name, with times as ISO text for the pages."""
+    alert = alert_dict(row, row.project)
+    alert["run_name"] = row.run_name
+    for k in ("opened_at", "resolved_at", "acknowledged_at"):
+        alert[k] = _iso(alert[k])
+    return alert
 
 
 def _iso(t: datetime | None) -> str | None:
