@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import torch
 import torch.nn.functional as F
@@ -56,3 +58,18 @@ def series_names(url: str, run_id: str) -> set:
     r = httpx.get(f"{url}/api/v1/runs/{run_id}/series", timeout=30)
     r.raise_for_status()
     return {s["name"] for s in r.json()}
+
+
+def spooled_points(root) -> dict:
+    """{name: {step: value}} from every spool under root (an offline run's whole output)."""
+    out: dict = {}
+    for seg in sorted(root.rglob("*.jsonl")):
+        for line in seg.read_text().splitlines():
+            entry = json.loads(line)
+            if entry["t"] == "points":
+                for s in entry["b"]["series"]:
+                    col = out.setdefault(s["name"], {})
+                    for step, v in zip(s["steps"], s["values"]):
+                        assert step not in col, f"{s['name']} step {step} twice"
+                        col[step] = decode_value(v)
+    return out

@@ -3,7 +3,6 @@ stability, and it reaches the server's series through the hook."""
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from torch import nn
 
 import stethoscope
 from stethoscope.curvature import CurvatureMonitor, estimate_curvature
+from helpers import spooled_points
 
 
 @pytest.fixture(autouse=True)
@@ -141,19 +141,7 @@ def test_full_batch_gd_sharpens_to_two_over_lr():
 
 
 # -- through the hook ------------------------------------------------------------------
-def spooled(root) -> dict:
-    from stethoscope.wire import decode_value
 
-    out: dict = {}
-    for seg in sorted(root.rglob("*.jsonl")):
-        for line in seg.read_text().splitlines():
-            entry = json.loads(line)
-            if entry["t"] == "points":
-                for s in entry["b"]["series"]:
-                    col = out.setdefault(s["name"], {})
-                    for step, v in zip(s["steps"], s["values"]):
-                        col[step] = decode_value(v)
-    return out
 
 
 def test_watch_curvature_sends_the_series_offline(tmp_path):
@@ -183,7 +171,7 @@ def test_watch_curvature_sends_the_series_offline(tmp_path):
         H = torch.autograd.functional.hessian(f, flat)
         exact[step] = float(torch.linalg.eigvalsh(H)[-1])
     mon.close()
-    got = spooled(tmp_path)
+    got = spooled_points(tmp_path)
     for name in ("hessian/trace", "hessian/trace_stderr", "hessian/lambda_max", "hessian/two_over_lr",
                  "hessian/hvps", "hessian/seconds"):
         assert sorted(got[name]) == [0, 2, 4], name

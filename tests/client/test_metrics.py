@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -11,24 +10,8 @@ import torch.nn.functional as F
 
 import stethoscope
 from stethoscope import _metrics
-from helpers import TinyNet, batch
+from helpers import TinyNet, batch, spooled_points
 
-
-def spooled_points(root) -> dict:
-    """{name: {step: value}} from every spool under root (an offline run's whole output)."""
-    from stethoscope.wire import decode_value
-
-    out: dict = {}
-    for seg in sorted(root.rglob("*.jsonl")):
-        for line in seg.read_text().splitlines():
-            entry = json.loads(line)
-            if entry["t"] == "points":
-                for s in entry["b"]["series"]:
-                    col = out.setdefault(s["name"], {})
-                    for step, v in zip(s["steps"], s["values"]):
-                        assert step not in col, f"{s['name']} step {step} twice"
-                        col[step] = decode_value(v)
-    return out
 
 
 def direct(model, before, grads):
