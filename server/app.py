@@ -26,7 +26,7 @@ from .db import make_engine
 from .ingest_parse import BadBatch
 from .observability import IngestMetricsMiddleware
 from .settings import Settings
-from .store import Conflict, LimitExceeded, NotFound, Store
+from .store import Conflict, LimitExceeded, NotFound
 
 log = logging.getLogger("stethoscope.server")
 

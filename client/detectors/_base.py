@@ -8,7 +8,6 @@ is handed, so the server can save it as JSON next to the points in one transacti
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, ClassVar, Iterable
 
 from ..wire import encode_value

@@ -6,7 +6,6 @@ or a parameter dict per point would cost more than the database insert itself.
 
 from __future__ import annotations
 
-import math
 import threading
 from bisect import bisect_left
 from collections import OrderedDict
