@@ -21,7 +21,7 @@ import httpx
 import psutil
 import pytest
 
-from conftest import PG_URL, ServerProcess, _pg_schema_url, free_port
+from live_servers import PG_URL, ServerProcess, _pg_schema_url, free_port
 from stethoscope.wire import decode_value
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from conftest import _ThreadServer, free_port
+from live_servers import _ThreadServer, free_port
 from stethoscope.wire import decode_value, encode_values
 
 SERIES = ["loss", "grad/norm", "x"]
