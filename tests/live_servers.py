@@ -107,3 +107,15 @@ class ServerProcess:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+def wait_until(fn, timeout: float = 20.0, what: str = "condition", interval: float = 0.05):
+    """Poll ``fn()`` until it returns something truthy; that value is returned."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = fn()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout} s (last: {v!r})")
+        time.sleep(interval)

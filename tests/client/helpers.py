@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import httpx
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -73,3 +74,13 @@ def spooled_points(root) -> dict:
                         assert step not in col, f"{s['name']} step {step} twice"
                         col[step] = decode_value(v)
     return out
+
+
+@pytest.fixture(autouse=True)  # autouse where a test module imports it
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine two OpenMP threads per
+    process thrash; one keeps these tests quick and steady."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

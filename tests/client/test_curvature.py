@@ -14,18 +14,9 @@ from stethoscope import _curvature_hvp
 from stethoscope._curvature_hvp import HessianOperator
 from stethoscope._curvature_monitor import CurvatureSchedule
 from stethoscope.curvature import CurvatureMonitor, estimate_curvature, hessian_trace, hvp, lambda_max
+from helpers import one_thread  # noqa: F401  (an autouse fixture)
 
 BACKENDS = ["func", "autograd"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine two OpenMP threads per
-    process thrash; one keeps these tests quick and steady."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def exact_hessian(model, loss_fn, batch):

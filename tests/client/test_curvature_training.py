@@ -10,17 +10,7 @@ from torch import nn
 
 import stethoscope
 from stethoscope.curvature import CurvatureMonitor, estimate_curvature
-from helpers import spooled_points
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine two OpenMP threads per
-    process thrash; one keeps these tests quick and steady."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from helpers import one_thread, spooled_points  # noqa: F401  (one_thread: an autouse fixture)
 
 
 class Net(nn.Module):

@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 from live_servers import PG_URL, ServerProcess, _pg_schema_url, free_port
+from live_servers import wait_until as _wait_until
 from stethoscope.wire import decode_value
 
 pytestmark = pytest.mark.slow
@@ -34,14 +35,7 @@ WEBHOOK_OUTAGE_S = float(os.environ.get("STETHOSCOPE_FAULT_OUTAGE_S", "20"))
 
 # -- helpers ----------------------------------------------------------------------------
 def wait_until(fn, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = fn()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout} s (last: {v!r})")
-        time.sleep(0.1)
+    return _wait_until(fn, timeout, what, interval=0.1)
 
 
 class Job:

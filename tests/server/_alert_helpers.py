@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import random
-import time
 
+from live_servers import wait_until  # noqa: F401  (the alert tests import it from here)
 from stethoscope.wire import encode_values
 
 #: A spike far above any noise of ``loss_curve`` (its values stay below ~2.5).
@@ -44,15 +44,3 @@ def make_run(client, run_id: str = "r", project: str = "p") -> str:
     r = client.put(f"/runs/{run_id}", json={"project": project})
     assert r.status_code in (200, 201), r.text
     return run_id
-
-
-def wait_until(fn, timeout: float = 20.0, what: str = "condition"):
-    """Poll ``fn()`` until it returns something truthy; that value is returned."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = fn()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout} s (last: {v!r})")
-        time.sleep(0.05)
