@@ -6,10 +6,7 @@ import os
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 import uuid
 from contextlib import contextmanager
 
@@ -65,30 +62,13 @@ class Server:
 
 @contextmanager
 def server(db_url: str, workers: int = 1):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stethoscope_server.cli", "server", "--db", db_url, "--port", str(port), "--log-level", "warning", "--workers", str(workers)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    from stethoscope_server.process import start_server_process, stop_process
+
+    proc, url = start_server_process(db_url, free_port(), workers=workers, stdout=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(url + "/healthz", timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("server did not start: " + proc.stderr.read().decode()[-2000:])
-                time.sleep(0.1)
         yield Server(url, proc)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 def percentile(xs: list[float], q: float) -> float:

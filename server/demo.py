@@ -18,10 +18,10 @@ import argparse
 import math
 import os
 import socket
-import subprocess
 import sys
 import time
-import urllib.request
+
+from .process import start_server_process, stop_process
 
 DEFAULT_PORT = 8765
 
@@ -34,19 +34,6 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
 
-
-def start_server(db: str, port: int) -> tuple[subprocess.Popen, str]:
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "stethoscope_server.cli", "server", "--db", db, "--port", str(port), "--log-level", "warning"])
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(url + "/healthz", timeout=1)
-            return proc, url
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"demo: the server did not start on {url}")
-            time.sleep(0.2)
 
 
 def modular_softmax_collapse(server: str, steps: int) -> str:
@@ -160,7 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-    proc, url = start_server(args.db, port)
+    try:
+        proc, url = start_server_process(args.db, port)
+    except RuntimeError as e:
+        raise SystemExit(f"demo: {e}") from None
     print(f"\nStethoscope is running: open {url}/  (database {args.db})\n", flush=True)
     try:
         trainings = [
@@ -181,11 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
     return 0
 
 

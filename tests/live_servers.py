@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from stethoscope_server.process import stop_process
+
 PG_URL = os.environ.get("STETHOSCOPE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 def _pg_schema_url(schema: str) -> str:
@@ -101,12 +103,8 @@ class ServerProcess:
             self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        if self.proc:
+            stop_process(self.proc, timeout=10)
 
 
 def wait_until(fn, timeout: float = 20.0, what: str = "condition", interval: float = 0.05):

@@ -23,6 +23,7 @@ import pytest
 
 from live_servers import PG_URL, ServerProcess, _pg_schema_url, free_port
 from live_servers import wait_until as _wait_until
+from stethoscope_server.process import server_command, stop_process
 from stethoscope.wire import decode_value
 
 pytestmark = pytest.mark.slow
@@ -300,8 +301,7 @@ def test_full_spool_disk_drops_are_counted_and_the_job_is_unharmed(server_proces
 def test_two_workers_no_duplicate_alert_no_lost_point(db_url, tmp_path):
     port = free_port()
     log = open(tmp_path / "server.log", "ab")
-    server = subprocess.Popen([sys.executable, "-m", "stethoscope_server.cli", "server", "--db", db_url, "--port", str(port),
-                               "--workers", "2", "--log-level", "warning"], stdout=log, stderr=log)
+    server = subprocess.Popen(server_command(db_url, port, workers=2), stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
         def workers():
@@ -325,11 +325,7 @@ def test_two_workers_no_duplicate_alert_no_lost_point(db_url, tmp_path):
             nan_step = next(s for s, v in enumerate(result["losses"]) if v != v)
             assert [a["start_step"] for a in nonfinite] == [nan_step], alerts
     finally:
-        server.terminate()
-        try:
-            server.wait(15)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_process(server)
 
 
 def stored_ok(url: str) -> bool:
