@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from sqlalchemy import Connection, Engine, case, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from ..db import WRITE_OPTION
 from ..models import Event, Run, Series, utcnow
@@ -37,6 +38,9 @@ OnPoints = Callable[[Connection, str, int, list[tuple[str, list[int], list[float
 
 #: Series ids kept in memory (run, name) -> id; a few MB at most.
 SERIES_CACHE_SIZE = 100_000
+
+#: Series names one statement looks up or creates (well inside both databases' parameter limits).
+NAMES_PER_STATEMENT = 1000
 
 
 @dataclass(slots=True)
@@ -61,6 +65,7 @@ class Store:
         self.dialect = engine.dialect.name
         self._writer = PointWriter(self.dialect)
         self._reader = SeriesReader(self.dialect)
+        self._insert_new = pg_insert if self.dialect == "postgresql" else sqlite_insert
         self._series_ids: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._cache_lock = threading.Lock()
         # SQLite has one writer at a time. Threads of this process queue here, on a lock that
@@ -172,18 +177,30 @@ class Store:
                     ids[n] = sid
         created: dict[str, int] = {}
         if missing:
-            found = dict(conn.execute(select(S.c.name, S.c.id).where(S.c.run_id == run_id, S.c.name.in_(missing))).all())
-            self._check_series_limit(conn, run_id, len(missing) - len(found))
-            for n in missing:
-                if n not in found:
-                    try:
-                        with conn.begin_nested():
-                            found[n] = conn.execute(insert(S).values(run_id=run_id, name=n).returning(S.c.id)).scalar_one()
-                    except IntegrityError:  # another worker created it in between
-                        found[n] = conn.execute(select(S.c.id).where(S.c.run_id == run_id, S.c.name == n)).scalar_one()
+            found = self._series_named(conn, run_id, missing)
+            todo = [n for n in missing if n not in found]
+            self._check_series_limit(conn, run_id, len(todo))
+            for k in range(0, len(todo), NAMES_PER_STATEMENT):
+                # One statement for up to a thousand of a run's new series (its first batch
+                # brings dozens). A name another worker created in between is skipped by
+                # the conflict clause and read back below.
+                chunk = todo[k : k + NAMES_PER_STATEMENT]
+                stmt = self._insert_new(S).values([{"run_id": run_id, "name": n} for n in chunk])
+                found.update(conn.execute(stmt.on_conflict_do_nothing(index_elements=[S.c.run_id, S.c.name]).returning(S.c.name, S.c.id)).all())
+            late = [n for n in todo if n not in found]
+            if late:
+                found.update(self._series_named(conn, run_id, late))
             ids.update(found)
             created = found
         return ids, created
+
+    @staticmethod
+    def _series_named(conn: Connection, run_id: str, names: list[str]) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for k in range(0, len(names), NAMES_PER_STATEMENT):
+            chunk = names[k : k + NAMES_PER_STATEMENT]
+            found.update(conn.execute(select(S.c.name, S.c.id).where(S.c.run_id == run_id, S.c.name.in_(chunk))).all())
+        return found
 
     def _check_series_limit(self, conn: Connection, run_id: str, new: int) -> None:
         # Counted only when a batch brings new names (rare once a run is going). Two workers

@@ -59,3 +59,37 @@ def test_concurrent_ingests_store_every_point_once(store):
         got = store.read_series(r, "loss", max_points=10_000)
         assert got.steps == list(range(150)) and got.values == [float(s + i) for s in range(150)]
     assert [r["id"] for r in store.list_runs()] and all(r["id"] != "ghost" for r in store.list_runs())
+
+
+def test_a_first_batch_of_many_series_creates_each_once(store, settings):
+    """A run's first batch brings all its series at once: they are created in bulk (more names
+    than one statement takes, here), and two workers creating the same names at the same
+    time end with one id per name and every point stored once."""
+    store.upsert_run("wide", "p")
+    other = Store(make_engine(settings))  # a second worker on the same database
+    names = [f"layer/{i}/grad_norm" for i in range(2_600)]
+    barrier = threading.Barrier(2)
+    results, errors = {}, []
+
+    def send(who, st, steps):
+        try:
+            batch = [SeriesBatch(n, steps, [float(k)] * len(steps), [0.0] * len(steps)) for k, n in enumerate(names)]
+            barrier.wait()
+            results[who] = st.ingest("wide", batch).inserted
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=send, args=("a", store, [0, 1])), threading.Thread(target=send, args=("b", other, [1, 2]))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    other.engine.dispose()
+    assert not errors
+    # Step 1 was in both batches: whichever committed second found it stored.
+    assert results["a"] + results["b"] == 3 * len(names)
+    listing = store.list_series("wide")
+    assert sorted(s["name"] for s in listing) == sorted(names)
+    for k in (0, 1_234, 2_599):
+        got = store.read_series("wide", names[k])
+        assert got.steps == [0, 1, 2] and got.values == [float(k)] * 3
