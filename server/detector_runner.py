@@ -21,7 +21,8 @@ from itertools import repeat
 from types import SimpleNamespace
 from typing import Any, Callable
 
-from sqlalchemy import Connection, bindparam, insert, select, update
+import orjson
+from sqlalchemy import Connection, select
 
 from stethoscope.detectors import RESOLVE, SEVERITIES, AlertChange, DetectorSet
 from stethoscope.detectors.stalled import StalledRunDetector
@@ -135,8 +136,7 @@ class DetectorRunner:
 
     def _run(self, conn: Connection, run_id: str, project_id: int, proj: _ProjectDetectors,
              points: list[tuple[str, int, float]], fed: set[str], last_step: int) -> list[dict]:
-        rows = conn.execute(select(DS.c.detector, DS.c.state).where(DS.c.run_id == run_id, DS.c.key == STATE_KEY)).all()
-        state = {r.detector: (r.state or {}) for r in rows}
+        state = load_states(conn, run_id)
         stored = set(state)
         changes = proj.dset.update(state, points)
         stalled = state.get(STALLED)
@@ -145,8 +145,9 @@ class DetectorRunner:
             now = time.time()
             changes += proj.dset.check(state, now, now, "running", last_step)
             fed.add(STALLED)
-        states = {d: state[d] for d in fed if d in state}
-        strict_json(states)  # before any write: state and alerts commit together or not at all
+        # Encoded before any write: a state that is not strict JSON fails here, and then
+        # neither it nor the alerts are written (they commit together or not at all).
+        states = encode_states({d: state[d] for d in fed if d in state})
         opened: list[dict] = []
         if changes:
             # Alerts are rare: their savepoint costs two round trips only when there are some.
@@ -235,27 +236,41 @@ class DetectorRunner:
         changes = proj.dset.check(state, time.time(), seen.timestamp() if seen else None, run.status, run.last_step)
         if not changes:
             return
-        strict_json(state)
-        save_states(conn, run_id, {STALLED: state[STALLED]}, {STALLED} if row is not None else set())
+        save_states(conn, run_id, encode_states({STALLED: state[STALLED]}), {STALLED} if row is not None else set())
         self.apply_changes(conn, run_id, run.project_id, changes)
 
 
-def strict_json(states: dict[str, dict]) -> None:
-    """``ValueError`` for a state that is not strict JSON (an infinity a detector kept): on
-    PostgreSQL its statement would fail and take the whole ingest transaction with it."""
-    for st in states.values():
-        json.dumps(st, allow_nan=False)
+def load_states(conn: Connection, run_id: str) -> dict[str, dict]:
+    """A run's detector states, by detector."""
+    ph = "%s" if conn.dialect.name == "postgresql" else "?"
+    rows = conn.exec_driver_sql(f"SELECT detector, state FROM detector_states WHERE run_id = {ph} AND key = ''", (run_id,)).all()
+    # psycopg hands json columns over parsed; SQLite as text.
+    return {d: (_parse(st) if isinstance(st, (str, bytes)) else st) or {} for d, st in rows}
 
 
-def save_states(conn: Connection, run_id: str, states: dict[str, dict], stored: set[str]) -> None:
-    """Write detector states: UPDATE the rows that exist, INSERT the others (the run's row is
-    locked by the transaction, so no other writer can insert them in between)."""
-    ups = [{"r": run_id, "d": d, "s": s} for d, s in states.items() if d in stored]
-    new = [{"run_id": run_id, "detector": d, "key": STATE_KEY, "state": s} for d, s in states.items() if d not in stored]
+def _parse(text: str | bytes) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:  # what orjson does not take (an integer past 64 bits)
+        return json.loads(text)
+
+
+def encode_states(states: dict[str, dict]) -> dict[str, str]:
+    """States as strict JSON text. ``ValueError`` for one that is not (an infinity a
+    detector kept): on PostgreSQL its statement would fail and take the whole ingest
+    transaction with it."""
+    return {d: json.dumps(st, allow_nan=False, separators=(",", ":")) for d, st in states.items()}
+
+
+def save_states(conn: Connection, run_id: str, states: dict[str, str], stored: set[str]) -> None:
+    """Write encoded detector states (``encode_states``): UPDATE the rows that exist, INSERT
+    the others (the run's row is locked by the transaction, so no other writer can insert
+    them in between). Plain SQL, parameters as tuples: this runs on every ingest."""
+    pg = conn.dialect.name == "postgresql"
+    ph, js = ("%s", "CAST(%s AS json)") if pg else ("?", "?")
+    ups = [(s, run_id, d) for d, s in states.items() if d in stored]
+    new = [(run_id, d, s) for d, s in states.items() if d not in stored]
     if ups:
-        conn.execute(
-            update(DS).where(DS.c.run_id == bindparam("r"), DS.c.detector == bindparam("d"), DS.c.key == STATE_KEY).values(state=bindparam("s")),
-            ups,
-        )
+        conn.exec_driver_sql(f"UPDATE detector_states SET state = {js} WHERE run_id = {ph} AND detector = {ph} AND key = ''", ups)
     if new:
-        conn.execute(insert(DS), new)
+        conn.exec_driver_sql(f"INSERT INTO detector_states (run_id, detector, key, state) VALUES ({ph}, {ph}, '', {js})", new)
