@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import random
 import threading
 import time
 
@@ -30,6 +31,12 @@ logger = logging.getLogger("stethoscope")
 QUEUE_SIZE = 10_000
 #: Seconds between batches: one request a second is nothing for the server or the job.
 FLUSH_INTERVAL_S = 1.0
+#: Spread of the batch schedule, as a share of the interval. Jobs started together (a sweep,
+#: the ranks of one job) would otherwise all send in the same instant, every second, and
+#: queue behind each other at the server: the first batch leaves after a random 0.5 to 1.5
+#: intervals, each later one after an interval give or take 10%.
+FIRST_FLUSH_SPREAD = 0.5
+FLUSH_JITTER = 0.1
 #: A batch is sent early past this many points (well under the server's 50,000).
 BATCH_POINTS = 10_000
 
@@ -117,11 +124,12 @@ class Sender:
         backoff = Backoff()
         next_try = 0.0
         run_created = False
-        last_ship = time.monotonic()
+        rand = random.Random()  # its own generator: the user's seeds stay untouched
+        next_ship = time.monotonic() + FLUSH_INTERVAL_S * (1.0 + rand.uniform(-FIRST_FLUSH_SPREAD, FIRST_FLUSH_SPREAD))
         reported_drops = 0
         while True:
             try:
-                rec = self._queue.get(timeout=max(0.05, FLUSH_INTERVAL_S - (time.monotonic() - last_ship)))
+                rec = self._queue.get(timeout=max(0.05, next_ship - time.monotonic()))
             except queue.Empty:
                 rec = None
             stop = rec is _STOP
@@ -137,10 +145,10 @@ class Sender:
                 reported_drops = self.dropped + self.spool_dropped
                 batch.add_point("stethoscope/dropped", batch.last_step, float(reported_drops))
             due = stop or flush_event is not None or batch.points >= BATCH_POINTS \
-                or time.monotonic() - last_ship >= FLUSH_INTERVAL_S
+                or time.monotonic() >= next_ship
             if not due:
                 continue
-            last_ship = time.monotonic()
+            next_ship = time.monotonic() + FLUSH_INTERVAL_S * (1.0 + rand.uniform(-FLUSH_JITTER, FLUSH_JITTER))
             with _errors.swallowed("sender.ship"):
                 spool = self._open_spool()
                 for kind, body in batch.take():

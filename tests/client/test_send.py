@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import httpx
 import torch
@@ -56,3 +57,47 @@ def test_alerts_in_the_ingest_reply_reach_on_alert(live_server, tmp_path):
     alerts = [a for batch in got for a in batch]
     assert [(a["detector"], a["severity"], a["run_id"]) for a in alerts] == [("divergence", "critical", mon.run_id)]
     assert alerts[0]["peak_step"] == 3
+
+
+def test_jobs_started_together_do_not_send_in_step(live_server, tmp_path):
+    """Jobs launched together (a sweep, the ranks of one job) must not hit the server in the
+    same instant every second: each sender's first batch leaves at its own random moment
+    (0.5 to 1.5 intervals), and later ones an interval apart, give or take 10%."""
+    from stethoscope import _sender
+
+    mons, shipped = [], []
+    for i in range(6):
+        model = TinyNet()
+        mon = stethoscope.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), project="herd",
+                                 server=live_server.url, spool_dir=tmp_path / f"s{i}")
+        times: list[float] = []
+        inner = mon._sender.transport.request
+
+        def request(method, path, payload=None, compress=False, inner=inner, times=times):
+            if method == "POST" and path.endswith("/points"):
+                times.append(time.monotonic())
+            return inner(method, path, payload, compress)
+
+        mon._sender.transport.request = request
+        mons.append(mon)
+        shipped.append(times)
+    start = time.monotonic()
+    for step in range(40):  # every job logs at the same moments, 4 s in all
+        for mon in mons:
+            mon.log(step=step, loss=1.0 / (step + 1))
+        time.sleep(max(0.0, start + (step + 1) * 0.1 - time.monotonic()))
+    interval = _sender.FLUSH_INTERVAL_S
+    firsts = [t[0] - start for t in shipped]
+    for times in shipped:
+        assert len(times) >= 2, shipped
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        assert min(gaps) >= interval * (1 - _sender.FLUSH_JITTER) - 0.02, gaps
+    # Thread start-up may add a little; nothing leaves before half an interval.
+    assert all(interval * (1 - _sender.FIRST_FLUSH_SPREAD) - 0.02 <= f <= interval * (1 + _sender.FIRST_FLUSH_SPREAD) + 0.5 for f in firsts), firsts
+    # Six uniform draws over one interval lie within 0.1 of each other with odds of about 1e-4.
+    assert max(firsts) - min(firsts) > 0.1 * interval, firsts
+    for mon in mons:
+        mon.close()
+    for mon in mons:
+        steps, _ = read_series(live_server.url, mon.run_id, "loss")
+        assert steps == list(range(40))
