@@ -12,6 +12,14 @@ from .settings import Settings
 WRITE_OPTION = "stethoscope_write"
 
 
+#: SQLite: WAL pages past which a commit checkpoints by itself (the background checkpoint
+#: runs every ``CHECKPOINT_INTERVAL_S`` long before that), and the size the WAL file is cut
+#: back to once checkpointed.
+WAL_AUTOCHECKPOINT_PAGES = 16_384
+WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
+CHECKPOINT_INTERVAL_S = 1.0
+
+
 def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
@@ -38,6 +46,12 @@ def make_engine(settings: Settings) -> Engine:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.execute("PRAGMA cache_size=-65536")
+            # Checkpoints (copying the WAL into the database file) run in a background thread
+            # of the worker (``checkpoint_wal``), not in whichever ingest commit crosses
+            # SQLite's default 1,000-page mark: that commit would wait for the copy. This
+            # mark is only the backstop should that thread fall behind.
+            cur.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
+            cur.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")
             cur.close()
 
         @event.listens_for(engine, "begin")
@@ -58,3 +72,16 @@ def make_engine(settings: Settings) -> Engine:
 def make_null_engine(url: str) -> Engine:
     """An engine that holds no connection open (migrations, CLI)."""
     return create_engine(url, poolclass=NullPool)
+
+
+def checkpoint_wal(engine: Engine) -> tuple[int, int, int]:
+    """Copy committed WAL pages into an SQLite database file without blocking its writers
+    (a PASSIVE checkpoint). Returns SQLite's (busy, WAL pages, pages checkpointed)."""
+    raw = engine.raw_connection()
+    try:
+        # Outside any transaction (the pool's connections are in autocommit, see above):
+        # a checkpoint cannot move past a snapshot its own connection holds.
+        row = raw.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return tuple(row)
+    finally:
+        raw.close()

@@ -74,7 +74,9 @@ def metrics(request: Request):
         extra.append(Gauge("stethoscope_detector_errors_total",
                            "Detector runner internal failures (the batch's points were stored without detection).",
                            alerting.runner.errors, kind="counter"))
-        for job, worker in (("webhook-outbox", alerting.outbox), ("stalled-run-check", alerting.stall_check)):
+        jobs = (("webhook-outbox", alerting.outbox), ("stalled-run-check", alerting.stall_check),
+                ("sqlite-checkpoint", getattr(state, "checkpoints", None)))
+        for job, worker in jobs:
             if worker is not None:
                 extra.append(Gauge("stethoscope_background_errors_total", "Failures of a background job (logged; it goes on).",
                                    worker.errors, kind="counter", labels={"job": job}))
