@@ -10,13 +10,12 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from stethoscope_server.process import stop_process
+from stethoscope_server.process import server_command, stop_process, wait_healthy
 
 PG_URL = os.environ.get("STETHOSCOPE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -77,25 +76,10 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30.0) -> "ServerProcess":
-        import httpx
-
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "stethoscope_server.cli", "server", "--db", self.db_url, "--port", str(self.port), "--log-level", "warning"],
-            stdout=log,
-            stderr=log,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("server did not become healthy")
+        self.proc = subprocess.Popen(server_command(self.db_url, self.port), stdout=log, stderr=log)
+        wait_healthy(self.proc, self.url, timeout)
+        return self
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:
