@@ -1,5 +1,6 @@
 """One rank of the distributed test (run by test_integrations.py, not collected by pytest)."""
 
+import gc
 import json
 import sys
 
@@ -44,6 +45,12 @@ def main(mode, rank, world, port, url, spool, out):
     record["internal_errors"] = swallowed
     with open(out, "w") as f:
         json.dump(record, f)
+    # DDP and FSDP keep their process group alive through reference cycles; left to the
+    # interpreter's exit, gloo's threads were torn down after it and the rank aborted now and
+    # then ("terminate called without an active exception").
+    del model, opt, mon, logits, loss
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 
