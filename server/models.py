@@ -19,9 +19,28 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import UserDefinedType
 
 # BIGINT autoincrement ids on PostgreSQL; SQLite only auto-increments INTEGER PRIMARY KEY.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class SqliteFloat64(UserDefinedType):
+    """An SQLite column for metric values, declared ``BLOB`` so that it has no type affinity.
+
+    A column of REAL affinity writes an integral float as an integer, and -0.0 came back as
+    0.0. Without affinity a bound float is kept as its 8 IEEE bytes, sign of zero included;
+    it is read, compared and ordered as a number all the same. (Migration 0004.)
+    """
+
+    cache_ok = True
+
+    def get_col_spec(self, **kw) -> str:
+        return "BLOB"
+
+
+#: Metric values: DOUBLE PRECISION on PostgreSQL, a float without affinity on SQLite.
+Value = Double().with_variant(SqliteFloat64(), "sqlite")
 
 
 def utcnow() -> datetime:
@@ -86,7 +105,7 @@ class Point(Base):
     __tablename__ = "points"
     series_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    value: Mapped[float | None] = mapped_column(Double, nullable=True)
+    value: Mapped[float | None] = mapped_column(Value, nullable=True)
     wall: Mapped[float] = mapped_column(Double)
     # No foreign key: it would cost an index probe per inserted point; series rows are
     # never deleted on their own (a run's deletion removes its points explicitly).
@@ -104,9 +123,9 @@ class Rollup(Base):
     series_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     level: Mapped[int] = mapped_column(Integer, primary_key=True)
     bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    min_value: Mapped[float | None] = mapped_column(Double, nullable=True)
+    min_value: Mapped[float | None] = mapped_column(Value, nullable=True)
     min_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    max_value: Mapped[float | None] = mapped_column(Double, nullable=True)
+    max_value: Mapped[float | None] = mapped_column(Value, nullable=True)
     max_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     nan_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     first_step: Mapped[int] = mapped_column(BigInteger)

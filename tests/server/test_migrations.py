@@ -101,3 +101,44 @@ def test_points_are_hash_partitioned_on_postgres(db_url):
             assert conn.execute(text("SELECT count(*) FROM points")).scalar() == 3
     finally:
         engine.dispose()
+
+
+def test_0004_keeps_every_point_and_rollup_and_lets_minus_zero_keep_its_sign(db_url):
+    """On SQLite, 0004 rebuilds points and rollups with value columns of no affinity: what
+    was stored before survives the rebuild (both ways), and after it -0.0 is -0.0."""
+    import math
+
+    url = Settings(database_url=db_url).database_url
+    migrate.upgrade(url, "0003")
+    engine = make_null_engine(url)
+    rows = [(1, 0, 1.5, 10.0), (1, 1, None, 11.0), (1, 2, math.inf, 12.0), (2, 0, -math.inf, 13.0), (2, 7, 2.0, 14.0)]
+    rollup = (1, 6, 0, -1.25, 3, 8.0, 4, 1, 0, 63)
+
+    def points():
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.exec_driver_sql("SELECT series_id, step, value, wall FROM points ORDER BY 1, 2")]
+
+    def rollups():
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.exec_driver_sql("SELECT * FROM rollups")]
+
+    try:
+        with engine.begin() as conn:
+            ph = ", ".join(["%s" if engine.dialect.name == "postgresql" else "?"] * 4)
+            conn.exec_driver_sql(f"INSERT INTO points (series_id, step, value, wall) VALUES ({ph})", rows)
+            conn.exec_driver_sql(f"INSERT INTO rollups VALUES ({', '.join([ph.split(', ')[0]] * 10)})", rollup)
+        migrate.upgrade(url)
+        assert points() == rows and rollups() == [rollup]
+        with engine.begin() as conn:
+            # bound as a float (an SQL literal -0.0 is numeric, whose zero has no sign)
+            conn.exec_driver_sql(f"UPDATE points SET value = {ph.split(', ')[0]} WHERE series_id = 2 AND step = 7", (-0.0,))
+        assert math.copysign(1.0, points()[-1][2]) == -1.0
+        if engine.dialect.name == "sqlite":
+            with engine.connect() as conn:
+                assert {r[1]: r[2] for r in conn.exec_driver_sql("PRAGMA table_info(points)")}["value"] == "BLOB"
+                # still WITHOUT ROWID: the key is the storage order
+                assert "WITHOUT ROWID" in conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE name = 'points'").scalar()
+        migrate.downgrade(url, "0003")
+        assert points()[:-1] == rows[:-1] and rollups() == [rollup]
+    finally:
+        engine.dispose()

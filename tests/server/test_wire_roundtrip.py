@@ -84,22 +84,13 @@ def test_every_float_round_trips_through_the_server_and_the_database(live_server
     body = httpx.get(f"{api}/runs/{run}/series/x", params={"max_points": 1000}, timeout=30).json()
     assert body["steps"] == list(range(len(xs))) and not body["downsampled"]
     got = [decode_value(v) for v in body["values"]]
-    sqlite = live_server.settings.database_url.startswith("sqlite")
-    # SQLite drops the sign of zero (see the strict xfail below); every other float is exact.
-    bad = [(i, x, g) for i, (x, g) in enumerate(zip(xs, got)) if not (same(x, g) or sqlite and x == g == 0)]
+    # Bit for bit on both databases, -0.0 included (SQLite: migration 0004).
+    bad = [(i, x, g) for i, (x, g) in enumerate(zip(xs, got)) if not same(x, g)]
     assert not bad, f"stored and read back differently (step, sent, got): {bad}"
     (info,) = httpx.get(f"{api}/runs/{run}/series", timeout=30).json()
-    last = decode_value(info["last_value"])
-    assert same(last, xs[-1]) or sqlite and last == xs[-1] == 0
+    assert same(decode_value(info["last_value"]), xs[-1])
 
 
-@pytest.mark.parametrize("db_url", [
-    pytest.param("sqlite", marks=pytest.mark.xfail(strict=True, reason=(
-        "known: SQLite writes an integral value of a REAL-affinity column (points.value is "
-        "DOUBLE) as an integer, and -0.0 comes back as 0.0; fixing it needs the value columns "
-        "declared without affinity on SQLite (a migration that rebuilds points and rollups)"))),
-    "postgres",
-], indirect=True)
 def test_negative_zero_keeps_its_sign(client):
     assert client.put("/runs/zero", json={"project": "wire"}).status_code == 201
     r = client.post("/runs/zero/points", json={"series": [{"name": "x", "steps": [0, 1], "values": [-0.0, 0.0]}]})
