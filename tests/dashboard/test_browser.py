@@ -15,6 +15,7 @@ import _dash_training as T
 from _dash_browser import ARTIFACTS, screenshot
 from stethoscope_server.models import Alert, Run
 from stethoscope_server.store import SeriesBatch
+from webhook_receiver import Receiver
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)]
 
@@ -250,37 +251,9 @@ def test_acknowledge_from_the_alerts_page(live_server, training, page):
     assert acked is not None
 
 
-class _Receiver:
-    """A real HTTP receiver on loopback that records the webhook bodies it gets."""
-
-    def __init__(self) -> None:
-        import http.server
-        import threading
-
-        got = self.got = []
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                got.append(self.rfile.read(int(self.headers.get("content-length", 0))))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_settings_page_saves_thresholds_and_test_sends_a_webhook(live_server, training, page):
     T.post(live_server.url, "tiny-1", training)
-    receiver = _Receiver()
+    receiver = Receiver()
     try:
         page.goto(live_server.url + "/projects/tiny/settings")
         page.wait_for_selector(".detector[data-detector='loss_spike'] input[name='threshold']")
@@ -296,7 +269,7 @@ def test_settings_page_saves_thresholds_and_test_sends_a_webhook(live_server, tr
         page.click("#webhooks button[data-webhook]")
         page.wait_for_selector("#webhooks .msg.ok", timeout=15_000)
         assert page.inner_text("#webhooks .msg.ok").startswith("delivered (HTTP 200)")
-        assert len(receiver.got) == 1
+        assert len(receiver.requests) == 1
         screenshot(page, "settings")
     finally:
         receiver.close()

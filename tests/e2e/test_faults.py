@@ -11,8 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import http.server
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -23,6 +21,7 @@ import pytest
 
 from live_servers import PG_URL, ServerProcess, _pg_schema_url, free_port
 from live_servers import wait_until as _wait_until
+from webhook_receiver import Receiver
 from stethoscope_server.process import server_command, stop_process
 from stethoscope.wire import decode_value
 
@@ -180,36 +179,6 @@ def test_postgres_restarted_mid_run(restartable_pg_url, tmp_path):
 
 
 # -- (3) the webhook receiver down for a while ------------------------------------------
-class Receiver:
-    """A webhook receiver on a fixed loopback port that can be stopped and started again."""
-
-    def __init__(self, port: int):
-        self.port, self.bodies, self.server = port, [], None
-
-    def start(self) -> "Receiver":
-        rec = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                rec.bodies.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
-                self.send_response(200)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.server = None
-
-
 @pytest.fixture
 def settings(db_url):
     # Retries every 0.5 s doubling to at most 4 s (production: 2 s to 30 min), and attempts
@@ -241,19 +210,19 @@ def test_webhook_receiver_down_then_back_gets_each_alert_once(live_server, outag
     time.sleep(max(0.0, outage_s - (time.monotonic() - started)))
     (pending,) = deliveries()
     assert pending["status"] == "pending" and pending["attempts"] >= 3, pending
-    receiver = Receiver(port).start()
+    receiver = Receiver(port=port)
     try:
-        wait_until(lambda: receiver.bodies, timeout=30, what="the delivery after the receiver came back")
+        wait_until(lambda: receiver.requests, timeout=30, what="the delivery after the receiver came back")
         wait_until(lambda: all(d["status"] == "delivered" for d in deliveries()), what="delivered")
         # The run recovers (the alert may resolve: another delivery); wait until every
         # delivery is done and each one reached the receiver.
         finite = [1.5 - 0.01 * s for s in range(40)]
         httpx.post(f"{api}/runs/wh/points", json={"series": [{"name": "loss", "steps": list(range(41, 81)), "values": finite}]}, timeout=30)
-        wait_until(lambda: all(d["status"] == "delivered" for d in deliveries()) and len(receiver.bodies) == len(deliveries()),
+        wait_until(lambda: all(d["status"] == "delivered" for d in deliveries()) and len(receiver.requests) == len(deliveries()),
                    what="every delivery received")
     finally:
-        receiver.stop()
-    events = [(b["event"], b["alert"]["id"]) for b in receiver.bodies]
+        receiver.close()
+    events = [(r.json["event"], r.json["alert"]["id"]) for r in receiver.requests]
     assert events[0] == ("alert.opened", alert["id"]), events
     assert len(events) == len(set(events)), f"a delivery arrived twice: {events}"
     assert pending["id"] in [d["id"] for d in deliveries()]

@@ -10,7 +10,7 @@ import pytest
 
 from _alert_helpers import loss_curve, make_run, post, post_batches, wait_until
 from _prom_text import ParseError, parse
-from _receiver import Receiver
+from webhook_receiver import Receiver
 from stethoscope_server import cli, migrate
 from stethoscope_server.settings import Settings
 

@@ -1,4 +1,6 @@
-"""A real HTTP receiver for webhook tests: http.server on a loopback port, in a thread."""
+"""A real HTTP receiver for webhook tests: http.server on a loopback port, in a thread.
+
+Shared by the server, dashboard and end-to-end tests (import it as ``webhook_receiver``)."""
 
 from __future__ import annotations
 
@@ -29,12 +31,15 @@ class Received:
 
 @dataclass
 class Receiver:
-    """Records every POST; replies with ``statuses`` in turn, then ``default_status``."""
+    """Records every POST; replies with ``statuses`` in turn, then ``default_status``.
+    ``port`` 0 takes a free one; a fixed port lets a test bring a receiver up where an
+    earlier one was down."""
 
     statuses: list = field(default_factory=list)
     default_status: int = 200
     requests: list = field(default_factory=list)
     url: str = ""
+    port: int = 0
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -56,7 +61,7 @@ class Receiver:
             def log_message(self, *args):
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
