@@ -5,8 +5,19 @@ from __future__ import annotations
 import math
 import random
 
+import pytest
+
 from live_servers import wait_until  # noqa: F401  (the alert tests import it from here)
 from stethoscope.wire import encode_values
+
+@pytest.fixture(autouse=True)  # autouse where a test module imports it
+def no_internal_errors(request):
+    """Errors the server swallows (logged, points kept) are failures in these tests."""
+    server = request.getfixturevalue("live_server") if "live_server" in request.fixturenames else None
+    yield
+    if server is not None:
+        assert server.app.state.alerting.errors == 0
+
 
 #: A spike far above any noise of ``loss_curve`` (its values stay below ~2.5).
 SPIKE = 40.0
