@@ -156,6 +156,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="alternating on/off ingest measurements")
     ap.add_argument("--db", default="sqlite,postgres")
     args = ap.parse_args()
+    os.environ["STETHOSCOPE_WEBHOOK_ALLOW_PRIVATE"] = "1"  # the receiver listens on loopback
     for kind in args.db.split(","):
         result: dict = {"benchmark": "alert_latency", "database": kind}
         with fresh_database(kind) as db_url, server(db_url) as srv:

@@ -3,7 +3,7 @@
 Deliveries are rows written in the transaction that changed the alert (see
 ``store/webhooks.py``), so ingest never waits on a receiver and a restart loses none. A
 background thread in each server worker claims due rows, POSTs them with the standard
-library, and records the outcome; a failed attempt is retried with exponential backoff and
+library to checked addresses only (``webhook_targets``), and records the outcome; a failed attempt is retried with exponential backoff and
 jitter until ``webhook_max_attempts``, then marked ``failed``.
 
 Receivers verify ``X-Stethoscope-Signature: sha256=<hex>``, the HMAC-SHA256 of the exact body
@@ -15,18 +15,14 @@ bytes under the webhook's secret::
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
-import http.client
 import json
 import logging
 import random
-import ssl
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 from sqlalchemy import Connection, Engine, event
 
@@ -38,6 +34,7 @@ from .observability import METRICS
 from .settings import Settings
 from .store import Store
 from .store import webhooks as _webhooks
+from .webhook_targets import post
 
 log = logging.getLogger("stethoscope.server.webhooks")
 
@@ -51,8 +48,6 @@ CONCURRENCY = 4
 #: A claimed delivery is hidden from other workers for the request timeout plus this margin;
 #: if the worker dies mid-send the row comes due again afterwards.
 LEASE_MARGIN_S = 30.0
-#: Bytes of a failed receiver's reply kept in ``last_error``.
-ERROR_BODY_BYTES = 300
 #: Slack shows at most 3,000 characters in a section block.
 SLACK_TEXT_LIMIT = 2900
 
@@ -110,31 +105,6 @@ def backoff_s(attempts: int, base: float, cap: float, rng: random.Random = rando
     """Delay before the next attempt after ``attempts`` failed ones: doubling, capped, jittered
     to 50-100% so that many deliveries failing together do not retry together."""
     return min(cap, base * 2.0 ** min(attempts - 1, 60)) * rng.uniform(0.5, 1.0)
-
-
-def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> tuple[int | None, str | None, str | None]:
-    """POST once, following no redirect. Returns (status code, Retry-After, error text)."""
-    u = urlsplit(url)
-    try:
-        if u.scheme == "https":
-            conn: http.client.HTTPConnection = http.client.HTTPSConnection(u.hostname, u.port, timeout=timeout, context=ssl.create_default_context())
-        else:
-            conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
-        headers = dict(headers)
-        if u.username is not None:
-            cred = f"{unquote(u.username)}:{unquote(u.password or '')}".encode()
-            headers["Authorization"] = "Basic " + base64.b64encode(cred).decode()
-        try:
-            conn.request("POST", (u.path or "/") + (f"?{u.query}" if u.query else ""), body=body, headers=headers)
-            r = conn.getresponse()
-            reply = r.read(ERROR_BODY_BYTES)
-        finally:
-            conn.close()
-    except (OSError, http.client.HTTPException, ValueError) as e:
-        return None, None, f"{type(e).__name__}: {e}"[:ERROR_BODY_BYTES]
-    if 200 <= r.status < 300:
-        return r.status, None, None
-    return r.status, r.getheader("Retry-After"), f"HTTP {r.status}: {reply.decode('utf-8', 'replace')}"[:ERROR_BODY_BYTES]
 
 
 # -- the worker --------------------------------------------------------------------------
@@ -201,7 +171,8 @@ class Outbox:
             EVENT_HEADER: str(payload.get("event", "")),
             DELIVERY_HEADER: str(row["id"]),
         }
-        code, retry_after, error = post(row["url"], body, headers, self.settings.webhook_timeout_s)
+        code, retry_after, error = post(row["url"], body, headers, self.settings.webhook_timeout_s,
+                                        self.settings.webhook_allow_private)
         attempts = row["attempts"]
         if error is None:
             status, next_at = "delivered", None
@@ -213,6 +184,7 @@ class Outbox:
                 delay = max(delay, min(float(retry_after), self.settings.webhook_backoff_max_s))
             status, next_at = "pending", utcnow() + timedelta(seconds=delay)
         if error is not None:
+            # A class only ("HTTP 5xx", "connection failed", ...); the detail is logged at debug level.
             log.warning("webhook %s delivery %s attempt %d: %s", row["webhook_id"], row["id"], attempts, error)
         with self.store.writing() as conn:
             _webhooks.record(conn, row["id"], status, code, error, next_at)

@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     #: First retry delay; each retry doubles it (with jitter), up to ``webhook_backoff_max_s``.
     webhook_backoff_s: float = Field(default=2.0, gt=0)
     webhook_backoff_max_s: float = Field(default=1800.0, gt=0)
+    #: Let webhooks reach loopback, link-local (169.254.169.254, the cloud metadata service),
+    #: private, carrier-grade NAT, multicast and reserved addresses. Off: a project admin
+    #: could otherwise make the server POST to services only it can reach (see
+    #: stethoscope_server.webhook_targets). On for a receiver inside a trusted network.
+    webhook_allow_private: bool = False
 
     # -- security (see stethoscope_server.security and README "Running it for a team") -------
     #: ``on``: every /api/v1 and dashboard route needs a token; ``off``: none does. Unset: on

@@ -31,12 +31,14 @@ class Received:
 
 @dataclass
 class Receiver:
-    """Records every POST; replies with ``statuses`` in turn, then ``default_status``.
-    ``port`` 0 takes a free one; a fixed port lets a test bring a receiver up where an
-    earlier one was down."""
+    """Records every POST; replies with ``statuses`` in turn, then ``default_status``, with
+    ``reply_body`` (default ``ok``/``no``) and ``reply_headers``. ``port`` 0 takes a free one;
+    a fixed port lets a test bring a receiver up where an earlier one was down."""
 
     statuses: list = field(default_factory=list)
     default_status: int = 200
+    reply_body: bytes | None = None
+    reply_headers: dict = field(default_factory=dict)
     requests: list = field(default_factory=list)
     url: str = ""
     port: int = 0
@@ -53,10 +55,13 @@ class Receiver:
                     status = rec.statuses.pop(0) if rec.statuses else rec.default_status
                     rec.requests.append(Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body, status))
                     rec._cond.notify_all()
+                data = rec.reply_body if rec.reply_body is not None else (b"ok" if status < 300 else b"no")
                 self.send_response(status)
-                self.send_header("content-length", "2")
+                for k, v in rec.reply_headers.items():
+                    self.send_header(k, v)
+                self.send_header("content-length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(b"ok" if status < 300 else b"no")
+                self.wfile.write(data)
 
             def log_message(self, *args):
                 pass

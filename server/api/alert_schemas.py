@@ -88,7 +88,8 @@ class DeliveryOut(BaseModel):
     attempts: int
     next_attempt_at: datetime | None = Field(description="when the next attempt is due (pending only)")
     last_status_code: int | None
-    last_error: str | None
+    last_error: str | None = Field(description="what went wrong, as a class only: HTTP 4xx, HTTP 5xx, connection failed, "
+                                   "timed out, TLS failed, name not resolved, target refused: <kind> address")
     created_at: datetime
     delivered_at: datetime | None
     body: dict[str, Any] | None = Field(description="the JSON object sent")

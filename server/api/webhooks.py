@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
 
 from ..store import webhooks as _webhooks
+from ..webhook_targets import creation_error
 from .alert_schemas import DeliveryOut, DeliveryStatus, WebhookCreate, WebhookCreated, WebhookOut
 from .alerts import ProjectName
 from .deps import SettingsDep, StoreDep
@@ -27,9 +28,17 @@ def list_webhooks(project: ProjectName, store: StoreDep):
         return _webhooks.list_for_project(conn, project)
 
 
-@router.post("/projects/{project}/webhooks", response_model=WebhookCreated, status_code=201)
-def create_webhook(project: ProjectName, body: WebhookCreate, store: StoreDep):
-    """Add a webhook (creating the project if needed). The reply holds the secret: the only time it is shown."""
+@router.post("/projects/{project}/webhooks", response_model=WebhookCreated, status_code=201,
+             responses={422: {"description": "a bad body, or a url that is or resolves to a loopback, private or reserved address"}})
+def create_webhook(project: ProjectName, body: WebhookCreate, store: StoreDep, settings: SettingsDep):
+    """Add a webhook (creating the project if needed). The reply holds the secret: the only time it is shown.
+
+    The url's host must not be, or resolve to, a loopback, link-local, private, carrier-grade
+    NAT, multicast or reserved address unless ``STETHOSCOPE_WEBHOOK_ALLOW_PRIVATE`` is set; a
+    name that does not resolve yet is accepted. Every delivery checks the target again."""
+    refused = creation_error(body.url, settings.webhook_allow_private)
+    if refused is not None:
+        raise HTTPException(422, detail=refused)
     secret = body.secret or secrets.token_hex(SECRET_BYTES)
     with store.writing() as conn:
         return _webhooks.create(conn, project, body.url, secret, list(body.severities), body.format, body.enabled)

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import Connection, delete, func, insert, select, update
 
 from ..models import Project, Webhook, WebhookDelivery, utcnow
+from ..webhook_targets import public_error
 from .alerts import aware
 from .errors import NotFound
 from .runs import ensure_project
@@ -147,7 +148,8 @@ def delivery_dict(row: Any) -> dict:
         "attempts": row.attempts,
         "next_attempt_at": aware(row.next_attempt_at) if row.status == "pending" else None,
         "last_status_code": row.last_status_code,
-        "last_error": row.last_error,
+        # A status class only; rows stored before classes held the reply's first bytes.
+        "last_error": public_error(row.last_error, row.last_status_code),
         "created_at": aware(row.created_at),
         "delivered_at": aware(row.delivered_at),
         "body": payload.get("body"),

@@ -14,6 +14,7 @@ from sqlalchemy import insert, select
 import _dash_training as T
 from _dash_browser import ARTIFACTS, screenshot
 from stethoscope_server.models import Alert, Run
+from stethoscope_server.settings import Settings
 from stethoscope_server.store import SeriesBatch
 from webhook_receiver import Receiver
 
@@ -249,6 +250,12 @@ def test_acknowledge_from_the_alerts_page(live_server, training, page):
     with live_server.store.reading() as conn:
         acked = conn.execute(select(Alert.__table__.c.acknowledged_at).where(Alert.__table__.c.id == alert_id)).scalar()
     assert acked is not None
+
+
+@pytest.fixture
+def settings(db_url):
+    # The settings page's webhook test-sends to a receiver on loopback: private targets allowed.
+    return Settings(database_url=db_url, webhook_allow_private=True)
 
 
 def test_settings_page_saves_thresholds_and_test_sends_a_webhook(live_server, training, page):

@@ -9,7 +9,8 @@ ADMIN = "stt_test-admin-token-0123456789abcdef"
 
 
 def auth_settings(db_url: str, **kw) -> Settings:
-    return Settings(database_url=db_url, auth="on", admin_token=ADMIN, **kw)
+    # Webhooks in these tests point at loopback (127.0.0.1:9): private targets allowed.
+    return Settings(database_url=db_url, auth="on", admin_token=ADMIN, **{"webhook_allow_private": True, **kw})
 
 
 def make_token(admin_client, project: str | None, scopes: list[str], name: str | None = None) -> str:

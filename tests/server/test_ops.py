@@ -20,7 +20,8 @@ SECRET = "s3cret-for-tests"
 @pytest.fixture
 def settings(db_url, request):
     """Quick webhook retries by default; a test changes more with indirect parametrisation."""
-    base = {"outbox_poll_s": 0.2, "webhook_backoff_s": 0.2, "webhook_backoff_max_s": 1.0, "webhook_max_attempts": 2, "webhook_timeout_s": 5}
+    base = {"outbox_poll_s": 0.2, "webhook_backoff_s": 0.2, "webhook_backoff_max_s": 1.0, "webhook_max_attempts": 2, "webhook_timeout_s": 5,
+            "webhook_allow_private": True}  # the receiver is on loopback
     over = dict(getattr(request, "param", {}))
     url = over.pop("database_url", db_url)
     return Settings(database_url=url(db_url) if callable(url) else url, **{**base, **over})
