@@ -280,3 +280,17 @@ def test_settings_page_saves_thresholds_and_test_sends_a_webhook(live_server, tr
         screenshot(page, "settings")
     finally:
         receiver.close()
+
+
+def test_settings_page_shows_a_failed_test_send_as_a_status_class_only(live_server, page):
+    """The receiver's reply (here a secret banner with a 500) never reaches the page."""
+    receiver = Receiver(default_status=500, reply_body=b"SECRET-BANNER internal admin page")
+    try:
+        httpx.post(f"{live_server.url}/api/v1/projects/tiny/webhooks", json={"url": receiver.url}, timeout=30).raise_for_status()
+        page.goto(live_server.url + "/projects/tiny/settings")
+        page.click("#webhooks button[data-webhook]")
+        page.wait_for_selector("#webhooks .msg.err", timeout=15_000)
+        assert page.inner_text("#webhooks .msg.err") == "failed (HTTP 500): HTTP 5xx"
+        assert len(receiver.requests) == 1 and "SECRET-BANNER" not in page.content()
+    finally:
+        receiver.close()
