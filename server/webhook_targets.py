@@ -239,9 +239,11 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float, allow_p
     """POST once to a checked address, following no redirect. Returns (status code,
     Retry-After, error class); the error class is None for a 2xx."""
     u = urlsplit(url)
-    host, port = _host_port(url)
     try:
+        host, port = _host_port(url)
         ips = check_target(url, allow_private)
+    except ValueError:  # a bad port in a row stored before the URL was validated
+        return None, None, CONNECTION_FAILED
     except TargetRefused as e:
         log.debug("webhook target %s refused: %s %s", host, e.reason, e.address)
         return None, None, f"{REFUSED}: {e.reason}"
