@@ -276,7 +276,7 @@ class Sender:
         # Those the disk still refuses are lost and counted, except the final status, which
         # goes with the final count into the space the spool reserved for it.
         statuses = []
-        for kind, body in spool.save_memory() if spool.in_memory() else ():
+        for kind, body in spool.save_memory():
             if kind == "status":
                 statuses.append((kind, body))
             else:

@@ -197,10 +197,6 @@ class Spool:
         self._writer = open(path, "ab", buffering=0)
         self._write_size = os.fstat(self._writer.fileno()).st_size
 
-    def in_memory(self) -> int:
-        """Entries the disk refused that wait in memory for the server."""
-        return len(self._mem)
-
     def save_memory(self) -> list:
         """At close: move the entries waiting in memory to the disk if it takes them now.
         Returns those it still refuses as ``(kind, body)``, oldest first, and forgets them."""

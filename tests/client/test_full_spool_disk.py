@@ -92,3 +92,26 @@ def test_sync_skips_and_reports_entries_cut_short(live_server, tmp_path, capsys)
     err = capsys.readouterr().err
     assert "3 entries of run torn" in err and "cut short" in err, err
     assert not path.exists(), "the spool is done with, torn ends and all"
+
+
+class _Closed:
+    """What a sender knows after close, for the close message."""
+
+    def __init__(self, dropped=0, spool_dropped=0, status_lost=False, unsent=True):
+        self.dropped, self.spool_dropped, self.status_lost, self.unsent = dropped, spool_dropped, status_lost, unsent
+        self.spool_path = Path("/spool/r/w")
+        self.transport = None
+
+
+def test_the_close_message_says_what_was_lost_and_never_that_it_is_saved():
+    from stethoscope._monitor import _close_message
+
+    assert _close_message("r", "finished", _Closed(unsent=False)) is None
+    assert _close_message("r", "finished", _Closed()) == \
+        "stethoscope: run r is saved in /spool/r/w; upload it with `stethoscope sync /spool/r/w`"
+    text = _close_message("r", "finished", _Closed(dropped=2, spool_dropped=5, status_lost=True))
+    assert "is saved" not in text
+    assert "7 records (steps or events) were lost: 2 because the queue was full" in text
+    assert "5 because the spool disk was full" in text
+    assert "final status ('finished') could not be saved" in text
+    assert "what was kept is in /spool/r/w" in text
