@@ -17,7 +17,7 @@ import uuid
 
 import torch
 
-from . import _attention, _errors, _metrics
+from . import _attention, _errors, _metrics, _spool
 from ._checks import _check_log_args, _check_name, _check_step, _jsonable
 from ._metrics import MAX, MEAN, SUM
 from .wire import MAX_NAME_LENGTH
@@ -196,13 +196,11 @@ class Monitor:
         if self._sender is not None:
             self._sender.put(("status", status))
             self._sender.close(timeout)
-            if self._sender.unsent and self._sender.spool_path is not None:
+            message = _close_message(self.run_id, status, self._sender)
+            if message:
                 import sys
 
-                where = self._sender.spool_path
-                hint = f" --server {self._sender.transport.base_url}" if self._sender.transport else ""
-                print(f"stethoscope: run {self.run_id} is saved in {where}; "
-                      f"upload it with `stethoscope sync {where}{hint}`", file=sys.stderr)
+                print(message, file=sys.stderr)
 
     def __enter__(self):
         return self
@@ -321,6 +319,32 @@ class Monitor:
             names = ops = ()
         if self._sender is not None:
             self._sender.put(("points", step, time.time(), names, ops, packed, ready, host_names, host_values))
+
+
+def _close_message(run_id: str, status: str, sender) -> str | None:
+    """What the user must know at close: what was lost and why, and where the rest waits."""
+    lost = []
+    if sender.dropped:
+        lost.append(f"{sender.dropped} because the queue was full (the sender fell behind)")
+    if sender.spool_dropped:
+        lost.append(f"{sender.spool_dropped} because the spool disk was full while the server was unreachable "
+                    f"(memory holds the newest {_spool.MEMORY_FALLBACK_ENTRIES} entries, and only while the job runs)")
+    parts = []
+    if lost:
+        parts.append(f"{sender.dropped + sender.spool_dropped} records (steps or events) were lost: "
+                     + "; ".join(lost))
+    if sender.status_lost:
+        parts.append(f"its final status ({status!r}) could not be saved")
+    where = sender.spool_path
+    if sender.unsent and where is not None:
+        hint = f" --server {sender.transport.base_url}" if sender.transport else ""
+        upload = f"in {where}; upload it with `stethoscope sync {where}{hint}`"
+        if not parts:
+            return f"stethoscope: run {run_id} is saved {upload}"
+        parts.append(f"what was kept is {upload}")
+    if not parts:
+        return None
+    return f"stethoscope: run {run_id}: " + "; ".join(parts)
 
 
 def finish_values(names, ops, packed) -> list[float]:

@@ -40,6 +40,9 @@ FLUSH_JITTER = 0.1
 #: A batch is sent early past this many points (well under the server's 50,000).
 BATCH_POINTS = 10_000
 
+#: The series that counts records lost (the queue or the disk was full).
+DROPPED = "stethoscope/dropped"
+
 _STOP = object()
 
 
@@ -68,7 +71,12 @@ class Sender:
         self._abort = False
         #: After close: whether entries are left in the spool for ``stethoscope sync``.
         self.unsent = False
+        #: After close: the final status reached neither the server nor the disk.
+        self.status_lost = False
         self.spool_path = None
+        self._reported_drops = 0  # the count last put in a batch as ``stethoscope/dropped``
+        self._drop_step = None  # and its step
+        self._last_step = None  # the last step seen in a record
 
     def after_fork(self) -> None:
         """In a forked child: the parent's thread and spool are not ours; start afresh."""
@@ -126,7 +134,6 @@ class Sender:
         run_created = False
         rand = random.Random()  # its own generator: the user's seeds stay untouched
         next_ship = time.monotonic() + FLUSH_INTERVAL_S * (1.0 + rand.uniform(-FIRST_FLUSH_SPREAD, FIRST_FLUSH_SPREAD))
-        reported_drops = 0
         while True:
             try:
                 rec = self._queue.get(timeout=max(0.05, next_ship - time.monotonic()))
@@ -141,9 +148,11 @@ class Sender:
                         flush_event = rec[1]
                     else:
                         batch.add(rec)
-            if self.dropped + self.spool_dropped != reported_drops and batch.last_step is not None:
-                reported_drops = self.dropped + self.spool_dropped
-                batch.add_point("stethoscope/dropped", batch.last_step, float(reported_drops))
+            if batch.last_step is not None:
+                self._last_step = batch.last_step
+            if self.dropped + self.spool_dropped != self._reported_drops and batch.last_step is not None \
+                    and (batch.last_step != self._drop_step or DROPPED in batch.series):
+                self._report_drops(batch, batch.last_step)
             due = stop or flush_event is not None or batch.points >= BATCH_POINTS \
                 or time.monotonic() >= next_ship
             if not due:
@@ -162,8 +171,16 @@ class Sender:
             if flush_event is not None:
                 flush_event.set()
             if stop:
-                self._finish()
+                with _errors.swallowed("sender.finish"):
+                    self._finish(run_created)
                 return
+
+    def _report_drops(self, batch: "_Batch", step: int) -> None:
+        # One value per step: ingest keeps the first point of a step and ignores a resend, so a
+        # count at a step already sent waits for the next step (or close).
+        self._reported_drops = self.dropped + self.spool_dropped
+        batch.set_point(DROPPED, step, float(self._reported_drops))
+        self._drop_step = step
 
     def _open_spool(self) -> Spool:
         if self._spool is None:
@@ -251,10 +268,32 @@ class Sender:
         elif kind == "status":
             self.transport.request("PATCH", path, body)
 
-    def _finish(self) -> None:
+    def _finish(self, run_created: bool) -> None:
         spool = self._spool
         if spool is None:
             return
+        # Entries still in memory: the disk refused them and the server did not take them.
+        # Those the disk still refuses are lost and counted, except the final status, which
+        # goes with the final count into the space the spool reserved for it.
+        statuses = []
+        for kind, body in spool.save_memory():
+            if kind == "status":
+                statuses.append((kind, body))
+            else:
+                self.spool_dropped += _records_in(kind, body)
+        last = []
+        if self.dropped + self.spool_dropped != self._reported_drops and self._last_step is not None:
+            batch = _Batch(self.finish_values)
+            step = self._last_step + (self._last_step == self._drop_step)  # a step not yet used
+            self._report_drops(batch, step)
+            last = list(batch.take())
+        last += statuses
+        if last:
+            refused = spool.append_last(last)
+            self.status_lost = any(kind == "status" for kind, _ in refused)
+            if self.transport is not None and not self._abort and self._deadline is not None \
+                    and time.monotonic() < self._deadline:
+                self._drain(run_created, Backoff(), False)  # a server that is back takes them now
         self.unsent = spool.peek() is not None
         spool.close(remove_if_empty=self.transport is not None)
         if self.transport is not None:
@@ -278,8 +317,8 @@ def split_batch(kind: str, body: dict) -> tuple[dict, dict] | None:
 
 def _records_in(kind: str, body) -> int:
     """How many ``put`` records a spool entry stood for: its steps, for points."""
-    if kind == "points":
-        return len({step for s in body["series"] for step in s["steps"]})
+    if kind == "points":  # the drop count is our bookkeeping, not a record of the job's
+        return len({step for s in body["series"] if s["name"] != DROPPED for step in s["steps"]})
     return len(body.get("events", ())) or 1
 
 
@@ -311,6 +350,14 @@ class _Batch:
             self.events.append(rec[1])
         elif kind == "status":
             self.statuses.append(rec[1])
+
+    def set_point(self, name: str, step: int, value: float) -> None:
+        """``add_point``, replacing the value when the series' last point is at ``step``."""
+        col = self.series.get(name)
+        if col is not None and col[0] and col[0][-1] == step:
+            col[1][-1] = value
+        else:
+            self.add_point(name, step, value)
 
     def add_point(self, name: str, step: int, value: float, wall: float | None = None) -> None:
         col = self.series.get(name)

@@ -7,10 +7,16 @@ yet acknowledged by the server). Every batch is appended before it is sent, so a
 process or a dead server loses nothing that reached the sender thread; sent segments are
 deleted, so an online run keeps at most one small segment on disk. ``stethoscope sync``
 reads the same directories. An exclusive ``flock`` on ``lock`` marks a directory as in use.
+
+A full disk: a line that does not fit is cut off again (segments hold whole lines only) and
+the entry goes to a bounded memory fallback; ``reserve`` is space set aside when the spool
+opens and given back at close, so the run's last entries (its final status, the count of
+records lost) still reach the disk.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -26,6 +32,10 @@ except ImportError:  # pragma: no cover - Windows: no locking, one writer per di
 SEGMENT_BYTES = 4 * 1024 * 1024
 #: Entries kept in memory when the disk refuses writes (then the oldest are dropped).
 MEMORY_FALLBACK_ENTRIES = 1000
+#: Bytes set aside at open and given back at close for the run's last entries (a status and a
+#: drop count are a few hundred bytes): room for them in a new segment on a file system with
+#: blocks of up to 64 KiB, at a cost no disk notices.
+RESERVE_BYTES = 64 * 1024
 
 
 def default_root() -> Path:
@@ -44,16 +54,42 @@ class Spool:
         self._reader = None
         self._read_seg = 0
         self._mem: deque = deque()
+        self._next = None
         self.memory_dropped = 0
+        #: Lines skipped because they were not whole entries (a writer stopped mid-line).
+        self.skipped = 0
         self.disk_ok = True
-        self.path.mkdir(parents=True, exist_ok=True)
-        if lock:
-            self._take_lock()
-        if run_meta is not None:
-            _write_atomic(self.path / "run.json", json.dumps(run_meta))
-        segs = self.segments()
+        self._lock_wanted = lock
+        self._meta = run_meta  # not None until run.json is on disk
+        try:
+            self._prepare_disk()
+        except BlockingIOError:
+            raise
+        except OSError:
+            self.disk_ok = False  # a full disk from the start: memory now, the disk again later
+        segs = self.segments() if self.path.is_dir() else []
         self._write_seg = segs[-1] if segs else 1
         self._cursor = self._read_cursor(segs)
+
+    def _prepare_disk(self) -> None:
+        """The directory, its lock, ``run.json`` and the reserve; what is done is not redone."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self._lock_wanted and self._lock_fd is None:
+            self._take_lock()
+        if self._meta is not None:
+            _write_atomic(self.path / "run.json", json.dumps(self._meta))
+            self._meta = None
+            try:  # the writer's spool only: a reader (sync) needs no reserve
+                with open(self.path / "reserve", "wb") as f:
+                    f.write(bytes(RESERVE_BYTES))
+            except OSError:
+                self._release_reserve()  # no room even for that: go on without
+
+    def _release_reserve(self) -> None:
+        try:
+            (self.path / "reserve").unlink()
+        except OSError:
+            pass
 
     # -- locking -------------------------------------------------------------------
     def _take_lock(self) -> None:
@@ -108,33 +144,87 @@ class Spool:
     def append(self, kind: str, body):
         """Write an entry. Returns the entry pushed out of the memory fallback to make room
         (disk full and the memory full too: the oldest goes) as ``(kind, body)``, else None."""
-        line = (json.dumps({"t": kind, "b": body}, separators=(",", ":"), allow_nan=False) + "\n").encode()
+        line = _line(kind, body)
+        if not self.disk_ok and not self._mem:
+            self.disk_ok = True  # nothing waits in memory: the disk may take entries again, in order
         if self.disk_ok:
             try:
-                if self._writer is None or self._write_size >= SEGMENT_BYTES:
-                    self._roll()
-                self._writer.write(line)
-                self._writer.flush()
-                self._write_size += len(line)
+                self._write_line(line)
                 return None
             except OSError:
                 self.disk_ok = False  # full or read-only disk: keep going from memory
                 self._close_writer()
         lost = None
         if len(self._mem) >= MEMORY_FALLBACK_ENTRIES:
-            entry = json.loads(self._mem.popleft())
-            lost = entry["t"], entry["b"]
+            lost = _entry(self._mem.popleft())
             self.memory_dropped += 1
         self._mem.append(line)
         return lost
+
+    def _write_line(self, line: bytes) -> None:
+        """Append one whole line to the current segment, or raise OSError and leave none of it."""
+        if self._meta is not None or self._lock_wanted and self._lock_fd is None:
+            self._prepare_disk()
+        if self._writer is None or self._write_size >= SEGMENT_BYTES:
+            self._roll()
+        view, done = memoryview(line), 0
+        try:
+            while done < len(line):
+                n = self._writer.write(view[done:])  # unbuffered: a short count is a full disk
+                if not n:
+                    raise OSError(errno.ENOSPC, "no space left on the spool disk")
+                done += n
+        except OSError:
+            if done:
+                self._cut_partial_line()
+            raise
+        self._write_size += done
+
+    def _cut_partial_line(self) -> None:
+        """A line written in part: truncate the segment to its last whole line."""
+        try:
+            os.ftruncate(self._writer.fileno(), self._write_size)
+        except OSError:
+            # Cannot cut it: write on in a new segment; readers skip this one's torn end.
+            self._close_writer()
+            self._write_seg += 1
 
     def _roll(self) -> None:
         if self._writer is not None:  # full: the next segment (after compact: already advanced)
             self._close_writer()
             self._write_seg += 1
         path = self._seg_path(self._write_seg)
-        self._writer = open(path, "ab")
-        self._write_size = self._writer.tell()
+        self._writer = open(path, "ab", buffering=0)
+        self._write_size = os.fstat(self._writer.fileno()).st_size
+
+    def save_memory(self) -> list:
+        """At close: move the entries waiting in memory to the disk if it takes them now.
+        Returns those it still refuses as ``(kind, body)``, oldest first, and forgets them."""
+        while self._mem:
+            try:
+                self._write_line(self._mem[0])
+            except OSError:
+                self._close_writer()
+                break
+            self._mem.popleft()
+        lost = [_entry(line) for line in self._mem]
+        self._mem.clear()
+        return lost
+
+    def append_last(self, entries: list) -> list:
+        """At close: write the run's last entries in a new segment, in the space reserved at
+        open. Returns those that did not fit, as ``(kind, body)``."""
+        self._release_reserve()
+        self._close_writer()
+        if self._seg_path(self._write_seg).exists():
+            self._write_seg += 1
+        for i, (kind, body) in enumerate(entries):
+            try:
+                self._write_line(_line(kind, body))
+            except OSError:
+                self._close_writer()
+                return entries[i:]
+        return []
 
     def _close_writer(self) -> None:
         try:
@@ -160,20 +250,28 @@ class Spool:
             self._reader.seek(off)
             line = self._reader.readline()
             if line.endswith(b"\n"):
+                try:
+                    entry = _entry(line)
+                except (ValueError, KeyError, TypeError):
+                    # Not a whole entry: the torn end of a line (an older writer on a full disk)
+                    # ran into the next one. Skip it; the entries around it are whole.
+                    self.skipped += 1
+                    off += len(line)
+                    self._cursor = (seg, off)
+                    continue
                 self._next = (seg, off + len(line))
-                entry = json.loads(line)
-                return entry["t"], entry["b"]
+                return entry
             # end of this segment (a torn last line is left for the writer to finish)
             later = [s for s in self.segments() if s > seg]
             if not later:
                 break
+            self.skipped += bool(line)  # torn, and the writer went on in a new segment
             self._drop_segment(seg)
             seg, off = later[0], 0
             self._cursor = (seg, off)
         if self._mem:
             self._next = None
-            entry = json.loads(self._mem[0])
-            return entry["t"], entry["b"]
+            return _entry(self._mem[0])
         return None
 
     def ack(self) -> None:
@@ -203,6 +301,23 @@ class Spool:
         except OSError:
             pass
 
+    def skip_torn_tail(self) -> int:
+        """For a spool no process writes any more (``sync``): skip the unfinished last line of a
+        writer killed mid-write, counting it in ``skipped``. Returns its length in bytes."""
+        if self._writer is not None or self.peek() is not None:
+            return 0
+        seg, off = self._cursor
+        try:
+            size = self._seg_path(seg).stat().st_size
+        except OSError:
+            return 0
+        if size <= off:
+            return 0
+        self.skipped += 1
+        self._cursor = (seg, size)
+        self._save_cursor()
+        return size - off
+
     def empty(self) -> bool:
         return self.peek() is None
 
@@ -221,11 +336,12 @@ class Spool:
 
     def close(self, remove_if_empty: bool = True) -> None:
         self._close_writer()
+        self._release_reserve()
         empty = remove_if_empty and self.peek() is None and not self.segments_with_data()
         if self._reader is not None:
             self._reader.close()
             self._reader = None
-        if empty:
+        if empty and self.path.is_dir():
             for p in list(self.path.iterdir()):
                 try:
                     p.unlink()
@@ -252,10 +368,23 @@ class Spool:
         return json.loads((self.path / "run.json").read_text())
 
 
+def _line(kind: str, body) -> bytes:
+    return (json.dumps({"t": kind, "b": body}, separators=(",", ":"), allow_nan=False) + "\n").encode()
+
+
+def _entry(line: bytes) -> tuple:
+    entry = json.loads(line)
+    return entry["t"], entry["b"]
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk: leave no half-written file behind
+        raise
 
 
 def writer_name() -> str:

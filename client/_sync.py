@@ -90,6 +90,11 @@ def sync(path, server: str, progress_stream=None, force_progress: bool = False, 
                 n = sum(len(s["steps"]) for s in body["series"]) if kind == "points" else 0
                 points += n
                 progress.update(before - pending_bytes(spool), n)
+            spool.skip_torn_tail()
+            if spool.skipped:
+                print(f"stethoscope: {spool.skipped} entr{'y' if spool.skipped == 1 else 'ies'} of run {run_id} in "
+                      f"{spool.path} were cut short while being written (the job was killed, or its disk "
+                      f"filled) and are skipped; the rest is uploaded", file=sys.stderr)
             runs += 1
             spool.close(remove_if_empty=True)
         progress.update(0, 0, final=True)
