@@ -89,15 +89,22 @@ class Monitor:
         with _errors.swallowed("log"):
             self._record(step, loss, logits, targets, scalars)
 
-    def event(self, kind: str, **info) -> None:
-        """Record an event (``"task_switch"``, ``"checkpoint"``, ``"note"``...) at the current step.
+    def event(self, kind: str, *, step=None, message: str = "", **info) -> None:
+        """Record an event (``"task_switch"``, ``"checkpoint"``, ``"note"``...) on the step axis.
 
-        ``message=`` and ``step=`` are taken out of ``info``; the rest is stored as JSON.
+        ``step`` defaults to the step in progress: the one the next ``log()`` records (one more
+        than the last step logged, 0 before the first). ``log()`` closes a step, so an event
+        raised while a step runs (a corrupted batch seen before ``log(step=300)``) lands at
+        that step, 300. For an event about a step already logged (a checkpoint saved after
+        ``log(step=300)``) pass ``step=300``. The rest of ``info`` is stored as JSON.
+
+        >>> mon.event("corrupted_batch", message="NaN in batch 17")   # before mon.log(step=step)
+        >>> mon.event("checkpoint", step=step, path=path)             # after mon.log(step=step)
         """
         if not isinstance(kind, str) or not kind or len(kind) > MAX_NAME_LENGTH:
             raise ValueError(f"event kind must be a non-empty string of at most {MAX_NAME_LENGTH} characters")
-        message = str(info.pop("message", ""))
-        step = _check_step(info.pop("step", self._last_step))
+        message = str(message)
+        step = self._next_step if step is None else _check_step(step)
         try:
             info = json.loads(json.dumps(info, default=_jsonable, allow_nan=False))
         except (TypeError, ValueError) as exc:
