@@ -91,17 +91,26 @@ def sequence_header(payload: dict) -> dict[str, str]:
     return {SEQUENCE_HEADER: str(payload["sequence"])} if payload.get("sequence") is not None else {}
 
 
+def plain_and_evidence(message: str) -> tuple[str, str]:
+    """An alert message's first sentence (what happened, at which step, in plain words) and
+    the evidence after it; detector messages are written that way."""
+    first, sep, rest = message.partition(". ")
+    return (first + "." if sep else first), rest
+
+
 def _slack(event_name: str, alert: dict, run: dict, link: str) -> dict:
     word = _EVENT_WORD.get(event_name, event_name)
     sev = alert["severity"]
     steps = f"steps {alert['start_step']}-{alert['end_step']}" if alert.get("end_step") != alert.get("start_step") else f"step {alert['start_step']}"
+    plain, detail = plain_and_evidence(alert["message"])
     head = f"[{sev.upper()}] {alert['detector']} {word} on run {run['name']} ({run['project']})"
-    text = f"{head}: {alert['message']}"[:SLACK_TEXT_LIMIT]
+    # The plain sentence first (a notification shows the start of "text"), the rest after it.
+    text = f"{plain} {head}. {detail}".strip()[:SLACK_TEXT_LIMIT]
     evidence = ", ".join(f"{k}={v}" for k, v in (alert.get("evidence") or {}).items())
     return {
         "text": text,
         "blocks": [
-            {"type": "section", "text": {"type": "mrkdwn", "text": f"{_SEVERITY_MARK.get(sev, '')} *{head}*\n{alert['message']}"[:SLACK_TEXT_LIMIT]}},
+            {"type": "section", "text": {"type": "mrkdwn", "text": f"{_SEVERITY_MARK.get(sev, '')} *{plain}*\n{detail}\n_{head}_"[:SLACK_TEXT_LIMIT]}},
             {"type": "context", "elements": [{"type": "mrkdwn", "text": f"{steps} | alert {alert['id']} | {evidence}"[:SLACK_TEXT_LIMIT]}]},
             {"type": "actions", "elements": [{"type": "button", "text": {"type": "plain_text", "text": "Open run"}, "url": link}]},
         ],

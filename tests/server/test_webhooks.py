@@ -4,6 +4,7 @@ delivery log, a restart with deliveries pending, and two outbox workers never do
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -94,8 +95,15 @@ def test_slack_format(client, live_server, receiver):
     assert first.signature_ok(SECRET)
     body = first.json
     assert set(body) == {"text", "blocks"}
-    assert body["text"].startswith("[WARNING] loss_spike opened on run r (p): loss spiked to 40")
-    assert body["blocks"][0]["type"] == "section" and "loss spiked" in body["blocks"][0]["text"]["text"]
+    # What happened, in plain words and with the step, comes first; then who and the evidence.
+    plain = re.match(r"Loss jumped [\d.]+x at step 139 \(from [\d.]+ to 40\)\.", body["text"]).group(0)
+    assert body["text"].startswith(plain + " [WARNING] loss_spike opened on run r (p). ")
+    assert "robust sigmas" in body["text"]
+    section = body["blocks"][0]
+    assert section["type"] == "section"
+    first_line, *rest = section["text"]["text"].split("\n")
+    assert first_line == f":warning: *{plain}*"
+    assert "robust sigmas" in rest[0] and rest[1] == "_[WARNING] loss_spike opened on run r (p)_"
     assert body["blocks"][-1]["elements"][0]["url"] == f"{live_server.settings.base_url}/runs/r"
     assert _deliveries(client, hook["id"])[-1]["event"] == "alert.opened"
 
