@@ -48,6 +48,8 @@ class Monitor:
         self._calls = 0
         self._next_step = 0
         self._last_step = 0
+        self._top_step = -1  # the highest step logged by this process
+        self._warned_backwards = False
         self._mode = None  # "after" / "before": is log() called after or before optimizer.step()?
         self._pending_grads = None
         self._pending_update = None
@@ -68,7 +70,13 @@ class Monitor:
 
     # -- public API ------------------------------------------------------------------
     def log(self, step=None, loss=None, logits=None, targets=None, **scalars) -> None:
-        """Record one training step. Call once per step, after ``loss.backward()``."""
+        """Record one training step. Call once per step, after ``loss.backward()``.
+
+        Steps should grow. A step lower than one this process logged before is accepted with
+        a warning (once): the server keeps the first value of each step, so values at steps
+        it already has are ignored. A job restarted from a checkpoint in a new process is a
+        resume, recognised by itself: see ``stethoscope._resume``.
+        """
         if self._closed:
             raise ValueError("this monitor is closed; attach a new one to keep logging")
         n = self._calls
@@ -77,6 +85,15 @@ class Monitor:
             step = self._next_step
         else:
             step = _check_step(step)
+        if step < self._top_step and not self._warned_backwards:
+            self._warned_backwards = True
+            _errors.logger.warning(
+                "stethoscope: step %d is lower than step %d, which this process logged before (run %s); the "
+                "server keeps the first value of each step, so values at steps it already has are ignored. "
+                "Pass growing steps (a job resumed from a checkpoint in a new process is recognised by itself)",
+                step, self._top_step, self.run_id)
+        if step > self._top_step:
+            self._top_step = step
         self._next_step = step + 1
         self._last_step = step
         if self._mode is None:
@@ -89,15 +106,22 @@ class Monitor:
         with _errors.swallowed("log"):
             self._record(step, loss, logits, targets, scalars)
 
-    def event(self, kind: str, **info) -> None:
-        """Record an event (``"task_switch"``, ``"checkpoint"``, ``"note"``...) at the current step.
+    def event(self, kind: str, *, step=None, message: str = "", **info) -> None:
+        """Record an event (``"task_switch"``, ``"checkpoint"``, ``"note"``...) on the step axis.
 
-        ``message=`` and ``step=`` are taken out of ``info``; the rest is stored as JSON.
+        ``step`` defaults to the step in progress: the one the next ``log()`` records (one more
+        than the last step logged, 0 before the first). ``log()`` closes a step, so an event
+        raised while a step runs (a corrupted batch seen before ``log(step=300)``) lands at
+        that step, 300. For an event about a step already logged (a checkpoint saved after
+        ``log(step=300)``) pass ``step=300``. The rest of ``info`` is stored as JSON.
+
+        >>> mon.event("corrupted_batch", message="NaN in batch 17")   # before mon.log(step=step)
+        >>> mon.event("checkpoint", step=step, path=path)             # after mon.log(step=step)
         """
         if not isinstance(kind, str) or not kind or len(kind) > MAX_NAME_LENGTH:
             raise ValueError(f"event kind must be a non-empty string of at most {MAX_NAME_LENGTH} characters")
-        message = str(info.pop("message", ""))
-        step = _check_step(info.pop("step", self._last_step))
+        message = str(message)
+        step = self._next_step if step is None else _check_step(step)
         try:
             info = json.loads(json.dumps(info, default=_jsonable, allow_nan=False))
         except (TypeError, ValueError) as exc:

@@ -21,6 +21,7 @@ import threading
 import time
 
 from . import _errors
+from ._resume import Resume
 from ._spool import Spool
 from ._transport import Backoff, HttpTransport, NotFound, Rejected, TryLater
 from .wire import MAX_POINTS_PER_BATCH, encode_values
@@ -77,6 +78,10 @@ class Sender:
         self._reported_drops = 0  # the count last put in a batch as ``stethoscope/dropped``
         self._drop_step = None  # and its step
         self._last_step = None  # the last step seen in a record
+        #: "up" / "down" once a send was tried: the user hears of each change once (_link).
+        self._link_state = None
+        self._told_spool_drops = False
+        self._resume = Resume(self.run_id)
 
     def after_fork(self) -> None:
         """In a forked child: the parent's thread and spool are not ours; start afresh."""
@@ -164,6 +169,7 @@ class Sender:
                     lost = spool.append(kind, body)
                     if lost is not None:  # disk and memory full: the oldest entry is gone
                         self.spool_dropped += _records_in(*lost)
+                        self._link("dropping")
             if self.transport is not None and not self._abort and (time.monotonic() >= next_try or stop
                                                                   or flush_event):
                 with _errors.swallowed("sender.drain"):
@@ -202,7 +208,8 @@ class Sender:
             try:
                 if not run_created:
                     try:
-                        self.transport.request("PUT", f"/api/v1/runs/{self.run_id}", self.run_meta)
+                        self._resume.run_found(self.transport.request("PUT", f"/api/v1/runs/{self.run_id}",
+                                                                      self.run_meta))
                     except Rejected as exc:
                         # The server will not create this run (auth, a clash of projects):
                         # keep everything in the spool for `stethoscope sync` and stop trying.
@@ -214,11 +221,13 @@ class Sender:
                 self._deliver(*entry)
                 spool.ack()
                 backoff.reset()
+                self._link("up")
             except NotFound:
                 run_created = False  # the server lost the run (a fresh database): make it again
                 delay = backoff.next_delay()
             except TryLater as exc:
                 logger.debug("stethoscope: server unreachable, will retry: %s", exc)
+                self._link("down", exc)
                 delay = backoff.next_delay(exc.retry_after)
             except Rejected as exc:
                 if exc.status in (401, 403):
@@ -243,8 +252,37 @@ class Sender:
             return run_created, time.monotonic() + delay
         return run_created, 0.0
 
-    def _deliver(self, kind: str, body) -> None:
+    def _link(self, state: str, exc: Exception | None = None) -> None:
+        """Tell the user once when sending first fails, and again only when that changes:
+        the server is back, or the spool starts dropping points (a wrong URL would otherwise
+        stay silent until ``close()``)."""
+        if state == "dropping":
+            if not self._told_spool_drops:
+                self._told_spool_drops = True
+                logger.warning("stethoscope: the spool of run %s (%s) has no room left on disk or in memory; "
+                               "the oldest unsent points are being dropped (counted in stethoscope/dropped)",
+                               self.run_id, self.spool_path)
+            return
+        before, self._link_state = self._link_state, state
+        if state == before or (state == "up" and before is None):
+            return
+        url = self.transport.base_url if self.transport is not None else "offline"
+        if state == "down":
+            logger.warning("stethoscope: cannot send run %s to %s (%s); points are being spooled to %s "
+                           "and can be sent later with `stethoscope sync %s --server %s`. Sending is retried "
+                           "in the background; training is not affected", self.run_id, url,
+                           getattr(exc, "reason", None) or type(exc).__name__, self.spool_path, self.spool_path, url)
+        else:
+            logger.warning("stethoscope: the server at %s answers again; sending the spooled points of run %s",
+                           url, self.run_id)
+
+    def _deliver(self, kind: str, body, resumed: bool = False) -> None:
         path = f"/api/v1/runs/{self.run_id}"
+        if kind == "points" and not resumed:
+            body, restart = self._resume.points(body)
+            if restart is not None:  # before the points, so the step axis shows it first
+                self.transport.request("POST", f"{path}/events", {"events": [restart]})
+                self._resume.event_sent()
         if kind in ("points", "events"):
             try:
                 reply = self.transport.request("POST", f"{path}/{kind}", body, compress=kind == "points")
@@ -255,7 +293,7 @@ class Sender:
                 # Too large for this server's limits: send it in halves (each is idempotent,
                 # so a half resent after a later failure stores nothing twice).
                 for half in halves:
-                    self._deliver(kind, half)
+                    self._deliver(kind, half, resumed=True)
                 return
         if kind == "points":
             alerts = reply.get("alerts") if isinstance(reply, dict) else None

@@ -30,9 +30,11 @@ BACKOFF_MAX_S = 30.0
 class TryLater(Exception):
     """The request may succeed later (network down, 5xx, 429)."""
 
-    def __init__(self, message: str, retry_after: float | None = None):
+    def __init__(self, message: str, retry_after: float | None = None, reason: str | None = None):
         super().__init__(message)
         self.retry_after = retry_after
+        #: What went wrong, for people: the error class and its text, or the HTTP status.
+        self.reason = reason or message
 
 
 class Rejected(Exception):
@@ -85,6 +87,7 @@ class HttpTransport:
         self._prefix = parts.path.rstrip("/")
         self._timeout = timeout
         self._conn: http.client.HTTPConnection | None = None
+        self._aborted = False
         self._headers = {"User-Agent": f"stethoscope-python/{__version__}", "Accept": "application/json"}
         token = token if token is not None else os.environ.get("STETHOSCOPE_TOKEN")
         if token:
@@ -109,6 +112,7 @@ class HttpTransport:
 
     def abort(self) -> None:
         """From another thread: wake a request blocked on a silent server (it fails at once)."""
+        self._aborted = True
         conn = self._conn
         sock = getattr(conn, "sock", None) if conn is not None else None
         if sock is not None:
@@ -130,6 +134,7 @@ class HttpTransport:
             if compress and len(body) >= GZIP_MIN_BYTES:
                 body = gzip.compress(body, compresslevel=5)
                 headers["Content-Encoding"] = "gzip"
+        reused = self._conn is not None
         try:
             conn = self._connection()
             conn.request(method, self._prefix + path, body=body, headers=headers)
@@ -137,7 +142,11 @@ class HttpTransport:
             data = resp.read()
         except (OSError, http.client.HTTPException) as exc:
             self.close()
-            raise TryLater(f"{method} {path}: {exc!r}") from None
+            if reused and isinstance(exc, _STALE) and not self._aborted:
+                # The server closed the kept-alive connection while it was idle: not an
+                # outage. Once more on a new connection (every request here is idempotent).
+                return self.request(method, path, payload, compress)
+            raise TryLater(f"{method} {path}: {exc!r}", reason=f"{type(exc).__name__}: {exc}") from None
         status = resp.status
         if resp.getheader("Connection", "").lower() == "close":
             self.close()
@@ -150,8 +159,13 @@ class HttpTransport:
         if status == 404:
             raise NotFound(text)
         if status in (408, 429) or status >= 500:
-            raise TryLater(f"{method} {path}: HTTP {status} {text}", _retry_after(resp.getheader("Retry-After")))
+            raise TryLater(f"{method} {path}: HTTP {status} {text}", _retry_after(resp.getheader("Retry-After")),
+                           reason=f"HTTP {status}")
         raise Rejected(status, text)
+
+
+#: How a kept-alive connection the server has closed fails on its next request.
+_STALE = (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected)
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -132,6 +132,11 @@ def sharpening(server: str, steps: int) -> str:
     return run
 
 
+def closing_message(url: str) -> str:
+    """The last words of the demo: the pages to open (the dashboard, not the JSON API)."""
+    return f"\nAll runs: {url}/   alerts: {url}/alerts?project=demo"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="stethoscope-demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--db", default=os.environ.get("STETHOSCOPE_DATABASE_URL", "sqlite:///stethoscope.db"))
@@ -164,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"training: {title} ...", flush=True)
             run = train()
             print(f"  done in {time.time() - t0:.1f} s: {url}/runs/{run}", flush=True)
-        print(f"\nAll runs: {url}/   alerts: {url}/api/v1/projects/demo/alerts", flush=True)
+        print(closing_message(url), flush=True)
         if not args.exit:
             print("The server keeps running; Ctrl-C stops it.", flush=True)
             proc.wait()

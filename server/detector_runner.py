@@ -161,7 +161,7 @@ class DetectorRunner:
         """Write alert changes as rows and enqueue webhook deliveries; returns the alerts opened."""
         open_rows: dict[tuple[str, str], Any] = _alerts.open_alerts(conn, run_id)
         opened: list[int] = []
-        events: list[tuple[str, int]] = []
+        events: list[tuple[str, int, int]] = []  # (event, alert id, its change number)
         for c in changes:
             k = (c.detector, c.key)
             row = open_rows.get(k)
@@ -169,29 +169,29 @@ class DetectorRunner:
                 if row is not None:
                     _alerts.update_alert(conn, row.id, c, resolve=True)
                     del open_rows[k]
-                    events.append(("alert.resolved", row.id))
+                    events.append(("alert.resolved", row.id, _alerts.next_change(conn, row.id)))
             elif row is None:  # OPEN, or an UPDATE of an episode whose row is gone: one row per episode
                 aid = _alerts.insert_alert(conn, run_id, project_id, c)
                 open_rows[k] = SimpleNamespace(id=aid, severity=c.severity)
                 opened.append(aid)
-                events.append(("alert.opened", aid))
+                events.append(("alert.opened", aid, 1))
             else:
                 _alerts.update_alert(conn, row.id, c, resolve=False)
                 if _RANK[c.severity] > _RANK.get(row.severity, 0):
-                    events.append(("alert.escalated", row.id))
+                    events.append(("alert.escalated", row.id, _alerts.next_change(conn, row.id)))
                 open_rows[k] = SimpleNamespace(id=row.id, severity=c.severity)
         if not events:
             return []
-        alerts = {a["id"]: a for a in _alerts.get_alerts(conn, {aid for _, aid in events})}
+        alerts = {a["id"]: a for a in _alerts.get_alerts(conn, {aid for _, aid, _ in events})}
         hooks = _webhooks.enabled_for_project(conn, project_id)
         if hooks:
             run = conn.execute(select(R.c.id, R.c.name, P.c.name.label("project")).join(P, P.c.id == R.c.project_id).where(R.c.id == run_id)).one()
             run_info = {"id": run.id, "name": run.name, "project": run.project}
             link = run_link(self.base_url, run_id)
             queued = []
-            for name, aid in events:
+            for name, aid, seq in events:
                 notified = _webhooks.notified_for_alert(conn, aid) if name == "alert.resolved" else set()
-                queued += enqueue_for_alert(conn, hooks, notified, name, alerts[aid], run_info, link)
+                queued += enqueue_for_alert(conn, hooks, notified, name, alerts[aid], run_info, link, seq)
             if queued and self.wake_outbox is not None:
                 self.wake_outbox(conn)
         return [alerts[aid] for aid in opened]

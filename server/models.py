@@ -168,6 +168,9 @@ class Alert(Base):
     opened_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     acknowledged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: How many changes webhooks hear of the alert has had: 1 when opened, +1 at each
+    #: escalation and at the resolution (migration 0005). Deliveries carry it as "sequence".
+    change_seq: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))
     __table_args__ = (
         Index("ix_alerts_run_status", "run_id", "status"),
         Index("ix_alerts_project_opened", "project_id", "opened_at"),
@@ -228,6 +231,8 @@ class WebhookDelivery(Base):
         Index("ix_deliveries_due", "status", "next_attempt_at"),
         # The delivery log of one webhook, newest first (migration 0002).
         Index("ix_deliveries_webhook", "webhook_id", "id"),
+        # Earlier deliveries of one (alert, webhook), which a later one waits for (migration 0005).
+        Index("ix_deliveries_alert", "alert_id", "webhook_id", "id"),
     )
 
 

@@ -41,6 +41,8 @@ log = logging.getLogger("stethoscope.server.webhooks")
 SIGNATURE_HEADER = "X-Stethoscope-Signature"
 EVENT_HEADER = "X-Stethoscope-Event"
 DELIVERY_HEADER = "X-Stethoscope-Delivery"
+#: The alert's change number (1 when opened, then +1 per escalation and at resolution).
+SEQUENCE_HEADER = "X-Stethoscope-Sequence"
 FORMATS = ("json", "slack")
 
 #: Deliveries sent at once by one worker; a receiver that hangs holds up only its own.
@@ -67,25 +69,43 @@ def run_link(base_url: str, run_id: str) -> str:
     return f"{base_url.rstrip('/')}/runs/{run_id}"
 
 
-def body_for(fmt: str, event_name: str, alert: dict, run: dict, link: str) -> dict:
-    """The JSON object a webhook of format ``fmt`` receives for this alert event."""
+def body_for(fmt: str, event_name: str, alert: dict, run: dict, link: str, sequence: int | None = None) -> dict:
+    """The JSON object a webhook of format ``fmt`` receives for this alert event; ``sequence``
+    is the alert's change number, so a receiver can order one alert's deliveries itself."""
     alert = jsonable(alert)
     if fmt == "slack":
         return _slack(event_name, alert, run, link)
-    return {"event": event_name, "alert": alert, "run": run, "link": link}
+    body = {"event": event_name, "alert": alert, "run": run, "link": link}
+    if sequence is not None:
+        body["sequence"] = sequence
+    return body
+
+
+def sequence_header(payload: dict) -> dict[str, str]:
+    """``X-Stethoscope-Sequence`` for a delivery of an alert change (none for a test-send)."""
+    return {SEQUENCE_HEADER: str(payload["sequence"])} if payload.get("sequence") is not None else {}
+
+
+def plain_and_evidence(message: str) -> tuple[str, str]:
+    """An alert message's first sentence (what happened, at which step, in plain words) and
+    the evidence after it; detector messages are written that way."""
+    first, sep, rest = message.partition(". ")
+    return (first + "." if sep else first), rest
 
 
 def _slack(event_name: str, alert: dict, run: dict, link: str) -> dict:
     word = _EVENT_WORD.get(event_name, event_name)
     sev = alert["severity"]
     steps = f"steps {alert['start_step']}-{alert['end_step']}" if alert.get("end_step") != alert.get("start_step") else f"step {alert['start_step']}"
+    plain, detail = plain_and_evidence(alert["message"])
     head = f"[{sev.upper()}] {alert['detector']} {word} on run {run['name']} ({run['project']})"
-    text = f"{head}: {alert['message']}"[:SLACK_TEXT_LIMIT]
+    # The plain sentence first (a notification shows the start of "text"), the rest after it.
+    text = f"{plain} {head}. {detail}".strip()[:SLACK_TEXT_LIMIT]
     evidence = ", ".join(f"{k}={v}" for k, v in (alert.get("evidence") or {}).items())
     return {
         "text": text,
         "blocks": [
-            {"type": "section", "text": {"type": "mrkdwn", "text": f"{_SEVERITY_MARK.get(sev, '')} *{head}*\n{alert['message']}"[:SLACK_TEXT_LIMIT]}},
+            {"type": "section", "text": {"type": "mrkdwn", "text": f"{_SEVERITY_MARK.get(sev, '')} *{plain}*\n{detail}\n_{head}_"[:SLACK_TEXT_LIMIT]}},
             {"type": "context", "elements": [{"type": "mrkdwn", "text": f"{steps} | alert {alert['id']} | {evidence}"[:SLACK_TEXT_LIMIT]}]},
             {"type": "actions", "elements": [{"type": "button", "text": {"type": "plain_text", "text": "Open run"}, "url": link}]},
         ],
@@ -167,6 +187,7 @@ class Outbox:
         headers = {
             "Content-Type": "application/json",
             "User-Agent": f"stethoscope-webhooks/{__version__}",
+            **sequence_header(payload),
             SIGNATURE_HEADER: sign(row["secret"], body),
             EVENT_HEADER: str(payload.get("event", "")),
             DELIVERY_HEADER: str(row["id"]),
@@ -211,12 +232,15 @@ class Outbox:
             return _webhooks.get_delivery(conn, row["id"])
 
 
-def enqueue_for_alert(conn: Connection, hooks: list[Any], notified: set[int], event_name: str, alert: dict, run: dict, link: str) -> list[int]:
-    """Outbox rows for one alert event, one per webhook that wants it (same transaction)."""
+def enqueue_for_alert(conn: Connection, hooks: list[Any], notified: set[int], event_name: str, alert: dict, run: dict, link: str,
+                      sequence: int | None = None) -> list[int]:
+    """Outbox rows for one alert event, one per webhook that wants it (same transaction);
+    ``sequence`` is the alert's change number (``store.alerts.next_change``)."""
     rows = []
     for h in hooks:
         wants = alert["severity"] in (h.severities or []) or h.id in notified
         if wants:
             rows.append({"webhook_id": h.id, "alert_id": alert["id"],
-                         "payload": {"event": event_name, "body": body_for(h.format, event_name, alert, run, link)}})
+                         "payload": {"event": event_name, "sequence": sequence,
+                                     "body": body_for(h.format, event_name, alert, run, link, sequence)}})
     return _webhooks.enqueue(conn, rows)

@@ -225,6 +225,12 @@ def _json_score(x: float) -> float:
     return max(-1e300, min(1e300, x))
 
 
+def sentence(text: str) -> str:
+    """``text`` with a capital first letter: an alert message starts with a plain sentence
+    (what happened, at which step), then the evidence."""
+    return text[:1].upper() + text[1:]
+
+
 def fmt(x: float) -> str:
     """A number as a person reads it in a one-line message."""
     if not finite(x):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ._base import ChangeLog, Detector, finite, fmt, median, push
+from ._base import ChangeLog, Detector, finite, fmt, median, push, sentence
 
 #: Lightning's SpikeDetection flags a loss above ``rtol=2.0`` times its running mean; a
 #: smoothed loss at twice its running minimum is running away, not wobbling.
@@ -106,7 +106,7 @@ class DivergenceDetector(Detector):
             what = (f"{fmt(value)} non-finite gradient entries" if series == p.nonfinite_series
                     else f"{series} is {fmt(value)}")
             self.hold(state, log, "nonfinite", step, "critical", 0.0,
-                      f"{what} at step {step}: training has diverged",
+                      f"Training diverged at step {step}: {what}. Non-finite values do not come back by themselves.",
                       {"series": series, "value": value})
         elif not any(bad.values()):
             self.clear(state, log, "nonfinite", step, p.clear_points)
@@ -136,19 +136,22 @@ class DivergenceDetector(Detector):
             flags[name] = flag
         hot = [f for f in flags.values() if f["hot"]]
         if hot:
-            why, evidence = [], {}
+            why, evidence, plain = [], {}, []
             for f in hot:
                 e = f["evidence"]
                 evidence.update(e)
                 if "loss_ratio" in e:
+                    plain.append("the loss is climbing far above its best")
                     why.append(f"smoothed loss {fmt(e['loss_smoothed'])} is {fmt(e['loss_ratio'])}x "
                                f"its running minimum {fmt(e['loss_min'])}")
                 else:
+                    plain.append("the gradient norm is exploding")
                     why.append(f"gradient norm {fmt(e['grad_norm_smoothed'])} is {fmt(e['grad_ratio'])}x "
                                f"its rolling median {fmt(e['grad_norm_median'])}")
             evidence["patience"] = p.patience
             self.hold(state, log, "runaway", step, "warning", max(f["score"] for f in hot),
-                      f"divergence warning at step {step}: " + "; ".join(why), evidence,
+                      f"Training may be diverging at step {step}: {' and '.join(plain)}. "
+                      + sentence("; ".join(why)) + ".", evidence,
                       start=min(f["since"] for f in hot))
         else:
             self.clear(state, log, "runaway", step, p.clear_points)

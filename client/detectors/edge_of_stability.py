@@ -98,18 +98,19 @@ class EdgeOfStabilityDetector(Detector):
         if series == "hessian/lambda_max":
             if ratio >= p.near_ratio:
                 at = ratio >= p.at_ratio
-                what = "at the edge of stability" if at else "approaching the edge of stability"
+                what = "reached" if at else "is approaching"
                 self.hold(state, log, "lambda_max", step, "warning" if at else "info", ratio,
-                          f"sharpness lambda_max {fmt(value)} is {fmt(ratio)}x 2/lr = {fmt(bound)} at step {step}: "
-                          f"{what}, the loss may oscillate or rise",
+                          f"Sharpness {what} the edge of stability at step {step}: the loss may oscillate or rise. "
+                          f"Hessian lambda_max {fmt(value)} is {fmt(ratio)}x 2/lr = {fmt(bound)}.",
                           {**ev, "near_ratio": p.near_ratio, "at_ratio": p.at_ratio})
             else:
                 self.clear(state, log, "lambda_max", step, p.clear_points)
         elif p.check_trace:
             if ratio > p.trace_ratio:
                 self.hold(state, log, "trace", step, "warning", ratio,
-                          f"Hessian trace {fmt(value)} is {fmt(ratio)}x 2/lr = {fmt(bound)} at step {step}: "
-                          f"this minimum is not linearly stable for SGD",
+                          f"The minimum is too sharp for SGD at step {step}: training may leave it. "
+                          f"Hessian trace {fmt(value)} is {fmt(ratio)}x 2/lr = {fmt(bound)}, "
+                          f"so it is not linearly stable for SGD.",
                           {**ev, "trace_ratio": p.trace_ratio})
             else:
                 self.clear(state, log, "trace", step, p.clear_points)

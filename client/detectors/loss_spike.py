@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ._base import MAD_TO_SIGMA, ChangeLog, Detector, finite, fmt, median_mad, push
+from ._base import MAD_TO_SIGMA, ChangeLog, Detector, finite, fmt, median_mad, push, sentence
 
 #: OLMo-core's SkipStepOptimizer judges a step against the last 128 values
 #: (``rolling_interval_length=128``).
@@ -94,9 +94,10 @@ class LossSpikeDetector(Detector):
             rose, median_value = med <= 0 or x >= med * (1.0 + p.min_rise), med
         if x > high and rose:
             scale = " on a log scale" if p.log_scale else ""
+            jump = f" {fmt(value / median_value)}x" if median_value > 0 else ""
             self.hold(state, log, series, step, "warning", z,
-                      f"{series} spiked to {fmt(value)} at step {step}: {fmt(z)} robust sigmas{scale} above "
-                      f"its rolling median {fmt(median_value)} (threshold {fmt(p.threshold)})",
+                      sentence(f"{series} jumped{jump} at step {step} (from {fmt(median_value)} to {fmt(value)}). ")
+                      + f"{fmt(z)} robust sigmas above its rolling median{scale} (threshold {fmt(p.threshold)}).",
                       {"value": value, "median": median_value, "sigma": sigma, "z": z, "threshold": p.threshold,
                        "log_scale": p.log_scale, "min_rise": p.min_rise, "window": len(window)})
         elif self.is_open(state, series):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ._base import ChangeLog, Detector, finite, fmt, median, push
+from ._base import ChangeLog, Detector, finite, fmt, median, push, sentence
 
 #: float32 absorbs x in 1 + x once x <= 2^-24 (half an ulp of 1.0). A sample whose softmax
 #: denominator sum_j exp(z_j - max z) rounds to exactly 1 has zero loss and zero gradient;
@@ -89,8 +89,13 @@ class SoftmaxCollapseDetector(Detector):
             self.clear(state, log, self.KEY, step, p.clear_points)
             return
         critical = sc >= p.critical_fraction
-        head = ("Softmax Collapse" if critical else "approaching Softmax Collapse") + f" at step {step}: "
-        tail = "; those samples no longer learn" if sc > 0 or zero > 0 else ""
+        if critical:
+            head = f"Softmax Collapse at step {step}: {fmt(100 * sc)}% of samples have stopped learning. "
+        elif sc > 0 or zero > 0:
+            head = f"Approaching Softmax Collapse at step {step}: some samples have stopped learning. "
+        else:
+            head = f"Approaching Softmax Collapse at step {step}: the logits grow toward the float32 limit. "
+        tail = "; those samples get zero loss and zero gradient" if sc > 0 or zero > 0 else ""
         evidence = {"sc_fraction": sc, "warn_fraction": p.warn_fraction, "critical_fraction": p.critical_fraction,
                     "zero_loss_fraction": zero, "zero_loss_warn": p.zero_loss_warn,
                     "margin_bound": SC_MARGIN_NATS, "margin_warn": p.margin_warn}
@@ -99,4 +104,4 @@ class SoftmaxCollapseDetector(Detector):
         # The peak is the highest SC fraction; before any sample collapses, the widest margin.
         score = sc + 1e-3 * max(margin, 0.0) / SC_MARGIN_NATS
         self.hold(state, log, self.KEY, step, "critical" if critical else "warning", score,
-                  head + "; ".join(signs) + tail, evidence)
+                  head + sentence("; ".join(signs)) + tail + ".", evidence)

@@ -126,8 +126,9 @@ class StabilityGapDetector(Detector):
         if drop > p.drop:
             to = fmt(w["to"]) if finite(w["to"]) else "?"
             self.hold(state, log, task, step, "warning", drop,
-                      f"accuracy on task {task} fell to {fmt(value)} at step {step}, {fmt(drop)} below its "
-                      f"{fmt(w['pre'])} before the switch to task {to} at step {w['switch']}: a stability gap",
+                      f"Accuracy on task {task} dropped by {fmt(drop)} at step {step}, after the switch to task "
+                      f"{to} at step {w['switch']}. It fell to {fmt(value)} from {fmt(w['pre'])} before the switch: "
+                      f"a stability gap.",
                       {"task": task, "switch_step": w["switch"], "to_task": w["to"], "pre_switch_acc": w["pre"],
                        "pre_switch_step": w["pre_step"], "acc": value, "drop": drop, "gap": w["pre"] - w["min"],
                        "min_acc": w["min"], "min_step": w["min_step"], "threshold": p.drop})

@@ -50,11 +50,21 @@ class StalledRunDetector(Detector):
         stalled = status == "running" and silent is not None and silent > self.params.timeout_s
         if stalled:
             if not self.is_open(state, self.KEY):  # one open change, not one per check
-                where = f" (last step {last_step})" if last_step is not None else ""
+                since = f"since step {last_step}" if last_step is not None else "yet"
                 self.hold(state, log, self.KEY, last_step, "warning", silent,
-                          f"no data for {fmt(silent / 60)} min while the run is running{where}",
+                          f"The run has sent no data {since}: nothing for {_duration(silent)} while it is "
+                          f"marked running. The timeout is {_duration(self.params.timeout_s)}.",
                           {"silent_s": silent, "timeout_s": self.params.timeout_s, "last_seen": last_seen,
                            "status": status})
         elif self.is_open(state, self.KEY):
             self.clear(state, log, self.KEY, last_step, 1)
         return log.changes
+
+
+def _duration(seconds: float) -> str:
+    """Seconds as a person says them: "45 s", "12 min", "3.5 h"."""
+    if seconds < 120:
+        return f"{fmt(round(seconds))} s"
+    if seconds < 7200:
+        return f"{fmt(round(seconds / 60, 1))} min"
+    return f"{fmt(round(seconds / 3600, 1))} h"

@@ -70,6 +70,12 @@ def update_alert(conn: Connection, alert_id: int, change, resolve: bool) -> None
     conn.execute(update(A).where(A.c.id == alert_id).values(**values))
 
 
+def next_change(conn: Connection, alert_id: int) -> int:
+    """Count one more change of the alert that webhooks hear of; returns its number."""
+    return conn.execute(update(A).where(A.c.id == alert_id).values(change_seq=A.c.change_seq + 1)
+                        .returning(A.c.change_seq)).scalar_one()
+
+
 def get_alerts(conn: Connection, ids: Iterable[int]) -> list[dict]:
     ids = list(ids)
     if not ids:

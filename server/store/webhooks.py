@@ -99,9 +99,17 @@ def claim_due(conn: Connection, now: datetime, limit: int, lease_s: float) -> li
 
     If the worker dies mid-send the row comes due again when the lease ends and another
     attempt is made: delivery is at least once, and receivers can dedupe on the delivery id.
+
+    Deliveries of one alert reach a webhook in the order the alert changed: a row waits
+    while an earlier row of the same (webhook, alert) is pending, being sent or waiting for
+    its retry, in any worker, until that one is delivered or has finally failed. Rows are
+    written in the order of the changes, so the lower id is the earlier change.
     """
+    earlier = WD.alias("earlier")
+    waits = select(earlier.c.id).where(earlier.c.alert_id == WD.c.alert_id, earlier.c.webhook_id == WD.c.webhook_id,
+                                       earlier.c.id < WD.c.id, earlier.c.status == "pending").exists()
     ids = list(conn.execute(
-        select(WD.c.id).where(WD.c.status == "pending", WD.c.next_attempt_at <= now)
+        select(WD.c.id).where(WD.c.status == "pending", WD.c.next_attempt_at <= now, ~waits)
         .order_by(WD.c.next_attempt_at, WD.c.id).limit(limit)
         .with_for_update(skip_locked=True)  # PostgreSQL; SQLite has one writer at a time anyway
     ).scalars())

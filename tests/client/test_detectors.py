@@ -51,7 +51,7 @@ def test_a_spike_is_one_episode_with_start_peak_and_recovery():
     assert (c.detector, c.key, c.severity, c.status) == ("loss_spike", "loss", "warning", "resolved")
     assert (c.start_step, c.peak_step, c.end_step) == (100, 101, 103)
     assert c.evidence["value"] == 9.0 and c.evidence["threshold"] == 6.0
-    assert "loss spiked to 9 at step 101" in c.message and "\n" not in c.message
+    assert c.message.startswith("Loss jumped 4.5x at step 101 (from 2 to 9). ") and "\n" not in c.message
     d = c.to_dict()
     assert d["status"] == "resolved" and set(d) >= {"detector", "key", "severity", "start_step", "peak_step",
                                                   "end_step", "message", "evidence", "action"}
@@ -159,7 +159,7 @@ def test_stalled_run_is_checked_by_time():
     assert ds.check(state, now=1000.0, last_seen=990.0, status="running") == []
     (c,) = ds.check(state, now=1100.0, last_seen=990.0, status="running", last_step=42)
     assert (c.detector, c.key, c.action, c.start_step) == ("stalled", "run", "open", 42)
-    assert "no data for" in c.message and c.evidence["timeout_s"] == 60.0
+    assert "no data since step 42" in c.message and c.evidence["timeout_s"] == 60.0
     assert ds.check(state, now=1200.0, last_seen=990.0, status="running", last_step=42) == []  # no repeats
     (r,) = ds.check(state, now=1210.0, last_seen=1205.0, status="running", last_step=43)
     assert r.action == "resolve"
@@ -230,3 +230,54 @@ def test_edge_of_stability_compares_sharpness_with_the_bound_of_its_own_step():
     assert changes == []
     changes = dset.update(state, [("hessian/lambda_max", 20, 210.0), ("hessian/two_over_lr", 20, 200.0)])
     assert [c.evidence["two_over_lr"] for c in changes] == [200.0]
+
+
+def _gap():
+    acc = [0.5, 0.7, 0.8, 0.9, 0.92, 0.93, 0.94, 0.95, 0.95, 0.95]
+    return ([("eval/acc/a", s, v) for s, v in enumerate(acc)] + [("continual/task", 10, 1.0)]
+            + [("eval/acc/a", 10 + i, v) for i, v in enumerate([0.6, 0.45, 0.3, 0.45])])
+
+
+#: (detector, key) -> points that open its alert; the step the message must name is the peak.
+MESSAGE_CASES = {
+    ("loss_spike", "loss"): lambda: flat_loss(100) + [("loss", 100, 24.0)],
+    ("divergence", "nonfinite"): lambda: flat_loss(10) + [("loss", 10, math.nan)],
+    ("divergence", "runaway"): lambda: ([("grad/norm", s, 1.0 + 0.01 * (s % 3)) for s in range(40)]
+                                        + [("grad/norm", s, 1.5 ** (s - 39)) for s in range(40, 60)]),
+    ("softmax_collapse", "logits"): lambda: [p for s, (sc, m) in enumerate([(0, 13.5)] * 3 + [(0.7, 17)] * 3)
+                                         for p in (("logits/sc_fraction", s, sc), ("logits/median_margin", s, m))],
+    ("edge_of_stability", "lambda_max"): lambda: [("hessian/two_over_lr", 10, 20.0), ("hessian/lambda_max", 10, 21.0)],
+    ("edge_of_stability", "trace"): lambda: [("hessian/two_over_lr", 10, 20.0), ("hessian/trace", 10, 90.0)],
+    ("stability_gap", "a"): _gap,
+}
+
+
+def _first_sentence(message: str) -> str:
+    return message.split(". ", 1)[0]
+
+
+@pytest.mark.parametrize("case", list(MESSAGE_CASES), ids="/".join)
+def test_every_alert_message_starts_with_what_happened_and_the_step(case):
+    """The first sentence says what happened in plain words and at which step; the evidence
+    (sigmas, ratios, lambda_max) comes after it."""
+    ds = DetectorSet({"edge_of_stability": {"check_trace": True}, "divergence": {"patience": 5}})
+    state: dict = {}
+    changes = [c for c in ds.update(state, MESSAGE_CASES[case]()) if (c.detector, c.key) == case]
+    assert changes, f"{case} did not fire"
+    for c in changes:
+        first, _, evidence = c.message.partition(". ")
+        assert first[:1].isupper() and f"at step {c.peak_step}" in first, c.message
+        assert not any(w in first.lower() for w in ("sigma", "median", "lambda", "2/lr", "mad", "nats")), c.message
+        assert evidence.strip(), c.message  # the evidence follows
+
+
+def test_the_loss_spike_message_reads_as_the_issue_asks():
+    ds = DetectorSet()
+    (c,) = ds.update({}, [("loss", s, 0.4) for s in range(100)] + [("loss", 100, 4.8)])
+    assert c.message.startswith("Loss jumped 12x at step 100 (from 0.4 to 4.8). ")
+    assert "robust sigmas above its rolling median on a log scale" in c.message
+
+
+def test_the_stalled_message_starts_with_the_last_step():
+    (c,) = DetectorSet({"stalled": {"timeout_s": 60}}).check({}, now=1100.0, last_seen=990.0, status="running", last_step=42)
+    assert _first_sentence(c.message).startswith("The run has sent no data since step 42")

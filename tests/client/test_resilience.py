@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import io
+import logging
 import socket
 import threading
 
@@ -124,3 +126,91 @@ def test_offline_then_sync_twice_is_idempotent(live_server, tmp_path):
 
     run = httpx.get(f"{live_server.url}/api/v1/runs/offline-run").json()
     assert run["status"] == "finished"
+
+
+def _closed_port() -> int:
+    """A loopback port nobody listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _said(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "stethoscope" and r.levelno >= logging.WARNING]
+
+
+def test_a_wrong_server_url_is_said_at_once_and_again_only_when_it_changes(server_process, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="stethoscope")
+    port = _closed_port()
+    url = f"http://127.0.0.1:{port}"
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    mon = stethoscope.attach(model, opt, server=url, spool_dir=tmp_path / "spool")
+    losses = train(mon, model, opt, 10)
+    assert mon.flush(10)  # the first send is tried (and fails) here, long before close()
+    (said,) = _said(caplog)
+    where = str(mon._sender.spool_path)
+    assert url in said and "ConnectionRefusedError" in said and where in said and "stethoscope sync" in said
+    losses += train(mon, model, opt, 10, start=10)
+    assert mon.flush(10)
+    assert len(_said(caplog)) == 1, "said once, not at every retry"
+    server_process(port=port).start()  # the server comes up where the URL points
+    losses += train(mon, model, opt, 10, start=20)
+    assert mon.flush(30)
+    first, back = _said(caplog)
+    assert first == said and url in back and "answers again" in back
+    mon.close(timeout=30)
+    assert len(_said(caplog)) == 2
+    assert read_series(url, mon.run_id, "loss")[0] == list(range(30))
+
+
+def test_a_spool_that_starts_dropping_is_said_once(tmp_path, caplog, monkeypatch):
+    from stethoscope import _spool
+
+    def full(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_spool, "MEMORY_FALLBACK_ENTRIES", 2)
+    monkeypatch.setattr(_spool.Spool, "_roll", full)
+    caplog.set_level(logging.WARNING, logger="stethoscope")
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    mon = stethoscope.attach(model, opt, server=f"http://127.0.0.1:{_closed_port()}", spool_dir=tmp_path / "spool")
+    for step in range(8):  # one spool entry per flush: the memory fallback overflows at the third
+        train(mon, model, opt, 1, start=step)
+        assert mon.flush(10)
+    down, dropping = _said(caplog)
+    assert "cannot send" in down and "dropped" in dropping and mon.dropped > 0
+    mon.close(timeout=1)
+
+
+def test_a_kept_alive_connection_the_server_closed_is_not_an_outage():
+    """A server that closes each connection after its reply (without saying so): the next
+    request on the kept-alive connection fails stale, and is made again on a new one."""
+    import http.server
+
+    from stethoscope._transport import HttpTransport
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+            self.close_connection = True  # closes the socket, with no "Connection: close" header
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        t = HttpTransport(f"http://127.0.0.1:{server.server_address[1]}")
+        for _ in range(5):
+            assert t.request("GET", "/x") == {}
+        t.close()
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -21,7 +21,7 @@ def test_metrics_reach_the_server(live_server, tmp_path):
     assert mon.url == f"{live_server.url}/runs/{mon.run_id}"
     losses = train(mon, model, opt, 25)
     mon.log(step=25, loss=float("nan"), custom=float("inf"))
-    mon.event("checkpoint", message="saved", path="/tmp/x")
+    mon.event("checkpoint", step=25, message="saved", path="/tmp/x")  # about the step just logged
     mon.close()
     steps, values = read_series(live_server.url, mon.run_id, "loss")
     assert steps == list(range(26))
@@ -41,6 +41,24 @@ def test_metrics_reach_the_server(live_server, tmp_path):
     assert [(e["kind"], e["step"], e["message"]) for e in events] == [("checkpoint", 25, "saved")]
     # Sent segments are deleted: an online run leaves nothing behind.
     assert not any((tmp_path / "spool").rglob("*.jsonl"))
+
+
+def test_an_event_lands_at_the_step_the_user_means(live_server, tmp_path):
+    """Without ``step=`` an event belongs to the step in progress (the next one logged): a bad
+    batch seen before ``log(step=3)`` is listed at 3, not at 2; ``step=`` says it outright."""
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with stethoscope.attach(model, opt, server=live_server.url, spool_dir=tmp_path) as mon:
+        mon.event("start")  # before the first log: step 0
+        train(mon, model, opt, 3)  # steps 0, 1, 2
+        mon.event("corrupted_batch", message="corrupted batch at step 3")
+        train(mon, model, opt, 1, start=3)
+        mon.event("checkpoint", step=3)
+        mon.event("note", step=1, message="late note about step 1")
+    events = httpx.get(f"{live_server.url}/api/v1/runs/{mon.run_id}/events").json()
+    events = events.get("events", events) if isinstance(events, dict) else events
+    assert sorted((e["step"], e["kind"]) for e in events) == [
+        (0, "start"), (1, "note"), (3, "checkpoint"), (3, "corrupted_batch")]
 
 
 def test_alerts_in_the_ingest_reply_reach_on_alert(live_server, tmp_path):

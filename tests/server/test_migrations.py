@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from sqlalchemy import inspect
 
 from stethoscope_server import migrate
@@ -140,5 +141,40 @@ def test_0004_keeps_every_point_and_rollup_and_lets_minus_zero_keep_its_sign(db_
                 assert "WITHOUT ROWID" in conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE name = 'points'").scalar()
         migrate.downgrade(url, "0003")
         assert points()[:-1] == rows[:-1] and rollups() == [rollup]
+    finally:
+        engine.dispose()
+
+
+def test_0005_numbers_existing_alerts_and_keeps_the_open_episode_index(db_url):
+    """0005 adds alerts.change_seq (1 for an open alert, 2 for a resolved one: opened and
+    resolved) and the delivery-order index; downgrading drops both and nothing else."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import IntegrityError
+
+    url = Settings(database_url=db_url).database_url
+    migrate.upgrade(url, "0004")
+    engine = make_null_engine(url)
+    alert = ("INSERT INTO alerts (id, run_id, project_id, detector, key, severity, status, message, evidence, opened_at) "
+             "VALUES (:id, 'r', 1, 'loss_spike', 'loss', 'warning', :status, 'm', '{}', CURRENT_TIMESTAMP)")
+
+    def indexes():
+        return {i["name"] for i in inspect(engine).get_indexes("alerts")} | {i["name"] for i in inspect(engine).get_indexes("webhook_deliveries")}
+
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO projects (id, name, created_at) VALUES (1, 'p', CURRENT_TIMESTAMP)"))
+            conn.execute(text("INSERT INTO runs (id, project_id, name, status, config, tags, created_at, updated_at) "
+                              "VALUES ('r', 1, 'r', 'running', '{}', '[]', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
+            conn.execute(text(alert), [{"id": 1, "status": "resolved"}, {"id": 2, "status": "open"}])
+        before = indexes()
+        migrate.upgrade(url)
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT id, change_seq FROM alerts ORDER BY id")).all() == [(1, 2), (2, 1)]
+        assert indexes() == before | {"ix_deliveries_alert"}
+        migrate.downgrade(url, "0004")
+        assert indexes() == before
+        assert "change_seq" not in {c["name"] for c in inspect(engine).get_columns("alerts")}
+        with engine.begin() as conn, pytest.raises(IntegrityError):  # one open alert per episode, still
+            conn.execute(text(alert), [{"id": 3, "status": "open"}])
     finally:
         engine.dispose()

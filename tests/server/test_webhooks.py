@@ -4,6 +4,7 @@ delivery log, a restart with deliveries pending, and two outbox workers never do
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -94,8 +95,15 @@ def test_slack_format(client, live_server, receiver):
     assert first.signature_ok(SECRET)
     body = first.json
     assert set(body) == {"text", "blocks"}
-    assert body["text"].startswith("[WARNING] loss_spike opened on run r (p): loss spiked to 40")
-    assert body["blocks"][0]["type"] == "section" and "loss spiked" in body["blocks"][0]["text"]["text"]
+    # What happened, in plain words and with the step, comes first; then who and the evidence.
+    plain = re.match(r"Loss jumped [\d.]+x at step 139 \(from [\d.]+ to 40\)\.", body["text"]).group(0)
+    assert body["text"].startswith(plain + " [WARNING] loss_spike opened on run r (p). ")
+    assert "robust sigmas" in body["text"]
+    section = body["blocks"][0]
+    assert section["type"] == "section"
+    first_line, *rest = section["text"]["text"].split("\n")
+    assert first_line == f":warning: *{plain}*"
+    assert "robust sigmas" in rest[0] and rest[1] == "_[WARNING] loss_spike opened on run r (p)_"
     assert body["blocks"][-1]["elements"][0]["url"] == f"{live_server.settings.base_url}/runs/r"
     assert _deliveries(client, hook["id"])[-1]["event"] == "alert.opened"
 
@@ -222,3 +230,81 @@ def test_two_outbox_workers_never_send_a_delivery_twice(settings, receiver):
         assert W.pending_count(conn) == 0
     for s in stores:
         s.engine.dispose()
+
+
+class TestOneAlertsDeliveriesInOrder:
+    """A later change of an alert waits for the earlier delivery to the same webhook (delivered
+    or finally failed), through retries with backoff and across workers; each says its number."""
+
+    @pytest.fixture
+    def settings(self, db_url):
+        # A retry 1-2 s after a failure: long after a later change of the alert is due.
+        return Settings(database_url=db_url, outbox_poll_s=0.2, stall_check_s=0.2, webhook_backoff_s=2.0,
+                        webhook_backoff_max_s=2.0, webhook_max_attempts=4, webhook_timeout_s=5)
+
+    def test_a_receiver_that_fails_opened_once_still_gets_opened_before_resolved(self, client, receiver):
+        receiver.statuses[:] = [500]  # the first delivery ("opened") fails once
+        hook = _hook(client, receiver.url)
+        make_run(client)
+        values = loss_curve(160, spikes=(139,))
+        (alert,) = post_batches(client, "r", values, last=140)  # opens
+        receiver.wait_for(lambda rs: len(rs) >= 1)  # "opened" failed; its retry is 1-2 s away
+        post_batches(client, "r", values, first=140)  # resolves: "resolved" is due at once
+        got = receiver.wait_for(lambda rs: len([r for r in rs if r.replied == 200]) >= 2)
+        assert [(r.json["event"], r.replied) for r in got] == [
+            ("alert.opened", 500), ("alert.opened", 200), ("alert.resolved", 200)]
+        assert [r.json["sequence"] for r in got] == [1, 1, 2]
+        assert [r.headers["x-stethoscope-sequence"] for r in got] == ["1", "1", "2"]
+        assert all(r.json["alert"]["id"] == alert["id"] for r in got)
+        log = wait_until(lambda: (lambda log: log if all(d["status"] == "delivered" for d in log) else None)(_deliveries(client, hook["id"])))
+        assert [(d["event"], d["attempts"]) for d in log] == [("alert.resolved", 1), ("alert.opened", 2)]
+
+    def test_claims_wait_for_the_earlier_delivery_of_the_same_alert(self, settings, db_url):
+        """The claim itself, with an injected clock: a retry waiting for its backoff, a lease held by
+        another worker, a final failure; other alerts and webhooks are not held up."""
+        from datetime import timedelta
+        from types import SimpleNamespace
+
+        from stethoscope_server import migrate
+        from stethoscope_server.db import make_engine
+        from stethoscope_server.models import utcnow
+        from stethoscope_server.store import Store
+        from stethoscope_server.store import alerts as A
+        from stethoscope_server.store import runs as R
+        from stethoscope_server.store import webhooks as W
+
+        migrate.upgrade(settings.database_url)
+        store = Store(make_engine(settings))
+        t0 = utcnow()
+        try:
+            with store.writing() as conn:
+                R.upsert_run(conn, "r", "p", None, None, None)
+                pid = R.ensure_project(conn, "p")
+                change = SimpleNamespace(detector="loss_spike", key="loss", severity="warning", start_step=1,
+                                         peak_step=1, end_step=1, message="m", evidence={})
+                a1, a2 = A.insert_alert(conn, "r", pid, change), A.insert_alert(conn, "r", pid, SimpleNamespace(**{**vars(change), "key": "x"}))
+                h1 = W.create(conn, "p", "http://127.0.0.1:9/a", SECRET, ["warning"], "json", True)["id"]
+                h2 = W.create(conn, "p", "http://127.0.0.1:9/b", SECRET, ["warning"], "json", True)["id"]
+                rows = [(h1, a1, "opened"), (h2, a1, "opened"), (h1, a2, "opened"), (h1, a1, "resolved"), (h2, a1, "resolved")]
+                ids = W.enqueue(conn, [{"webhook_id": h, "alert_id": a, "payload": {"event": e, "body": {}}} for h, a, e in rows])
+            opened1, opened1_h2, opened2, resolved1, resolved1_h2 = ids
+
+            def claim(at):
+                with store.writing() as conn:
+                    return [r["id"] for r in W.claim_due(conn, t0 + timedelta(seconds=at), 10, lease_s=30)]
+
+            def record(did, status, retry_at=None):
+                with store.writing() as conn:
+                    W.record(conn, did, status, 500, "HTTP 500", t0 + timedelta(seconds=retry_at) if retry_at else None)
+
+            assert claim(1) == [opened1, opened1_h2, opened2]  # one row per (webhook, alert)
+            assert claim(2) == []  # leased by "another worker": resolved still waits
+            record(opened1, "pending", retry_at=10)  # failed; retry at t0 + 10 s
+            record(opened1_h2, "delivered")
+            assert claim(3) == [resolved1_h2]  # the other webhook's order is its own
+            assert claim(5) == []  # resolved1 is due, but opened1's retry is not done
+            assert claim(11) == [opened1]
+            record(opened1, "failed")  # finally failed: the later change goes on
+            assert claim(12) == [resolved1]
+        finally:
+            store.engine.dispose()
