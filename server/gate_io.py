@@ -91,7 +91,7 @@ def _host_name(host: str) -> str:
 
 def allowed_hosts(settings: Settings) -> set[str]:
     """Host names a server with authentication off answers to, beyond loopback ones."""
-    out = set(settings.allowed_hosts)
+    out = {h if h == "*" else _host_name(h) for h in settings.allowed_hosts}  # a name, any port
     try:
         if not ipaddress.ip_address(settings.host.strip("[]")).is_unspecified:
             out.add(settings.host.strip("[]").lower())
