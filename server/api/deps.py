@@ -41,6 +41,11 @@ class StrictJSONRequest(Request):
 class StrictJSONRoute(APIRoute):
     """Every API router's route class: ``APIRouter(route_class=StrictJSONRoute)``."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.methods & {"POST", "PUT", "PATCH", "DELETE"}:  # the gate's answer, in the schema
+            self.responses.setdefault(415, {"description": "not sent as application/json (required while authentication is off)"})
+
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
