@@ -8,8 +8,13 @@ body, so a request without a valid token costs neither a parse nor a database wr
 A token comes in ``Authorization: Bearer <token>`` (the hook, scripts) or in the HttpOnly,
 SameSite=Strict cookie the dashboard's login page sets. 401: no token, or one that is unknown
 or revoked; 403: the token lacks the scope or the project, or a cookie-borne request that
-changes something came from another site; 413: the body is too large; 429: the token is over
-its rate (``Retry-After`` says when to come back).
+changes something came from another site; 404: the run, alert, webhook or token named by its
+id belongs to another project (as if it did not exist: ids are global); 408: the body did not
+arrive in time; 413: the body is too large; 415/422: a body or id the routes would not read
+either (``parsing``: the gate reads both exactly as the routes do); 429: the token is over its
+rate, or the client address has failed to authenticate too often (``Retry-After`` says when).
+The body is read only once the token has passed. With authentication off: the Host must be
+this machine's and a state change must be JSON (``gate_io``).
 """
 
 from __future__ import annotations
