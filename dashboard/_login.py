@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
-from stethoscope_server.security import COOKIE, same_origin
+from stethoscope_server.security import COOKIE, Denied, same_origin
 
 from ._web import render
 
@@ -51,7 +51,14 @@ async def login(request: Request):
                       error="This login form was sent from another site; log in from this page.")
     token = form.get("token", [""])[0].strip()
     gate = request.state.gate
-    principal = await run_in_threadpool(gate.authenticate, request.app.state.store, token) if token else None
+    address = request.client.host if request.client else None
+    try:  # throttled per address like every other token check (STETHOSCOPE_AUTH_FAILURES_PER_S)
+        principal = await run_in_threadpool(gate.attempt, request.app.state.store, token, address) if token else None
+    except Denied as d:
+        resp = render(request, "login.html", status_code=d.status, next=target, page="login",
+                      error=f"Too many failed logins from this address: try again in {d.headers['Retry-After']} s.")
+        resp.headers.update(d.headers)
+        return resp
     if principal is None:
         return render(request, "login.html", status_code=401, next=target, page="login",
                       error="That token is not valid: it is unknown or revoked.")

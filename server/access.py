@@ -21,6 +21,7 @@ from sqlalchemy import Connection, select
 from starlette.routing import compile_path
 
 from .models import Alert, Project, Run, Token, Webhook
+from .parsing import ALERT_ID_MAX, TOKEN_ID_MAX, WEBHOOK_ID_MAX
 
 API = "/api/v1"
 
@@ -38,6 +39,12 @@ TOKEN_BODY = "token_body"  # POST /tokens: the body's project (none: a token for
 
 #: A project only a token for every project may act on (a global token).
 GLOBAL = object()
+
+#: Targets named by a numeric id in the path, and the largest id of each (as the routes take it).
+ID_MAX = {ALERT: ALERT_ID_MAX, WEBHOOK: WEBHOOK_ID_MAX, TOKEN: TOKEN_ID_MAX}
+
+#: Public routes that take an HTML form (with authentication off they change nothing).
+FORMS = frozenset({("POST", "/login"), ("POST", "/logout")})
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +113,16 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/ui/api/runs/{run_id}/state"): Rule("read", RUN),
     ("GET", "/ui/api/compare"): Rule("read", COMPARE),
 }
+
+
+def not_found(kind: str, name, method: str, route_path: str) -> str:
+    """What the route says of a ``kind`` with this id that does not exist: the gate says the same
+    of one of another project (``tests/server/test_auth_leaks.py`` compares the two)."""
+    if kind != RUN:
+        return f"{kind} {name} does not exist"
+    if (method, route_path) == ("POST", f"{API}/runs/{{run_id}}/points"):
+        return f"run {name!r} does not exist: create it first with PUT /api/v1/runs/{name}"
+    return f"run {name!r} does not exist"
 
 
 #: Static files (the dashboard's scripts and styles, plotly.js) hold no data: public.

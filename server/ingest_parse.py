@@ -10,10 +10,9 @@ import math
 import time
 import zlib
 
-import orjson
-
 from stethoscope.wire import MAX_NAME_LENGTH, MAX_STEP
 
+from .parsing import BadJSON, strict_json
 from .store.points import SeriesBatch
 
 _NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
@@ -67,9 +66,9 @@ def _values(raw: list, where: str) -> list[float]:
 
 def parse_batch(body: bytes, max_points: int) -> list[SeriesBatch]:
     try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as e:
-        raise BadBatch(f"body is not valid JSON: {e}") from None
+        doc = strict_json(body)  # the gate's reader too
+    except BadJSON as e:
+        raise BadBatch(str(e)) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("series"), list):
         raise BadBatch('body must be a JSON object {"series": [{"name", "steps", "values", "walls"}, ...]}')
     extra = set(doc) - {"series"}

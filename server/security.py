@@ -8,8 +8,13 @@ body, so a request without a valid token costs neither a parse nor a database wr
 A token comes in ``Authorization: Bearer <token>`` (the hook, scripts) or in the HttpOnly,
 SameSite=Strict cookie the dashboard's login page sets. 401: no token, or one that is unknown
 or revoked; 403: the token lacks the scope or the project, or a cookie-borne request that
-changes something came from another site; 413: the body is too large; 429: the token is over
-its rate (``Retry-After`` says when to come back).
+changes something came from another site; 404: the run, alert, webhook or token named by its
+id belongs to another project (as if it did not exist: ids are global); 408: the body did not
+arrive in time; 413: the body is too large; 415/422: a body or id the routes would not read
+either (``parsing``: the gate reads both exactly as the routes do); 429: the token is over its
+rate, or the client address has failed to authenticate too often (``Retry-After`` says when).
+The body is read only once the token has passed. With authentication off: the Host must be
+this machine's and a state change must be JSON (``gate_io``).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import orjson
 from starlette.datastructures import Headers
 from starlette.requests import Request
 
-from . import access, tokens
+from . import access, parsing, tokens
+from .gate_io import Denied, allowed_hosts, check_host, has_body, read_body, replay, require_json
 from .settings import Settings
 from .tokens import Principal
 
@@ -45,8 +51,8 @@ class TokenBuckets:
     (0.0, 0.0, True)
     """
 
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate, self.burst = rate, burst
+    def __init__(self, rate: float, burst: int, clock=time.monotonic) -> None:
+        self.rate, self.burst, self.clock = rate, burst, clock
         self._buckets: dict[object, tuple[float, float]] = {}
         self._lock = threading.Lock()
         #: Requests refused so far (for tests and logs).
@@ -54,7 +60,7 @@ class TokenBuckets:
 
     def take(self, key, now: float | None = None) -> float:
         """0.0 when the request may go; else the seconds until it may."""
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         with self._lock:
             level, last = self._buckets.get(key, (float(self.burst), now))
             level = min(float(self.burst), level + (now - last) * self.rate)
@@ -65,11 +71,13 @@ class TokenBuckets:
             self.refused += 1
             return (1.0 - level) / self.rate
 
-
-class Denied(Exception):
-    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(detail)
-        self.status, self.detail, self.headers = status, detail, headers or {}
+    def wait(self, key, now: float | None = None) -> float:
+        """Like ``take``, without taking: 0.0 when one more may go."""
+        now = self.clock() if now is None else now
+        with self._lock:
+            level, last = self._buckets.get(key, (float(self.burst), now))
+        level = min(float(self.burst), level + (now - last) * self.rate)
+        return 0.0 if level >= 1.0 else (1.0 - level) / self.rate
 
 
 class Gate:
@@ -79,6 +87,10 @@ class Gate:
         self.settings = settings
         self.resolver = access.ProjectResolver()
         self.buckets = TokenBuckets(settings.rate_limit_per_s, settings.rate_limit_burst) if settings.rate_limit_per_s > 0 else None
+        #: Failed authentications per client address (see ``attempt``).
+        self.failures = (TokenBuckets(settings.auth_failures_per_s, settings.auth_failure_burst)
+                         if settings.auth_failures_per_s > 0 else None)
+        self.hosts = allowed_hosts(settings)
         self._principals: dict[str, tuple[float, Principal]] = {}
         self._lock = threading.Lock()
 
@@ -100,6 +112,24 @@ class Gate:
                 self._principals[key] = (now + self.settings.token_cache_s, principal)
         return principal
 
+    def attempt(self, store, token: str, address: str | None) -> Principal | None:
+        """``authenticate``, throttled per client address: past ``auth_failure_burst`` failed
+        tries, 429 until the bucket refills, without looking at the token (a guess that would
+        have been right must not show as anything but the refusal). A token this worker has
+        seen valid lately passes: a busy client behind the same address is not locked out."""
+        principal = self.cached(token)
+        if principal is not None or self.failures is None:
+            return principal or self.authenticate(store, token)
+        wait = self.failures.wait(address)
+        if wait > 0:
+            retry = max(1, math.ceil(wait))
+            raise Denied(429, f"too many failed authentications from {address}: retry after {retry} s "
+                              f"(STETHOSCOPE_AUTH_FAILURES_PER_S)", {"Retry-After": str(retry)})
+        principal = self.authenticate(store, token)
+        if principal is None:
+            self.failures.take(address)
+        return principal
+
     def cached(self, token: str) -> Principal | None:
         hit = self._principals.get(tokens.hash_token(token))
         return hit[1] if hit is not None and hit[0] > time.monotonic() else None
@@ -110,51 +140,89 @@ class Gate:
             self._principals = {k: v for k, v in self._principals.items() if v[1].token_id != token_id}
 
     # -- projects ----------------------------------------------------------------------
-    def targets(self, store, rule: access.Rule, params: dict, query: dict[str, list[str]], body: bytes | None) -> list[tuple[str, object]]:
-        """(what, project) pairs the token must be allowed; a None project is not checked."""
+    def targets(self, store, rule: access.Rule, params: dict, query: dict[str, list[str]], body: bytes | None) -> list[tuple[str, object, object]]:
+        """(kind, name, project) of each thing the request names; a None project: no such
+        thing (the route answers 404, or creates it). Ids are read by ``parsing.parse_id``,
+        the routes' own reader: an id the gate cannot read is refused, never waved through."""
         t = rule.target
-        out: list[tuple[str, object]] = []
+        out: list[tuple[str, object, object]] = []
         if t in (access.QUERY, access.COMPARE) and query.get("project"):
-            out.append((f"project {query['project'][0]!r}", query["project"][0]))
+            out.append((access.PROJECT, query["project"][0], query["project"][0]))
         if t == access.PROJECT:
-            out.append((f"project {params['project']!r}", params["project"]))
+            out.append((access.PROJECT, params["project"], params["project"]))
         elif t == access.TOKEN_BODY:
-            project = _json_field(body, "project")
-            out.append(("a token for every project", access.GLOBAL if project is None else project))
-        runs = []
-        if t in (access.RUN, access.RUN_BODY):
-            runs = [params["run_id"]]
-        elif t == access.COMPARE:
-            runs = [r for r in query.get("run", []) if r]
-        if t == access.RUN_BODY:
-            project = _json_field(body, "project")
-            project = "default" if project is None else project  # RunCreate's default
-            out.append((f"project {project!r}", project))
+            project = body_project(body, default=None)
+            out.append((access.TOKEN_BODY, project, access.GLOBAL if project is None else project))
+        elif t == access.RUN_BODY:
+            project = body_project(body, default="default")  # RunCreate's default
+            out.append((access.PROJECT, project, project))
+        runs = [params["run_id"]] if t in (access.RUN, access.RUN_BODY) else [r for r in query.get("run", []) if r] if t == access.COMPARE else []
+        for run_id in runs:
+            if "\x00" in run_id:  # PostgreSQL cannot even compare it: a 500 there, not a 404
+                raise Denied(422, f"run id {run_id!r} holds a NUL character, which no run id may contain")
+        kind = access.RUN if t == access.RUN_BODY else t
         missing = []
         for run_id in runs:
             project = self.resolver.cached_run(run_id)
             if project is None:
                 missing.append(run_id)
             else:
-                out.append((f"run {run_id!r}", project))
-        lookups = [(t, params.get(f"{t}_id")) for t in (access.ALERT, access.WEBHOOK, access.TOKEN) if t == rule.target]
-        if missing or lookups:
+                out.append((kind, run_id, project))
+        thing = None
+        if t in access.ID_MAX:
+            name = f"{t}_id"
+            raw = params.get(name)
+            try:
+                thing = parsing.parse_id(raw, access.ID_MAX[t])
+            except ValueError as e:
+                raise Denied(422, parsing.id_invalid("path", name, raw, e)) from None
+        if missing or thing is not None:
             with store.reading() as conn:
                 for run_id in missing:
-                    out.append((f"run {run_id!r}", self.resolver.run(conn, run_id)))
-                for kind, raw in lookups:
-                    if raw is not None and raw.isdigit() and int(raw) < 2**31:
-                        out.append((f"{kind} {raw}", getattr(self.resolver, kind)(conn, int(raw))))
+                    out.append((kind, run_id, self.resolver.run(conn, run_id)))
+                if thing is not None:
+                    out.append((t, thing, getattr(self.resolver, t)(conn, thing)))
         return out
 
 
-def _json_field(body: bytes | None, name: str):
+def body_project(body: bytes | None, default: str | None) -> str | None:
+    """The body's ``project``, read as the route reads it; a body the gate cannot read, or a
+    ``project`` that is not a name, is refused here: never taken for the default project."""
     try:
-        doc = orjson.loads(body) if body else None
-    except orjson.JSONDecodeError:
-        return None  # the route answers 422
-    value = doc.get(name) if isinstance(doc, dict) else None
-    return value if isinstance(value, str) or value is None else None
+        doc = parsing.strict_json(body or b"")
+    except parsing.BadJSON as e:
+        raise Denied(422, parsing.json_invalid(e)) from None
+    if not isinstance(doc, dict):
+        raise Denied(422, "the body must be a JSON object")
+    project = doc.get("project", default)
+    if project is None and default is None:
+        return None
+    if not isinstance(project, str):
+        raise Denied(422, f"'project' must be a project's name (a string), not {orjson.dumps(project).decode()[:60]}")
+    return project
+
+
+def authorize(principal: Principal, targets, rule: access.Rule, method: str, route_path: str) -> None:
+    """Refuse what the token may not touch. A thing of another project named by its id is
+    answered as the route answers for one that does not exist (ids are global: a 403 would
+    tell that it exists, and where); a project named outright is refused with a 403."""
+    limited = f"token {principal.name!r} is limited to project {principal.project!r}"
+    for kind, name, project in targets:
+        if project is None or principal.project is None or project == principal.project:
+            continue
+        if kind == access.TOKEN_BODY:
+            if project is access.GLOBAL:
+                raise Denied(403, f"{limited}, so the tokens it makes are for that project too: send \"project\": "
+                                  f"{principal.project!r} (a token for every project needs an admin token for every project)")
+            raise Denied(403, f"{limited}, so it makes tokens for that project only, not for project {project!r}")
+        if kind == access.PROJECT:
+            raise Denied(403, f"{limited}; not project {name!r}")
+        if kind == access.COMPARE:
+            raise Denied(403, f"{limited}; run {name!r} is not one of its runs")
+        if rule.target == access.RUN_BODY:  # PUT creates: the id is taken, whoever asks
+            raise Denied(409, f"run id {name!r} is taken by a run of another project: run ids are shared by every "
+                              f"project, so choose another")
+        raise Denied(404, access.not_found(kind, name, method, route_path))
 
 
 def principal_of(request: Request) -> Principal | None:
@@ -211,33 +279,45 @@ class SecurityMiddleware:
             return await send({"type": "websocket.close", "code": 1008})
         scope.setdefault("state", {})["gate"] = self.gate
         scope["app"].state.gate = self.gate  # for the operator's eyes (and the tests): refusals so far
+        read = [False]  # whether the gate has read the body
         try:
-            receive = await self._checked(scope, receive)
+            receive = await self._checked(scope, receive, read)
         except Denied as d:
+            if not read[0] and has_body(Headers(scope=scope)):
+                d.headers.setdefault("Connection", "close")  # its body is not read: do not wait for it
             return await _deny(scope, send, d)
         await self.app(scope, receive, send)
 
-    async def _checked(self, scope, receive):
+    async def _body(self, receive, read: list) -> bytes:
+        read[0] = True
+        return await read_body(receive, self.settings.max_body_bytes, self.settings.body_timeout_s)
+
+    async def _checked(self, scope, receive, read: list):
+        """The request's ``receive`` once it may go on (its body read, within the limits, and
+        replayed), or Denied. The token is checked before any of the body is read."""
         s = self.settings
         headers = Headers(scope=scope)
         method = scope["method"]
-        limit = s.max_body_bytes
-        declared = headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            raise Denied(413, f"body of {declared} bytes is larger than the limit of {limit} bytes (STETHOSCOPE_MAX_BODY_BYTES)")
-        body: bytes | None = None
-        if declared is None and method in UNSAFE_METHODS:
-            body = await _read_body(receive, limit)  # chunked: counted here, then replayed
-        if not s.auth_enabled:
-            return receive if body is None else _replay(body, receive)
-        app = scope["app"]
         path = scope["path"]
         root = scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root):]
+        if "\x00" in path:  # no name or id holds one (PostgreSQL cannot even compare it)
+            raise Denied(422, "the path holds a NUL character, which no run id, project name or other path parameter may contain")
+        limit = s.max_body_bytes
+        declared = headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise Denied(413, f"body of {declared} bytes is larger than the limit of {limit} bytes (STETHOSCOPE_MAX_BODY_BYTES)")
+        unsafe = method in UNSAFE_METHODS
+        if not s.auth_enabled:
+            check_host(headers.get("host"), self.gate.hosts)
+            if unsafe and (method, path) not in access.FORMS:
+                require_json(method, headers.get("content-type"))
+            return replay(await self._body(receive, read), receive) if unsafe else receive
+        app = scope["app"]
         route_path, rule, params = access.match(method, path)
         if rule is not None and rule.scope is None:
-            return receive if body is None else _replay(body, receive)
+            return replay(await self._body(receive, read), receive) if unsafe else receive
         if rule is None:  # fail closed: no such route, or a route nobody gave a rule
             raise Denied(403, f"{method} {path} has no access rule (no such route?), so it is refused while "
                               f"authentication is on")
@@ -249,12 +329,13 @@ class SecurityMiddleware:
             raise Denied(401, "authentication required: send 'Authorization: Bearer <token>' (the hook reads "
                               "STETHOSCOPE_TOKEN) or log in at /login", {"WWW-Authenticate": "Bearer"})
         store = app.state.store
-        principal = self.gate.cached(token) or await anyio.to_thread.run_sync(self.gate.authenticate, store, token)
+        address = (scope.get("client") or (None,))[0]
+        principal = self.gate.cached(token) or await anyio.to_thread.run_sync(self.gate.attempt, store, token, address)
         if principal is None:
             if rule.page:
                 raise _login_redirect(scope)
             raise Denied(401, "the token is not valid: unknown or revoked", {"WWW-Authenticate": 'Bearer error="invalid_token"'})
-        if via_cookie and method in UNSAFE_METHODS and not same_origin(headers):
+        if via_cookie and unsafe and not same_origin(headers):
             raise Denied(403, "cross-site request refused: the dashboard's login cookie only works from the dashboard's own pages")
         if self.gate.buckets is not None:
             wait = self.gate.buckets.take(principal.token_id)
@@ -265,27 +346,19 @@ class SecurityMiddleware:
         if not principal.has_scope(rule.scope):
             raise Denied(403, f"token {principal.name!r} has scope(s) {', '.join(sorted(principal.scopes)) or 'none'}; "
                               f"{what} needs {rule.scope!r}")
+        if rule.needs_body:
+            require_json(method, headers.get("content-type"))  # the route reads no other body
+        body = await self._body(receive, read) if unsafe else None
         if rule.target != access.NONE:
-            if rule.needs_body and body is None:
-                body = await _read_body(receive, limit)
             query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
             known = self.gate.resolver.cached_run(params["run_id"]) if rule.target == access.RUN else None
             if known is not None:  # the ingest path: no thread hop, no query
-                targets = [(f"run {params['run_id']!r}", known)]
+                targets = [(access.RUN, params["run_id"], known)]
             else:
                 targets = await anyio.to_thread.run_sync(self.gate.targets, store, rule, params, query, body)
-            for label, project in targets:
-                if project is None:
-                    continue
-                if project is access.GLOBAL:
-                    if principal.project is not None:
-                        raise Denied(403, f"token {principal.name!r} is limited to project {principal.project!r}; "
-                                          f"{label} needs a token for every project")
-                elif not principal.may_see(project):
-                    where = f"not {label}" if label.startswith("project") else f"{label} belongs to project {project!r}"
-                    raise Denied(403, f"token {principal.name!r} is limited to project {principal.project!r}; {where}")
+            authorize(principal, targets, rule, method, route_path)
         scope["state"]["principal"] = principal
-        return receive if body is None else _replay(body, receive)
+        return replay(body, receive)
 
 
 def _login_redirect(scope) -> Denied:
@@ -293,36 +366,6 @@ def _login_redirect(scope) -> Denied:
     qs = scope.get("query_string", b"").decode("latin-1")
     target = path + ("?" + qs if qs else "")
     return Denied(303, "log in first", {"Location": "/login?next=" + quote(target, safe="")})
-
-
-async def _read_body(receive, limit: int) -> bytes:
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise Denied(413, f"body is larger than the limit of {limit} bytes (STETHOSCOPE_MAX_BODY_BYTES)")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
-
-
-def _replay(body: bytes, upstream):
-    """A ``receive`` that hands the app the body read already, then the client's disconnect."""
-    sent = False
-
-    async def receive():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await upstream()
-
-    return receive
 
 
 async def _deny(scope, send, d: Denied) -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: The embedded default: an SQLite file in the working directory.
 DEFAULT_DATABASE_URL = "sqlite:///stethoscope.db"
@@ -82,6 +82,20 @@ class Settings(BaseSettings):
     #: Series one run may have: a job logging a new name every step would otherwise grow the
     #: series table without bound. Per-module metrics of a large model stay well under it.
     max_series_per_run: int = Field(default=10_000, gt=0)
+    #: Seconds a request body may take to arrive, whole; slower, it gets 408 and the connection
+    #: is closed (a client trickling bytes would otherwise hold a connection and memory for as
+    #: long as it likes). 60 s carries the 16 MB body limit over a 2 Mbit/s link.
+    body_timeout_s: float = Field(default=60.0, gt=0)
+    #: Failed authentications (unknown or revoked tokens) per client address: a burst, then
+    #: one per ``1 / auth_failures_per_s`` seconds; beyond that 429 with ``Retry-After``. A
+    #: typo costs nothing; guessing tokens from one address goes at 12 a minute. 0: no limit.
+    auth_failures_per_s: float = Field(default=0.2, ge=0)
+    auth_failure_burst: int = Field(default=10, ge=1)
+    #: With authentication off, the only Host names served (besides loopback names and
+    #: addresses, the bind address and ``public_url``'s host): a web page elsewhere cannot then
+    #: reach this server by pointing a name of its own at 127.0.0.1 (DNS rebinding). Comma-
+    #: separated; ``*`` allows any (a server behind a proxy that checks Host itself).
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     @field_validator("database_url")
     @classmethod
@@ -94,6 +108,13 @@ class Settings(BaseSettings):
         if v.startswith("sqlite:///") and not v.startswith("sqlite:///:memory:"):
             Path(v[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
         return v
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _host_list(cls, v):
+        if isinstance(v, str):
+            v = v.split(",")
+        return [h.strip().lower() for h in v if h.strip()]
 
     @property
     def auth_enabled(self) -> bool:

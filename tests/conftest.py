@@ -60,7 +60,9 @@ def live_server(settings):
 def client(live_server):
     import httpx
 
-    with httpx.Client(base_url=live_server.url + "/api/v1", timeout=30) as c:
+    # JSON on every request, as the hook and the dashboard send it: with authentication off
+    # the server takes a state change (even one without a body) only as JSON.
+    with httpx.Client(base_url=live_server.url + "/api/v1", timeout=30, headers={"Content-Type": "application/json"}) as c:
         yield c
 
 

@@ -16,7 +16,12 @@
   }
 
   async function getJSON(url, init) {
-    const resp = await fetch(url, Object.assign({ headers: { Accept: "application/json" } }, init || {}));
+    init = Object.assign({}, init || {});
+    // A state change says it is JSON even without a body: with authentication off the server
+    // takes no other (a page of another site cannot send it without asking first).
+    const sends = init.method && init.method !== "GET" ? { "Content-Type": "application/json" } : {};
+    init.headers = Object.assign({ Accept: "application/json" }, sends, init.headers || {});
+    const resp = await fetch(url, init);
     if (resp.status === 401) {  // authentication is on and the login has ended: log in again
       location.assign("/login?next=" + encodeURIComponent(location.pathname + location.search));
     }

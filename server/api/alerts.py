@@ -9,14 +9,15 @@ from fastapi import APIRouter, Body, HTTPException, Path, Query, Request
 from ..store import alerts as _alerts
 from ..store import detector_settings as _detector_settings
 from .alert_schemas import AlertOut, AlertStatus, Severity
-from .deps import StoreDep
+from ..parsing import ALERT_ID_MAX, id_path
+from .deps import StoreDep, StrictJSONRoute
 from .schemas import NO_NUL
 from .runs import RunId
 
-router = APIRouter(tags=["alerts"])
+router = APIRouter(tags=["alerts"], route_class=StrictJSONRoute)
 
 ProjectName = Annotated[str, Path(min_length=1, max_length=200, pattern=NO_NUL, description="project name")]
-AlertId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+AlertId = id_path(ALERT_ID_MAX, "the alert's id")
 
 _SETTINGS_EXAMPLE = {"loss_spike": {"threshold": 8.0, "window": 256}, "stalled": {"enabled": True, "timeout_s": 600}}
 

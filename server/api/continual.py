@@ -10,10 +10,10 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from .. import continual
-from .deps import StoreDep
+from .deps import StoreDep, StrictJSONRoute
 from .runs import RunId
 
-router = APIRouter(tags=["continual"])
+router = APIRouter(tags=["continual"], route_class=StrictJSONRoute)
 
 class PreviousTask(BaseModel):
     task: str

@@ -13,11 +13,11 @@ from stethoscope.wire import encode_values
 
 from ..ingest_parse import BadBatch, decode_body, parse_batch
 from ..observability import METRICS, note_batch_points
-from .deps import SettingsDep, StoreDep
+from .deps import SettingsDep, StoreDep, StrictJSONRoute
 from .runs import RunId
 from .schemas import NO_NUL, EventBatch, EventOut, EventsReply, IngestBatch, IngestReply, SeriesData, SeriesInfo
 
-router = APIRouter(tags=["points"])
+router = APIRouter(tags=["points"], route_class=StrictJSONRoute)
 
 _NO_RUN = {404: {"description": "no such run"}}
 

@@ -7,10 +7,10 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Request, Response
 
 from ..security import visible_project, visible_projects
-from .deps import StoreDep
+from .deps import StoreDep, StrictJSONRoute
 from .schemas import NO_NUL, Name, ProjectOut, RunCreate, RunOut, RunStatus, RunUpdate
 
-router = APIRouter(tags=["runs"])
+router = APIRouter(tags=["runs"], route_class=StrictJSONRoute)
 
 RunId = Annotated[str, Path(min_length=1, max_length=200, pattern=NO_NUL, description="client-chosen run id")]
 

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Literal
 
-from fastapi import APIRouter, Path, Request, Response
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
 from .. import tokens as _tokens
 from ..security import visible_project
-from .deps import StoreDep
+from ..parsing import TOKEN_ID_MAX, id_path
+from .deps import StoreDep, StrictJSONRoute
 from .schemas import Name, Strict
 
-router = APIRouter(tags=["tokens"])
+router = APIRouter(tags=["tokens"], route_class=StrictJSONRoute)
 
-TokenId = Annotated[int, Path(ge=1, le=2**31 - 1)]
+TokenId = id_path(TOKEN_ID_MAX, "the token's id")
 Scope = Literal["ingest", "read", "admin"]
 
 

@@ -5,17 +5,18 @@ from __future__ import annotations
 import secrets
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 
 from ..store import webhooks as _webhooks
 from ..webhook_targets import creation_error
 from .alert_schemas import DeliveryOut, DeliveryStatus, WebhookCreate, WebhookCreated, WebhookOut
 from .alerts import ProjectName
-from .deps import SettingsDep, StoreDep
+from ..parsing import WEBHOOK_ID_MAX, id_path
+from .deps import SettingsDep, StoreDep, StrictJSONRoute
 
-router = APIRouter(tags=["webhooks"])
+router = APIRouter(tags=["webhooks"], route_class=StrictJSONRoute)
 
-WebhookId = Annotated[int, Path(ge=1, le=2**31 - 1)]
+WebhookId = id_path(WEBHOOK_ID_MAX, "the webhook's id")
 
 #: Bytes of randomness in a generated secret (256 bits, the HMAC-SHA256 key size).
 SECRET_BYTES = 32

@@ -129,9 +129,8 @@ def test_projects_are_kept_apart(live_server, admin):
     with client_for(live_server, reader) as c:
         assert [r["id"] for r in c.get("/api/v1/runs").json()] == ["rp"]
         assert [p["name"] for p in c.get("/api/v1/projects").json()] == ["P"]
-        r = c.get("/api/v1/runs/rq")
-        assert r.status_code == 403
-        assert r.json()["detail"] == "token 'P:read' is limited to project 'P'; run 'rq' belongs to project 'Q'"
+        r = c.get("/api/v1/runs/rq")  # another project's run is one that does not exist
+        assert r.status_code == 404 and r.json()["detail"] == "run 'rq' does not exist"
         assert c.get("/api/v1/runs?project=Q").status_code == 403
         page = c.get("/")
         assert page.status_code == 200 and "/runs/rp" in page.text and "/runs/rq" not in page.text
@@ -140,17 +139,22 @@ def test_projects_are_kept_apart(live_server, admin):
     with client_for(live_server, writer) as c:
         # A run of another project can be neither made nor written to, nor moved.
         assert c.put("/api/v1/runs/new", json={"project": "Q"}).status_code == 403
-        assert c.put("/api/v1/runs/rq", json={"project": "P"}).status_code == 403
-        assert c.post("/api/v1/runs/rq/points", json={"series": []}).status_code == 403
+        r = c.put("/api/v1/runs/rq", json={"project": "P"})
+        assert r.status_code == 409 and "another project" in r.json()["detail"] and "'Q'" not in r.json()["detail"]
+        assert c.post("/api/v1/runs/rq/points", json={"series": []}).status_code == 404
         assert c.put("/api/v1/runs/new", json={"project": "P"}).status_code == 201
         assert c.get("/api/v1/runs/new").status_code == 403  # ingest cannot read
     # A project's admin makes tokens for its project only.
     padmin = make_token(admin, "P", ["admin"])
     with client_for(live_server, padmin) as c:
         assert c.post("/api/v1/tokens", json={"name": "x", "project": "P", "scopes": ["read"]}).status_code == 201
-        assert c.post("/api/v1/tokens", json={"name": "x", "project": "Q", "scopes": ["read"]}).status_code == 403
+        r = c.post("/api/v1/tokens", json={"name": "x", "project": "Q", "scopes": ["read"]})
+        assert r.status_code == 403
+        assert r.json()["detail"] == "token 'P:admin' is limited to project 'P', so it makes tokens for that project only, not for project 'Q'"
         r = c.post("/api/v1/tokens", json={"name": "x", "scopes": ["admin"]})
-        assert r.status_code == 403 and "every project" in r.json()["detail"]
+        assert r.status_code == 403
+        assert r.json()["detail"] == ("token 'P:admin' is limited to project 'P', so the tokens it makes are for that project too: "
+                                      "send \"project\": 'P' (a token for every project needs an admin token for every project)")
         assert {t["project"] for t in c.get("/api/v1/tokens").json()} == {"P"}
 
 
