@@ -31,7 +31,7 @@ def extra() -> dict:
 
 @pytest.fixture
 def settings(db_url, extra):
-    return Settings(database_url=db_url, **{"auth": "on", "admin_token": ADMIN, "rate_limit_per_s": 0, **extra})
+    return Settings(database_url=db_url, **{"auth": "on", "admin_token": ADMIN, "rate_limit_per_s": 0, "webhook_allow_private": True, **extra})
 
 
 def client_for(live_server, token: str | None = None, headers: dict | None = None) -> httpx.Client:
