@@ -81,7 +81,6 @@ def measure(kind: str, n_series: int, points: int, repeats: int) -> dict:
             "request_wall_ms": round(median(wall) * 1e3, 1),
             "reply_bytes": size,
             "traces": traces,
-            "series_shown": body.get("series", {}).get("shown"),
             "series_hidden": body.get("series", {}).get("hidden"),
         }
 

@@ -188,3 +188,22 @@ def test_panels_of_a_run_with_thousands_of_series_are_bounded(live_server):
     assert _drawn(picked_panels["grad_modules"])[0] == "layers.0700"
     assert _drawn(picked_panels["other"])[0] == "act/rms/layers.0700"
     assert "LAYERS.0700" in picked_panels["other"]["note"]
+
+
+@pytest.mark.parametrize("path", [
+    "/?project=a%00b", "/?q=a%00b", "/alerts?project=a%00b", "/compare?run=a%00b", "/compare?project=p&metric=lo%00ss",
+    "/runs/a%00b", "/projects/a%00b/settings", "/ui/api/runs/a%00b/panels", "/ui/api/runs/r1/panels?match=a%00",
+    "/ui/api/runs/a%00b/state", "/ui/api/compare?metric=loss&run=a%00b", "/ui/api/compare?metric=lo%00ss&run=r1",
+    "/login?next=/a%00b",
+])
+def test_nul_in_a_dashboard_parameter_is_a_clear_422(web, path):
+    """Issue 16, finding 8: PostgreSQL's text cannot hold NUL, and a NUL in a filter gave a 500
+    there (SQLite answered 200). Both now refuse it before any query."""
+    r = web.get(path, follow_redirects=False)
+    assert r.status_code == 422, (path, r.status_code, r.text[:200])
+    assert "NUL" in r.json()["detail"]
+
+
+def test_nul_in_a_series_name_is_a_422(web):
+    r = web.get("/api/v1/runs/r1/series/lo%00ss")
+    assert r.status_code == 422, r.text
