@@ -230,3 +230,18 @@ def test_edge_of_stability_compares_sharpness_with_the_bound_of_its_own_step():
     assert changes == []
     changes = dset.update(state, [("hessian/lambda_max", 20, 210.0), ("hessian/two_over_lr", 20, 200.0)])
     assert [c.evidence["two_over_lr"] for c in changes] == [200.0]
+
+
+def test_every_numeric_setting_has_documented_bounds_that_hold_its_default():
+    import dataclasses
+    import typing
+
+    from stethoscope.detectors._bounds import BOUNDS
+
+    for name, cls in DETECTORS.items():
+        hints = typing.get_type_hints(cls.Params)
+        for f in dataclasses.fields(cls.Params):
+            if hints[f.name] in (int, float):
+                assert f.name in BOUNDS, f"{name}.{f.name} has no bound in stethoscope.detectors._bounds"
+                lo, hi, why = BOUNDS[f.name]
+                assert lo <= getattr(cls.Params(), f.name) <= hi and why, (name, f.name)
