@@ -225,3 +225,16 @@ def test_events_are_idempotent_and_ordered(client):
     assert [e["key"] for e in client.get(f"/runs/{run}/events", params={"kind": "task_switch"}).json()] == ["e2"]
     assert client.post(f"/runs/{run}/events", json={"events": [{"key": "", "step": 1, "kind": "x"}]}).status_code == 422
     assert client.post("/runs/ghost/events", json={"events": ev}).status_code == 404
+
+
+@pytest.mark.parametrize("wall", [b"NaN", b"Infinity", b"-Infinity", b"1e999"])
+def test_an_event_wall_that_is_not_finite_is_a_422_and_stores_nothing(client, wall):
+    """Issue 16, finding 8: an event's wall took NaN and infinity."""
+    run = _run(client)
+    body = b'{"events": [{"key": "e", "step": 1, "kind": "checkpoint", "wall": ' + wall + b"}]}"
+    r = client.post(f"/runs/{run}/events", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert "wall" in r.text
+    assert client.get(f"/runs/{run}/events").json() == []
+    ok = client.post(f"/runs/{run}/events", json={"events": [{"key": "e", "step": 1, "kind": "checkpoint", "wall": 1.7e9}]})
+    assert ok.status_code == 200 and client.get(f"/runs/{run}/events").json()[0]["wall"] == 1.7e9
