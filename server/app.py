@@ -94,6 +94,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ops_api.router)  # /readyz, /metrics
     # Tokens, scopes, rate and size limits; inside the metrics middleware, which counts its refusals.
     app.add_middleware(security.SecurityMiddleware, settings=settings)
+    # A database outage: 503 with Retry-After, for the routes and the gate's look-ups.
+    app.add_middleware(errors_api.DatabaseUnavailableMiddleware)
     app.add_middleware(IngestMetricsMiddleware, prefix=API_PREFIX)
 
     app.add_exception_handler(RequestValidationError, errors_api.validation_error)
