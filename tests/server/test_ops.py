@@ -245,6 +245,25 @@ def test_metrics_counters_move_by_exactly_what_was_sent(live_server, client):
     assert after["detector_n"] - before["detector_n"] == 4  # the resend brought nothing new to detect
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_client_that_hangs_up_mid_body_is_counted_as_client_closed_not_5xx(live_server, client, chunked):
+    """Issue 16, finding 8: a client disconnect was counted as a 5xx (a server error)."""
+    make_run(client, "h")
+    requests = lambda f, c: f["stethoscope_ingest_requests_total"].value(status=c)  # noqa: E731
+    before = scrape(live_server)
+    port = int(live_server.url.rsplit(":", 1)[1])
+    body = b'{"series": [{"name": "loss", "steps": [1, 2, 3], "values": [1.0, 2.0'  # cut halfway
+    length = b"Transfer-Encoding: chunked\r\n" if chunked else b"Content-Length: 100000\r\n"
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"POST /api/v1/runs/h/points HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n" + length + b"\r\n")
+        sock.sendall(b"%x\r\n%s\r\n" % (len(body), body) if chunked else body)
+    after = wait_until(lambda: (f := scrape(live_server)) and requests(f, "client_closed") > requests(before, "client_closed") and f,
+                       what="the hang-up counted")
+    assert requests(after, "client_closed") - requests(before, "client_closed") == 1
+    assert requests(after, "5xx") == requests(before, "5xx")
+    assert client.get("/runs/h/series").json() == []  # nothing of the cut batch was stored
+
+
 def test_metrics_exposition_is_strict_prometheus_text(live_server, client):
     make_run(client, "x")
     post(client, "x", 0, [1.0, 2.0])
