@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 
 def test_create_is_idempotent_and_resumes(client):
     r = client.put("/runs/run-1", json={"project": "vision", "name": "resnet", "config": {"lr": 0.1}, "tags": ["a"]})
@@ -65,6 +67,26 @@ def test_openapi_schema_is_served(live_server):
         assert path in schema["paths"], path
     body = schema["paths"]["/api/v1/runs/{run_id}/points"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert "series" in body["properties"]
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_api_docs_pages_load_everything_from_the_server_itself(live_server, page):
+    """Issue 16, finding 8: /docs loaded its scripts from a CDN, so it was blank offline."""
+    import re
+
+    import httpx
+
+    html = httpx.get(live_server.url + page).text
+    refs = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)["']""", html) + re.findall(r"""url:\s*["']([^"']+)["']""", html)
+    assert re.search(r"https?://|//[a-z0-9.-]+\.[a-z]", html, re.I) is None, html  # no other host named anywhere
+    scripts = [u for u in refs if u.endswith(".js")]
+    assert scripts, html
+    for url in refs:
+        assert url.startswith("/"), url
+        r = httpx.get(live_server.url + url)
+        assert r.status_code == 200, url
+        if url.endswith(".js"):
+            assert len(r.content) > 100_000 and "javascript" in r.headers["content-type"], url
 
 
 def test_q_matches_percent_underscore_and_backslash_literally(client):
