@@ -236,6 +236,7 @@ def test_every_numeric_setting_has_documented_bounds_that_hold_its_default():
     import dataclasses
     import typing
 
+    from stethoscope.detectors import DETECTORS
     from stethoscope.detectors._bounds import BOUNDS
 
     for name, cls in DETECTORS.items():
