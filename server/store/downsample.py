@@ -91,6 +91,10 @@ class SeriesReader:
         lo, hi = conn.exec_driver_sql(self._bounds_sql, (series_id, lo_bound, series_id, hi_bound)).one()
         if lo is None or hi is None or lo > hi:
             return SeriesRead([], [], False)
+        return self._read_range(conn, series_id, lo, hi, max_points)
+
+    def _read_range(self, conn: Connection, series_id: int, lo: int, hi: int, max_points: int) -> SeriesRead:
+        """``read`` once the first and last stored steps of the range are known."""
         width = hi - lo + 1
         n_buckets = max(1, max_points // POINTS_PER_BUCKET)
         bucket_width = -(-width // n_buckets)
@@ -112,7 +116,7 @@ class SeriesReader:
         hi_bound = 2**63 - 1 if end is None else end
         out: dict[int, SeriesRead] = {}
         whole: list[int] = []
-        long: list[int] = []
+        long: list[tuple[int, int, int]] = []
         for k in range(0, len(series_ids), BOUNDS_PER_STATEMENT):
             chunk = series_ids[k : k + BOUNDS_PER_STATEMENT]
             sql = "SELECT " + ", ".join([self._bounds_cols] * len(chunk))
@@ -125,7 +129,7 @@ class SeriesReader:
                 elif hi - lo + 1 <= max_points:  # fits whole: no downsampling, read below
                     whole.append(sid)
                 else:
-                    long.append(sid)
+                    long.append((sid, lo, hi))
         if whole:
             got: dict[int, tuple[list, list]] = {sid: ([], []) for sid in whole}
             for k in range(0, len(whole), BOUNDS_PER_STATEMENT):
@@ -136,8 +140,8 @@ class SeriesReader:
                     steps.append(s)
                     values.append(math.nan if v is None else v)
             out.update({sid: SeriesRead(st, vs, False) for sid, (st, vs) in got.items()})
-        for sid in long:
-            out[sid] = self.read(conn, sid, start, end, max_points)
+        for sid, lo, hi in long:
+            out[sid] = self._read_range(conn, sid, lo, hi, max_points)
         return out
 
     def _read_raw(self, conn, series_id, lo, hi, max_points, n_buckets) -> SeriesRead:
