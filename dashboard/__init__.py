@@ -11,7 +11,7 @@ from the installed plotly package: the dashboard works with no network beyond th
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 __all__ = ["mount"]
 
@@ -21,6 +21,7 @@ def mount(app: FastAPI) -> None:
     from . import _data, _login, _pages, _web
 
     _web.mount_static(app)
-    app.include_router(_login.router)
-    app.include_router(_data.router)
-    app.include_router(_pages.router)
+    checked = [Depends(_web.refuse_nul)]
+    app.include_router(_login.router, dependencies=checked)
+    app.include_router(_data.router, dependencies=checked)
+    app.include_router(_pages.router, dependencies=checked)

@@ -22,8 +22,9 @@ def _json(obj) -> Response:
 
 
 @router.get("/runs/{run_id}/panels")
-def run_panels(run_id: str, request: Request, start: Step = None, end: Step = None):
-    return _json(_panels.run_panels(request.app.state.store, run_id, start, end))
+def run_panels(run_id: str, request: Request, start: Step = None, end: Step = None,
+               match: Annotated[str | None, Query(max_length=200, description="series whose name contains this are drawn first")] = None):
+    return _json(_panels.run_panels(request.app.state.store, run_id, start, end, match or None))
 
 
 @router.get("/runs/{run_id}/state")

@@ -3,6 +3,12 @@
 Each panel is one plotly figure over the step axis; the page links their x zoom. A zoom asks
 for ``start``/``end`` again, and every series is re-read at full detail for that range
 (the store downsamples to ``max_points`` keeping each bucket's min, max and first NaN).
+
+A run may have thousands of series (a metric per module of a large model). Each panel draws
+at most ``MAX_SERIES_PER_PANEL`` of them, its named series first, then those whose name
+contains the page's filter (``match``), then the rest by name; the reply says how many were
+left out so the page can offer the filter. The series drawn are read in a few statements
+(``Store.read_many``), so the request costs the same whatever the run's series count.
 """
 
 from __future__ import annotations
@@ -27,6 +33,11 @@ MAX_POINTS = 1500
 #: Per module in the gradient heatmap: the heatmap bins them again into HEATMAP_BINS columns.
 HEATMAP_POINTS = 600
 HEATMAP_BINS = 200
+#: Lines per chart, or rows of the gradient heatmap. plotly's palette repeats after 10
+#: colours and its legend fills the chart long before 64 entries, and the heatmap at 22 px a
+#: row is ~1,400 px tall at 64: past this nobody reads a series, while each costs a read
+#: and a trace on every request (9,000 series took 8-15 s of server CPU per page load).
+MAX_SERIES_PER_PANEL = 64
 
 
 @dataclass
@@ -43,6 +54,8 @@ class PanelSpec:
     #: Fractions and accuracies start the y axis at 0 (a flat zero is not centred on -1..1).
     to_zero: bool = False
     taken: list[str] = field(default_factory=list)
+    #: How many of ``taken`` are not drawn (past ``MAX_SERIES_PER_PANEL``).
+    hidden: int = 0
 
 
 def run_panel_specs() -> list[PanelSpec]:
@@ -76,7 +89,7 @@ def _assign(specs: list[PanelSpec], names: list[str]) -> list[str]:
     return left
 
 
-def run_panels(store: Store, run_id: str, start: int | None, end: int | None) -> dict:
+def run_panels(store: Store, run_id: str, start: int | None, end: int | None, match: str | None = None) -> dict:
     run = store.get_run(run_id)
     names = Q.series_names(store, run_id)
     events = store.list_events(run_id)
@@ -85,24 +98,50 @@ def run_panels(store: Store, run_id: str, start: int | None, end: int | None) ->
     other = _assign(specs, names)
     if other:
         specs.append(PanelSpec("other", "Other series", taken=other))
+    for spec in specs:
+        _keep_first(spec, match)
     derived = _continual_series(store, run_id, specs, start, end)
+    lines = [n for p in specs if not p.heatmap for n in p.taken if n not in derived]
+    reads = store.read_many(run_id, lines, start, end, MAX_POINTS)
+    reads.update(store.read_many(run_id, [n for p in specs if p.heatmap for n in p.taken], start, end, HEATMAP_POINTS))
     panels = []
     for spec in specs:
         if not spec.taken:
             continue
         shown = [e for e in events if _in(e["step"], start, end)]
         if spec.heatmap:
-            fig = _heatmap_panel(store, run_id, spec, start, end, shown)
+            fig = _heatmap_panel(reads, spec, shown)
         else:
-            fig = _line_panel(store, run_id, spec, start, end, shown, alerts, run["last_step"], derived)
+            fig = _line_panel(reads, spec, start, end, shown, alerts, run["last_step"], derived)
         if fig is not None:
-            panels.append({"id": spec.id, "title": spec.title, "log_toggle": not spec.heatmap, "figure": fig.to_plotly_json()})
+            panels.append({"id": spec.id, "title": spec.title, "log_toggle": not spec.heatmap, "hidden": spec.hidden,
+                           "note": _note(spec.hidden, match), "figure": fig.to_plotly_json()})
+    hidden = sum(p.hidden for p in specs)
     return {
         "run": {"id": run["id"], **Q.run_version(run, alerts, len(events))},
         "panels": panels,
+        "series": {"total": len(names), "hidden": hidden, "per_panel": MAX_SERIES_PER_PANEL, "match": match or ""},
         "alerts": [{"id": a["id"], "start_step": a["start_step"], "peak_step": a["peak_step"], "end_step": a["end_step"],
                     "severity": a["severity"], "status": a["status"]} for a in alerts],
     }
+
+
+def _keep_first(spec: PanelSpec, match: str | None) -> None:
+    """Keep the ``MAX_SERIES_PER_PANEL`` series of the panel that come first: its named ones,
+    then those whose name contains ``match`` (any case), then the rest by name."""
+    if len(spec.taken) <= MAX_SERIES_PER_PANEL:
+        return
+    needle = (match or "").lower()
+    spec.taken.sort(key=lambda n: (n not in spec.names, not (needle and needle in n.lower()), n))
+    spec.hidden = len(spec.taken) - MAX_SERIES_PER_PANEL
+    del spec.taken[MAX_SERIES_PER_PANEL:]
+
+
+def _note(hidden: int, match: str | None) -> str:
+    if not hidden:
+        return ""
+    how = f"those matching {match!r} first" if match else "filter by name to pick others"
+    return f"{hidden} more series not shown (at most {MAX_SERIES_PER_PANEL} per chart; {how})"
 
 
 def _continual_series(store: Store, run_id: str, specs: list[PanelSpec], start, end) -> dict[str, tuple[list, list]]:
@@ -135,17 +174,19 @@ def _read(store: Store, run_id: str, name: str, start, end, max_points: int):
     return r.steps, r.values
 
 
-def _line_panel(store, run_id, spec: PanelSpec, start, end, events, alerts, last_step, derived=None) -> go.Figure | None:
+def _line_panel(reads: dict, spec: PanelSpec, start, end, events, alerts, last_step, derived=None) -> go.Figure | None:
     layout = F.base_layout(spec.title, spec.y_title)
     if spec.to_zero:
         layout["yaxis"]["rangemode"] = "tozero"
     fig = go.Figure()
     any_points = False
-    for name in sorted(spec.taken, key=lambda n: (n not in spec.names, spec.names.index(n) if n in spec.names else 0, n)):
+    # Named series in their order, then the others as chosen (by name, the filter's first).
+    for name in sorted(spec.taken, key=lambda n: (n not in spec.names, spec.names.index(n) if n in spec.names else 0)):
         if derived and name in derived:
             steps, values = derived[name]
         else:
-            steps, values = _read(store, run_id, name, start, end, MAX_POINTS)
+            r = reads.get(name)  # missing: deleted in between
+            steps, values = (r.steps, r.values) if r is not None else ([], [])
         any_points |= bool(steps)
         line = {"dash": "dash"} if name in spec.dashed else {}
         label = name[len(spec.prefix):] if spec.prefix and name.startswith(spec.prefix) else name
@@ -172,12 +213,12 @@ def _overlaps(a: dict, start, end) -> bool:
     return (end is None or lo is None or lo <= end) and (start is None or hi is None or hi >= start)
 
 
-def _heatmap_panel(store, run_id, spec: PanelSpec, start, end, events) -> go.Figure | None:
+def _heatmap_panel(reads: dict, spec: PanelSpec, events) -> go.Figure | None:
     rows = []
     for name in spec.taken:
-        steps, values = _read(store, run_id, name, start, end, HEATMAP_POINTS)
-        if steps:
-            rows.append((name[len(spec.prefix):], steps, values))
+        r = reads.get(name)
+        if r is not None and r.steps:
+            rows.append((name[len(spec.prefix):], r.steps, r.values))
     return F.heatmap(spec.title, rows, HEATMAP_BINS, events)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import jinja2
 import plotly
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
@@ -30,6 +30,17 @@ CSP = (
 env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True, trim_blocks=True, lstrip_blocks=True)
 env.filters["tojson_pretty"] = lambda v: json.dumps(v, ensure_ascii=False, default=str)
 env.globals.update(plotly_url=PLOTLY_URL, static_url=STATIC_URL)
+
+
+def refuse_nul(request: Request) -> None:
+    """Every dashboard route's dependency: a NUL character in a path or query parameter is a
+    422. PostgreSQL's text cannot hold NUL (SQLite's can), so a run id, project or filter
+    holding one made PostgreSQL fail the query with a 500; both databases now answer alike."""
+    params = [("path", k, v) for k, v in request.path_params.items()]
+    params += [("query", k, v) for k, v in request.query_params.multi_items()]
+    for where, key, value in params:
+        if isinstance(value, str) and "\x00" in value:
+            raise HTTPException(422, detail=f"{where} parameter {key!r} must not contain a NUL character")
 
 
 def render(request: Request, template: str, status_code: int = 200, **context) -> HTMLResponse:

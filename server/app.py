@@ -17,6 +17,7 @@ from . import migrate, security
 from .alerting import Alerting
 from .api import alerts as alerts_api
 from .api import continual as continual_api
+from .api import docs as docs_api
 from .api import errors as errors_api
 from .api import ops as ops_api
 from .api import points as points_api
@@ -82,6 +83,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description="Training-health monitoring: runs, metric series, events and alerts.",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's own pages load their scripts from a CDN: see api/docs.py
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.run_in_thread = run_in_threadpool
@@ -92,8 +95,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(continual_api.router, prefix=API_PREFIX)
     app.include_router(tokens_api.router, prefix=API_PREFIX)
     app.include_router(ops_api.router)  # /readyz, /metrics
+    docs_api.mount_docs(app)  # /docs and /redoc, with their files served from here
     # Tokens, scopes, rate and size limits; inside the metrics middleware, which counts its refusals.
     app.add_middleware(security.SecurityMiddleware, settings=settings)
+    # A database outage: 503 with Retry-After, for the routes and the gate's look-ups.
+    app.add_middleware(errors_api.DatabaseUnavailableMiddleware)
     app.add_middleware(IngestMetricsMiddleware, prefix=API_PREFIX)
 
     app.add_exception_handler(RequestValidationError, errors_api.validation_error)

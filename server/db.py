@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import NullPool
 
 from .settings import Settings
@@ -18,6 +21,33 @@ WRITE_OPTION = "stethoscope_write"
 WAL_AUTOCHECKPOINT_PAGES = 16_384
 WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 CHECKPOINT_INTERVAL_S = 1.0
+
+
+#: SQLite errors that say the file cannot be used now, as opposed to a bad statement (which
+#: SQLite also reports as an OperationalError).
+SQLITE_UNAVAILABLE = ("unable to open database file", "database is locked", "disk i/o error", "database or disk is full",
+                      "attempt to write a readonly database")
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database cannot be reached or used right now (an outage, a
+    restart, a full disk, a pool with no connection to give), not that a statement is wrong."""
+    if isinstance(exc, sa_exc.TimeoutError):  # no pooled connection within the pool's timeout
+        return True
+    if not isinstance(exc, sa_exc.DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    orig = exc.orig
+    if isinstance(orig, sqlite3.OperationalError):
+        return str(orig).lower().startswith(SQLITE_UNAVAILABLE)
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - psycopg ships with the server extra
+        return False
+    # psycopg's OperationalError: the connection failed or was lost (server down, restarting,
+    # refusing connections, "terminating connection due to administrator command").
+    return isinstance(orig, psycopg.OperationalError)
 
 
 def is_sqlite(engine: Engine) -> bool:

@@ -26,11 +26,16 @@ from bisect import bisect_left
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
+from starlette.requests import ClientDisconnect
+
 #: Content type of the Prometheus text exposition format, version 0.0.4.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+#: The label of a request whose client went away before the reply (nginx logs it as 499):
+#: not an error of the server, so counted apart from 5xx.
+CLIENT_CLOSED = "client_closed"
 #: Reply status classes the ingest counters are split by.
-STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
+STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx", CLIENT_CLOSED)
 
 #: Seconds. Prometheus' default buckets: an ingest reply of a 1,000-point batch takes a few ms
 #: on an idle server; the load target is p99 under 0.25 s, so 0.1/0.25/0.5 bracket it.
@@ -181,7 +186,8 @@ def note_batch_points(scope: dict, points: int) -> None:
 class IngestMetricsMiddleware:
     """Pure ASGI middleware: counts ingest requests and points by reply status class and times
     them. It sees the final status of every outcome (handled errors such as 404 or 413, and
-    unhandled ones, which become a 500 outside it). Other paths pass straight through."""
+    unhandled ones, which become a 500 outside it); a client that went away before its reply
+    counts as ``client_closed``, not as an error. Other paths pass straight through."""
 
     def __init__(self, app, prefix: str, metrics: ServerMetrics = METRICS) -> None:
         self.app = app
@@ -195,21 +201,31 @@ class IngestMetricsMiddleware:
             return
         t0 = time.perf_counter()
         status = 500
+        started = closed = False
 
         async def send_and_note(message):
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
             await send(message)
 
+        async def receive_and_note():
+            nonlocal closed
+            message = await receive()
+            if message["type"] == "http.disconnect" and not started:
+                closed = True  # gone before its reply: whatever the app makes of it now
+            return message
+
         try:
-            await self.app(scope, receive, send_and_note)
+            await self.app(scope, receive_and_note, send_and_note)
+        except ClientDisconnect:
+            closed = True  # the body stopped halfway; nobody is left to answer, nothing to log
         except BaseException:
             status = 500
             raise
         finally:
             m = self.metrics
-            cls = status_class(status)
+            cls = CLIENT_CLOSED if closed else status_class(status)
             m.ingest_seconds.observe(time.perf_counter() - t0)
             m.ingest_requests.inc(1, cls)
             points = scope.get(POINTS_KEY)

@@ -8,6 +8,7 @@ from operator import itemgetter
 from typing import Iterable
 
 from ._base import AlertChange, Detector
+from ._bounds import check_bounds
 from .divergence import DivergenceDetector
 from .edge_of_stability import EdgeOfStabilityDetector
 from .loss_spike import LossSpikeDetector
@@ -107,7 +108,8 @@ class DetectorSet:
 
 
 def make_params(cls: type[Detector], overrides: dict):
-    """``cls.Params`` with ``overrides`` checked by name and type (``ValueError`` if wrong)."""
+    """``cls.Params`` with ``overrides`` checked by name, type and bounds (``_bounds.BOUNDS``);
+    ``ValueError`` if wrong."""
     fields = {f.name: f for f in dataclasses.fields(cls.Params)}
     hints = typing.get_type_hints(cls.Params)
     kwargs = {}
@@ -115,10 +117,16 @@ def make_params(cls: type[Detector], overrides: dict):
         if key not in fields:
             raise ValueError(f"{cls.name}: unknown setting {key!r}; known settings: enabled, {', '.join(fields)}")
         kwargs[key] = _coerce(f"{cls.name}.{key}", hints[key], value)
+        if hints[key] in (int, float):
+            check_bounds(f"{cls.name}.{key}", key, kwargs[key])
     return cls.Params(**kwargs)
 
 
 def _coerce(where: str, kind, value):
+    # The wire refuses NUL in series names (PostgreSQL's text cannot hold it): a setting
+    # naming one would match nothing, and PostgreSQL could not store it as a name either.
+    if any("\x00" in v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, str)):
+        raise ValueError(f"{where}: a series name cannot contain a NUL character")
     if kind is bool:
         if isinstance(value, bool):
             return value

@@ -51,12 +51,29 @@
       this.renders = 0;
       this.drawn = null;          // the run's version (steps, alerts, events) the charts show
       this.zoomTimer = null;
+      this.match = "";            // series whose name contains this are drawn first
     }
 
     url() {
-      if (!this.range) return this.src;
-      const sep = this.src.includes("?") ? "&" : "?";
-      return `${this.src}${sep}start=${Math.floor(this.range[0])}&end=${Math.ceil(this.range[1])}`;
+      const params = new URLSearchParams();
+      if (this.range) {
+        params.set("start", String(Math.floor(this.range[0])));
+        params.set("end", String(Math.ceil(this.range[1])));
+      }
+      if (this.match) params.set("match", this.match);
+      const query = params.toString();
+      if (!query) return this.src;
+      return this.src + (this.src.includes("?") ? "&" : "?") + query;
+    }
+
+    bindFilter(form) {
+      // A run with more series than a chart draws: the server says how many it left out
+      // (each panel's note); the filter brings the ones whose name matches to the front.
+      form.addEventListener("submit", (ev) => {
+        ev.preventDefault();
+        this.match = (form.elements.match.value || "").trim();
+        this.load();
+      });
     }
 
     async load(first) {
@@ -87,10 +104,12 @@
         });
         bar.append(el("label", {}, [toggle, " log y"]));
       }
+      const note = el("span", { className: "muted note" });
+      bar.append(note);
       const box = el("div", { className: "panel", id: "panel-" + p.id }, [bar, plot]);
       box.dataset.panel = p.id;
       this.root.append(box);
-      entry = this.panels[p.id] = { box, plot, toggle, bound: false };
+      entry = this.panels[p.id] = { box, plot, toggle, note, bound: false };
       return entry;
     }
 
@@ -101,6 +120,7 @@
         for (const p of data.panels) {
           seen.add(p.id);
           const entry = this.panelBox(p);
+          entry.note.textContent = p.note || "";
           const fig = p.figure;
           const layout = fig.layout || {};
           layout.yaxis = Object.assign(layout.yaxis || {}, this.logY[p.id] ? { type: "log" } : {});
@@ -202,6 +222,8 @@
     if (chartsRoot && window.Plotly) {
       const charts = new Charts(chartsRoot);
       window.stethoscopeCharts = charts;
+      const filter = document.getElementById("series-filter");
+      if (filter) charts.bindFilter(filter);
       charts.load(firstData).then(() => charts.startLive());
     }
     const settings = document.getElementById("settings");

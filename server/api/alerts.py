@@ -11,7 +11,7 @@ from ..store import detector_settings as _detector_settings
 from .alert_schemas import AlertOut, AlertStatus, Severity
 from ..parsing import ALERT_ID_MAX, id_path
 from .deps import StoreDep, StrictJSONRoute
-from .schemas import NO_NUL
+from .schemas import NO_NUL, JsonObject
 from .runs import RunId
 
 router = APIRouter(tags=["alerts"], route_class=StrictJSONRoute)
@@ -66,7 +66,8 @@ def put_detector_settings(
     project: ProjectName,
     store: StoreDep,
     request: Request,
-    body: Annotated[dict[str, dict[str, Any]], Body(examples=[_SETTINGS_EXAMPLE])],
+    # Plain JSON only: a lone surrogate in a parameter was stored and then failed every read.
+    body: Annotated[dict[str, JsonObject], Body(examples=[_SETTINGS_EXAMPLE])],
 ):
     """Set the detectors named in the body; each gets exactly the parameters given (the rest
     back to defaults) and ``enabled`` (default true). Detectors not named keep their settings.

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from .. import migrate
 from ..observability import CONTENT_TYPE, METRICS, Gauge, render
 from ..store import webhooks as _webhooks
+from .errors import DATABASE_RETRY_AFTER_S
 
 log = logging.getLogger("stethoscope.server")
 
@@ -35,7 +36,8 @@ def _reason(exc: BaseException) -> str:
 
 @router.get("/readyz")
 def readyz(request: Request):
-    """200 when the database answers and is migrated to head; 503 with the reason otherwise."""
+    """200 when the database answers and is migrated to head; 503 with the reason otherwise
+    ("database unavailable", or the schema's revision against the migrations' head)."""
     store = getattr(request.app.state, "store", None)
     if store is None:
         return JSONResponse({"status": "unavailable", "reason": "starting"}, status_code=503)
@@ -44,7 +46,10 @@ def readyz(request: Request):
         with store.reading() as conn:
             current = MigrationContext.configure(conn).get_current_revision()
     except Exception as exc:  # noqa: BLE001 - any failure to ask the database is "not ready"
-        return JSONResponse({"status": "unavailable", "reason": f"database: {_reason(exc)}"}, status_code=503)
+        # /readyz is public: the driver's message (host, port, user, file path) goes to the log.
+        log.warning("readyz: database unavailable: %s", _reason(exc))
+        return JSONResponse({"status": "unavailable", "reason": "database unavailable"}, status_code=503,
+                            headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)})
     if current != head:
         return JSONResponse(
             {"status": "unavailable", "reason": f"database schema at {current or 'base (empty)'}, migrations' head is {head}: "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 
 import orjson
@@ -86,7 +86,7 @@ def list_series(run_id: RunId, store: StoreDep):
 @router.get("/runs/{run_id}/series/{name:path}", response_model=SeriesData, responses=_NO_RUN)
 def read_series(
     run_id: RunId,
-    name: str,
+    name: Annotated[str, Path(pattern=NO_NUL, description="series name")],
     store: StoreDep,
     start: Annotated[int | None, Query(ge=-(2**63), le=2**63 - 1, description="first step, inclusive")] = None,
     end: Annotated[int | None, Query(ge=-(2**63), le=2**63 - 1, description="last step, inclusive")] = None,

@@ -111,7 +111,8 @@ class EventIn(Strict):
     kind: Name
     message: str = Field(default="", max_length=10_000, pattern=NO_NUL)
     info: JsonObject = Field(default_factory=dict)
-    wall: float | None = None
+    #: Unix seconds; NaN or infinity is no time (Python's JSON reader takes NaN and 1e999).
+    wall: float | None = Field(default=None, allow_inf_nan=False)
 
 
 class EventBatch(Strict):

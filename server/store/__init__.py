@@ -254,6 +254,14 @@ class Store:
                 raise NotFound(f"run {run_id!r} has no series {name!r}")
             return self._reader.read(conn, sid, start, end, max_points)
 
+    def read_many(self, run_id: str, names: list[str], start: int | None = None, end: int | None = None, max_points: int = 2000) -> dict[str, SeriesRead]:
+        """``read_series`` of several series of a run in one transaction and a few statements
+        (see ``SeriesReader.read_many``); a name the run lacks is left out of the result."""
+        with self.reading() as conn:
+            ids = self._series_named(conn, run_id, list(dict.fromkeys(names)))
+            got = self._reader.read_many(conn, list(ids.values()), start, end, max_points)
+        return {name: got[sid] for name, sid in ids.items()}
+
     # -- events -----------------------------------------------------------------------
     def add_events(self, run_id: str, events: list[dict]) -> int:
         """Store events; an event whose key is stored already is skipped. Returns how many were new."""

@@ -18,6 +18,10 @@ from .points import ROLLUP_LEVELS
 #: Points each output bucket may contribute: its min, its max and its first NaN.
 POINTS_PER_BUCKET = 3
 
+#: Series whose bounds one statement reads in ``read_many``: two scalar subqueries and four
+#: parameters each, well inside SQLite's 2,000 result columns and old 999-parameter limit.
+BOUNDS_PER_STATEMENT = 200
+
 
 @dataclass(slots=True)
 class SeriesRead:
@@ -58,11 +62,17 @@ class _Extremes:
 
 class SeriesReader:
     def __init__(self, dialect: str) -> None:
-        ph = "%s" if dialect == "postgresql" else "?"
+        ph = self._ph = "%s" if dialect == "postgresql" else "?"
         # Two scalar subqueries so each can use the primary key's order (one probe each).
-        self._bounds_sql = (
-            f"SELECT (SELECT min(step) FROM points WHERE series_id = {ph} AND step >= {ph}), "
+        self._bounds_cols = (
+            f"(SELECT min(step) FROM points WHERE series_id = {ph} AND step >= {ph}), "
             f"(SELECT max(step) FROM points WHERE series_id = {ph} AND step <= {ph})"
+        )
+        self._bounds_sql = "SELECT " + self._bounds_cols
+        # Every point of several series in one range ({ids}: their placeholders).
+        self._raw_many_sql = (
+            "SELECT series_id, step, value FROM points WHERE series_id IN ({ids}) "
+            f"AND step >= {ph} AND step <= {ph} ORDER BY series_id, step"
         )
         self._raw_sql = f"SELECT step, value FROM points WHERE series_id = {ph} AND step >= {ph} AND step <= {ph} ORDER BY step"
         # How many points a range holds, counting no further than the limit (an index range scan).
@@ -81,6 +91,10 @@ class SeriesReader:
         lo, hi = conn.exec_driver_sql(self._bounds_sql, (series_id, lo_bound, series_id, hi_bound)).one()
         if lo is None or hi is None or lo > hi:
             return SeriesRead([], [], False)
+        return self._read_range(conn, series_id, lo, hi, max_points)
+
+    def _read_range(self, conn: Connection, series_id: int, lo: int, hi: int, max_points: int) -> SeriesRead:
+        """``read`` once the first and last stored steps of the range are known."""
         width = hi - lo + 1
         n_buckets = max(1, max_points // POINTS_PER_BUCKET)
         bucket_width = -(-width // n_buckets)
@@ -92,6 +106,43 @@ class SeriesReader:
         if conn.exec_driver_sql(self._fits_sql, (series_id, lo, hi, max_points + 1)).scalar() <= max_points:
             return self._read_raw(conn, series_id, lo, hi, max_points, n_buckets)
         return self._read_rollups(conn, series_id, lo, hi, levels[-1], n_buckets)
+
+    def read_many(self, conn: Connection, series_ids: list[int], start: int | None, end: int | None, max_points: int) -> dict[int, SeriesRead]:
+        """``read`` of many series at once, in a number of statements that does not grow with
+        their count where it can: one per ``BOUNDS_PER_STATEMENT`` series for the bounds, one
+        for the points of every series that fits whole (at most ``max_points`` steps wide),
+        and ``read``'s own statements only for the series that need downsampling."""
+        lo_bound = -(2**63) if start is None else start
+        hi_bound = 2**63 - 1 if end is None else end
+        out: dict[int, SeriesRead] = {}
+        whole: list[int] = []
+        long: list[tuple[int, int, int]] = []
+        for k in range(0, len(series_ids), BOUNDS_PER_STATEMENT):
+            chunk = series_ids[k : k + BOUNDS_PER_STATEMENT]
+            sql = "SELECT " + ", ".join([self._bounds_cols] * len(chunk))
+            params = tuple(p for sid in chunk for p in (sid, lo_bound, sid, hi_bound))
+            row = conn.exec_driver_sql(sql, params).one()
+            for i, sid in enumerate(chunk):
+                lo, hi = row[2 * i], row[2 * i + 1]
+                if lo is None or hi is None or lo > hi:
+                    out[sid] = SeriesRead([], [], False)
+                elif hi - lo + 1 <= max_points:  # fits whole: no downsampling, read below
+                    whole.append(sid)
+                else:
+                    long.append((sid, lo, hi))
+        if whole:
+            got: dict[int, tuple[list, list]] = {sid: ([], []) for sid in whole}
+            for k in range(0, len(whole), BOUNDS_PER_STATEMENT):
+                chunk = whole[k : k + BOUNDS_PER_STATEMENT]
+                sql = self._raw_many_sql.format(ids=", ".join([self._ph] * len(chunk)))
+                for sid, s, v in conn.exec_driver_sql(sql, (*chunk, lo_bound, hi_bound)):
+                    steps, values = got[sid]
+                    steps.append(s)
+                    values.append(math.nan if v is None else v)
+            out.update({sid: SeriesRead(st, vs, False) for sid, (st, vs) in got.items()})
+        for sid, lo, hi in long:
+            out[sid] = self._read_range(conn, sid, lo, hi, max_points)
+        return out
 
     def _read_raw(self, conn, series_id, lo, hi, max_points, n_buckets) -> SeriesRead:
         rows = conn.exec_driver_sql(self._raw_sql, (series_id, lo, hi)).fetchall()

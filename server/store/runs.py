@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, func, insert, or_, select, update
+from sqlalchemy import Connection, cast, exists, func, insert, literal, or_, select, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 
 from ..models import Project, Run, aware, utcnow
@@ -116,12 +117,21 @@ def list_runs(
     if status is not None:
         stmt = stmt.where(R.c.status == status)
     if q:
-        like = f"%{q.lower()}%"
-        stmt = stmt.where(or_(func.lower(R.c.name).like(like), func.lower(R.c.id).like(like)))
+        # A substring, not a pattern: autoescape makes % and _ match themselves (an ESCAPE clause).
+        needle = q.lower()
+        stmt = stmt.where(or_(func.lower(R.c.name).contains(needle, autoescape=True), func.lower(R.c.id).contains(needle, autoescape=True)))
     if since is not None:
         stmt = stmt.where(R.c.created_at >= since)
-    stmt = stmt.order_by(R.c.created_at.desc(), R.c.id)
-    rows = conn.execute(stmt).all()
-    if tag is not None:  # tags are a small JSON list; filtering in Python keeps SQL portable
-        rows = [r for r in rows if tag in (r.tags or [])]
-    return [run_dict(r, r.project) for r in rows[offset : offset + limit]]
+    if tag is not None:
+        stmt = stmt.where(_has_tag(conn, tag))
+    # The page is cut in SQL: a list of 100 runs reads 100 rows, whatever the table holds.
+    stmt = stmt.order_by(R.c.created_at.desc(), R.c.id).limit(limit).offset(offset)
+    return [run_dict(r, r.project) for r in conn.execute(stmt)]
+
+
+def _has_tag(conn: Connection, tag: str):
+    """Whether the run's JSON list of tags holds ``tag``, in each database's own JSON terms."""
+    if conn.dialect.name == "postgresql":
+        return cast(R.c.tags, JSONB).contains([tag])
+    each = func.json_each(R.c.tags).table_valued("value")
+    return exists(select(literal(1)).select_from(each).where(each.c.value == tag))

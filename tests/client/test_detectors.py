@@ -281,3 +281,19 @@ def test_the_loss_spike_message_reads_as_the_issue_asks():
 def test_the_stalled_message_starts_with_the_last_step():
     (c,) = DetectorSet({"stalled": {"timeout_s": 60}}).check({}, now=1100.0, last_seen=990.0, status="running", last_step=42)
     assert _first_sentence(c.message).startswith("The run has sent no data since step 42")
+
+
+def test_every_numeric_setting_has_documented_bounds_that_hold_its_default():
+    import dataclasses
+    import typing
+
+    from stethoscope.detectors import DETECTORS
+    from stethoscope.detectors._bounds import BOUNDS
+
+    for name, cls in DETECTORS.items():
+        hints = typing.get_type_hints(cls.Params)
+        for f in dataclasses.fields(cls.Params):
+            if hints[f.name] in (int, float):
+                assert f.name in BOUNDS, f"{name}.{f.name} has no bound in stethoscope.detectors._bounds"
+                lo, hi, why = BOUNDS[f.name]
+                assert lo <= getattr(cls.Params(), f.name) <= hi and why, (name, f.name)

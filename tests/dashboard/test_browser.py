@@ -294,3 +294,28 @@ def test_settings_page_shows_a_failed_test_send_as_a_status_class_only(live_serv
         assert len(receiver.requests) == 1 and "SECRET-BANNER" not in page.content()
     finally:
         receiver.close()
+
+
+def test_a_run_with_more_series_than_a_chart_draws_says_so_and_the_filter_picks_them(live_server, page):
+    """Issue 16, finding 7: a chart draws at most MAX_SERIES_PER_PANEL series, says how many
+    it left out, and the page's series filter brings the ones asked for to the front."""
+    from stethoscope_dashboard._panels import MAX_SERIES_PER_PANEL as CAP
+
+    n = CAP + 36
+    steps = list(range(20))
+    with httpx.Client(base_url=live_server.url + "/api/v1", timeout=30) as c:
+        c.put("/runs/wide", json={"project": "p"}).raise_for_status()
+        c.post("/runs/wide/points", json={"series": [{"name": "loss", "steps": steps, "values": [1.0] * 20}] + [
+            {"name": f"grad/norm/layers.{i:03d}", "steps": steps, "values": [0.5 + i] * 20} for i in range(n)]}).raise_for_status()
+    open_run(page, live_server.url, "wide")
+    note = page.text_content("#panel-grad_modules .note")
+    assert note.startswith("36 more series not shown"), note
+    assert page.text_content("#panel-loss .note") == ""
+    rows = lambda: page.evaluate("() => Array.from(document.getElementById('plot-grad_modules').data[0].y)")  # noqa: E731
+    assert len(rows()) == CAP and f"layers.{n - 1:03d}" not in rows()
+    page.fill("#series-filter input[name=match]", f"layers.{n - 1:03d}")
+    with page.expect_response(lambda r: "/panels?match=" in r.url):
+        page.click("#series-filter button")
+    page.wait_for_function("() => document.getElementById('charts').dataset.rendered === '2'", timeout=RENDER_TIMEOUT_MS)
+    assert rows()[0] == f"layers.{n - 1:03d}" and len(rows()) == CAP
+    assert "first" in page.text_content("#panel-grad_modules .note")

@@ -119,3 +119,91 @@ def test_continual_panel_shows_min_acc_and_wc_acc_computed_from_accuracies(live_
     assert {"task A", "task B", "continual/min_acc", "continual/wc_acc"} <= set(traces)
     want = summary["series"]["continual/min_acc"]
     assert traces["continual/min_acc"]["x"] == want["steps"] and min(want["values"]) == pytest.approx(0.5)
+
+
+def _many_series_run(c, run_id: str, modules: int, others: int) -> None:
+    c.put(f"/api/v1/runs/{run_id}", json={"project": "wide"}).raise_for_status()
+    steps = list(range(10))
+    series = [{"name": "loss", "steps": steps, "values": [1.0] * 10}]
+    series += [{"name": f"grad/norm/layers.{i:04d}", "steps": steps, "values": [0.5] * 10} for i in range(modules)]
+    series += [{"name": f"act/rms/layers.{i:04d}", "steps": steps, "values": [0.1] * 10} for i in range(others)]
+    c.post(f"/api/v1/runs/{run_id}/points", json={"series": series}).raise_for_status()
+
+
+def _drawn(panel: dict) -> list[str]:
+    """The series a panel draws: heatmap rows, or named line traces (not the marker overlays)."""
+    data = panel["figure"]["data"]
+    if data and data[0]["type"] == "heatmap":
+        return list(data[0]["y"])
+    return [t["name"] for t in data if t.get("mode", "lines").startswith("lines") and not (t.get("meta") or {}).get("nonfinite")]
+
+
+def test_panels_of_a_run_with_thousands_of_series_are_bounded(live_server):
+    """Issue 16, finding 7: every series of the run was read (one transaction and several
+    statements each) and drawn, so a 9,000-series run took seconds of server CPU per request.
+    Now each chart draws at most MAX_SERIES_PER_PANEL series, says how many it left out, and
+    the statements per request do not grow with the run's series count."""
+    import threading
+
+    from sqlalchemy import event
+
+    from stethoscope_dashboard._panels import MAX_SERIES_PER_PANEL as CAP
+
+    statements = []
+
+    def count(conn, cursor, statement, *args):
+        # The request's own statements: not those of the background jobs (outbox, checks).
+        if not threading.current_thread().name.startswith("stethoscope-"):
+            statements.append(statement)
+
+    engine = live_server.app.state.engine
+    with httpx.Client(base_url=live_server.url, timeout=60) as c:
+        _many_series_run(c, "wide", modules=3 * CAP, others=3 * CAP)
+        _many_series_run(c, "wider", modules=12 * CAP, others=12 * CAP)
+        event.listen(engine, "before_cursor_execute", count)
+        try:
+            per_run = {}
+            for run_id in ("wide", "wider"):
+                statements.clear()
+                data = c.get(f"/ui/api/runs/{run_id}/panels").json()
+                per_run[run_id] = (len(statements), data)
+            statements.clear()
+            picked = c.get("/ui/api/runs/wider/panels", params={"match": "LAYERS.0700"}).json()
+        finally:
+            event.remove(engine, "before_cursor_execute", count)
+    n_wide, wide = per_run["wide"]
+    n_wider, wider = per_run["wider"]
+    assert n_wider == n_wide <= 40, (n_wide, n_wider)  # a constant, not one read per series
+    panels = {p["id"]: p for p in wider["panels"]}
+    assert set(panels) == {"loss", "grad_modules", "other"}
+    assert wider["series"]["total"] == 1 + 24 * CAP and wider["series"]["hidden"] == 2 * (12 * CAP - CAP)
+    for pid in ("grad_modules", "other"):
+        p = panels[pid]
+        assert len(_drawn(p)) == CAP and p["hidden"] == 12 * CAP - CAP
+        assert p["note"].startswith(f"{12 * CAP - CAP} more series not shown")
+        assert all(len(t.get("x") or []) <= 1500 for t in p["figure"]["data"])
+    assert panels["loss"]["hidden"] == 0 and panels["loss"]["note"] == ""
+    # The filter picks hidden series: they come first in their chart.
+    picked_panels = {p["id"]: p for p in picked["panels"]}
+    assert _drawn(picked_panels["grad_modules"])[0] == "layers.0700"
+    assert _drawn(picked_panels["other"])[0] == "act/rms/layers.0700"
+    assert "LAYERS.0700" in picked_panels["other"]["note"]
+
+
+@pytest.mark.parametrize("path", [
+    "/?project=a%00b", "/?q=a%00b", "/alerts?project=a%00b", "/compare?run=a%00b", "/compare?project=p&metric=lo%00ss",
+    "/runs/a%00b", "/projects/a%00b/settings", "/ui/api/runs/a%00b/panels", "/ui/api/runs/r1/panels?match=a%00",
+    "/ui/api/runs/a%00b/state", "/ui/api/compare?metric=loss&run=a%00b", "/ui/api/compare?metric=lo%00ss&run=r1",
+    "/login?next=/a%00b",
+])
+def test_nul_in_a_dashboard_parameter_is_a_clear_422(web, path):
+    """Issue 16, finding 8: PostgreSQL's text cannot hold NUL, and a NUL in a filter gave a 500
+    there (SQLite answered 200). Both now refuse it before any query."""
+    r = web.get(path, follow_redirects=False)
+    assert r.status_code == 422, (path, r.status_code, r.text[:200])
+    assert "NUL" in r.json()["detail"]
+
+
+def test_nul_in_a_series_name_is_a_422(web):
+    r = web.get("/api/v1/runs/r1/series/lo%00ss")
+    assert r.status_code == 422, r.text

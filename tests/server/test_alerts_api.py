@@ -177,3 +177,36 @@ def test_restart_neither_forgets_nor_doubles_an_alert(server_process):
         alerts = _alerts(c)
         assert [(a["detector"], a["status"], a["start_step"]) for a in alerts] == [("loss_spike", "resolved", 137)]
         assert alerts[0]["id"] == opened[0]["id"]
+
+
+def test_a_lone_surrogate_or_nul_in_a_detector_parameter_is_refused_and_nothing_stored(client):
+    """Issue 16, finding 8: a lone surrogate in a parameter was stored, and then every GET of
+    the settings answered 500 (it cannot be written out as UTF-8)."""
+    make_run(client)
+    before = client.get("/projects/p/detectors").json()
+    for raw in ('{"loss_spike": {"series": ["\\udc00"]}}', '{"divergence": {"loss_series": "a\\ud800"}}',
+                '{"divergence": {"loss_series": "a\\u0000b"}}', '{"loss_spike": {"\\udc00": 1}}'):
+        r = client.put("/projects/p/detectors", content=raw.encode(), headers={"content-type": "application/json"})
+        assert r.status_code == 422, (raw, r.status_code, r.text)
+    after = client.get("/projects/p/detectors")
+    assert after.status_code == 200 and after.json() == before
+
+
+@pytest.mark.parametrize("body, bound", [
+    ({"loss_spike": {"window": 10**30}}, "loss_spike.window must be at most 10000"),
+    ({"loss_spike": {"window": 200, "warmup": 10**20}}, "loss_spike.warmup must be at most 10000"),
+    ({"stalled": {"timeout_s": 1e-300}}, "stalled.timeout_s must be at least 0.1"),
+    ({"stalled": {"timeout_s": 1e300}}, "stalled.timeout_s must be at most 2.592e+06"),
+    ({"divergence": {"grad_ratio": 1e30}}, "divergence.grad_ratio must be at most 1e+06"),
+    ({"loss_spike": {"threshold": 1e-9, "recover_threshold": 1e-10}}, "loss_spike.threshold must be at least 0.1"),
+    ({"edge_of_stability": {"at_ratio": 1e9}}, "edge_of_stability.at_ratio must be at most 1000"),
+    ({"softmax_collapse": {"margin_warn": 1e-200}}, "softmax_collapse.margin_warn must be at least 0.1"),
+])
+def test_absurd_detector_parameters_get_a_422_naming_the_bound(client, body, bound):
+    """Issue 16, finding 8: a window of 1e30 points or a timeout of 1e-300 s were accepted."""
+    make_run(client)
+    before = client.get("/projects/p/detectors").json()
+    r = client.put("/projects/p/detectors", json=body)
+    assert r.status_code == 422, r.text
+    assert bound in r.json()["detail"]
+    assert client.get("/projects/p/detectors").json() == before

@@ -225,3 +225,42 @@ def test_events_are_idempotent_and_ordered(client):
     assert [e["key"] for e in client.get(f"/runs/{run}/events", params={"kind": "task_switch"}).json()] == ["e2"]
     assert client.post(f"/runs/{run}/events", json={"events": [{"key": "", "step": 1, "kind": "x"}]}).status_code == 422
     assert client.post("/runs/ghost/events", json={"events": ev}).status_code == 404
+
+
+@pytest.mark.parametrize("wall", [b"NaN", b"Infinity", b"-Infinity", b"1e999"])
+def test_an_event_wall_that_is_not_finite_is_a_422_and_stores_nothing(client, wall):
+    """Issue 16, finding 8: an event's wall took NaN and infinity."""
+    run = _run(client)
+    body = b'{"events": [{"key": "e", "step": 1, "kind": "checkpoint", "wall": ' + wall + b"}]}"
+    r = client.post(f"/runs/{run}/events", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert "wall" in r.text
+    assert client.get(f"/runs/{run}/events").json() == []
+    ok = client.post(f"/runs/{run}/events", json={"events": [{"key": "e", "step": 1, "kind": "checkpoint", "wall": 1.7e9}]})
+    assert ok.status_code == 200 and client.get(f"/runs/{run}/events").json()[0]["wall"] == 1.7e9
+
+
+def test_read_many_gives_what_read_series_gives_one_by_one(client, live_server):
+    """``Store.read_many`` (the dashboard's panels) batches the reads of many series: each
+    series comes back exactly as ``read_series`` gives it, whole, sparse or downsampled."""
+    run = _run(client)
+    rng = random.Random(7)
+    series = [
+        ("short", range(50), [rng.random() for _ in range(50)]),
+        ("short/nan", range(10, 40), [math.nan if s % 7 == 0 else -math.inf if s == 20 else float(s) for s in range(10, 40)]),
+        ("sparse", range(0, 200_000, 1000), [rng.random() for _ in range(200)]),
+        ("long", range(20_000), [rng.gauss(0, 1) if s != 12_345 else math.nan for s in range(20_000)]),
+        ("late", range(5_000, 5_010), [1.0] * 10),
+    ]
+    for name, steps, values in series:
+        for k in range(0, len(steps), 10_000):
+            assert _post(client, run, [(name, steps[k : k + 10_000], values[k : k + 10_000])]).status_code == 200
+    store = live_server.store
+    names = [n for n, _, _ in series] + ["missing"]
+    for start, end, max_points in ((None, None, 1500), (100, 4_000, 600), (30, 15_000, 300), (6_000, 7_000, 1500)):
+        got = store.read_many(run, names, start, end, max_points)
+        assert set(got) == set(names) - {"missing"}
+        for name in got:
+            want = store.read_series(run, name, start, end, max_points)
+            assert got[name].steps == want.steps and got[name].downsampled == want.downsampled, (name, start, end)
+            assert [_bits(v) for v in got[name].values] == [_bits(v) for v in want.values], (name, start, end)

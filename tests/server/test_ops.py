@@ -5,13 +5,19 @@ depth equals the pending deliveries)."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+
 import httpx
 import pytest
 
 from _alert_helpers import loss_curve, make_run, post, post_batches, wait_until
 from _prom_text import ParseError, parse
 from webhook_receiver import Receiver
+from live_servers import _ThreadServer, free_port
 from stethoscope_server import cli, migrate
+from stethoscope_server.api.errors import DATABASE_RETRY_AFTER_S, DATABASE_UNAVAILABLE
 from stethoscope_server.settings import Settings
 
 SECRET = "s3cret-for-tests"
@@ -85,7 +91,123 @@ def _unreachable(db_url: str) -> str:
 def test_readyz_503_when_the_database_does_not_answer(live_server):
     r = readyz(live_server)
     assert r.status_code == 503
-    assert r.json()["reason"].startswith("database: OperationalError")
+    # Public: it says what, not the driver's message (host, port, user, file path).
+    assert r.json() == {"status": "unavailable", "reason": "database unavailable"}
+    assert r.headers["retry-after"] == str(DATABASE_RETRY_AFTER_S)
+    # The API says the same: 503 with Retry-After, not a bare 500.
+    for method, path, body in (("GET", "/api/v1/runs", None), ("PUT", "/api/v1/runs/r", {"project": "p"}),
+                               ("POST", "/api/v1/runs/r/points", {"series": [{"name": "loss", "steps": [1], "values": [1.0]}]}),
+                               ("GET", "/", None)):
+        r = httpx.request(method, live_server.url + path, json=body, timeout=30)
+        assert r.status_code == 503, (path, r.status_code, r.text)
+        assert r.headers["retry-after"] == str(DATABASE_RETRY_AFTER_S)
+        assert r.json() == {"detail": DATABASE_UNAVAILABLE}
+
+
+class _TcpProxy:
+    """A loopback TCP forwarder to PostgreSQL that the test can cut and restore: an outage of
+    this server's database without touching the PostgreSQL the other tests share."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = free_port()
+        self.conns: list[socket.socket] = []
+        self.listener: socket.socket | None = None
+
+    def open(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def _accept(self, listener) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); close alone does not
+        self.listener.close()
+        for c in self.conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+        self.conns.clear()
+
+
+def _outage(db_url: str, tmp_path):
+    """(database URL, cut, restore, close) for an outage that begins while the server runs."""
+    if db_url.startswith("sqlite"):
+        live, gone = tmp_path / "db", tmp_path / "db-gone"
+        live.mkdir()
+
+        def cut(app):
+            live.rename(gone)
+            app.state.engine.dispose()  # the pool's open files would keep working
+
+        return f"sqlite:///{live}/stethoscope.db", cut, lambda app: gone.rename(live), lambda: None
+    proxy = _TcpProxy(("127.0.0.1", 5432))
+    proxy.open()
+
+    def restore(app):
+        proxy.open()
+
+    return db_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}"), lambda app: proxy.cut(), restore, proxy.cut
+
+
+@contextlib.contextmanager
+def _closing(close):
+    try:
+        yield
+    finally:
+        close()
+
+
+def test_a_database_outage_mid_run_is_503_with_retry_after_and_heals(db_url, tmp_path, caplog):
+    """Issue 16, finding 8: a database outage gave bare 500s (the hook could not tell it from
+    a bug) and /readyz showed the connection error. Now 503, Retry-After, the cause in the log."""
+    from stethoscope_server.app import create_app
+
+    url, cut, restore, close = _outage(db_url, tmp_path)
+    port = free_port()
+    app = create_app(Settings(database_url=url, port=port, detectors_enabled=False, outbox_poll_s=3600))
+    with _ThreadServer(app, port), httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c, _closing(close):
+        assert c.put("/api/v1/runs/r", json={"project": "p"}).status_code == 201
+        batch = {"series": [{"name": "loss", "steps": [1, 2], "values": [1.0, 0.5]}]}
+        assert c.post("/api/v1/runs/r/points", json=batch).status_code == 200
+        cut(app)
+        for method, path, body in (("GET", "/api/v1/runs/r", None), ("POST", "/api/v1/runs/r/points", batch),
+                                   ("GET", "/ui/api/runs/r/panels", None)):
+            r = c.request(method, path, json=body)
+            assert r.status_code == 503, (path, r.status_code, r.text)
+            assert r.headers["retry-after"] == str(DATABASE_RETRY_AFTER_S) and r.json() == {"detail": DATABASE_UNAVAILABLE}
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json() == {"status": "unavailable", "reason": "database unavailable"}
+        assert "database unavailable" in caplog.text  # the detail is logged for the operator
+        restore(app)
+        r = wait_until(lambda: (r := c.get("/api/v1/runs/r")).status_code == 200 and r, what="recovery")
+        assert r.json()["last_step"] == 2
+        assert c.get("/readyz").status_code == 200
 
 
 # -- /metrics ----------------------------------------------------------------------------
@@ -122,6 +244,25 @@ def test_metrics_counters_move_by_exactly_what_was_sent(live_server, client):
     assert after["inserted"] - before["inserted"] == 200
     assert after["latency_n"] - before["latency_n"] == 7
     assert after["detector_n"] - before["detector_n"] == 4  # the resend brought nothing new to detect
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_client_that_hangs_up_mid_body_is_counted_as_client_closed_not_5xx(live_server, client, chunked):
+    """Issue 16, finding 8: a client disconnect was counted as a 5xx (a server error)."""
+    make_run(client, "h")
+    requests = lambda f, c: f["stethoscope_ingest_requests_total"].value(status=c)  # noqa: E731
+    before = scrape(live_server)
+    port = int(live_server.url.rsplit(":", 1)[1])
+    body = b'{"series": [{"name": "loss", "steps": [1, 2, 3], "values": [1.0, 2.0'  # cut halfway
+    length = b"Transfer-Encoding: chunked\r\n" if chunked else b"Content-Length: 100000\r\n"
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"POST /api/v1/runs/h/points HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n" + length + b"\r\n")
+        sock.sendall(b"%x\r\n%s\r\n" % (len(body), body) if chunked else body)
+    after = wait_until(lambda: (f := scrape(live_server)) and requests(f, "client_closed") > requests(before, "client_closed") and f,
+                       what="the hang-up counted")
+    assert requests(after, "client_closed") - requests(before, "client_closed") == 1
+    assert requests(after, "5xx") == requests(before, "5xx")
+    assert client.get("/runs/h/series").json() == []  # nothing of the cut batch was stored
 
 
 def test_metrics_exposition_is_strict_prometheus_text(live_server, client):
