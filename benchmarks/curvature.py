@@ -143,9 +143,9 @@ def reference(model, loss_fn, batch, seed, rel_tol=0.05, tol=1e-3, max_iter=300,
 
 def per_probe_counts(model, loss_fn, batch, truth_trace, probes=40):
     """Probes needed for 5% relative standard error, plain vs deflated, from sample spreads."""
-    from stethoscope._curvature_estimate import DEFLATION_RANK
-    from stethoscope._curvature_hvp import HessianOperator
-    from stethoscope._curvature_linalg import lanczos, rademacher
+    from stethoscope.curvature._estimate import DEFLATION_RANK
+    from stethoscope.curvature._hvp import HessianOperator
+    from stethoscope.curvature._linalg import lanczos, rademacher
 
     with HessianOperator(model, loss_fn, batch, backend="autograd") as op:
         gen = torch.Generator().manual_seed(123)

@@ -26,7 +26,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests" / "client"))
 
 import _detector_scenarios as S  # noqa: E402
-from stethoscope.detectors import DETECTORS, DetectorSet  # noqa: E402
+from stethoscope.core.detectors import DETECTORS, DetectorSet  # noqa: E402
 
 
 def with_sc_truth(sc):

@@ -36,8 +36,8 @@ def series_names(n: int) -> list[str]:
 
 
 def fill(url: str, run_id: str, names: list[str], points: int) -> float:
-    from stethoscope_server import migrate
-    from stethoscope_server.db import make_engine
+    from stethoscope_server.store import migrate
+    from stethoscope_server.store.db import make_engine
     from stethoscope_server.settings import Settings
     from stethoscope_server.store import SeriesBatch, Store
 

@@ -48,8 +48,8 @@ def main() -> None:
 
     from sqlalchemy import text
 
-    from stethoscope_server import migrate
-    from stethoscope_server.db import make_engine
+    from stethoscope_server.store import migrate
+    from stethoscope_server.store.db import make_engine
     from stethoscope_server.settings import Settings
     from stethoscope_server.store import SeriesBatch, Store
 

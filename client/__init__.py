@@ -12,23 +12,37 @@ Framework adapters are imported only when asked for: ``stethoscope.lightning`` a
 ``stethoscope.huggingface``.
 """
 
-__version__ = "0.1.0"
+from importlib import import_module
+from importlib.metadata import PackageNotFoundError, version
 
-from ._attach import DisabledMonitor, attach  # noqa: E402
-from ._attention import attention_logits  # noqa: E402
+try:
+    __version__ = version("stethoscope")  # one source: pyproject.toml's version
+except PackageNotFoundError:  # pragma: no cover - run from a source tree that was never installed
+    __version__ = "0+unknown"
+
+#: Public names, each imported on first use (PEP 562): ``import stethoscope`` alone, and the
+#: shared core (``stethoscope.core``) that the server imports, load neither torch nor the
+#: hook's sender, spool and transport.
+_LAZY = {
+    "attach": "._attach",
+    "DisabledMonitor": "._attach",
+    "attention_logits": "._attention",
+    "Monitor": "._monitor",
+    "ContinualEvaluator": ".continual",
+}
 
 
 def __getattr__(name):
-    # The monitor needs torch; importing stethoscope alone (the CLI, a server) must not.
-    if name == "Monitor":
-        from ._monitor import Monitor
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module 'stethoscope' has no attribute {name!r}")
+    value = getattr(import_module(where, __name__), name)
+    globals()[name] = value  # once: later lookups do not come here
+    return value
 
-        return Monitor
-    if name == "ContinualEvaluator":
-        from .continual import ContinualEvaluator
 
-        return ContinualEvaluator
-    raise AttributeError(f"module 'stethoscope' has no attribute {name!r}")
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = ["ContinualEvaluator", "DisabledMonitor", "Monitor", "__version__", "attach", "attention_logits"]

@@ -6,7 +6,7 @@ import operator
 
 import torch
 
-from .wire import MAX_NAME_LENGTH
+from .core.wire import MAX_NAME_LENGTH
 
 
 def _check_step(step) -> int:

@@ -20,7 +20,7 @@ import torch
 from . import _attention, _errors, _metrics, _spool
 from ._checks import _check_log_args, _check_name, _check_step, _jsonable
 from ._metrics import MAX, MEAN, SUM
-from .wire import MAX_NAME_LENGTH
+from .core.wire import MAX_NAME_LENGTH
 
 
 class Monitor:

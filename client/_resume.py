@@ -18,7 +18,7 @@ import logging
 import os
 import time
 
-from .wire import MAX_NAME_LENGTH
+from .core.wire import MAX_NAME_LENGTH
 
 logger = logging.getLogger("stethoscope")
 

@@ -24,7 +24,7 @@ from . import _errors
 from ._resume import Resume
 from ._spool import Spool
 from ._transport import Backoff, HttpTransport, NotFound, Rejected, TryLater
-from .wire import MAX_POINTS_PER_BATCH, encode_values
+from .core.wire import MAX_POINTS_PER_BATCH, encode_values
 
 logger = logging.getLogger("stethoscope")
 

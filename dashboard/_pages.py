@@ -9,8 +9,8 @@ from urllib.parse import urlencode
 
 from fastapi import APIRouter, Query, Request
 
-from stethoscope.wire import RUN_STATUSES
-from stethoscope_server.security import visible_project, visible_projects
+from stethoscope.core.wire import RUN_STATUSES
+from stethoscope_server.auth.gate import visible_project, visible_projects
 from stethoscope_server.store import NotFound
 
 from . import _queries as Q

@@ -146,11 +146,11 @@ def _note(hidden: int, match: str | None) -> str:
 
 def _continual_series(store: Store, run_id: str, specs: list[PanelSpec], start, end) -> dict[str, tuple[list, list]]:
     """min-ACC and WC-ACC are computed on read from the accuracies and task switches
-    (``stethoscope_server.continual``), not stored: fetch them for the continual panel."""
+    (``stethoscope_server.store.continual``), not stored: fetch them for the continual panel."""
     spec = next(p for p in specs if p.id == "continual")
     if not any(n.startswith(spec.prefix) for n in spec.taken):
         return {}
-    from stethoscope_server.continual import run_summary
+    from stethoscope_server.store.continual import run_summary
 
     out = {}
     series = run_summary(store, run_id, max_points=MAX_POINTS)["series"]

@@ -12,7 +12,7 @@ from datetime import datetime
 
 from sqlalchemy import select
 
-from stethoscope_server.models import Alert, Project, Run, Series
+from stethoscope_server.store.models import Alert, Project, Run, Series
 from stethoscope_server.store import Store
 from stethoscope_server.store.alerts import alert_dict
 

@@ -1,11 +1,11 @@
 """Alembic environment. The URL comes from the settings (STETHOSCOPE_DATABASE_URL) unless the
-caller hands over a connection (``stethoscope_server.migrate`` does)."""
+caller hands over a connection (``stethoscope_server.store.migrate`` does)."""
 
 from __future__ import annotations
 
 from alembic import context
 
-from stethoscope_server.models import Base, is_partition
+from stethoscope_server.store.models import Base, is_partition
 
 config = context.config
 target_metadata = Base.metadata
@@ -33,7 +33,7 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run(connection)
         return
-    from stethoscope_server.db import make_null_engine
+    from stethoscope_server.store.db import make_null_engine
     from stethoscope_server.settings import Settings
 
     engine = make_null_engine(Settings().database_url)

@@ -11,9 +11,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from stethoscope import __version__
+from . import __version__
 
-from . import migrate, security
+from .store import migrate
+from .auth import gate as security
 from .alerting import Alerting
 from .api import alerts as alerts_api
 from .api import continual as continual_api
@@ -24,10 +25,10 @@ from .api import points as points_api
 from .api import runs as runs_api
 from .api import tokens as tokens_api
 from .api import webhooks as webhooks_api
-from .background import Periodic
-from .db import CHECKPOINT_INTERVAL_S, checkpoint_wal, is_sqlite, make_engine
-from .ingest_parse import BadBatch
-from .observability import IngestMetricsMiddleware
+from .ops.background import Periodic
+from .store.db import CHECKPOINT_INTERVAL_S, checkpoint_wal, is_sqlite, make_engine
+from .api.ingest_parse import BadBatch
+from .ops.observability import IngestMetricsMiddleware
 from .settings import Settings
 from .store import Conflict, LimitExceeded, NotFound
 

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # pydantic's ValidationError is a ValueError: a bad setting
         print(f"stethoscope: {e}", file=sys.stderr)
         return 2
-    from . import migrate
+    from .store import migrate
 
     if args.db_cmd == "upgrade":
         migrate.upgrade(settings.database_url, args.revision)
@@ -99,8 +99,9 @@ def _serve(settings, args) -> int:
 
 
 def _token(settings, args) -> int:
-    from . import migrate, tokens
-    from .db import make_null_engine
+    from .store import migrate
+    from .auth import tokens
+    from .store.db import make_null_engine
     from .store import NotFound
 
     migrate.upgrade(settings.database_url)  # a first command on a fresh database works too

@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     #: URL people use to reach the dashboard (for links in messages); default: host and port.
     public_url: str | None = None
 
-    # -- alerts and webhooks (see stethoscope_server.outbox and .detector_runner) -------------
+    # -- alerts and webhooks (see stethoscope_server.alerting.outbox and .detector_runner) -------------
     #: Run the detectors on ingest and the stalled-run check (off: points are only stored).
     detectors_enabled: bool = True
     #: Seconds a project's detector settings are cached by each worker; a change made through
@@ -58,10 +58,10 @@ class Settings(BaseSettings):
     #: Let webhooks reach loopback, link-local (169.254.169.254, the cloud metadata service),
     #: private, carrier-grade NAT, multicast and reserved addresses. Off: a project admin
     #: could otherwise make the server POST to services only it can reach (see
-    #: stethoscope_server.webhook_targets). On for a receiver inside a trusted network.
+    #: stethoscope_server.alerting.webhook_targets). On for a receiver inside a trusted network.
     webhook_allow_private: bool = False
 
-    # -- security (see stethoscope_server.security and README "Running it for a team") -------
+    # -- security (see stethoscope_server.auth.gate and README "Running it for a team") -------
     #: ``on``: every /api/v1 and dashboard route needs a token; ``off``: none does. Unset: on
     #: when bound to a non-loopback address, off on loopback (a single user's machine, the
     #: tests, the demo and the benchmarks run there without tokens).

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, field_validator
 
-from stethoscope.detectors import SEVERITIES
+from stethoscope.core.detectors import SEVERITIES
 
 from .schemas import NO_NUL, Strict
 

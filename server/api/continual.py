@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from .. import continual
+from ..store import continual
 from .deps import StoreDep, StrictJSONRoute
 from .runs import RunId
 

@@ -16,7 +16,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
-from ..db import is_unavailable
+from ..store.db import is_unavailable
 
 log = logging.getLogger("stethoscope.server")
 

@@ -14,8 +14,8 @@ from alembic.runtime.migration import MigrationContext
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from .. import migrate
-from ..observability import CONTENT_TYPE, METRICS, Gauge, render
+from ..store import migrate
+from ..ops.observability import CONTENT_TYPE, METRICS, Gauge, render
 from ..store import webhooks as _webhooks
 from .errors import DATABASE_RETRY_AFTER_S
 

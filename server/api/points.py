@@ -9,10 +9,10 @@ from fastapi.responses import Response
 
 import orjson
 
-from stethoscope.wire import encode_values
+from stethoscope.core.wire import encode_values
 
-from ..ingest_parse import BadBatch, decode_body, parse_batch
-from ..observability import METRICS, note_batch_points
+from .ingest_parse import BadBatch, decode_body, parse_batch
+from ..ops.observability import METRICS, note_batch_points
 from .deps import SettingsDep, StoreDep, StrictJSONRoute
 from .runs import RunId
 from .schemas import NO_NUL, EventBatch, EventOut, EventsReply, IngestBatch, IngestReply, SeriesData, SeriesInfo

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
-from ..security import visible_project, visible_projects
+from ..auth.gate import visible_project, visible_projects
 from .deps import StoreDep, StrictJSONRoute
 from .schemas import NO_NUL, Name, ProjectOut, RunCreate, RunOut, RunStatus, RunUpdate
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
-from stethoscope.wire import MAX_NAME_LENGTH, RUN_STATUSES
+from stethoscope.core.wire import MAX_NAME_LENGTH, RUN_STATUSES
 
 #: Text we store: PostgreSQL's text types cannot hold NUL (SQLite can), so both databases
 #: refuse it at the door with a 422 instead of one of them failing with a 500.

@@ -8,8 +8,8 @@ from typing import Literal
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
-from .. import tokens as _tokens
-from ..security import visible_project
+from ..auth import tokens as _tokens
+from ..auth.gate import visible_project
 from ..parsing import TOKEN_ID_MAX, id_path
 from .deps import StoreDep, StrictJSONRoute
 from .schemas import Name, Strict

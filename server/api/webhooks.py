@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 
 from ..store import webhooks as _webhooks
-from ..webhook_targets import creation_error
+from ..alerting.webhook_targets import creation_error
 from .alert_schemas import DeliveryOut, DeliveryStatus, WebhookCreate, WebhookCreated, WebhookOut
 from .alerts import ProjectName
 from ..parsing import WEBHOOK_ID_MAX, id_path

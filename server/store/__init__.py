@@ -19,8 +19,8 @@ from sqlalchemy import Connection, Engine, case, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from ..db import WRITE_OPTION
-from ..models import Event, Run, Series, utcnow
+from .db import WRITE_OPTION
+from .models import Event, Run, Series, utcnow
 from . import runs as _runs
 from .downsample import SeriesRead, SeriesReader
 from .errors import Conflict, LimitExceeded, NotFound

@@ -10,7 +10,7 @@ from typing import Any, Iterable
 
 from sqlalchemy import Connection, insert, select, update
 
-from ..models import Alert, Project, Run, aware, utcnow
+from .models import Alert, Project, Run, aware, utcnow
 from .errors import NotFound
 
 A = Alert.__table__

@@ -2,7 +2,7 @@
 
 A project without rows runs every detector with its defaults. A row holds what a person set
 for one detector (``enabled`` and the parameters they changed); the effective settings are
-the defaults with those overrides, validated by :class:`stethoscope.detectors.DetectorSet`.
+the defaults with those overrides, validated by :class:`stethoscope.core.detectors.DetectorSet`.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import logging
 
 from sqlalchemy import Connection, delete, insert, select
 
-from stethoscope.detectors import DETECTORS, DetectorSet
+from stethoscope.core.detectors import DETECTORS, DetectorSet
 
-from ..models import DetectorSetting, Project
+from .models import DetectorSetting, Project
 from .errors import NotFound
 from .runs import ensure_project
 

@@ -9,7 +9,7 @@ from sqlalchemy import Connection, cast, exists, func, insert, literal, or_, sel
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 
-from ..models import Project, Run, aware, utcnow
+from .models import Project, Run, aware, utcnow
 from .errors import Conflict, NotFound
 
 P = Project.__table__

@@ -14,8 +14,8 @@ from typing import Any
 
 from sqlalchemy import Connection, delete, func, insert, select, update
 
-from ..models import Project, Webhook, WebhookDelivery, utcnow
-from ..webhook_targets import public_error
+from .models import Project, Webhook, WebhookDelivery, utcnow
+from ..alerting.webhook_targets import public_error
 from .alerts import aware
 from .errors import NotFound
 from .runs import ensure_project

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stethoscope.wire import decode_value
+from stethoscope.core.wire import decode_value
 
 
 class TinyNet(torch.nn.Module):

@@ -21,7 +21,7 @@ def test_exported_names_are_pinned():
 
 
 def test_import_pulls_in_neither_the_server_stack_nor_torch():
-    code = ("import sys, stethoscope, stethoscope.wire, stethoscope._cli\n"
+    code = ("import sys, stethoscope, stethoscope.core.wire, stethoscope._cli\n"
             "bad = [m for m in ('fastapi', 'sqlalchemy', 'pydantic', 'plotly', 'torch') if m in sys.modules]\n"
             "print(','.join(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -108,7 +108,7 @@ def test_rate_limited_hook_waits_and_loses_no_point(live_server, admin, tmp_path
 def test_too_large_batches_are_split(live_server, admin, tmp_path, monkeypatch):
     # ~15 series x 30 steps in one batch is ~450 points: the server says 413 and the hook
     # halves the batch (by series, then by steps) until each half fits.
-    from stethoscope_server.observability import METRICS
+    from stethoscope_server.ops.observability import METRICS
 
     monkeypatch.setenv("STETHOSCOPE_TOKEN", ingest_token(admin))
     refused_before = METRICS.ingest_requests.get("4xx")

@@ -250,7 +250,7 @@ def test_disabled_monitor_takes_task_switches(monkeypatch):
 def test_on_a_real_class_incremental_run_the_detector_works_offline_in_the_job(seed):
     """No server: the job runs the detectors on the points it produces, as an offline job can."""
     import _continual_training as T
-    from stethoscope.detectors import DetectorSet
+    from stethoscope.core.detectors import DetectorSet
 
     res = T.class_incremental(seed=seed)
     assert res.evaluator.evaluations == res.steps == T.TASKS * T.STEPS_PER_TASK

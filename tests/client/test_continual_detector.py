@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from stethoscope.detectors import DetectorSet, StabilityGapDetector, StabilityGapParams
+from stethoscope.core.detectors import DetectorSet, StabilityGapDetector, StabilityGapParams
 
 
 def accs(task, start, values):

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from stethoscope import _curvature_hvp
-from stethoscope._curvature_hvp import HessianOperator
-from stethoscope._curvature_monitor import CurvatureSchedule
+from stethoscope.curvature import _hvp as _curvature_hvp
+from stethoscope.curvature._hvp import HessianOperator
+from stethoscope.curvature._monitor import CurvatureSchedule
 from stethoscope.curvature import CurvatureMonitor, estimate_curvature, hessian_trace, hvp, lambda_max
 from helpers import one_thread  # noqa: F401  (an autouse fixture)
 
@@ -355,7 +355,7 @@ def test_an_internal_failure_is_reported_not_raised(internal_errors, monkeypatch
     def boom(*a, **k):
         raise RuntimeError("bug")
 
-    monkeypatch.setattr("stethoscope._curvature_monitor._estimate", boom)
+    monkeypatch.setattr("stethoscope.curvature._monitor._estimate", boom)
     assert curv(0) is None
     assert curv.failures == 1
     assert [w for w, _ in internal_errors] == ["curvature"]
@@ -365,7 +365,7 @@ def test_an_internal_failure_is_reported_not_raised(internal_errors, monkeypatch
 
 # -- the linear algebra alone, on explicit matrices ------------------------------------------
 def test_lanczos_and_deflated_trace_on_an_explicit_matrix():
-    from stethoscope._curvature_linalg import deflated_hutchinson, lanczos
+    from stethoscope.curvature._linalg import deflated_hutchinson, lanczos
 
     g = torch.Generator().manual_seed(0)
     n = 300

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-import stethoscope.detectors as D
-from stethoscope.detectors import AlertChange, DetectorSet
+import stethoscope.core.detectors as D
+from stethoscope.core.detectors import AlertChange, DetectorSet
 
 
 def flat_loss(n, start=0, level=2.0):
@@ -30,7 +30,7 @@ def test_public_names_are_pinned():
 
 
 def test_the_package_imports_only_the_standard_library():
-    code = ("import sys, stethoscope.detectors; "
+    code = ("import sys, stethoscope.core.detectors; "
             "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -220,7 +220,7 @@ def test_alert_change_is_frozen_and_json_ready():
 def test_edge_of_stability_compares_sharpness_with_the_bound_of_its_own_step():
     """A learning-rate change and a curvature point at the same step, curvature first in the
     batch: the bound used is that step's 2/lr, not the previous one."""
-    from stethoscope.detectors import DetectorSet
+    from stethoscope.core.detectors import DetectorSet
 
     dset = DetectorSet({"edge_of_stability": {"check_trace": False}})
     state: dict = {}
@@ -287,13 +287,13 @@ def test_every_numeric_setting_has_documented_bounds_that_hold_its_default():
     import dataclasses
     import typing
 
-    from stethoscope.detectors import DETECTORS
-    from stethoscope.detectors._bounds import BOUNDS
+    from stethoscope.core.detectors import DETECTORS
+    from stethoscope.core.detectors._bounds import BOUNDS
 
     for name, cls in DETECTORS.items():
         hints = typing.get_type_hints(cls.Params)
         for f in dataclasses.fields(cls.Params):
             if hints[f.name] in (int, float):
-                assert f.name in BOUNDS, f"{name}.{f.name} has no bound in stethoscope.detectors._bounds"
+                assert f.name in BOUNDS, f"{name}.{f.name} has no bound in stethoscope.core.detectors._bounds"
                 lo, hi, why = BOUNDS[f.name]
                 assert lo <= getattr(cls.Params(), f.name) <= hi and why, (name, f.name)

@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("torch")
 
 import _detector_scenarios as S  # noqa: E402  (tests/client is on sys.path under pytest)
-from stethoscope.detectors import DetectorSet  # noqa: E402
+from stethoscope.core.detectors import DetectorSet  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

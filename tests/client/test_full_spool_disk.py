@@ -15,7 +15,7 @@ import httpx
 
 from stethoscope._spool import Spool
 from stethoscope._sync import sync
-from stethoscope.wire import decode_value
+from stethoscope.core.wire import decode_value
 
 JOB = Path(__file__).parents[1] / "e2e" / "_training_job.py"
 #: Largest spool file: about 40 entries of ~3 KB, then the disk "is full" (EFBIG).

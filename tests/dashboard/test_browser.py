@@ -13,7 +13,7 @@ from sqlalchemy import insert, select
 
 import _dash_training as T
 from _dash_browser import ARTIFACTS, screenshot
-from stethoscope_server.models import Alert, Run
+from stethoscope_server.store.models import Alert, Run
 from stethoscope_server.settings import Settings
 from stethoscope_server.store import SeriesBatch
 from webhook_receiver import Receiver

@@ -9,7 +9,7 @@ import sys
 import httpx
 import pytest
 
-from stethoscope.wire import decode_value
+from stethoscope.core.wire import decode_value
 
 pytestmark = pytest.mark.slow
 

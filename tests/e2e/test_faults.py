@@ -23,7 +23,7 @@ from live_servers import PG_URL, ServerProcess, _pg_schema_url, free_port
 from live_servers import wait_until as _wait_until
 from webhook_receiver import Receiver
 from stethoscope_server.process import server_command, stop_process
-from stethoscope.wire import decode_value
+from stethoscope.core.wire import decode_value
 
 pytestmark = pytest.mark.slow
 

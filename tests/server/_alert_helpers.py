@@ -8,7 +8,7 @@ import random
 import pytest
 
 from live_servers import wait_until  # noqa: F401  (the alert tests import it from here)
-from stethoscope.wire import encode_values
+from stethoscope.core.wire import encode_values
 
 @pytest.fixture(autouse=True)  # autouse where a test module imports it
 def no_internal_errors(request):

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from _alert_helpers import SPIKE, loss_curve, make_run, no_internal_errors, post, post_batches, wait_until  # noqa: F401
-from stethoscope.detectors import DETECTORS
+from stethoscope.core.detectors import DETECTORS
 from stethoscope_server.settings import Settings
 
 

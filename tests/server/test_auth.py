@@ -14,7 +14,7 @@ import uvicorn
 from sqlalchemy import MetaData, create_engine, select
 
 from _auth_helpers import ADMIN, auth_settings, make_token
-from stethoscope_server import security, tokens
+from stethoscope_server.auth import gate as security, tokens
 from stethoscope_server.settings import Settings
 
 

@@ -267,7 +267,7 @@ def test_auth_off_answers_only_its_own_host_names(live_server):
 
 
 def test_allowed_hosts_setting(monkeypatch, db_url):
-    from stethoscope_server.gate_io import allowed_hosts
+    from stethoscope_server.auth.gate_io import allowed_hosts
 
     monkeypatch.setenv("STETHOSCOPE_ALLOWED_HOSTS", "a.example, B.example:8765")
     s = Settings(database_url=db_url, host="0.0.0.0", insecure=True, public_url="https://mon.example/")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from stethoscope.wire import decode_value
-from stethoscope_server import continual as C
+from stethoscope.core.wire import decode_value
+from stethoscope_server.store import continual as C
 
 TOL, POINTS = 0.05, 3  # the recovery rule's defaults (stability_gap detector)
 

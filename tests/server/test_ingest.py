@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from stethoscope.wire import decode_value, encode_values
+from stethoscope.core.wire import decode_value, encode_values
 
 
 def _run(client, run_id="r"):

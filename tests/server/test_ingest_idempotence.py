@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 from live_servers import _ThreadServer, free_port
-from stethoscope.wire import decode_value, encode_values
+from stethoscope.core.wire import decode_value, encode_values
 
 SERIES = ["loss", "grad/norm", "x"]
 values = st.floats(allow_nan=True, allow_infinity=True, width=64) | st.sampled_from([math.nan, math.inf, -math.inf, 0.0])

@@ -8,9 +8,9 @@ import sys
 import pytest
 from sqlalchemy import inspect
 
-from stethoscope_server import migrate
-from stethoscope_server.db import make_null_engine
-from stethoscope_server.models import Base, is_partition
+from stethoscope_server.store import migrate
+from stethoscope_server.store.db import make_null_engine
+from stethoscope_server.store.models import Base, is_partition
 from stethoscope_server.settings import Settings
 
 TABLES = set(Base.metadata.tables)

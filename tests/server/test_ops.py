@@ -16,7 +16,8 @@ from _alert_helpers import loss_curve, make_run, post, post_batches, wait_until
 from _prom_text import ParseError, parse
 from webhook_receiver import Receiver
 from live_servers import _ThreadServer, free_port
-from stethoscope_server import cli, migrate
+from stethoscope_server import cli
+from stethoscope_server.store import migrate
 from stethoscope_server.api.errors import DATABASE_RETRY_AFTER_S, DATABASE_UNAVAILABLE
 from stethoscope_server.settings import Settings
 

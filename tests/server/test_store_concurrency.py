@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from stethoscope_server import migrate
-from stethoscope_server.db import make_engine
+from stethoscope_server.store import migrate
+from stethoscope_server.store.db import make_engine
 from stethoscope_server.store import NotFound, SeriesBatch, Store
 
 

@@ -19,7 +19,7 @@ import pytest
 from _alert_helpers import loss_curve, make_run, no_internal_errors, post_batches, wait_until  # noqa: F401
 from live_servers import free_port
 from webhook_receiver import Receiver
-from stethoscope_server import webhook_targets as T
+from stethoscope_server.alerting import webhook_targets as T
 from stethoscope_server.settings import Settings
 
 SECRET = "s3cret-for-tests"
@@ -297,7 +297,7 @@ def test_the_reply_body_and_socket_errors_never_reach_clients(live_server, clien
     assert r.json()["last_error"] == "connection failed" and "Errno" not in r.text and "refused" not in r.text.lower()
 
     # Rows stored before this change kept the reply's first bytes and the OS error text.
-    from stethoscope_server.models import utcnow
+    from stethoscope_server.store.models import utcnow
     from stethoscope_server.store import webhooks as W
 
     with live_server.store.writing() as conn:

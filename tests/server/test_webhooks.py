@@ -201,9 +201,9 @@ def test_restart_with_pending_deliveries(server_process, receiver, monkeypatch):
 
 def test_two_outbox_workers_never_send_a_delivery_twice(settings, receiver):
     """Two workers (separate engines, as two server processes have) drain one outbox."""
-    from stethoscope_server import migrate
-    from stethoscope_server.db import make_engine
-    from stethoscope_server.outbox import Outbox
+    from stethoscope_server.store import migrate
+    from stethoscope_server.store.db import make_engine
+    from stethoscope_server.alerting.outbox import Outbox
     from stethoscope_server.store import Store
     from stethoscope_server.store import webhooks as W
 
@@ -267,9 +267,9 @@ class TestOneAlertsDeliveriesInOrder:
         from datetime import timedelta
         from types import SimpleNamespace
 
-        from stethoscope_server import migrate
-        from stethoscope_server.db import make_engine
-        from stethoscope_server.models import utcnow
+        from stethoscope_server.store import migrate
+        from stethoscope_server.store.db import make_engine
+        from stethoscope_server.store.models import utcnow
         from stethoscope_server.store import Store
         from stethoscope_server.store import alerts as A
         from stethoscope_server.store import runs as R

@@ -1,5 +1,5 @@
 """Property tests of the wire encoding: any float, NaN, +-inf, -0.0 and subnormals included,
-comes back as itself: through ``stethoscope.wire`` alone, through the server's own parser and
+comes back as itself: through ``stethoscope.core.wire`` alone, through the server's own parser and
 reply encoder, and end to end through the hook's transport, a real server and each database.
 """
 
@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from stethoscope._transport import HttpTransport
-from stethoscope.wire import decode_value, encode_value, encode_values
-from stethoscope_server.ingest_parse import parse_batch
+from stethoscope.core.wire import decode_value, encode_value, encode_values
+from stethoscope_server.api.ingest_parse import parse_batch
 
 #: Floats of every kind; hypothesis draws NaN, +-inf, -0.0 and subnormals on its own, and
 #: these make sure each kind shows up in every run.

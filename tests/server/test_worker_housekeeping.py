@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from live_servers import wait_until
-from stethoscope_server.db import WAL_AUTOCHECKPOINT_PAGES, checkpoint_wal, make_engine
+from stethoscope_server.store.db import WAL_AUTOCHECKPOINT_PAGES, checkpoint_wal, make_engine
 
 POINTS = 2_000
 
@@ -49,7 +49,7 @@ def test_sqlite_wal_is_checkpointed_in_the_background(live_server, db_url):
 def test_checkpoint_wal_copies_every_committed_page(settings, db_url):
     if not db_url.startswith("sqlite"):
         pytest.skip("SQLite's write-ahead log")
-    from stethoscope_server import migrate
+    from stethoscope_server.store import migrate
 
     migrate.upgrade(settings.database_url)
     engine = make_engine(settings)

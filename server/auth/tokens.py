@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, insert, select, text, update
 
-from .models import Project, Token, aware, utcnow
-from .store.errors import NotFound
-from .store.runs import ensure_project
+from ..store.models import Project, Token, aware, utcnow
+from ..store.errors import NotFound
+from ..store.runs import ensure_project
 
 T = Token.__table__
 P = Project.__table__

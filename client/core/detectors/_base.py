@@ -32,7 +32,7 @@ class AlertChange:
     where the condition first held, ``peak_step`` where it was worst. ``end_step`` is the last
     step at which it held while the alert is open, and the step at which it cleared once
     resolved. ``evidence`` is JSON-safe (non-finite numbers encoded as in
-    :mod:`stethoscope.wire`).
+    :mod:`stethoscope.core.wire`).
     """
 
     action: str

@@ -26,14 +26,14 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, event
 
-from stethoscope import __version__
+from .. import __version__
 
-from .background import Periodic
-from .models import utcnow
-from .observability import METRICS
-from .settings import Settings
-from .store import Store
-from .store import webhooks as _webhooks
+from ..ops.background import Periodic
+from ..store.models import utcnow
+from ..ops.observability import METRICS
+from ..settings import Settings
+from ..store import Store
+from ..store import webhooks as _webhooks
 from .webhook_targets import post
 
 log = logging.getLogger("stethoscope.server.webhooks")

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import anyio
 
-from .settings import Settings, is_loopback
+from ..settings import Settings, is_loopback
 
 
 class Denied(Exception):

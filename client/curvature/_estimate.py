@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._curvature_linalg import (
+from ._linalg import (
     LANCZOS_MAX_ITER,
     LANCZOS_TOL,
     MIN_PROBES,

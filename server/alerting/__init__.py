@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from sqlalchemy import Engine
 
-from .background import Periodic
+from ..ops.background import Periodic
 from .detector_runner import DetectorRunner
 from .outbox import Outbox
-from .settings import Settings
-from .store import Store
+from ..settings import Settings
+from ..store import Store
 
 
 class Alerting:

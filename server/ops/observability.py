@@ -4,7 +4,7 @@ Hand-written rather than ``prometheus_client``: a handful of metrics, one proces
 no dependency. Increments are a lock and an add (about 0.1 us); the ingest hot path does
 three of them per request, next to milliseconds of parsing and SQL.
 
-    from stethoscope_server.observability import METRICS
+    from stethoscope_server.ops.observability import METRICS
     METRICS.points_inserted.inc(123)
     with METRICS.detector_seconds.time():
         ...

@@ -37,7 +37,7 @@ import dataclasses
 import math
 from collections import deque
 
-from stethoscope.detectors.stability_gap import ACC_PREFIX, RECOVER_POINTS, RECOVER_TOLERANCE, TASK_SERIES
+from stethoscope.core.detectors.stability_gap import ACC_PREFIX, RECOVER_POINTS, RECOVER_TOLERANCE, TASK_SERIES
 
 __all__ = ["ACC_PREFIX", "TASK_SERIES", "Summary", "Switch", "compute", "downsample", "run_summary", "segments",
            "switch_gaps", "switches_from_events", "task_of", "wf_name"]
@@ -294,7 +294,7 @@ def run_summary(store, run_id: str, max_points: int = 2000) -> dict:
     from sqlalchemy import select
 
     from .models import Event, Point, Series
-    from .store import runs as _runs
+    from . import runs as _runs
 
     S, P, E = Series.__table__, Point.__table__, Event.__table__
 

@@ -8,7 +8,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import NullPool
 
-from .settings import Settings
+from ..settings import Settings
 
 
 #: Execution option that marks a connection as about to write (see ``_sqlite_begin``).

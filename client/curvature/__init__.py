@@ -14,7 +14,7 @@ stability), and a minimum is linearly stable for SGD only if tr(H) <= 2/lr (Wu &
         ...training step...
         series = curv(step)    # a dict of hessian/* values when an estimate ran, else None
 
-How (details in ``_curvature_linalg`` and ``_curvature_hvp``): Lanczos with full
+How (details in ``_linalg`` and ``_hvp``): Lanczos with full
 reorthogonalisation gives lambda_max (and lambda_min) in typically 8-15 products, where power
 iteration stopped at the same 1e-3 tolerance needs 15-40 and is ~100x less accurate (on the
 benchmark MLP it needs 57-77 to be as accurate); its Krylov basis then deflates the
@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from ._curvature_estimate import (
+from ._estimate import (
     DEFAULT_BUDGET,  # noqa: F401  (re-exported: the default share of training time)
     LANCZOS_MAX_ITER,
     LANCZOS_TOL,
@@ -49,8 +49,8 @@ from ._curvature_estimate import (
     _check_tolerances,
     _estimate,
 )
-from ._curvature_hvp import HessianOperator
-from ._curvature_monitor import CurvatureMonitor
+from ._hvp import HessianOperator
+from ._monitor import CurvatureMonitor
 
 __all__ = [
     "CurvatureEstimate",

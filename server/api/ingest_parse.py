@@ -10,10 +10,10 @@ import math
 import time
 import zlib
 
-from stethoscope.wire import MAX_NAME_LENGTH, MAX_STEP
+from stethoscope.core.wire import MAX_NAME_LENGTH, MAX_STEP
 
-from .parsing import BadJSON, strict_json
-from .store.points import SeriesBatch
+from ..parsing import BadJSON, strict_json
+from ..store.points import SeriesBatch
 
 _NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 _MIN_STEP = -MAX_STEP - 1

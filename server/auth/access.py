@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, select
 from starlette.routing import compile_path
 
-from .models import Alert, Project, Run, Token, Webhook
-from .parsing import ALERT_ID_MAX, TOKEN_ID_MAX, WEBHOOK_ID_MAX
+from ..store.models import Alert, Project, Run, Token, Webhook
+from ..parsing import ALERT_ID_MAX, TOKEN_ID_MAX, WEBHOOK_ID_MAX
 
 API = "/api/v1"
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from . import _errors
-from ._curvature_hvp import HessianOperator, check_batch
-from ._curvature_estimate import (
+from .. import _errors
+from ._hvp import HessianOperator, check_batch
+from ._estimate import (
     DEFAULT_BUDGET,
     LANCZOS_MAX_ITER,
     LANCZOS_TOL,

@@ -2,7 +2,7 @@
 
 The store calls :class:`DetectorRunner` inside each ingest transaction with the points that
 were new. It loads the run's detector states (one query), feeds the points to the project's
-:class:`~stethoscope.detectors.DetectorSet`, saves the states, turns the alert changes into
+:class:`~stethoscope.core.detectors.DetectorSet`, saves the states, turns the alert changes into
 alert rows (one per episode) and enqueues webhook deliveries, all before the commit: a crash
 or a second worker neither forgets nor doubles an alert. The stalled-run check runs the same
 way from a periodic thread (:meth:`DetectorRunner.check_stalled`).
@@ -24,17 +24,17 @@ from typing import Any, Callable
 import orjson
 from sqlalchemy import Connection, select
 
-from stethoscope.detectors import RESOLVE, SEVERITIES, AlertChange, DetectorSet
-from stethoscope.detectors.stalled import StalledRunDetector
+from stethoscope.core.detectors import RESOLVE, SEVERITIES, AlertChange, DetectorSet
+from stethoscope.core.detectors.stalled import StalledRunDetector
 
-from .models import Alert, DetectorSetting, DetectorState, Project, Run, utcnow
-from .observability import METRICS
+from ..store.models import Alert, DetectorSetting, DetectorState, Project, Run, utcnow
+from ..ops.observability import METRICS
 from .outbox import enqueue_for_alert, run_link
-from .settings import Settings
-from .store import Store
-from .store import alerts as _alerts
-from .store import detector_settings as _settings
-from .store import webhooks as _webhooks
+from ..settings import Settings
+from ..store import Store
+from ..store import alerts as _alerts
+from ..store import detector_settings as _settings
+from ..store import webhooks as _webhooks
 
 log = logging.getLogger("stethoscope.server.detectors")
 

@@ -31,9 +31,10 @@ import orjson
 from starlette.datastructures import Headers
 from starlette.requests import Request
 
-from . import access, parsing, tokens
+from . import access, tokens
+from .. import parsing
 from .gate_io import Denied, allowed_hosts, check_host, has_body, read_body, replay, require_json
-from .settings import Settings
+from ..settings import Settings
 from .tokens import Principal
 
 log = logging.getLogger("stethoscope.server")

@@ -2,7 +2,7 @@
 
 The same code runs inside the server on ingest and inside a training job offline::
 
-    from stethoscope.detectors import DetectorSet
+    from stethoscope.core.detectors import DetectorSet
     detectors = DetectorSet({"loss_spike": {"threshold": 8.0}})
     state = {}                                   # keep it between calls; it is JSON-safe
     changes = detectors.update(state, [("loss", 10, 2.31), ("grad/norm", 10, 0.8)])
