@@ -1,4 +1,5 @@
-"""The ``stethoscope`` command: ``sync`` here; ``server`` and ``db`` belong to the server extra."""
+"""The ``stethoscope`` command: ``sync`` here; ``server``, ``db`` and ``token`` belong to the server
+extra, found through its ``stethoscope.commands`` entry points."""
 
 from __future__ import annotations
 
@@ -8,19 +9,34 @@ import sys
 
 SERVER_COMMANDS = ("server", "db", "token")
 INSTALL_HINT = "stethoscope: this command needs the server extra: pip install 'stethoscope[server]'"
+#: The entry-point group where the server extra names its commands (pyproject.toml): the hook
+#: looks them up by name and never imports the server package itself.
+COMMANDS_GROUP = "stethoscope.commands"
+#: What a missing server extra looks like when a command's module is imported.
+SERVER_EXTRA = ("stethoscope_server", "fastapi", "sqlalchemy", "uvicorn", "pydantic", "pydantic_settings", "alembic")
+
+
+def _server_command(name: str):
+    """The ``main(argv)`` that runs the server command ``name``; None without the server extra."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=COMMANDS_GROUP, name=name):
+        try:
+            return ep.load()
+        except ImportError as exc:
+            if exc.name and exc.name.split(".")[0] in SERVER_EXTRA:
+                return None
+            raise
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SERVER_COMMANDS:
-        try:
-            from stethoscope_server.cli import main as server_main
-        except ImportError as exc:
-            if exc.name and exc.name.split(".")[0] in ("stethoscope_server", "fastapi", "sqlalchemy", "uvicorn",
-                                                       "pydantic", "pydantic_settings", "alembic"):
-                print(INSTALL_HINT, file=sys.stderr)
-                return 2
-            raise
+        server_main = _server_command(argv[0])
+        if server_main is None:
+            print(INSTALL_HINT, file=sys.stderr)
+            return 2
         return server_main(argv)
     parser = argparse.ArgumentParser(prog="stethoscope", description="Training-health monitoring.")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -8,7 +8,7 @@ import orjson
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from . import _panels, _queries
+from . import _panels
 
 router = APIRouter(prefix="/ui/api", include_in_schema=False)
 
@@ -32,7 +32,7 @@ def run_state(run_id: str, request: Request):
     """What the page polls: a change in any of these fetches the panels again."""
     store = request.app.state.store
     run = store.get_run(run_id)
-    return _json(_queries.run_version(run, _queries.list_alerts(store, run_id=run_id), len(store.list_events(run_id))))
+    return _json(_panels.run_version(run, store.overview.alerts(run_id=run_id), len(store.list_events(run_id))))
 
 
 @router.get("/compare")

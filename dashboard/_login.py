@@ -3,7 +3,7 @@
 The cookie holds the token itself (no server-side session to share between workers). The
 browser sends it only on requests from the dashboard's own pages (SameSite=Strict), page
 scripts cannot read it (HttpOnly), and the gate also checks the Origin of every request that
-changes something (``stethoscope_server.auth.gate``). Logging out clears it; revoking the token
+changes something (``stethoscope_server.auth``). Logging out clears it; revoking the token
 ends every login made with it.
 """
 
@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
-from stethoscope_server.auth.gate import COOKIE, Denied, same_origin
+from stethoscope_server.auth import COOKIE, Denied, same_origin
 
 from ._web import render
 

@@ -10,10 +10,9 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Query, Request
 
 from stethoscope.core.wire import RUN_STATUSES
-from stethoscope_server.auth.gate import visible_project, visible_projects
+from stethoscope_server.auth import visible_project, visible_projects
 from stethoscope_server.store import NotFound
 
-from . import _queries as Q
 from ._figures import fmt
 from ._web import render
 
@@ -27,6 +26,9 @@ SPARK_POINTS, SPARK_W, SPARK_H = 90, 120, 26
 LIVE_POLL_MS = 1000
 
 Filter = Annotated[str | None, Query(max_length=200)]
+
+#: The last values the runs overview shows, in this order, when a run has them.
+KEY_SERIES = ("loss", "grad/norm", "logits/sc_fraction", "hessian/lambda_max", "continual/min_acc")
 
 
 def sparkline(steps: list[int], values: list[float]) -> dict | None:
@@ -53,6 +55,14 @@ def sparkline(steps: list[int], values: list[float]) -> dict | None:
     return {"segments": segments, "bad": bad, "w": SPARK_W, "h": SPARK_H}
 
 
+def _shown(alerts: list[dict]) -> list[dict]:
+    """Alerts as the pages show them: times as ISO text, to the second."""
+    for a in alerts:
+        for k in ("opened_at", "resolved_at", "acknowledged_at"):
+            a[k] = None if a[k] is None else a[k].isoformat(timespec="seconds")
+    return alerts
+
+
 @router.get("/")
 def runs_overview(request: Request, project: Filter = None, status: Filter = None, q: Filter = None):
     store = request.app.state.store
@@ -60,8 +70,8 @@ def runs_overview(request: Request, project: Filter = None, status: Filter = Non
     project = visible_project(request, project or None)  # a project's token sees its project only
     runs = store.list_runs(project=project or None, status=status, q=q or None, limit=OVERVIEW_LIMIT)
     ids = [r["id"] for r in runs]
-    health = Q.run_health(store, ids)
-    last = Q.last_values(store, ids)
+    health = store.overview.run_health(ids)
+    last = store.overview.last_values(ids, KEY_SERIES)
     rows = []
     for r in runs:
         try:
@@ -73,7 +83,7 @@ def runs_overview(request: Request, project: Filter = None, status: Filter = Non
         rows.append({
             "run": r,
             "health": health.get(r["id"], {"severity": None, "open": 0}),
-            "values": [(n, fmt(vals[n]), not math.isfinite(vals[n])) for n in Q.KEY_SERIES if n in vals],
+            "values": [(n, fmt(vals[n]), not math.isfinite(vals[n])) for n in KEY_SERIES if n in vals],
             "spark": spark,
         })
     return render(request, "runs.html", rows=rows, projects=visible_projects(request, store.list_projects()), statuses=RUN_STATUSES,
@@ -85,7 +95,7 @@ def run_page(run_id: str, request: Request):
     store = request.app.state.store
     run = store.get_run(run_id)
     config = [(k, json.dumps(v, ensure_ascii=False, default=str)) for k, v in sorted(run["config"].items())]
-    return render(request, "run.html", run=run, config=config, alerts=Q.list_alerts(store, run_id=run_id),
+    return render(request, "run.html", run=run, config=config, alerts=_shown(store.overview.alerts(run_id=run_id)),
                   events=store.list_events(run_id), poll_ms=LIVE_POLL_MS, page="run",
                   compare_url="/compare?" + urlencode({"project": run["project"], "run": run["id"]}))
 
@@ -95,7 +105,7 @@ def alerts_page(request: Request, project: Filter = None, status: Filter = None)
     store = request.app.state.store
     status = status if status in ("open", "resolved") else None
     project = visible_project(request, project or None)
-    alerts = Q.list_alerts(store, project=project or None, status=status)
+    alerts = _shown(store.overview.alerts(project=project or None, status=status))
     return render(request, "alerts.html", alerts=alerts, projects=visible_projects(request, store.list_projects()),
                   f_project=project or "", f_status=status or "", page="alerts")
 
@@ -107,7 +117,7 @@ def compare_page(request: Request, project: Filter = None, metric: Filter = None
     project = visible_project(request, project or None)
     runs = store.list_runs(project=project or None, limit=OVERVIEW_LIMIT)
     chosen = [r for r in run if r]
-    metrics = Q.series_names_of_runs(store, chosen)
+    metrics = store.overview.series_names_of_runs(chosen)
     metric = metric if metric in metrics else ("loss" if "loss" in metrics else (metrics[0] if metrics else None))
     src = "/ui/api/compare?" + urlencode([("metric", metric)] + [("run", r) for r in chosen]) if metric and chosen else None
     return render(request, "compare.html", runs=runs, chosen=set(chosen), metrics=metrics, metric=metric, src=src,

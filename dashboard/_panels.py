@@ -21,7 +21,6 @@ import plotly.graph_objects as go
 from stethoscope_server.store import NotFound, Store
 
 from . import _figures as F
-from . import _queries as Q
 
 #: float32 absorbs x into 1 + x for x <= 2^-24, so a softmax is exactly one-hot once the
 #: margin passes 24 ln 2 = 16.64 nats (Prieto et al. 2025, "Grokking at the Edge of
@@ -91,9 +90,9 @@ def _assign(specs: list[PanelSpec], names: list[str]) -> list[str]:
 
 def run_panels(store: Store, run_id: str, start: int | None, end: int | None, match: str | None = None) -> dict:
     run = store.get_run(run_id)
-    names = Q.series_names(store, run_id)
+    names = store.overview.series_names(run_id)
     events = store.list_events(run_id)
-    alerts = Q.list_alerts(store, run_id=run_id)
+    alerts = store.overview.alerts(run_id=run_id)
     specs = run_panel_specs()
     other = _assign(specs, names)
     if other:
@@ -118,11 +117,24 @@ def run_panels(store: Store, run_id: str, start: int | None, end: int | None, ma
                            "note": _note(spec.hidden, match), "figure": fig.to_plotly_json()})
     hidden = sum(p.hidden for p in specs)
     return {
-        "run": {"id": run["id"], **Q.run_version(run, alerts, len(events))},
+        "run": {"id": run["id"], **run_version(run, alerts, len(events))},
         "panels": panels,
         "series": {"total": len(names), "hidden": hidden, "per_panel": MAX_SERIES_PER_PANEL, "match": match or ""},
         "alerts": [{"id": a["id"], "start_step": a["start_step"], "peak_step": a["peak_step"], "end_step": a["end_step"],
                     "severity": a["severity"], "status": a["status"]} for a in alerts],
+    }
+
+
+def run_version(run: dict, alerts: list[dict], n_events: int) -> dict:
+    """What changes when a run page must redraw: new points, alerts, events or status."""
+    return {
+        "status": run["status"],
+        "last_step": run["last_step"],
+        "alerts": len(alerts),
+        "open_alerts": sum(a["status"] == "open" for a in alerts),
+        # Grows when an alert opens (new id) or resolves: a cheap fingerprint of the list.
+        "alert_version": max((a["id"] for a in alerts), default=0) + sum(a["status"] != "open" for a in alerts),
+        "events": n_events,
     }
 
 
@@ -146,14 +158,12 @@ def _note(hidden: int, match: str | None) -> str:
 
 def _continual_series(store: Store, run_id: str, specs: list[PanelSpec], start, end) -> dict[str, tuple[list, list]]:
     """min-ACC and WC-ACC are computed on read from the accuracies and task switches
-    (``stethoscope_server.store.continual``), not stored: fetch them for the continual panel."""
+    (``Store.overview.continual_summary``), not stored: fetch them for the continual panel."""
     spec = next(p for p in specs if p.id == "continual")
     if not any(n.startswith(spec.prefix) for n in spec.taken):
         return {}
-    from stethoscope_server.store.continual import run_summary
-
     out = {}
-    series = run_summary(store, run_id, max_points=MAX_POINTS)["series"]
+    series = store.overview.continual_summary(run_id, max_points=MAX_POINTS)["series"]
     for name in spec.names:
         if name in series and name not in spec.taken:
             kept = [(st, v) for st, v in zip(series[name]["steps"], series[name]["values"]) if _in(st, start, end)]

@@ -1,4 +1,5 @@
-"""The app factory: settings in, a FastAPI app out; nothing heavy happens at import."""
+"""The app factory and the one composition root: settings in; the store, alerting, the gate, the
+API routes and the dashboard wired together; a FastAPI app out. Nothing heavy happens at import."""
 
 from __future__ import annotations
 
@@ -125,6 +126,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def healthz():
         return {"status": "ok"}
 
+    # The one place the server meets the dashboard: it reads app.state.store and settings (above)
+    # through their public names; nothing else in stethoscope_server imports it.
     from stethoscope_dashboard import mount as mount_dashboard
 
     mount_dashboard(app)  # pages at /, chart JSON at /ui/api, static files at /static

@@ -13,6 +13,7 @@ import threading
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable, Iterator
 
 from sqlalchemy import Connection, Engine, case, func, insert, select, update
@@ -25,6 +26,7 @@ from . import runs as _runs
 from .downsample import SeriesRead, SeriesReader
 from .errors import Conflict, LimitExceeded, NotFound
 from .group_commit import GroupCommitter
+from .overview import Overview
 from .points import PointWriter, SeriesBatch
 
 __all__ = ["Store", "SeriesBatch", "SeriesRead", "IngestResult", "NotFound", "Conflict", "LimitExceeded"]
@@ -291,4 +293,8 @@ class Store:
                 for r in conn.execute(stmt.order_by(E.c.step, E.c.id))
             ]
 
-
+    # -- the dashboard's reads (store/overview.py) --------------------------------------
+    @cached_property
+    def overview(self) -> Overview:
+        """The dashboard's read-only queries: ``store.overview.alerts(project="demo")``."""
+        return Overview(self)
