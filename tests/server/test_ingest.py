@@ -234,7 +234,9 @@ def test_an_event_wall_that_is_not_finite_is_a_422_and_stores_nothing(client, wa
     body = b'{"events": [{"key": "e", "step": 1, "kind": "checkpoint", "wall": ' + wall + b"}]}"
     r = client.post(f"/runs/{run}/events", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 422, r.text
-    assert "wall" in r.text
+    # The one JSON reader (``parsing.strict_json``) refuses these spellings before the route's
+    # own check of ``wall`` sees them; either way it is a 422 that says what is wrong.
+    assert "wall" in r.text or "json_invalid" in r.text
     assert client.get(f"/runs/{run}/events").json() == []
     ok = client.post(f"/runs/{run}/events", json={"events": [{"key": "e", "step": 1, "kind": "checkpoint", "wall": 1.7e9}]})
     assert ok.status_code == 200 and client.get(f"/runs/{run}/events").json()[0]["wall"] == 1.7e9
