@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # wheel this machine keeps on disk (a plain `torch` would pull a multi-GB CUDA build).
 TORCH  := torch==2.13.0
 
-.PHONY: install demo test test-fast test-slow bench chromium clean
+.PHONY: install demo lint format test test-fast test-slow bench chromium clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,16 @@ chromium:
 demo: install
 	$(BIN)/python -m stethoscope_server.demo
 
-test: install chromium
+# ruff (configured in pyproject.toml): the code is formatted and passes the linter.
+lint: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: install chromium lint
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: install
