@@ -32,7 +32,8 @@ class AccessStore:
         with self._store.reading() as conn:
             for k in range(0, len(run_ids), RUNS_PER_STATEMENT):
                 chunk = run_ids[k : k + RUNS_PER_STATEMENT]
-                out.update(conn.execute(select(R.c.id, P.c.name).join(P, P.c.id == R.c.project_id).where(R.c.id.in_(chunk))).all())
+                q = select(R.c.id, P.c.name).join(P, P.c.id == R.c.project_id).where(R.c.id.in_(chunk))
+                out.update(conn.execute(q).all())
         return out
 
     def alert_project(self, alert_id: int) -> str | None:

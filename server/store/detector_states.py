@@ -96,7 +96,8 @@ def lock_run(conn: Connection, run_id: str) -> Any:
     """The run's ``id, project_id, status, last_seen_at, last_step``, its row locked (FOR UPDATE)
     until the transaction ends: an ingest of this run (which updates the row first) waits.
     None when the run is gone."""
-    return conn.execute(select(R.c.id, R.c.project_id, R.c.status, R.c.last_seen_at, R.c.last_step).where(R.c.id == run_id).with_for_update()).first()
+    q = select(R.c.id, R.c.project_id, R.c.status, R.c.last_seen_at, R.c.last_step).where(R.c.id == run_id)
+    return conn.execute(q.with_for_update()).first()
 
 
 class DetectorStateStore:

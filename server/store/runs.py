@@ -90,7 +90,8 @@ def get_run(conn: Connection, run_id: str) -> dict:
 
 def run_ref(conn: Connection, run_id: str) -> dict:
     """The run as webhook payloads name it: ``{"id", "name", "project"}``."""
-    row = conn.execute(select(R.c.id, R.c.name, P.c.name.label("project")).join(P, P.c.id == R.c.project_id).where(R.c.id == run_id)).one()
+    q = select(R.c.id, R.c.name, P.c.name.label("project")).join(P, P.c.id == R.c.project_id).where(R.c.id == run_id)
+    row = conn.execute(q).one()
     return {"id": row.id, "name": row.name, "project": row.project}
 
 

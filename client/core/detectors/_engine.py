@@ -24,6 +24,9 @@ DETECTORS: dict[str, type[Detector]] = {
                 EdgeOfStabilityDetector, StabilityGapDetector, StalledRunDetector)
 }
 
+#: One point: (series, step, value).
+Point = tuple[str, int, float]
+
 _series = itemgetter(0)
 _step = itemgetter(1)
 #: Series names whose routing is cached; a run with more distinct names still works, it just
@@ -77,7 +80,7 @@ class DetectorSet:
             out[det.name] = {"enabled": True, **_as_json(det.params)}
         return out
 
-    def route(self, series: Iterable[tuple[str, Sequence[int], Sequence[float]]]) -> dict[str, list[tuple[str, int, float]]]:
+    def route(self, series: Iterable[tuple[str, Sequence[int], Sequence[float]]]) -> dict[str, list[Point]]:
         """The points each detector takes: ``{detector name: [(series, step, value), ...]}``.
 
         ``series`` is ``[(name, steps, values), ...]``, as the server has a batch (a name may
@@ -93,7 +96,7 @@ class DetectorSet:
                 if len(routes) >= _ROUTE_CACHE:
                     routes.clear()
                 dets = routes[name] = [d for d in self.detectors if d.accepts(name)]
-            if dets:
+            if dets and len(steps):
                 pts = list(zip(repeat(name), steps, values))
                 for d in dets:
                     out.setdefault(d.name, []).extend(pts)
@@ -101,7 +104,7 @@ class DetectorSet:
             pts.sort(key=_step)
         return out
 
-    def feed(self, state: dict, routed: dict[str, list[tuple[str, int, float]]]) -> list[AlertChange]:
+    def feed(self, state: dict, routed: dict[str, list[Point]]) -> list[AlertChange]:
         """Feed points as :meth:`route` gave them; return alert changes."""
         changes: list[AlertChange] = []
         for d in self.detectors:
