@@ -158,12 +158,12 @@ def _note(hidden: int, match: str | None) -> str:
 
 def _continual_series(store: Store, run_id: str, specs: list[PanelSpec], start, end) -> dict[str, tuple[list, list]]:
     """min-ACC and WC-ACC are computed on read from the accuracies and task switches
-    (``Store.overview.continual_summary``), not stored: fetch them for the continual panel."""
+    (``Store.continual_summary``), not stored: fetch them for the continual panel."""
     spec = next(p for p in specs if p.id == "continual")
     if not any(n.startswith(spec.prefix) for n in spec.taken):
         return {}
     out = {}
-    series = store.overview.continual_summary(run_id, max_points=MAX_POINTS)["series"]
+    series = store.continual_summary(run_id, max_points=MAX_POINTS)["series"]
     for name in spec.names:
         if name in series and name not in spec.taken:
             kept = [(st, v) for st, v in zip(series[name]["steps"], series[name]["values"]) if _in(st, start, end)]

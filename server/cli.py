@@ -100,35 +100,34 @@ def _serve(settings, args) -> int:
 
 def _token(settings, args) -> int:
     from .store import migrate
-    from .auth import tokens
     from .store.db import make_null_engine
-    from .store import NotFound
+    from .store import NotFound, Store
 
     migrate.upgrade(settings.database_url)  # a first command on a fresh database works too
     engine = make_null_engine(settings.database_url)
+    tokens = Store(engine).tokens
     try:
-        with engine.begin() as conn:
-            if args.token_cmd == "create":
-                scopes = [x.strip() for x in args.scopes.split(",") if x.strip()]
-                name = args.name or f"{args.project or 'all projects'}: {','.join(scopes)}"
-                token, row = tokens.create(conn, name, args.project, scopes)
-                print(f"token {row['id']} ({row['name']}; project {row['project'] or '*'}; scopes {','.join(row['scopes'])}). "
-                      f"Shown this once, stored only as a hash:", file=sys.stderr)
-                print(token)
-            elif args.token_cmd == "list":
-                print(f"{'id':>4}  {'project':<20} {'scopes':<18} {'created':<20} {'revoked':<20} name")
-                for r in tokens.list_tokens(conn, args.project):
-                    revoked = r["revoked_at"].strftime("%Y-%m-%d %H:%M:%S") if r["revoked_at"] else "-"
-                    print(f"{r['id']:>4}  {r['project'] or '*':<20} {','.join(r['scopes']):<18} "
-                          f"{r['created_at'].strftime('%Y-%m-%d %H:%M:%S'):<20} {revoked:<20} {r['name']}")
-            elif args.token_cmd == "revoke":
-                try:
-                    row = tokens.revoke(conn, args.id)
-                except NotFound as e:
-                    print(f"stethoscope: {e}", file=sys.stderr)
-                    return 1
-                print(f"token {row['id']} ({row['name']}) revoked; running servers stop accepting it within "
-                      f"STETHOSCOPE_TOKEN_CACHE_S ({settings.token_cache_s:g} s)", file=sys.stderr)
+        if args.token_cmd == "create":
+            scopes = [x.strip() for x in args.scopes.split(",") if x.strip()]
+            name = args.name or f"{args.project or 'all projects'}: {','.join(scopes)}"
+            token, row = tokens.create(name, args.project, scopes)
+            print(f"token {row['id']} ({row['name']}; project {row['project'] or '*'}; scopes {','.join(row['scopes'])}). "
+                  f"Shown this once, stored only as a hash:", file=sys.stderr)
+            print(token)
+        elif args.token_cmd == "list":
+            print(f"{'id':>4}  {'project':<20} {'scopes':<18} {'created':<20} {'revoked':<20} name")
+            for r in tokens.list(args.project):
+                revoked = r["revoked_at"].strftime("%Y-%m-%d %H:%M:%S") if r["revoked_at"] else "-"
+                print(f"{r['id']:>4}  {r['project'] or '*':<20} {','.join(r['scopes']):<18} "
+                      f"{r['created_at'].strftime('%Y-%m-%d %H:%M:%S'):<20} {revoked:<20} {r['name']}")
+        elif args.token_cmd == "revoke":
+            try:
+                row = tokens.revoke(args.id)
+            except NotFound as e:
+                print(f"stethoscope: {e}", file=sys.stderr)
+                return 1
+            print(f"token {row['id']} ({row['name']}) revoked; running servers stop accepting it within "
+                  f"STETHOSCOPE_TOKEN_CACHE_S ({settings.token_cache_s:g} s)", file=sys.stderr)
     finally:
         engine.dispose()
     return 0

@@ -33,7 +33,7 @@ from ..store.models import utcnow
 from ..ops.observability import METRICS
 from ..settings import Settings
 from ..store import Store
-from ..store import webhooks as _webhooks
+from ..store import webhooks as _webhooks  # enqueue: inside the ingest transaction
 from .webhook_targets import post
 
 log = logging.getLogger("stethoscope.server.webhooks")
@@ -174,8 +174,7 @@ class Outbox:
 
     def deliver_due(self) -> bool:
         """Send up to ``CONCURRENCY`` due deliveries; true if there may be more due now."""
-        with self.store.writing() as conn:
-            rows = _webhooks.claim_due(conn, utcnow(), CONCURRENCY, self.lease_s)
+        rows = self.store.webhooks.claim_due(utcnow(), CONCURRENCY, self.lease_s)
         if not rows:
             return False
         list(self._pool.map(self._attempt, rows))
@@ -207,16 +206,15 @@ class Outbox:
         if error is not None:
             # A class only ("HTTP 5xx", "connection failed", ...); the detail is logged at debug level.
             log.warning("webhook %s delivery %s attempt %d: %s", row["webhook_id"], row["id"], attempts, error)
-        with self.store.writing() as conn:
-            _webhooks.record(conn, row["id"], status, code, error, next_at)
+        self.store.webhooks.record(row["id"], status, code, error, next_at)
         METRICS.webhook_deliveries.inc(1, "retrying" if status == "pending" else status)
         return {"status": status, "code": code, "error": error}
 
     def send_test(self, webhook_id: int, base_url: str) -> dict:
         """Send a sample alert to one webhook now, through the delivery log; returns the delivery."""
         now = utcnow()
-        with self.store.writing() as conn:
-            hook = _webhooks.get(conn, webhook_id)
+
+        def payload_for(hook: dict) -> dict:
             sample = {
                 "id": 0, "run_id": "stethoscope-test", "project": hook["project"], "detector": "test", "key": "",
                 "severity": "info", "status": "open", "start_step": 0, "peak_step": 0, "end_step": 0,
@@ -224,12 +222,12 @@ class Outbox:
                 "evidence": {}, "opened_at": now, "resolved_at": None, "acknowledged_at": None,
             }
             run = {"id": "stethoscope-test", "name": "stethoscope-test", "project": hook["project"]}
-            payload = {"event": "test", "body": body_for(hook["format"], "test", sample, run, run_link(base_url, run["id"]))}
-            # Inserted as claimed by this request (attempt 1, leased): the worker leaves it alone.
-            row = _webhooks.insert_claimed(conn, webhook_id, payload, now + timedelta(seconds=self.lease_s))
+            return {"event": "test", "body": body_for(hook["format"], "test", sample, run, run_link(base_url, run["id"]))}
+
+        # Inserted as claimed by this request (attempt 1, leased): the worker leaves it alone.
+        row = self.store.webhooks.insert_test(webhook_id, payload_for, now + timedelta(seconds=self.lease_s))
         self._attempt(row)
-        with self.store.reading() as conn:
-            return _webhooks.get_delivery(conn, row["id"])
+        return self.store.webhooks.delivery(row["id"])
 
 
 def enqueue_for_alert(conn: Connection, hooks: list[Any], notified: set[int], event_name: str, alert: dict, run: dict, link: str,

@@ -6,8 +6,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, HTTPException, Path, Query, Request
 
-from ..store import alerts as _alerts
-from ..store import detector_settings as _detector_settings
 from .alert_schemas import AlertOut, AlertStatus, Severity
 from ..parsing import ALERT_ID_MAX, id_path
 from .deps import StoreDep, StrictJSONRoute
@@ -25,8 +23,7 @@ _SETTINGS_EXAMPLE = {"loss_spike": {"threshold": 8.0, "window": 256}, "stalled":
 @router.get("/runs/{run_id}/alerts", response_model=list[AlertOut], responses={404: {"description": "no such run"}})
 def run_alerts(run_id: RunId, store: StoreDep, status: AlertStatus | None = None):
     """The run's alerts, oldest first: one per episode, open or resolved."""
-    with store.reading() as conn:
-        return _alerts.list_run_alerts(conn, run_id, status)
+    return store.alerts.list_run(run_id, status)
 
 
 @router.get("/projects/{project}/alerts", response_model=list[AlertOut], responses={404: {"description": "no such project"}})
@@ -39,22 +36,19 @@ def project_alerts(
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
 ):
     """The project's alerts, newest first."""
-    with store.reading() as conn:
-        return _alerts.list_project_alerts(conn, project, status, severity, limit, offset)
+    return store.alerts.list_project(project, status, severity, limit, offset)
 
 
 @router.post("/alerts/{alert_id}/ack", response_model=AlertOut, responses={404: {"description": "no such alert"}})
 def acknowledge(alert_id: AlertId, store: StoreDep):
     """A person has seen the alert. Safe to repeat: the first acknowledgement's time is kept."""
-    with store.writing() as conn:
-        return _alerts.acknowledge(conn, alert_id)
+    return store.alerts.acknowledge(alert_id)
 
 
 @router.get("/projects/{project}/detectors", response_model=dict[str, dict[str, Any]], responses={404: {"description": "no such project"}})
 def get_detector_settings(project: ProjectName, store: StoreDep):
     """Effective settings of every detector: ``{name: {"enabled": ..., param: value, ...}}``."""
-    with store.reading() as conn:
-        return _detector_settings.effective(conn, project)
+    return store.detector_settings.effective(project)
 
 
 @router.put(
@@ -74,8 +68,7 @@ def put_detector_settings(
     Creates the project if needed, so alerts can be set up before the first run. Returns the
     effective settings of every detector."""
     try:
-        with store.writing() as conn:
-            out = _detector_settings.put(conn, project, body)
+        out = store.detector_settings.put(project, body)
     except ValueError as e:
         raise HTTPException(422, detail=str(e)) from None
     runner = getattr(request.app.state, "detector_runner", None)

@@ -9,7 +9,6 @@ from fastapi import APIRouter, Query
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from ..store import continual
 from .deps import StoreDep, StrictJSONRoute
 from .runs import RunId
 
@@ -71,6 +70,6 @@ def continual_summary(
     """min-ACC, WC-ACC, WF^10 and WF^100 now and as series over the run's evaluations, and each
     task switch with the gap it opened on previous tasks and how long they took to recover,
     from the ``eval/acc/<task>`` series and the ``task_switch`` events (De Lange et al., ICLR 2023)."""
-    body = continual.run_summary(store, run_id, max_points)
+    body = store.continual_summary(run_id, max_points)
     # orjson: a summary with long series would spend longer in pydantic than in computing it.
     return Response(orjson.dumps(body), media_type="application/json")

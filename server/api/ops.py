@@ -10,13 +10,11 @@ from __future__ import annotations
 import functools
 import logging
 
-from alembic.runtime.migration import MigrationContext
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from ..store import migrate
 from ..ops.observability import CONTENT_TYPE, METRICS, Gauge, render
-from ..store import webhooks as _webhooks
 from .errors import DATABASE_RETRY_AFTER_S
 
 log = logging.getLogger("stethoscope.server")
@@ -43,8 +41,7 @@ def readyz(request: Request):
         return JSONResponse({"status": "unavailable", "reason": "starting"}, status_code=503)
     head = _head()
     try:
-        with store.reading() as conn:
-            current = MigrationContext.configure(conn).get_current_revision()
+        current = store.schema_revision()
     except Exception as exc:  # noqa: BLE001 - any failure to ask the database is "not ready"
         # /readyz is public: the driver's message (host, port, user, file path) goes to the log.
         log.warning("readyz: database unavailable: %s", _reason(exc))
@@ -69,8 +66,7 @@ def metrics(request: Request):
     store = getattr(state, "store", None)
     if store is not None:
         try:
-            with store.reading() as conn:
-                pending = _webhooks.pending_count(conn)
+            pending = store.webhooks.pending_count()
             extra.append(Gauge("stethoscope_webhook_outbox_pending", "Webhook deliveries waiting to be sent (all workers).", pending))
         except Exception as exc:  # noqa: BLE001 - the sample is left out; /readyz says why
             log.debug("metrics: outbox depth not readable: %s", _reason(exc))

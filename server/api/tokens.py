@@ -8,7 +8,6 @@ from typing import Literal
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
-from ..auth import tokens as _tokens
 from ..auth.gate import visible_project
 from ..parsing import TOKEN_ID_MAX, id_path
 from .deps import StoreDep, StrictJSONRoute
@@ -42,8 +41,7 @@ class TokenCreated(TokenOut):
 @router.post("/tokens", response_model=TokenCreated, status_code=201)
 def create_token(body: TokenCreate, store: StoreDep):
     """Make a token (and its project, if new). The reply holds the token: the only time it is shown."""
-    with store.writing() as conn:
-        token, row = _tokens.create(conn, body.name, body.project, body.scopes)
+    token, row = store.tokens.create(body.name, body.project, body.scopes)
     return {**row, "token": token}
 
 
@@ -51,15 +49,13 @@ def create_token(body: TokenCreate, store: StoreDep):
 def list_tokens(store: StoreDep, request: Request, project: Name | None = None, include_revoked: bool = True):
     """Tokens (never the tokens themselves): all of them, or one project's."""
     project = visible_project(request, project)
-    with store.reading() as conn:
-        return _tokens.list_tokens(conn, project, include_revoked)
+    return store.tokens.list(project, include_revoked)
 
 
 @router.delete("/tokens/{token_id}", status_code=204, responses={404: {"description": "no such token"}})
 def revoke_token(token_id: TokenId, store: StoreDep, request: Request):
     """Revoke a token: it fails from now on (other workers: within ``token_cache_s``). Safe to repeat."""
-    with store.writing() as conn:
-        _tokens.revoke(conn, token_id)
+    store.tokens.revoke(token_id)
     gate = getattr(request.state, "gate", None)
     if gate is not None:
         gate.forget(token_id)

@@ -7,7 +7,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 
-from ..store import webhooks as _webhooks
 from ..alerting.webhook_targets import creation_error
 from .alert_schemas import DeliveryOut, DeliveryStatus, WebhookCreate, WebhookCreated, WebhookOut
 from .alerts import ProjectName
@@ -25,8 +24,7 @@ SECRET_BYTES = 32
 @router.get("/projects/{project}/webhooks", response_model=list[WebhookOut], responses={404: {"description": "no such project"}})
 def list_webhooks(project: ProjectName, store: StoreDep):
     """The project's webhooks. Secrets are never shown again after creation."""
-    with store.reading() as conn:
-        return _webhooks.list_for_project(conn, project)
+    return store.webhooks.list(project)
 
 
 @router.post("/projects/{project}/webhooks", response_model=WebhookCreated, status_code=201,
@@ -41,15 +39,13 @@ def create_webhook(project: ProjectName, body: WebhookCreate, store: StoreDep, s
     if refused is not None:
         raise HTTPException(422, detail=refused)
     secret = body.secret or secrets.token_hex(SECRET_BYTES)
-    with store.writing() as conn:
-        return _webhooks.create(conn, project, body.url, secret, list(body.severities), body.format, body.enabled)
+    return store.webhooks.create(project, body.url, secret, list(body.severities), body.format, body.enabled)
 
 
 @router.delete("/webhooks/{webhook_id}", status_code=204, responses={404: {"description": "no such webhook"}})
 def delete_webhook(webhook_id: WebhookId, store: StoreDep):
     """Remove a webhook and its delivery log (pending deliveries are dropped)."""
-    with store.writing() as conn:
-        _webhooks.delete_webhook(conn, webhook_id)
+    store.webhooks.delete(webhook_id)
     return Response(status_code=204)
 
 
@@ -70,5 +66,4 @@ def list_deliveries(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ):
     """The webhook's delivery log, newest first: attempts, last status code or error, when delivered."""
-    with store.reading() as conn:
-        return _webhooks.list_deliveries(conn, webhook_id, status, limit)
+    return store.webhooks.deliveries(webhook_id, status, limit)

@@ -17,10 +17,8 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, select
 from starlette.routing import compile_path
 
-from ..store.models import Alert, Project, Run, Token, Webhook
 from ..parsing import ALERT_ID_MAX, TOKEN_ID_MAX, WEBHOOK_ID_MAX
 
 API = "/api/v1"
@@ -154,12 +152,10 @@ def match(method: str, path: str) -> tuple[str | None, Rule | None, dict[str, st
 #: Runs whose project a worker remembers; a run never changes project.
 RUN_CACHE_SIZE = 100_000
 
-R, P, A, W, T = Run.__table__, Project.__table__, Alert.__table__, Webhook.__table__, Token.__table__
-
-
 class ProjectResolver:
     """Finds the project a path parameter belongs to (None when the thing does not exist:
-    the route answers 404 then). Runs are remembered, so ingest costs no extra query."""
+    the route answers 404 then), through ``store.access``. Runs are remembered, so ingest
+    costs no extra query."""
 
     def __init__(self) -> None:
         self._runs: OrderedDict[str, str] = OrderedDict()
@@ -169,30 +165,34 @@ class ProjectResolver:
         with self._lock:
             return self._runs.get(run_id)
 
-    def run(self, conn: Connection, run_id: str) -> str | None:
-        project = self.cached_run(run_id)
-        if project is not None:
-            return project
-        project = conn.execute(select(P.c.name).join(R, R.c.project_id == P.c.id).where(R.c.id == run_id)).scalar()
-        if project is not None:
+    def runs(self, store, run_ids: list[str]) -> dict[str, str | None]:
+        """The project of each run (None: no such run), from memory or one look-up."""
+        out: dict[str, str | None] = {r: self.cached_run(r) for r in run_ids}
+        missing = [r for r, p in out.items() if p is None]
+        if missing:
+            found = store.access.run_projects(missing)
             with self._lock:
-                self._runs[run_id] = project
+                for run_id, project in found.items():
+                    self._runs[run_id] = project
                 while len(self._runs) > RUN_CACHE_SIZE:
                     self._runs.popitem(last=False)
-        return project
+            out.update((r, found.get(r)) for r in missing)
+        return out
+
+    def run(self, store, run_id: str) -> str | None:
+        return self.runs(store, [run_id])[run_id]
 
     @staticmethod
-    def alert(conn: Connection, alert_id: int) -> str | None:
-        return conn.execute(select(P.c.name).join(A, A.c.project_id == P.c.id).where(A.c.id == alert_id)).scalar()
+    def alert(store, alert_id: int) -> str | None:
+        return store.access.alert_project(alert_id)
 
     @staticmethod
-    def webhook(conn: Connection, webhook_id: int) -> str | None:
-        return conn.execute(select(P.c.name).join(W, W.c.project_id == P.c.id).where(W.c.id == webhook_id)).scalar()
+    def webhook(store, webhook_id: int) -> str | None:
+        return store.access.webhook_project(webhook_id)
 
     @staticmethod
-    def token(conn: Connection, token_id: int):
-        row = conn.execute(select(T.c.project_id, P.c.name).select_from(T.outerjoin(P, P.c.id == T.c.project_id))
-                           .where(T.c.id == token_id)).first()
-        if row is None:
+    def token(store, token_id: int):
+        exists, project = store.access.token_project(token_id)
+        if not exists:
             return None
-        return GLOBAL if row.project_id is None else row.name
+        return GLOBAL if project is None else project

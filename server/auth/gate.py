@@ -104,8 +104,7 @@ class Gate:
             hit = self._principals.get(key)
             if hit is not None and hit[0] > now:
                 return hit[1]
-        with store.reading() as conn:
-            principal = tokens.lookup(conn, token)
+        principal = tokens.lookup(store, token)
         if principal is not None and self.settings.token_cache_s > 0:
             with self._lock:
                 if len(self._principals) > 10_000:  # only valid tokens are cached, so this is rare
@@ -177,12 +176,11 @@ class Gate:
                 thing = parsing.parse_id(raw, access.ID_MAX[t])
             except ValueError as e:
                 raise Denied(422, parsing.id_invalid("path", name, raw, e)) from None
-        if missing or thing is not None:
-            with store.reading() as conn:
-                for run_id in missing:
-                    out.append((kind, run_id, self.resolver.run(conn, run_id)))
-                if thing is not None:
-                    out.append((t, thing, getattr(self.resolver, t)(conn, thing)))
+        if missing:
+            projects = self.resolver.runs(store, missing)
+            out += [(kind, run_id, projects[run_id]) for run_id in missing]
+        if thing is not None:
+            out.append((t, thing, getattr(self.resolver, t)(store, thing)))
         return out
 
 
@@ -381,14 +379,13 @@ async def _deny(scope, send, d: Denied) -> None:
 
 def on_start(store, settings: Settings) -> None:
     """At each worker's start, with authentication on: make sure an admin can get in (see
-    ``tokens.bootstrap_admin``); a generated admin token is printed here, once."""
+    ``store.tokens.bootstrap_admin``); a generated admin token is printed here, once."""
     store.max_series_per_run = settings.max_series_per_run
     if not settings.auth_enabled:
         log.info("authentication is off (STETHOSCOPE_AUTH=on to require tokens)")
         return
     given = settings.admin_token.get_secret_value() if settings.admin_token is not None else None
-    with store.writing() as conn:
-        token = tokens.bootstrap_admin(conn, given)
+    token = store.tokens.bootstrap_admin(given)
     if token is not None:
         # Printed, not only logged: whoever starts the server the first time must see it.
         print(f"stethoscope: authentication is on. Admin token (shown this once, stored only as a hash):\n\n    {token}\n\n"

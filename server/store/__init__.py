@@ -1,10 +1,16 @@
 """The store: every database operation of the service, behind one object.
 
-Routes stay thin and call these methods; each method is one transaction.
+Routes stay thin and call these methods; each method is one transaction. Alerts, detector
+settings, webhooks, tokens, the gate's project look-ups and the stalled-run check's reads are
+sub-stores (``store.alerts``, ``store.webhooks``, ...), each a small module here. Code that
+must run inside a transaction the store opened (the detector runner, inside ingest) gets its
+connection and calls the functions of those modules; no statement lives outside this package
+(``tests/server/test_store_boundary.py`` keeps it so).
 
     store = Store(make_engine(settings))
     store.upsert_run("r1", project="demo", name="baseline", config={}, tags=[])
     store.ingest("r1", [SeriesBatch("loss", [0, 1], [2.3, 2.1], [t0, t1])])
+    store.alerts.list_run("r1")
 """
 
 from __future__ import annotations
@@ -77,6 +83,22 @@ class Store:
         self._ingest_group = (
             GroupCommitter(self._write_lock, self._begin_write, self._ingest_in, self._after_ingest_commit) if self._write_lock is not None else None
         )
+        # -- sub-stores (issue 15): each method one transaction ------------------------
+        # Imported here: ``webhooks`` reads ``alerting.webhook_targets``, whose package
+        # imports this one.
+        from .access import AccessStore
+        from .alerts import AlertStore
+        from .detector_settings import DetectorSettingsStore
+        from .detector_states import DetectorStateStore
+        from .tokens import TokenStore
+        from .webhooks import WebhookStore
+
+        self.alerts = AlertStore(self)
+        self.detector_settings = DetectorSettingsStore(self)
+        self.detector_states = DetectorStateStore(self)
+        self.webhooks = WebhookStore(self)
+        self.tokens = TokenStore(self)
+        self.access = AccessStore(self)
 
     # -- transactions -----------------------------------------------------------------
     @contextmanager
@@ -298,3 +320,17 @@ class Store:
     def overview(self) -> Overview:
         """The dashboard's read-only queries: ``store.overview.alerts(project="demo")``."""
         return Overview(self)
+
+    # -- schema and summaries (issue 15) ----------------------------------------------
+    def schema_revision(self) -> str | None:
+        """The migration the database is at (None: an empty database)."""
+        from alembic.runtime.migration import MigrationContext
+
+        with self.reading() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    def continual_summary(self, run_id: str, max_points: int = 2000) -> dict:
+        """The run's continual-learning summary (``store/continual.py``)."""
+        from .continual import run_summary
+
+        return run_summary(self, run_id, max_points)

@@ -117,3 +117,24 @@ def acknowledge(conn: Connection, alert_id: int) -> dict:
     if not found:
         raise NotFound(f"alert {alert_id} does not exist")
     return found[0]
+
+
+class AlertStore:
+    """``store.alerts``: listing and acknowledging alerts, each method one transaction. (The
+    detector runner writes alert rows with the functions above, inside the ingest transaction.)"""
+
+    def __init__(self, store) -> None:
+        self._store = store
+
+    def list_run(self, run_id: str, status: str | None = None) -> list[dict]:
+        with self._store.reading() as conn:
+            return list_run_alerts(conn, run_id, status)
+
+    def list_project(self, project: str, status: str | None = None, severity: str | None = None,
+                     limit: int = 100, offset: int = 0) -> list[dict]:
+        with self._store.reading() as conn:
+            return list_project_alerts(conn, project, status, severity, limit, offset)
+
+    def acknowledge(self, alert_id: int) -> dict:
+        with self._store.writing() as conn:
+            return acknowledge(conn, alert_id)

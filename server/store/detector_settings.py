@@ -77,3 +77,27 @@ def put(conn: Connection, project: str, changes: dict[str, dict]) -> dict[str, d
         conn.execute(delete(D).where(D.c.project_id == pid, D.c.detector == name))
         conn.execute(insert(D).values(project_id=pid, detector=name, enabled=enabled, params=cfg))
     return DetectorSet(merged).settings()
+
+
+def stalled_timeouts(conn: Connection, detector: str) -> list:
+    """The ``timeout_s`` each project set for the stalled-run detector (None where unset)."""
+    return [p.get("timeout_s") for p in conn.execute(select(D.c.params).where(D.c.detector == detector)).scalars()]
+
+
+class DetectorSettingsStore:
+    """``store.detector_settings``: each method one transaction."""
+
+    def __init__(self, store) -> None:
+        self._store = store
+
+    def effective(self, project: str) -> dict[str, dict]:
+        with self._store.reading() as conn:
+            return effective(conn, project)
+
+    def put(self, project: str, changes: dict[str, dict]) -> dict[str, dict]:
+        with self._store.writing() as conn:
+            return put(conn, project, changes)
+
+    def overrides(self, project_id: int) -> dict[str, dict]:
+        with self._store.reading() as conn:
+            return load_overrides(conn, project_id)

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select
 
 from .alerts import alert_dict
-from .continual import run_summary
 from .models import Alert, Project, Run, Series
 
 if TYPE_CHECKING:
@@ -103,8 +102,3 @@ class Overview:
                 if got is not None:
                     out.setdefault(rid, {})[name] = math.nan if got[0] is None else got[0]
         return out
-
-    def continual_summary(self, run_id: str, max_points: int = 2000) -> dict:
-        """The run's continual-learning summary as ``GET /runs/{id}/continual`` serves it
-        (``store.continual.run_summary``): min-ACC and WC-ACC are computed on read."""
-        return run_summary(self._store, run_id, max_points)

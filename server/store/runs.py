@@ -88,6 +88,13 @@ def get_run(conn: Connection, run_id: str) -> dict:
     return run_dict(row, row.project)
 
 
+def run_ref(conn: Connection, run_id: str) -> dict:
+    """The run as webhook payloads name it: ``{"id", "name", "project"}``."""
+    q = select(R.c.id, R.c.name, P.c.name.label("project")).join(P, P.c.id == R.c.project_id).where(R.c.id == run_id)
+    row = conn.execute(q).one()
+    return {"id": row.id, "name": row.name, "project": row.project}
+
+
 def update_run(conn: Connection, run_id: str, status: str | None, name: str | None, tags: list | None) -> dict:
     values: dict[str, Any] = {"updated_at": utcnow()}
     if status is not None:

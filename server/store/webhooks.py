@@ -10,7 +10,7 @@ transaction, and records the outcome.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Callable
 
 from sqlalchemy import Connection, delete, func, insert, select, update
 
@@ -181,3 +181,50 @@ def get_delivery(conn: Connection, delivery_id: int) -> dict:
 
 def pending_count(conn: Connection) -> int:
     return conn.execute(select(func.count()).select_from(WD).where(WD.c.status == "pending")).scalar_one()
+
+
+class WebhookStore:
+    """``store.webhooks``: webhooks and their delivery log, each method one transaction. (The
+    detector runner enqueues deliveries with ``enqueue``, inside the ingest transaction.)"""
+
+    def __init__(self, store) -> None:
+        self._store = store
+
+    def list(self, project: str) -> list[dict]:
+        with self._store.reading() as conn:
+            return list_for_project(conn, project)
+
+    def create(self, project: str, url: str, secret: str, severities: list[str], fmt: str, enabled: bool) -> dict:
+        with self._store.writing() as conn:
+            return create(conn, project, url, secret, severities, fmt, enabled)
+
+    def delete(self, webhook_id: int) -> None:
+        with self._store.writing() as conn:
+            delete_webhook(conn, webhook_id)
+
+    def deliveries(self, webhook_id: int, status: str | None = None, limit: int = 100) -> list[dict]:
+        with self._store.reading() as conn:
+            return list_deliveries(conn, webhook_id, status, limit)
+
+    def delivery(self, delivery_id: int) -> dict:
+        with self._store.reading() as conn:
+            return get_delivery(conn, delivery_id)
+
+    def pending_count(self) -> int:
+        with self._store.reading() as conn:
+            return pending_count(conn)
+
+    def claim_due(self, now: datetime, limit: int, lease_s: float) -> list[dict]:
+        with self._store.writing() as conn:
+            return claim_due(conn, now, limit, lease_s)
+
+    def record(self, delivery_id: int, status: str, status_code: int | None, error: str | None,
+               next_attempt_at: datetime | None = None) -> None:
+        with self._store.writing() as conn:
+            record(conn, delivery_id, status, status_code, error, next_attempt_at)
+
+    def insert_test(self, webhook_id: int, payload_for: Callable[[dict], dict], lease_until: datetime) -> dict:
+        """A test-send's delivery: ``payload_for(webhook)`` makes its payload; inserted as claimed
+        (``insert_claimed``) in one transaction with reading the webhook (``NotFound`` if none)."""
+        with self._store.writing() as conn:
+            return insert_claimed(conn, webhook_id, payload_for(get(conn, webhook_id)), lease_until)

@@ -297,3 +297,21 @@ def test_every_numeric_setting_has_documented_bounds_that_hold_its_default():
                 assert f.name in BOUNDS, f"{name}.{f.name} has no bound in stethoscope.core.detectors._bounds"
                 lo, hi, why = BOUNDS[f.name]
                 assert lo <= getattr(cls.Params(), f.name) <= hi and why, (name, f.name)
+
+
+def test_route_gives_each_detector_its_points_in_step_order_once():
+    """``route`` matches each series name once and leaves out series no detector takes; each
+    detector's points come in step order, ties in the order given; ``update`` is
+    ``feed(route(...))`` over the runs of one series in the points given."""
+    dset = DetectorSet()
+    routed = dset.route([("loss", [2, 3], [1.0, 1.1]), ("other/metric", [0], [5.0]), ("grad/norm", [1, 2], [0.5, 0.6]),
+                         ("loss", [], [])])
+    assert routed["divergence"] == [("grad/norm", 1, 0.5), ("loss", 2, 1.0), ("grad/norm", 2, 0.6), ("loss", 3, 1.1)]
+    assert routed["loss_spike"] == [("loss", 2, 1.0), ("loss", 3, 1.1)]
+    assert all("other/metric" not in {p[0] for p in pts} for pts in routed.values())
+    points = [("loss", s, 2.0 if s != 40 else 50.0) for s in range(60)] + [("grad/norm", s, 1.0) for s in range(60)]
+    points.sort(key=lambda p: -p[1])  # any interleaving: update takes them in step order
+    a, b = {}, {}
+    by_series = [(n, [p[1] for p in points if p[0] == n], [p[2] for p in points if p[0] == n])
+                 for n in ("loss", "grad/norm")]
+    assert dset.update(a, points) == dset.feed(b, dset.route(by_series)) and a == b

@@ -47,10 +47,10 @@ def test_overview_reads_alerts_health_names_and_last_values(store):
     assert set(last) == {"r1", "r2"} and math.isnan(last["r1"]["loss"]) and last["r2"] == {"loss": 1.25}
 
 
-def test_overview_continual_summary_is_the_apis(store):
+def test_the_continual_summary_the_dashboard_reads_is_the_apis(store):
     store.upsert_run("r1", "p")
     store.ingest("r1", [_batch("eval/acc/0", [0.5, 0.9])])
-    body = store.overview.continual_summary("r1", max_points=100)
+    body = store.continual_summary("r1", max_points=100)
     assert body["run_id"] == "r1" and "series" in body
     with pytest.raises(NotFound):
-        store.overview.continual_summary("ghost")
+        store.continual_summary("ghost")

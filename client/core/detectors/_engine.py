@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from itertools import groupby, repeat
 from operator import itemgetter
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from ._base import AlertChange, Detector
 from ._bounds import check_bounds
@@ -23,6 +24,10 @@ DETECTORS: dict[str, type[Detector]] = {
                 EdgeOfStabilityDetector, StabilityGapDetector, StalledRunDetector)
 }
 
+#: One point: (series, step, value).
+Point = tuple[str, int, float]
+
+_series = itemgetter(0)
 _step = itemgetter(1)
 #: Series names whose routing is cached; a run with more distinct names still works, it just
 #: recomputes routes after the cache is cleared.
@@ -75,27 +80,51 @@ class DetectorSet:
             out[det.name] = {"enabled": True, **_as_json(det.params)}
         return out
 
+    def route(self, series: Iterable[tuple[str, Sequence[int], Sequence[float]]]) -> dict[str, list[Point]]:
+        """The points each detector takes: ``{detector name: [(series, step, value), ...]}``.
+
+        ``series`` is ``[(name, steps, values), ...]``, as the server has a batch (a name may
+        come more than once). Each name is matched against the detectors once (and cached);
+        points of a series no detector takes are never touched. A detector's points are in
+        step order, stable: ties keep the order they were given in.
+        """
+        routes = self._routes
+        out: dict[str, list] = {}
+        for name, steps, values in series:
+            dets = routes.get(name)
+            if dets is None:
+                if len(routes) >= _ROUTE_CACHE:
+                    routes.clear()
+                dets = routes[name] = [d for d in self.detectors if d.accepts(name)]
+            if dets and len(steps):
+                pts = list(zip(repeat(name), steps, values))
+                for d in dets:
+                    out.setdefault(d.name, []).extend(pts)
+        for pts in out.values():
+            pts.sort(key=_step)
+        return out
+
+    def feed(self, state: dict, routed: dict[str, list[Point]]) -> list[AlertChange]:
+        """Feed points as :meth:`route` gave them; return alert changes."""
+        changes: list[AlertChange] = []
+        for d in self.detectors:
+            pts = routed.get(d.name)
+            if pts:
+                changes += d.feed(state.setdefault(d.name, {}), pts)
+        return changes
+
     def update(self, state: dict, points: Iterable[tuple[str, int, float]]) -> list[AlertChange]:
         """Feed one run's new points, in any interleaving of series; return alert changes.
 
         Points are taken in step order (stable, so a series' own order is kept); a point at
         or before the last step a detector saw for its series is ignored.
         """
-        routes = self._routes
-        batches: dict[str, list] = {}
-        for pt in sorted(points, key=_step):
-            dets = routes.get(pt[0])
-            if dets is None:
-                if len(routes) >= _ROUTE_CACHE:
-                    routes.clear()
-                dets = routes[pt[0]] = [d for d in self.detectors if d.accepts(pt[0])]
-            for d in dets:
-                batches.setdefault(d.name, []).append(pt)
-        changes: list[AlertChange] = []
-        for d in self.detectors:
-            if d.name in batches:
-                changes += d.feed(state.setdefault(d.name, {}), batches[d.name])
-        return changes
+        # Runs of points of one series, in the order given: routed, ties keep that order.
+        series = []
+        for name, run in groupby(points, key=_series):
+            run = list(run)
+            series.append((name, [p[1] for p in run], [p[2] for p in run]))
+        return self.feed(state, self.route(series))
 
     def check(self, state: dict, now: float, last_seen: float | None, status: str,
               last_step: int | None = None) -> list[AlertChange]:
