@@ -8,6 +8,8 @@ import orjson
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
+from stethoscope_server.auth import visible_runs
+
 from . import _panels
 
 router = APIRouter(prefix="/ui/api", include_in_schema=False)
@@ -38,4 +40,4 @@ def run_state(run_id: str, request: Request):
 @router.get("/compare")
 def compare(request: Request, metric: Annotated[str, Query(min_length=1, max_length=200)],
             run: Annotated[list[str], Query(max_length=50)] = [], start: Step = None, end: Step = None):  # noqa: B006
-    return _json(_panels.compare_figure(request.app.state.store, run, metric, start, end))
+    return _json(_panels.compare_figure(request.app.state.store, visible_runs(request, run), metric, start, end))

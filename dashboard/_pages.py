@@ -10,7 +10,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Query, Request
 
 from stethoscope.core.wire import RUN_STATUSES
-from stethoscope_server.auth import visible_project, visible_projects
+from stethoscope_server.auth import visible_project, visible_projects, visible_runs
 from stethoscope_server.store import NotFound
 
 from ._figures import fmt
@@ -116,7 +116,7 @@ def compare_page(request: Request, project: Filter = None, metric: Filter = None
     store = request.app.state.store
     project = visible_project(request, project or None)
     runs = store.list_runs(project=project or None, limit=OVERVIEW_LIMIT)
-    chosen = [r for r in run if r]
+    chosen = visible_runs(request, run)
     metrics = store.overview.series_names_of_runs(chosen)
     metric = metric if metric in metrics else ("loss" if "loss" in metrics else (metrics[0] if metrics else None))
     src = "/ui/api/compare?" + urlencode([("metric", metric)] + [("run", r) for r in chosen]) if metric and chosen else None

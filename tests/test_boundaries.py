@@ -23,7 +23,7 @@ DASHBOARD_MAY_USE = {
     "stethoscope_server.auth": set(stethoscope_server.auth.__all__),
 }
 #: The auth names the dashboard needs, pinned: widening this surface is a decision, not an accident.
-AUTH_PUBLIC = {"COOKIE", "Denied", "same_origin", "visible_project", "visible_projects"}
+AUTH_PUBLIC = {"COOKIE", "Denied", "same_origin", "visible_project", "visible_projects", "visible_runs"}
 
 
 def _imports(folder: str) -> list[tuple[str, str, str | None]]:

@@ -201,13 +201,21 @@ def body_project(body: bytes | None, default: str | None) -> str | None:
     return project
 
 
-def authorize(principal: Principal, targets, rule: access.Rule, method: str, route_path: str) -> None:
+def authorize(principal: Principal, targets, rule: access.Rule, method: str, route_path: str) -> set[str]:
     """Refuse what the token may not touch. A thing of another project named by its id is
     answered as the route answers for one that does not exist (ids are global: a 403 would
-    tell that it exists, and where); a project named outright is refused with a 403."""
+    tell that it exists, and where); a project named outright is refused with a 403. Returns
+    the runs of other projects a comparison named: the compare routes skip them as they skip
+    runs that do not exist (``visible_runs``)."""
     limited = f"token {principal.name!r} is limited to project {principal.project!r}"
+    hidden: set[str] = set()
     for kind, name, project in targets:
+        if kind == access.COMPARE and project is None and principal.project is not None:
+            hidden.add(name)  # a run that does not exist: left out the same way
         if project is None or principal.project is None or project == principal.project:
+            continue
+        if kind == access.COMPARE:
+            hidden.add(name)
             continue
         if kind == access.TOKEN_BODY:
             if project is access.GLOBAL:
@@ -216,12 +224,11 @@ def authorize(principal: Principal, targets, rule: access.Rule, method: str, rou
             raise Denied(403, f"{limited}, so it makes tokens for that project only, not for project {project!r}")
         if kind == access.PROJECT:
             raise Denied(403, f"{limited}; not project {name!r}")
-        if kind == access.COMPARE:
-            raise Denied(403, f"{limited}; run {name!r} is not one of its runs")
         if rule.target == access.RUN_BODY:  # PUT creates: the id is taken, whoever asks
             raise Denied(409, f"run id {name!r} is taken by a run of another project: run ids are shared by every "
                               f"project, so choose another")
         raise Denied(404, access.not_found(kind, name, method, route_path))
+    return hidden
 
 
 def principal_of(request: Request) -> Principal | None:
@@ -239,6 +246,13 @@ def visible_project(request: Request, project: str | None) -> str | None:
 def visible_projects(request: Request, projects: list[dict]) -> list[dict]:
     p = principal_of(request)
     return projects if p is None or p.project is None else [x for x in projects if x["name"] == p.project]
+
+
+def visible_runs(request: Request, runs: list[str]) -> list[str]:
+    """The runs a comparison may show: those the gate found in another project are left out,
+    exactly as runs that do not exist are (a 403 would tell that the run exists)."""
+    hidden = getattr(request.state, "hidden_runs", ())
+    return [r for r in runs if r and r not in hidden]
 
 
 def token_from(headers: Headers) -> tuple[str | None, bool]:
@@ -355,7 +369,7 @@ class SecurityMiddleware:
                 targets = [(access.RUN, params["run_id"], known)]
             else:
                 targets = await anyio.to_thread.run_sync(self.gate.targets, store, rule, params, query, body)
-            authorize(principal, targets, rule, method, route_path)
+            scope["state"]["hidden_runs"] = authorize(principal, targets, rule, method, route_path)
         scope["state"]["principal"] = principal
         return replay(body, receive)
 

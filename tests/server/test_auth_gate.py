@@ -356,3 +356,19 @@ def test_another_projects_run_is_answered_like_a_missing_one(live_server, world)
     assert r.status_code == 409 and "another project" in r.json()["detail"] and "Q" not in r.json()["detail"]
     assert_untouched(live_server, w)
     assert w["admin"].get("/api/v1/runs/rq").json()["status"] == "running"
+
+
+def test_a_comparison_leaves_another_projects_run_out_like_a_missing_one(live_server, world):
+    """Issue 16, finding 8 (left open by the first fix): ``/compare?run=`` with another
+    project's run answered 403, telling that the run exists, while a missing run was skipped.
+    Now both are skipped and the answers are the same bytes; the token's own runs still show."""
+    p, Q_RUN = world["padmin"], "rq"
+    p.put("/api/v1/runs/mine", json={"project": "P"}).raise_for_status()
+    p.post("/api/v1/runs/mine/points", json={"series": [{"name": "loss", "steps": [0, 1], "values": [1.0, 0.5]}]}).raise_for_status()
+    for path in ("/ui/api/compare?metric=loss&run=mine&run={other}", "/compare?metric=loss&run=mine&run={other}"):
+        foreign = p.get(path.format(other=Q_RUN))
+        missing = p.get(path.format(other="no-such-run"))
+        assert foreign.status_code == missing.status_code == 200, (foreign.status_code, foreign.text[:200])
+        assert foreign.text.replace(Q_RUN, "no-such-run") == missing.text, path
+        assert Q_RUN not in foreign.text.replace(f"run={Q_RUN}", "")
+    assert '"mine"' in p.get("/ui/api/compare?metric=loss&run=mine&run=" + Q_RUN).text
