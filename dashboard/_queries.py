@@ -12,6 +12,8 @@ from datetime import datetime
 
 from sqlalchemy import select
 
+from stethoscope.core.detectors import severity_rank
+
 from stethoscope_server.store.models import Alert, Project, Run, Series
 from stethoscope_server.store import Store
 from stethoscope_server.store.alerts import alert_dict
@@ -20,9 +22,6 @@ A = Alert.__table__
 P = Project.__table__
 R = Run.__table__
 S = Series.__table__
-
-#: Worst first; the order the overview uses for a run's health.
-SEVERITY_RANK = {"critical": 3, "warning": 2, "info": 1}
 
 #: The last values the runs overview shows, in this order, when a run has them.
 KEY_SERIES = ("loss", "grad/norm", "logits/sc_fraction", "hessian/lambda_max", "continual/min_acc")
@@ -72,7 +71,7 @@ def run_health(store: Store, run_ids: list[str]) -> dict[str, dict]:
         for rid, sev in conn.execute(stmt):
             h = out.setdefault(rid, {"severity": None, "open": 0})
             h["open"] += 1
-            if h["severity"] is None or SEVERITY_RANK.get(sev, 0) > SEVERITY_RANK.get(h["severity"], 0):
+            if h["severity"] is None or severity_rank(sev) > severity_rank(h["severity"]):
                 h["severity"] = sev
     return out
 

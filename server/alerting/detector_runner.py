@@ -24,7 +24,7 @@ from typing import Any, Callable
 import orjson
 from sqlalchemy import Connection, select
 
-from stethoscope.core.detectors import RESOLVE, SEVERITIES, AlertChange, DetectorSet
+from stethoscope.core.detectors import RESOLVE, AlertChange, DetectorSet, severity_rank
 from stethoscope.core.detectors.stalled import StalledRunDetector
 
 from ..store.models import Alert, DetectorSetting, DetectorState, Project, Run, utcnow
@@ -47,7 +47,6 @@ A = Alert.__table__
 #: Detector states are one row per (run, detector); the table's ``key`` column stays empty.
 STATE_KEY = ""
 STALLED = StalledRunDetector.name
-_RANK = {s: i for i, s in enumerate(SEVERITIES)}
 
 
 class _ProjectDetectors:
@@ -177,7 +176,7 @@ class DetectorRunner:
                 events.append(("alert.opened", aid, 1))
             else:
                 _alerts.update_alert(conn, row.id, c, resolve=False)
-                if _RANK[c.severity] > _RANK.get(row.severity, 0):
+                if severity_rank(c.severity) > severity_rank(row.severity):
                     events.append(("alert.escalated", row.id, _alerts.next_change(conn, row.id)))
                 open_rows[k] = SimpleNamespace(id=row.id, severity=c.severity)
         if not events:

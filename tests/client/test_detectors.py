@@ -23,7 +23,8 @@ def test_public_names_are_pinned():
         "AlertChange", "DETECTORS", "Detector", "DetectorSet", "DivergenceDetector", "DivergenceParams",
         "EdgeOfStabilityDetector", "EdgeOfStabilityParams", "LossSpikeDetector", "LossSpikeParams", "OPEN", "RESOLVE",
         "SC_MARGIN_NATS", "SEVERITIES", "SoftmaxCollapseDetector", "SoftmaxCollapseParams",
-        "StabilityGapDetector", "StabilityGapParams", "StalledRunDetector", "StalledRunParams", "UPDATE"])
+        "StabilityGapDetector", "StabilityGapParams", "StalledRunDetector", "StalledRunParams", "UPDATE",
+        "severity_rank"])
     assert (D.OPEN, D.UPDATE, D.RESOLVE) == ("open", "update", "resolve")
     assert set(D.DETECTORS) == {"divergence", "loss_spike", "softmax_collapse", "edge_of_stability",
                                "stability_gap", "stalled"}
@@ -297,3 +298,9 @@ def test_every_numeric_setting_has_documented_bounds_that_hold_its_default():
                 assert f.name in BOUNDS, f"{name}.{f.name} has no bound in stethoscope.core.detectors._bounds"
                 lo, hi, why = BOUNDS[f.name]
                 assert lo <= getattr(cls.Params(), f.name) <= hi and why, (name, f.name)
+
+
+def test_severity_rank_is_the_one_order_of_severities():
+    # Episodes, the server's escalation check and the dashboard's run health all use this one.
+    assert [D.severity_rank(s) for s in D.SEVERITIES] == [0, 1, 2]
+    assert D.severity_rank("bogus") == D.severity_rank(None) == -1
