@@ -17,6 +17,7 @@ from stethoscope.core.detectors import severity_rank
 from stethoscope_server.store.models import Alert, Project, Run, Series
 from stethoscope_server.store import Store
 from stethoscope_server.store.alerts import alert_dict
+from stethoscope_server.store.sql import placeholder
 
 A = Alert.__table__
 P = Project.__table__
@@ -92,7 +93,7 @@ def last_values(store: Store, run_ids: list[str], names: tuple[str, ...] = KEY_S
     """``{run_id: {series: last value}}`` for the named series (NaN stays NaN)."""
     if not run_ids:
         return {}
-    ph = "%s" if store.dialect == "postgresql" else "?"
+    ph = placeholder(store.dialect)
     last_sql = f"SELECT value FROM points WHERE series_id = {ph} ORDER BY step DESC LIMIT 1"
     out: dict[str, dict[str, float]] = {}
     with store.reading() as conn:

@@ -16,6 +16,7 @@ from sqlalchemy import Connection
 
 from .extremes import Extremes, emit_all
 from .points import ROLLUP_LEVELS
+from .sql import placeholder
 
 #: Points each output bucket may contribute: its min, its max and its first NaN.
 POINTS_PER_BUCKET = 3
@@ -34,7 +35,7 @@ class SeriesRead:
 
 class SeriesReader:
     def __init__(self, dialect: str) -> None:
-        ph = self._ph = "%s" if dialect == "postgresql" else "?"
+        ph = self._ph = placeholder(dialect)
         # Two scalar subqueries so each can use the primary key's order (one probe each).
         self._bounds_cols = (
             f"(SELECT min(step) FROM points WHERE series_id = {ph} AND step >= {ph}), "

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from sqlalchemy import Connection
 
 from .extremes import Extremes
+from .sql import placeholder
 
 #: Rollup levels: a bucket at level L holds steps [b << L, (b + 1) << L): 64, 512, 4096 steps.
 #: A read picks the coarsest level finer than its output buckets, so it touches at most ~8x
@@ -141,7 +142,7 @@ class PointWriter:
 
     def __init__(self, dialect: str) -> None:
         self.postgres = dialect == "postgresql"
-        ph = "%s" if self.postgres else "?"
+        ph = placeholder(dialect)
         self._existing_sql = f"SELECT step FROM points WHERE series_id = {ph} AND step >= {ph} AND step <= {ph}"
         self._max_sql = f"(SELECT max(step) FROM points WHERE series_id = {ph})"
         if self.postgres:
