@@ -52,3 +52,15 @@ def test_one_body_size_check():
     # The gate reads every request body within STETHOSCOPE_MAX_BODY_BYTES; routes do not count
     # it again (ingest holds the *decompressed* body to the limit, which the gate cannot see).
     assert all(name.startswith("server/auth/gate") for name in _where(r"content-length|request\.stream\(\)"))
+
+
+def test_a_table_alias_means_one_table_everywhere():
+    """``P`` was the projects table in six modules and the points table in one."""
+    meaning: dict[str, set[str]] = {}
+    for name, text in _sources():
+        for names, models in re.findall(r"^\s*([A-Z][A-Z0-9_]*(?:\s*,\s*[A-Z][A-Z0-9_]*)*)\s*=\s*(.+\.__table__)\s*$", text, re.M):
+            tables = re.findall(r"(\w+)\.__table__", models)
+            for alias, table in zip([n.strip() for n in names.split(",")], tables, strict=True):
+                meaning.setdefault(alias, set()).add(table)
+    assert meaning["P"] == {"Project"}
+    assert {a: t for a, t in meaning.items() if len(t) > 1} == {}

@@ -298,10 +298,10 @@ def run_summary(store, run_id: str, max_points: int = 2000) -> dict:
     from .models import Event, Point, Series
     from . import runs as _runs
 
-    S, P, E = Series.__table__, Point.__table__, Event.__table__
+    S, PT, E = Series.__table__, Point.__table__, Event.__table__
 
     def points(sid):
-        q = select(P.c.step, P.c.value).where(P.c.series_id == sid).order_by(P.c.step)
+        q = select(PT.c.step, PT.c.value).where(PT.c.series_id == sid).order_by(PT.c.step)
         return [(s, v) for s, v in conn.execute(q) if v is not None]  # NULL is how NaN is stored
 
     with store.reading() as conn:
