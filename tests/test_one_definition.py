@@ -64,3 +64,9 @@ def test_a_table_alias_means_one_table_everywhere():
                 meaning.setdefault(alias, set()).add(table)
     assert meaning["P"] == {"Project"}
     assert {a: t for a, t in meaning.items() if len(t) > 1} == {}
+
+
+def test_wire_schemas_take_their_value_sets_from_where_they_are_defined():
+    assert _where(r"\"pending\", \"delivered\", \"failed\"") == ["server/store/webhooks.py"]
+    assert _where(r"\"json\", \"slack\"") == ["server/alerting/outbox.py"]
+    assert "server/api/alert_schemas.py" not in _where(r"\"open\", \"resolved\"")
