@@ -47,6 +47,31 @@ DROPPED = "stethoscope/dropped"
 _STOP = object()
 
 
+class ShipSchedule:
+    """When the sender ships its next batch: the first after a random 0.5 to 1.5 intervals
+    (``FIRST_FLUSH_SPREAD``), each later one an interval, give or take ``FLUSH_JITTER``, after
+    the previous one. The generator and the clock are handed in, so a test drives it::
+
+        schedule = ShipSchedule(random.Random(), time.monotonic)
+        schedule.wait()      # seconds until the next batch is due (negative: overdue)
+        schedule.due()       # whether it is due now
+        schedule.shipped()   # a batch left now: the next one is an interval away
+    """
+
+    def __init__(self, rng: random.Random, clock=time.monotonic) -> None:
+        self._rng, self._clock = rng, clock
+        self.next_at = clock() + FLUSH_INTERVAL_S * (1.0 + rng.uniform(-FIRST_FLUSH_SPREAD, FIRST_FLUSH_SPREAD))
+
+    def wait(self) -> float:
+        return self.next_at - self._clock()
+
+    def due(self) -> bool:
+        return self._clock() >= self.next_at
+
+    def shipped(self) -> None:
+        self.next_at = self._clock() + FLUSH_INTERVAL_S * (1.0 + self._rng.uniform(-FLUSH_JITTER, FLUSH_JITTER))
+
+
 class Sender:
     """Owns the queue and the thread; ``put`` from the training loop, ``close`` at the end."""
 
@@ -137,11 +162,10 @@ class Sender:
         backoff = Backoff()
         next_try = 0.0
         run_created = False
-        rand = random.Random()  # its own generator: the user's seeds stay untouched
-        next_ship = time.monotonic() + FLUSH_INTERVAL_S * (1.0 + rand.uniform(-FIRST_FLUSH_SPREAD, FIRST_FLUSH_SPREAD))
+        schedule = ShipSchedule(random.Random())  # its own generator: the user's seeds stay untouched
         while True:
             try:
-                rec = self._queue.get(timeout=max(0.05, next_ship - time.monotonic()))
+                rec = self._queue.get(timeout=max(0.05, schedule.wait()))
             except queue.Empty:
                 rec = None
             stop = rec is _STOP
@@ -158,11 +182,10 @@ class Sender:
             if self.dropped + self.spool_dropped != self._reported_drops and batch.last_step is not None \
                     and (batch.last_step != self._drop_step or DROPPED in batch.series):
                 self._report_drops(batch, batch.last_step)
-            due = stop or flush_event is not None or batch.points >= BATCH_POINTS \
-                or time.monotonic() >= next_ship
+            due = stop or flush_event is not None or batch.points >= BATCH_POINTS or schedule.due()
             if not due:
                 continue
-            next_ship = time.monotonic() + FLUSH_INTERVAL_S * (1.0 + rand.uniform(-FLUSH_JITTER, FLUSH_JITTER))
+            schedule.shipped()
             with _errors.swallowed("sender.ship"):
                 spool = self._open_spool()
                 for kind, body in batch.take():

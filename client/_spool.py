@@ -55,7 +55,6 @@ class Spool:
         self._read_seg = 0
         self._mem: deque = deque()
         self._next = None
-        self.memory_dropped = 0
         #: Lines skipped because they were not whole entries (a writer stopped mid-line).
         self.skipped = 0
         self.disk_ok = True
@@ -157,7 +156,6 @@ class Spool:
         lost = None
         if len(self._mem) >= MEMORY_FALLBACK_ENTRIES:
             lost = _entry(self._mem.popleft())
-            self.memory_dropped += 1
         self._mem.append(line)
         return lost
 

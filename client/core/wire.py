@@ -10,7 +10,9 @@ validates a column with one pass instead of building an object per point.
 
 Plain JSON has no NaN or infinity. Like the protobuf JSON mapping, a non-finite value
 travels as one of the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"``; every finite
-value is a JSON number. ``encode_value``/``decode_value`` are the two halves.
+value is a JSON number. ``encode_value``/``decode_value`` are the two halves, and
+``encode_values``/``decode_values`` the same for a column (the server's ingest parser decodes
+with ``decode_values``: there is one decoding).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ NAN = "NaN"
 POS_INF = "Infinity"
 NEG_INF = "-Infinity"
 _DECODE = {NAN: math.nan, POS_INF: math.inf, NEG_INF: -math.inf}
+_HINT = "non-finite values are 'NaN', 'Infinity', '-Infinity'"
 
 #: Largest batch the server takes in one request (points, summed over series).
 MAX_POINTS_PER_BATCH = 50_000
@@ -53,7 +56,7 @@ def decode_value(v: object) -> float:
         try:
             return _DECODE[v]
         except KeyError:
-            raise ValueError(f"not a number: {v!r} (non-finite values are 'NaN', 'Infinity', '-Infinity')") from None
+            raise ValueError(f"not a number: {v!r} ({_HINT})") from None
     raise ValueError(f"not a number: {v!r}")
 
 
@@ -63,4 +66,23 @@ def encode_values(xs) -> list:
     for i, x in enumerate(out):
         if not (x - x == 0.0):  # NaN or +-inf: inf - inf is NaN
             out[i] = encode_value(x)
+    return out
+
+
+def decode_values(raw: list) -> list[float]:
+    """Decode a column of wire values: ``raw`` itself when every value is already a float (the
+    common case, checked in C), else a copy with each value through ``decode_value``.
+
+    ``ValueError`` for the first value that is not a number, with its index: ``[3]: 'nan' is
+    not a number (...)``.
+    """
+    if set(map(type, raw)) == {float}:
+        return raw
+    out = list(raw)
+    for i, v in enumerate(out):
+        if type(v) is not float:
+            try:
+                out[i] = decode_value(v)
+            except ValueError:
+                raise ValueError(f"[{i}]: {v!r} is not a number ({_HINT})") from None
     return out

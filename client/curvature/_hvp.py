@@ -367,6 +367,3 @@ class HessianOperator:
 
     def _join(self, parts, k):
         return torch.cat([h.reshape(k, -1).to(self.dtype) for h in parts], dim=1)
-
-    def flat_params(self):
-        return torch.cat([p.detach().reshape(-1).to(self.dtype) for p in self._params])

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from sqlalchemy import Connection
 
-from stethoscope.core.detectors import RESOLVE, SEVERITIES, AlertChange, DetectorSet
+from stethoscope.core.detectors import RESOLVE, AlertChange, DetectorSet, severity_rank
 from stethoscope.core.detectors.stalled import StalledRunDetector
 
 from ..store.models import utcnow
@@ -40,7 +40,6 @@ from ..store import webhooks as _webhooks
 log = logging.getLogger("stethoscope.server.detectors")
 
 STALLED = StalledRunDetector.name
-_RANK = {s: i for i, s in enumerate(SEVERITIES)}
 
 
 class _ProjectDetectors:
@@ -156,7 +155,7 @@ class DetectorRunner:
                 events.append(("alert.opened", aid, 1))
             else:
                 _alerts.update_alert(conn, row.id, c, resolve=False)
-                if _RANK[c.severity] > _RANK.get(row.severity, 0):
+                if severity_rank(c.severity) > severity_rank(row.severity):
                     events.append(("alert.escalated", row.id, _alerts.next_change(conn, row.id)))
                 open_rows[k] = SimpleNamespace(id=row.id, severity=c.severity)
         if not events:

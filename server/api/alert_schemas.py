@@ -10,11 +10,14 @@ from pydantic import BaseModel, Field, field_validator
 
 from stethoscope.core.detectors import SEVERITIES
 
+from ..alerting.outbox import FORMATS
+from ..store.alerts import ALERT_STATUSES
+from ..store.webhooks import DELIVERY_STATUSES
 from .schemas import NO_NUL, Strict
 
 Severity = Literal[SEVERITIES]  # type: ignore[valid-type]
-AlertStatus = Literal["open", "resolved"]
-DeliveryStatus = Literal["pending", "delivered", "failed"]
+AlertStatus = Literal[ALERT_STATUSES]  # type: ignore[valid-type]
+DeliveryStatus = Literal[DELIVERY_STATUSES]  # type: ignore[valid-type]
 
 #: What a new webhook hears about unless told otherwise: ``info`` (e.g. sharpness nearing the
 #: edge of stability) is for the dashboard, not for a pager.
@@ -44,7 +47,8 @@ class WebhookCreate(Strict):
     secret: str | None = Field(default=None, min_length=8, max_length=200, pattern=NO_NUL,
                                description="HMAC key for X-Stethoscope-Signature; generated when absent; shown only in this reply")
     severities: list[Severity] = Field(default_factory=lambda: list(DEFAULT_WEBHOOK_SEVERITIES), min_length=1)
-    format: Literal["json", "slack"] = Field(default="json", description="json: the alert as an object; slack: {text, blocks} for a Slack incoming webhook")
+    format: Literal[FORMATS] = Field(  # type: ignore[valid-type]
+        default="json", description="json: the alert as an object; slack: {text, blocks} for a Slack incoming webhook")
     enabled: bool = True
 
     @field_validator("url")

@@ -6,16 +6,14 @@ than to store. The schema in ``api.schemas.IngestBatch`` documents the same shap
 
 from __future__ import annotations
 
-import math
 import time
 import zlib
 
-from stethoscope.core.wire import MAX_NAME_LENGTH, MAX_STEP
+from stethoscope.core.wire import MAX_NAME_LENGTH, MAX_STEP, decode_values
 
 from ..parsing import BadJSON, strict_json
 from ..store.points import SeriesBatch
 
-_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 _MIN_STEP = -MAX_STEP - 1
 
 
@@ -44,24 +42,10 @@ def decode_body(body: bytes, content_encoding: str | None, max_bytes: int) -> by
 
 
 def _values(raw: list, where: str) -> list[float]:
-    if set(map(type, raw)) == {float}:  # the common case, checked in C
-        return raw
-    out = raw
-    for i, v in enumerate(raw):
-        t = type(v)
-        if t is float:
-            continue
-        if t is int:
-            if out is raw:
-                out = list(raw)
-            out[i] = float(v)
-        elif t is str and v in _NONFINITE:
-            if out is raw:
-                out = list(raw)
-            out[i] = _NONFINITE[v]
-        else:
-            raise BadBatch(f"{where}.values[{i}]: {v!r} is not a number (non-finite values are 'NaN', 'Infinity', '-Infinity')")
-    return out
+    try:
+        return decode_values(raw)  # the wire format's one decoding of "NaN", "Infinity", "-Infinity"
+    except ValueError as e:
+        raise BadBatch(f"{where}.values{e}") from None
 
 
 def parse_batch(body: bytes, max_points: int) -> list[SeriesBatch]:

@@ -11,7 +11,7 @@ import orjson
 
 from stethoscope.core.wire import encode_values
 
-from .ingest_parse import BadBatch, decode_body, parse_batch
+from .ingest_parse import decode_body, parse_batch
 from ..ops.observability import METRICS, note_batch_points
 from .deps import SettingsDep, StoreDep, StrictJSONRoute
 from .runs import RunId
@@ -53,16 +53,9 @@ _INGEST_BODY = {"requestBody": {"required": True, "content": {"application/json"
 )
 async def ingest(run_id: RunId, request: Request, store: StoreDep, settings: SettingsDep):
     """Store a batch of points of one run. A 2xx reply means they are committed; resending stores nothing twice."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > settings.max_body_bytes:
-        raise BadBatch(f"body of {declared} bytes is larger than the limit of {settings.max_body_bytes}", 413)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > settings.max_body_bytes:
-            raise BadBatch(f"body is larger than the limit of {settings.max_body_bytes} bytes", 413)
-        chunks.append(chunk)
-    body = decode_body(b"".join(chunks), request.headers.get("content-encoding"), settings.max_body_bytes)
+    # The gate has read the body already, within STETHOSCOPE_MAX_BODY_BYTES (its one check of
+    # the size on the wire); decoding holds the decompressed body to the same limit.
+    body = decode_body(await request.body(), request.headers.get("content-encoding"), settings.max_body_bytes)
     batches = parse_batch(body, settings.max_points_per_batch)
     note_batch_points(request.scope, sum(len(b.steps) for b in batches))
     runner = request.app.state.run_in_thread

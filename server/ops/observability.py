@@ -8,7 +8,7 @@ three of them per request, next to milliseconds of parsing and SQL.
     METRICS.points_inserted.inc(123)
     with METRICS.detector_seconds.time():
         ...
-    text = render(METRICS, extra=[...])   # GET /metrics
+    text = render(METRICS.families())     # GET /metrics adds the gauges read from the database
 
 Each uvicorn worker process has its own values (they live in its memory), like
 ``prometheus_client`` without its multiprocess mode: with ``--workers N`` a scrape of the

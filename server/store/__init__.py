@@ -34,6 +34,7 @@ from .errors import Conflict, LimitExceeded, NotFound
 from .group_commit import GroupCommitter
 from .overview import Overview
 from .points import PointWriter, SeriesBatch
+from .sql import placeholder
 
 __all__ = ["Store", "SeriesBatch", "SeriesRead", "IngestResult", "NotFound", "Conflict", "LimitExceeded"]
 
@@ -250,7 +251,7 @@ class Store:
                 self._series_ids.popitem(last=False)
 
     def list_series(self, run_id: str) -> list[dict]:
-        ph = "%s" if self.dialect == "postgresql" else "?"
+        ph = placeholder(self.dialect)
         with self.reading() as conn:
             _runs.get_run(conn, run_id)
             rows = conn.execute(select(S.c.id, S.c.name).where(S.c.run_id == run_id).order_by(S.c.name)).all()

@@ -39,6 +39,8 @@ from collections import deque
 
 from stethoscope.core.detectors.stability_gap import ACC_PREFIX, RECOVER_POINTS, RECOVER_TOLERANCE, TASK_SERIES
 
+from .extremes import Extremes, emit_all
+
 __all__ = ["ACC_PREFIX", "TASK_SERIES", "Summary", "Switch", "compute", "downsample", "run_summary", "segments",
            "switch_gaps", "switches_from_events", "task_of", "wf_name"]
 
@@ -262,22 +264,22 @@ def task_of(series_name: str) -> str | None:
 
 
 def downsample(steps: list[int], values: list[float], max_points: int) -> tuple[list[int], list[float], bool]:
-    """At most ``max_points`` points: consecutive buckets each keep their minimum and maximum
-    (a gap's bottom is never averaged away)."""
+    """At most ``max_points`` points: consecutive buckets of points each keep their extremes
+    (``extremes.Extremes``: minimum, maximum, first NaN), so a gap's bottom is never averaged away."""
     n = len(steps)
     if n <= max_points:
         return steps, values, False
-    buckets = max(1, max_points // 2)
-    width = -(-n // buckets)
-    out_s: list[int] = []
-    out_v: list[float] = []
+    # The summary's series are finite (non-finite accuracies are skipped), so a bucket gives at
+    # most two points, its minimum and maximum; a NaN would add a third.
+    per_bucket = 3 if any(v != v for v in values) else 2
+    width = -(-n // max(1, max_points // per_bucket))
+    buckets = []
     for a in range(0, n, width):
-        idx = range(a, min(a + width, n))
-        lo = min(idx, key=values.__getitem__)
-        hi = max(idx, key=values.__getitem__)
-        for i in sorted({lo, hi}):
-            out_s.append(steps[i])
-            out_v.append(values[i])
+        ex = Extremes()
+        for i in range(a, min(a + width, n)):
+            ex.add_point(steps[i], values[i])
+        buckets.append(ex)
+    out_s, out_v = emit_all(buckets)
     return out_s, out_v, True
 
 
@@ -296,10 +298,10 @@ def run_summary(store, run_id: str, max_points: int = 2000) -> dict:
     from .models import Event, Point, Series
     from . import runs as _runs
 
-    S, P, E = Series.__table__, Point.__table__, Event.__table__
+    S, PT, E = Series.__table__, Point.__table__, Event.__table__
 
     def points(sid):
-        q = select(P.c.step, P.c.value).where(P.c.series_id == sid).order_by(P.c.step)
+        q = select(PT.c.step, PT.c.value).where(PT.c.series_id == sid).order_by(PT.c.step)
         return [(s, v) for s, v in conn.execute(q) if v is not None]  # NULL is how NaN is stored
 
     with store.reading() as conn:

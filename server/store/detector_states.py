@@ -18,6 +18,7 @@ from sqlalchemy import Connection, select
 
 from .models import Alert, DetectorState, Run
 from .detector_settings import stalled_timeouts
+from .sql import placeholder
 
 DS = DetectorState.__table__
 R = Run.__table__
@@ -29,7 +30,7 @@ STATE_KEY = ""
 
 def load_states(conn: Connection, run_id: str) -> dict[str, dict]:
     """A run's detector states, by detector."""
-    ph = "%s" if conn.dialect.name == "postgresql" else "?"
+    ph = placeholder(conn.dialect.name)
     rows = conn.exec_driver_sql(f"SELECT detector, state FROM detector_states WHERE run_id = {ph} AND key = ''", (run_id,)).all()
     # psycopg hands json columns over parsed; SQLite as text.
     return {d: (_parse(st) if isinstance(st, (str, bytes)) else st) or {} for d, st in rows}
@@ -59,8 +60,8 @@ def save_states(conn: Connection, run_id: str, states: dict[str, str], stored: s
     """Write encoded detector states (``encode_states``): UPDATE the rows that exist, INSERT
     the others (the run's row is locked by the transaction, so no other writer can insert
     them in between). Plain SQL, parameters as tuples: this runs on every ingest."""
-    pg = conn.dialect.name == "postgresql"
-    ph, js = ("%s", "CAST(%s AS json)") if pg else ("?", "?")
+    ph = placeholder(conn.dialect.name)
+    js = f"CAST({ph} AS json)" if conn.dialect.name == "postgresql" else ph
     ups = [(s, run_id, d) for d, s in states.items() if d in stored]
     new = [(run_id, d, s) for d, s in states.items() if d not in stored]
     if ups:

@@ -1,9 +1,10 @@
 """Reading a range of a series, downsampled to at most ``max_points`` points.
 
-Each output bucket keeps its minimum, its maximum and its first NaN (+-inf are the extremes
-themselves), so a spike, a dip or a non-finite point is never averaged away. Long ranges are
-read from the rollups written at ingest (``points.ROLLUP_LEVELS``), aligned so that every
-output bucket is a whole number of rollup buckets: the extremes are exact, not approximate.
+Each output bucket keeps its minimum, its maximum and its first NaN (``extremes.Extremes``, the
+bucket every downsampler shares; +-inf are the extremes themselves), so a spike, a dip or a
+non-finite point is never averaged away. Long ranges are read from the rollups written at
+ingest (``points.ROLLUP_LEVELS``), aligned so that every output bucket is a whole number of
+rollup buckets: the extremes are exact, not approximate.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection
 
+from .extremes import Extremes, emit_all
 from .points import ROLLUP_LEVELS
+from .sql import placeholder
 
 #: Points each output bucket may contribute: its min, its max and its first NaN.
 POINTS_PER_BUCKET = 3
@@ -30,39 +33,9 @@ class SeriesRead:
     downsampled: bool
 
 
-class _Extremes:
-    __slots__ = ("min_v", "min_s", "max_v", "max_s", "nan_s")
-
-    def __init__(self) -> None:
-        self.min_v = self.max_v = None
-        self.min_s = self.max_s = self.nan_s = None
-
-    def add(self, min_v, min_s, max_v, max_s, nan_s) -> None:
-        if min_v is not None and (self.min_v is None or min_v < self.min_v or (min_v == self.min_v and min_s < self.min_s)):
-            self.min_v, self.min_s = min_v, min_s
-        if max_v is not None and (self.max_v is None or max_v > self.max_v or (max_v == self.max_v and max_s < self.max_s)):
-            self.max_v, self.max_s = max_v, max_s
-        if nan_s is not None and (self.nan_s is None or nan_s < self.nan_s):
-            self.nan_s = nan_s
-
-    def add_point(self, s: int, v: float | None) -> None:
-        if v is None:
-            self.add(None, None, None, None, s)
-        else:
-            self.add(v, s, v, s, None)
-
-    def emit(self, out: dict[int, float]) -> None:
-        if self.min_s is not None:
-            out[self.min_s] = self.min_v
-        if self.max_s is not None:
-            out[self.max_s] = self.max_v
-        if self.nan_s is not None:
-            out[self.nan_s] = math.nan
-
-
 class SeriesReader:
     def __init__(self, dialect: str) -> None:
-        ph = self._ph = "%s" if dialect == "postgresql" else "?"
+        ph = self._ph = placeholder(dialect)
         # Two scalar subqueries so each can use the primary key's order (one probe each).
         self._bounds_cols = (
             f"(SELECT min(step) FROM points WHERE series_id = {ph} AND step >= {ph}), "
@@ -150,26 +123,26 @@ class SeriesReader:
             return SeriesRead([r[0] for r in rows], [math.nan if r[1] is None else r[1] for r in rows], False)
         width = hi - lo + 1
         bucket_width = -(-width // n_buckets)
-        buckets: dict[int, _Extremes] = {}
+        buckets: dict[int, Extremes] = {}
         for s, v in rows:
             b = (s - lo) // bucket_width
             ex = buckets.get(b)
             if ex is None:
-                ex = buckets[b] = _Extremes()
+                ex = buckets[b] = Extremes()
             ex.add_point(s, v)
         return _finish(buckets)
 
     def _read_rollups(self, conn, series_id, lo, hi, level, n_buckets) -> SeriesRead:
         blo, bhi = lo >> level, hi >> level
         group = -(-(bhi - blo + 1) // n_buckets)
-        buckets: dict[int, _Extremes] = {}
+        buckets: dict[int, Extremes] = {}
         rows = conn.exec_driver_sql(self._rollup_sql, (series_id, level, blo, bhi)).fetchall()
         for b, min_v, min_s, max_v, max_s, nan_s, first, last in rows:
             ex = buckets.get((b - blo) // group)
             if ex is None:
-                ex = buckets[(b - blo) // group] = _Extremes()
+                ex = buckets[(b - blo) // group] = Extremes()
             if first >= lo and last <= hi:
-                ex.add(min_v, min_s, max_v, max_s, nan_s)
+                ex.merge(min_v, min_s, max_v, max_s, nan_s)
             else:  # an edge bucket that the range cuts: its extremes may lie outside, read it
                 a, z = max(lo, b << level), min(hi, ((b + 1) << level) - 1)
                 for s, v in conn.exec_driver_sql(self._raw_sql, (series_id, a, z)):
@@ -177,9 +150,6 @@ class SeriesReader:
         return _finish(buckets)
 
 
-def _finish(buckets: dict[int, _Extremes]) -> SeriesRead:
-    out: dict[int, float] = {}
-    for ex in buckets.values():
-        ex.emit(out)
-    steps = sorted(out)
-    return SeriesRead(steps, [out[s] for s in steps], True)
+def _finish(buckets: dict[int, Extremes]) -> SeriesRead:
+    steps, values = emit_all(buckets.values())
+    return SeriesRead(steps, values, True)

@@ -15,21 +15,22 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
+from stethoscope.core.detectors import severity_rank
+
 from .alerts import alert_dict
 from .models import Alert, Project, Run, Series
+from .sql import placeholder
 
 if TYPE_CHECKING:
     from . import Store
 
-__all__ = ["Overview", "ALERT_LIMIT", "SEVERITY_RANK"]
+__all__ = ["Overview", "ALERT_LIMIT"]
 
 ALERTS = Alert.__table__
 PROJECTS = Project.__table__
 RUNS = Run.__table__
 SERIES = Series.__table__
 
-#: Worst first; the order the overview uses for a run's health.
-SEVERITY_RANK = {"critical": 3, "warning": 2, "info": 1}
 
 #: Most alerts a page lists at once; older ones are a filter away.
 ALERT_LIMIT = 500
@@ -70,7 +71,7 @@ class Overview:
             for rid, sev in conn.execute(stmt):
                 h = out.setdefault(rid, {"severity": None, "open": 0})
                 h["open"] += 1
-                if h["severity"] is None or SEVERITY_RANK.get(sev, 0) > SEVERITY_RANK.get(h["severity"], 0):
+                if h["severity"] is None or severity_rank(sev) > severity_rank(h["severity"]):
                     h["severity"] = sev
         return out
 
@@ -91,7 +92,7 @@ class Overview:
         """``{run_id: {series: last value}}`` for the named series (NaN stays NaN)."""
         if not run_ids:
             return {}
-        ph = "%s" if self._store.dialect == "postgresql" else "?"
+        ph = placeholder(self._store.dialect)
         last_sql = f"SELECT value FROM points WHERE series_id = {ph} ORDER BY step DESC LIMIT 1"
         out: dict[str, dict[str, float]] = {}
         with self._store.reading() as conn:

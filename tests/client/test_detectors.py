@@ -23,7 +23,8 @@ def test_public_names_are_pinned():
         "AlertChange", "DETECTORS", "Detector", "DetectorSet", "DivergenceDetector", "DivergenceParams",
         "EdgeOfStabilityDetector", "EdgeOfStabilityParams", "LossSpikeDetector", "LossSpikeParams", "OPEN", "RESOLVE",
         "SC_MARGIN_NATS", "SEVERITIES", "SoftmaxCollapseDetector", "SoftmaxCollapseParams",
-        "StabilityGapDetector", "StabilityGapParams", "StalledRunDetector", "StalledRunParams", "UPDATE"])
+        "StabilityGapDetector", "StabilityGapParams", "StalledRunDetector", "StalledRunParams", "UPDATE",
+        "severity_rank"])
     assert (D.OPEN, D.UPDATE, D.RESOLVE) == ("open", "update", "resolve")
     assert set(D.DETECTORS) == {"divergence", "loss_spike", "softmax_collapse", "edge_of_stability",
                                "stability_gap", "stalled"}
@@ -315,3 +316,9 @@ def test_route_gives_each_detector_its_points_in_step_order_once():
     by_series = [(n, [p[1] for p in points if p[0] == n], [p[2] for p in points if p[0] == n])
                  for n in ("loss", "grad/norm")]
     assert dset.update(a, points) == dset.feed(b, dset.route(by_series)) and a == b
+
+
+def test_severity_rank_is_the_one_order_of_severities():
+    # Episodes, the server's escalation check and the dashboard's run health all use this one.
+    assert [D.severity_rank(s) for s in D.SEVERITIES] == [0, 1, 2]
+    assert D.severity_rank("bogus") == D.severity_rank(None) == -1

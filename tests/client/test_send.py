@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import random
 import time
 
 import httpx
+import pytest
 import torch
 
 import stethoscope
@@ -77,45 +79,100 @@ def test_alerts_in_the_ingest_reply_reach_on_alert(live_server, tmp_path):
     assert alerts[0]["peak_step"] == 3
 
 
-def test_jobs_started_together_do_not_send_in_step(live_server, tmp_path):
+class _Clock:
+    """A clock that moves only when the test moves it."""
+
+    def __init__(self, t: float = 100.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class _Edges(random.Random):
+    """A generator whose ``uniform`` draws the low end, then the high end, in turn."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+        self.high = False
+
+    def uniform(self, a, b):
+        x = b if self.high else a
+        self.high = not self.high
+        return x
+
+
+def test_the_ship_schedule_spreads_the_first_batch_and_jitters_the_rest():
+    """The first batch leaves after 0.5 to 1.5 intervals, each later one an interval after the
+    previous, give or take 10%: the bounds, computed on an injected clock."""
+    from stethoscope._sender import FIRST_FLUSH_SPREAD, FLUSH_INTERVAL_S, FLUSH_JITTER, ShipSchedule
+
+    clock = _Clock()
+    schedule = ShipSchedule(_Edges(), clock)  # the low end first
+    assert schedule.next_at == pytest.approx(100.0 + FLUSH_INTERVAL_S * (1 - FIRST_FLUSH_SPREAD))
+    assert schedule.wait() == pytest.approx(FLUSH_INTERVAL_S * (1 - FIRST_FLUSH_SPREAD)) and not schedule.due()
+    clock.t = schedule.next_at
+    assert schedule.due() and schedule.wait() == 0.0
+    schedule.shipped()  # the high end
+    assert schedule.next_at - clock.t == pytest.approx(FLUSH_INTERVAL_S * (1 + FLUSH_JITTER))
+    clock.t += 5.0  # shipped late (the thread was busy): the next one is an interval after that
+    schedule.shipped()  # the low end
+    assert schedule.next_at - clock.t == pytest.approx(FLUSH_INTERVAL_S * (1 - FLUSH_JITTER))
+
+
+def test_jobs_started_together_do_not_send_in_step():
     """Jobs launched together (a sweep, the ranks of one job) must not hit the server in the
-    same instant every second: each sender's first batch leaves at its own random moment
-    (0.5 to 1.5 intervals), and later ones an interval apart, give or take 10%."""
+    same instant every second: each sender's first batch leaves at its own random moment, and
+    later ones an interval apart, give or take 10%. Six schedules started at one instant on an
+    injected clock, each with its own generator as each sender has, shipping when due."""
+    from stethoscope._sender import FIRST_FLUSH_SPREAD, FLUSH_INTERVAL_S, FLUSH_JITTER, ShipSchedule
+
+    clock = _Clock(0.0)
+    schedules = [ShipSchedule(random.Random(seed), clock) for seed in range(6)]
+    shipped: list[list[float]] = [[] for _ in schedules]
+    while clock.t < 20 * FLUSH_INTERVAL_S:
+        clock.t = min(s.next_at for s in schedules)  # the next moment any sender is due
+        for s, times in zip(schedules, shipped):
+            if s.due():
+                times.append(clock.t)
+                s.shipped()
+    firsts = [t[0] for t in shipped]
+    lo, hi = FLUSH_INTERVAL_S * (1 - FIRST_FLUSH_SPREAD), FLUSH_INTERVAL_S * (1 + FIRST_FLUSH_SPREAD)
+    assert all(lo <= f <= hi for f in firsts), firsts
+    assert max(firsts) - min(firsts) > 0.1 * FLUSH_INTERVAL_S, firsts
+    lo, hi = FLUSH_INTERVAL_S * (1 - FLUSH_JITTER), FLUSH_INTERVAL_S * (1 + FLUSH_JITTER)
+    for times in shipped:
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        assert len(gaps) >= 15 and all(lo <= g <= hi for g in gaps), gaps
+    moments = [t for times in shipped for t in times]
+    assert len(set(moments)) == len(moments)  # no two senders ship at one moment
+
+
+def test_each_sender_runs_its_own_schedule(live_server, tmp_path, monkeypatch):
+    """The sender ships on a ``ShipSchedule`` with a generator of its own (so jobs whose users
+    seed ``random`` alike still spread out); what every job logs arrives whole."""
     from stethoscope import _sender
 
-    mons, shipped = [], []
-    for i in range(6):
+    made = []
+
+    class Recorded(_sender.ShipSchedule):
+        def __init__(self, rng, clock=time.monotonic):
+            super().__init__(rng, clock)
+            made.append(rng)
+
+    monkeypatch.setattr(_sender, "ShipSchedule", Recorded)
+    mons = []
+    for i in range(3):
         model = TinyNet()
-        mon = stethoscope.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), project="herd",
-                                 server=live_server.url, spool_dir=tmp_path / f"s{i}")
-        times: list[float] = []
-        inner = mon._sender.transport.request
-
-        def request(method, path, payload=None, compress=False, inner=inner, times=times):
-            if method == "POST" and path.endswith("/points"):
-                times.append(time.monotonic())
-            return inner(method, path, payload, compress)
-
-        mon._sender.transport.request = request
-        mons.append(mon)
-        shipped.append(times)
-    start = time.monotonic()
-    for step in range(40):  # every job logs at the same moments, 4 s in all
+        mons.append(stethoscope.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), project="herd",
+                                       server=live_server.url, spool_dir=tmp_path / f"s{i}"))
+    for step in range(40):
         for mon in mons:
             mon.log(step=step, loss=1.0 / (step + 1))
-        time.sleep(max(0.0, start + (step + 1) * 0.1 - time.monotonic()))
-    interval = _sender.FLUSH_INTERVAL_S
-    firsts = [t[0] - start for t in shipped]
-    for times in shipped:
-        assert len(times) >= 2, shipped
-        gaps = [b - a for a, b in zip(times, times[1:])]
-        assert min(gaps) >= interval * (1 - _sender.FLUSH_JITTER) - 0.02, gaps
-    # Thread start-up may add a little; nothing leaves before half an interval.
-    assert all(interval * (1 - _sender.FIRST_FLUSH_SPREAD) - 0.02 <= f <= interval * (1 + _sender.FIRST_FLUSH_SPREAD) + 0.5 for f in firsts), firsts
-    # Six uniform draws over one interval lie within 0.1 of each other with odds of about 1e-4.
-    assert max(firsts) - min(firsts) > 0.1 * interval, firsts
     for mon in mons:
         mon.close()
+    assert len(made) == 3 and len({id(r) for r in made}) == 3
+    assert all(type(r) is random.Random and r is not random._inst for r in made)
     for mon in mons:
         steps, _ = read_series(live_server.url, mon.run_id, "loss")
         assert steps == list(range(40))

@@ -130,7 +130,7 @@ def test_oversized_batches_are_413(client, live_server):
     r = client.post(f"/runs/{run}/points", json={"series": [{"name": "a", "steps": list(range(limit + 1)), "values": [0.0] * (limit + 1)}]})
     assert r.status_code == 413 and "split it" in r.json()["detail"]
     r = client.post(f"/runs/{run}/points", content=b" " * (live_server.settings.max_body_bytes + 1), headers={"content-type": "application/json"})
-    assert r.status_code == 413
+    assert r.status_code == 413 and "STETHOSCOPE_MAX_BODY_BYTES" in r.json()["detail"]  # the gate's one check
     bomb = gzip.compress(b" " * (live_server.settings.max_body_bytes + 10))
     r = client.post(f"/runs/{run}/points", content=bomb, headers={"content-type": "application/json", "content-encoding": "gzip"})
     assert r.status_code == 413
@@ -266,3 +266,29 @@ def test_read_many_gives_what_read_series_gives_one_by_one(client, live_server):
             want = store.read_series(run, name, start, end, max_points)
             assert got[name].steps == want.steps and got[name].downsampled == want.downsampled, (name, start, end)
             assert [_bits(v) for v in got[name].values] == [_bits(v) for v in want.values], (name, start, end)
+
+
+def test_downsamplers_agree_because_they_share_one_bucket(client):
+    """Issue 15: the rollups written at ingest (both their fast path and their point-by-point
+    path), the range read and the continual summary's downsampler keep the same points of a
+    bucket (min, max, first NaN; ties to the smaller step), because they share ``Extremes``."""
+    from stethoscope_server.store.continual import downsample
+
+    run = _run(client)
+    n = 640  # ten 64-step buckets at the finest rollup level
+    rng = random.Random(15)
+    with_nan = [float(rng.choice([1, 2, 3])) for _ in range(n)]  # ties in every bucket
+    nonfinite = {5: math.nan, 9: math.nan, 70: math.inf, 71: -math.inf, 200: math.nan, 201: -math.inf, 639: math.inf}
+    for i, v in nonfinite.items():
+        with_nan[i] = v
+    finite = [float(rng.choice([1, 2, 3])) for _ in range(n)]
+    finite[100] = finite[300] = math.inf  # a sum that stays inf: the rollups' sorted fast path
+    assert _post(client, run, [("a", range(n), with_nan), ("b", range(n), finite)]).status_code == 200
+    for name, values in (("a", with_nan), ("b", finite)):
+        per_bucket = 3 if name == "a" else 2
+        # max_points 30 reads the level-6 rollups (one per output bucket); 300 buckets raw points.
+        for max_points in (30, 300):
+            steps, got, down = _read(client, run, name, max_points=max_points)
+            assert down
+            want_s, want_v, _ = downsample(list(range(n)), values, max_points * per_bucket // 3)
+            assert (steps, [repr(v) for v in got]) == (want_s, [repr(v) for v in want_v]), (name, max_points)

@@ -12,7 +12,7 @@ The same code runs inside the server on ingest and inside a training job offline
 Standard library only: no torch, no numpy.
 """
 
-from ._base import OPEN, RESOLVE, SEVERITIES, UPDATE, AlertChange, Detector
+from ._base import OPEN, RESOLVE, SEVERITIES, UPDATE, AlertChange, Detector, severity_rank
 from ._engine import DETECTORS, DetectorSet
 from .divergence import DivergenceDetector, DivergenceParams
 from .edge_of_stability import EdgeOfStabilityDetector, EdgeOfStabilityParams
@@ -43,4 +43,5 @@ __all__ = [
     "StalledRunDetector",
     "StalledRunParams",
     "UPDATE",
+    "severity_rank",
 ]

@@ -16,6 +16,16 @@ from ..wire import encode_value
 SEVERITIES = ("info", "warning", "critical")
 _RANK = {s: i for i, s in enumerate(SEVERITIES)}
 
+
+def severity_rank(severity: str | None) -> int:
+    """How bad ``severity`` is: 0 for ``info`` and up in :data:`SEVERITIES` order.
+
+    The one ordering of severities: episodes, the server's escalation check and the
+    dashboard's run health all compare with it. Anything that is not a severity (``None``,
+    an unknown name) ranks -1, below ``info``.
+    """
+    return _RANK.get(severity, -1)  # type: ignore[arg-type]
+
 #: Actions an :class:`AlertChange` carries.
 OPEN, UPDATE, RESOLVE = "open", "update", "resolve"
 
@@ -176,8 +186,8 @@ class Detector:
         ep["clear"] = 0
         ep.pop("cleared_at", None)
         ep.pop("clear_step", None)
-        worse = _RANK[severity] > _RANK[ep["severity"]]
-        if worse or (_RANK[severity] == _RANK[ep["severity"]] and _json_score(score) > ep["score"]):
+        worse = severity_rank(severity) > severity_rank(ep["severity"])
+        if worse or (severity_rank(severity) == severity_rank(ep["severity"]) and _json_score(score) > ep["score"]):
             ep.update(severity=severity, peak=step, score=_json_score(score), message=message,
                       evidence=json_safe(evidence))
         log.add(self._change(UPDATE, key, ep))
