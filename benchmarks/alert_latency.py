@@ -79,7 +79,12 @@ def _conn(url: str) -> http.client.HTTPConnection:
 
 
 def _request(conn, method, path, body=None):
-    conn.request(method, path, body=None if body is None else json.dumps(body).encode(), headers={"content-type": "application/json"})
+    conn.request(
+        method,
+        path,
+        body=None if body is None else json.dumps(body).encode(),
+        headers={"content-type": "application/json"},
+    )
     r = conn.getresponse()
     data = r.read()
     if r.status >= 300:
@@ -102,12 +107,22 @@ def measure_latency(url: str, trials: int) -> dict:
         _request(conn, "PUT", f"/api/v1/runs/{run}", {"project": "bench"})
         for a in range(0, WARMUP_STEPS, BATCH_STEPS):
             steps = range(a, a + BATCH_STEPS)
-            _request(conn, "POST", f"/api/v1/runs/{run}/points", {"series": [{"name": "loss", "steps": list(steps), "values": _loss(rng, steps)}]})
+            _request(
+                conn,
+                "POST",
+                f"/api/v1/runs/{run}/points",
+                {"series": [{"name": "loss", "steps": list(steps), "values": _loss(rng, steps)}]},
+            )
         steps = range(WARMUP_STEPS, WARMUP_STEPS + BATCH_STEPS)
         values = _loss(rng, steps)
         values[-1] = 40.0  # the spike, last point of the batch
         t0 = time.perf_counter()
-        reply = _request(conn, "POST", f"/api/v1/runs/{run}/points", {"series": [{"name": "loss", "steps": list(steps), "values": values}]})
+        reply = _request(
+            conn,
+            "POST",
+            f"/api/v1/runs/{run}/points",
+            {"series": [{"name": "loss", "steps": list(steps), "values": values}]},
+        )
         t1 = time.perf_counter()
         (alert,) = reply["alerts"]
         listed = _request(conn, "GET", f"/api/v1/runs/{run}/alerts")
@@ -143,7 +158,14 @@ def measure_ingest(url: str, seconds: float) -> float:
     while time.monotonic() < t_end:
         steps = range(step, step + BATCH_STEPS)
         loss = _loss(rng, steps)
-        series = [{"name": n, "steps": list(steps), "values": loss if n == "loss" else [1.0 + 0.1 * rng.random() for _ in steps]} for n in names]
+        series = [
+            {
+                "name": n,
+                "steps": list(steps),
+                "values": loss if n == "loss" else [1.0 + 0.1 * rng.random() for _ in steps],
+            }
+            for n in names
+        ]
         points += _request(conn, "POST", f"/api/v1/runs/{run}/points", {"series": series})["inserted"]
         step += BATCH_STEPS
     return points / (time.perf_counter() - t0)

@@ -51,9 +51,17 @@ def main():
                 ev.add_task(t, torch.randn(per_task, 16), torch.randint(0, 8, (per_task,)))
             loop(model, opt, 30, ev)
             with_ev = loop(model, opt, args.steps, ev)
-            out.append({"hidden": hidden, "tasks": 4, "samples_per_task": per_task, "train_step_ms": base * 1e3,
-                        "with_eval_ms": with_ev * 1e3, "eval_ms_per_step": (with_ev - base) * 1e3,
-                        "overhead": (with_ev - base) / base})
+            out.append(
+                {
+                    "hidden": hidden,
+                    "tasks": 4,
+                    "samples_per_task": per_task,
+                    "train_step_ms": base * 1e3,
+                    "with_eval_ms": with_ev * 1e3,
+                    "eval_ms_per_step": (with_ev - base) * 1e3,
+                    "overhead": (with_ev - base) / base,
+                }
+            )
     print(json.dumps({"benchmark": "continual_eval", "threads": args.threads, "results": out}, indent=1))
 
 

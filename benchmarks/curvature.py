@@ -58,10 +58,19 @@ def make_problem(kind, seed=0):
     else:
         dim = (3, 32, 32)
         model = nn.Sequential(
-            nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(128 * 16, 256), nn.ReLU(), nn.Linear(256, 10),
+            nn.Conv2d(3, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(128, 128, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(128 * 16, 256),
+            nn.ReLU(),
+            nn.Linear(256, 10),
         )
     means = torch.randn(10, *dim, generator=g) * 0.3
 
@@ -96,8 +105,9 @@ def reference(model, loss_fn, batch, seed, rel_tol=0.05, tol=1e-3, max_iter=300,
     x, y = batch
     names = [n for n, _ in model.named_parameters()]
     leaves = [p.detach().requires_grad_(True) for p in model.parameters()]
-    grads = torch.autograd.grad(loss_fn(functional_call(model, dict(zip(names, leaves)), (x,)), y), leaves,
-                                create_graph=True)
+    grads = torch.autograd.grad(
+        loss_fn(functional_call(model, dict(zip(names, leaves)), (x,)), y), leaves, create_graph=True
+    )
     gen = torch.Generator().manual_seed(seed)
     hvps = 0
 
@@ -136,9 +146,17 @@ def reference(model, loss_fn, batch, seed, rel_tol=0.05, tol=1e-3, max_iter=300,
                 break
     mean = statistics.fmean(samples)
     se = statistics.stdev(samples) / math.sqrt(len(samples))
-    return dict(trace=mean, trace_stderr=se, lambda_max=eig, hvps=hvps, power_hvps=power_hvps,
-                trace_hvps=len(samples), seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0,
-                eig_seconds=t_eig)
+    return dict(
+        trace=mean,
+        trace_stderr=se,
+        lambda_max=eig,
+        hvps=hvps,
+        power_hvps=power_hvps,
+        trace_hvps=len(samples),
+        seconds=time.perf_counter() - t0,
+        cpu_seconds=time.process_time() - c0,
+        eig_seconds=t_eig,
+    )
 
 
 def per_probe_counts(model, loss_fn, batch, truth_trace, probes=40):
@@ -158,10 +176,14 @@ def per_probe_counts(model, loss_fn, batch, truth_trace, probes=40):
             W = V - (V @ basis.T) @ basis
             defl += (W * op.matvec(W)).sum(1).tolist()
     need = lambda s: math.ceil((statistics.stdev(s) / (0.05 * abs(truth_trace))) ** 2)  # noqa: E731
-    return dict(lanczos_steps=res.iterations, plain_probes_for_5pct=need(plain),
-                deflated_probes_for_5pct=need(defl),
-                ours_total_for_5pct=res.iterations + need(defl),
-                plain_sd=statistics.stdev(plain), deflated_sd=statistics.stdev(defl))
+    return dict(
+        lanczos_steps=res.iterations,
+        plain_probes_for_5pct=need(plain),
+        deflated_probes_for_5pct=need(defl),
+        ours_total_for_5pct=res.iterations + need(defl),
+        plain_sd=statistics.stdev(plain),
+        deflated_sd=statistics.stdev(defl),
+    )
 
 
 def main():
@@ -180,15 +202,28 @@ def main():
     train(model, data, 200)
     loss_fn = nn.CrossEntropyLoss()
     batch = data(args.batch)
-    emit("setup", model=args.model, params=n_params, curvature_batch=args.batch, threads=torch.get_num_threads(),
-         torch=torch.__version__)
+    emit(
+        "setup",
+        model=args.model,
+        params=n_params,
+        curvature_batch=args.batch,
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+    )
 
     # yardstick
     t0 = time.perf_counter()
-    truth = estimate_curvature(model, loss_fn, batch, tol=1e-9, max_iter=60, rel_tol=0.01, max_hvps=1000,
-                               seed=999, backend="autograd")
-    emit("truth", lambda_max=truth.lambda_max, trace=truth.trace, trace_stderr=truth.trace_stderr,
-         hvps=truth.hvps, seconds=time.perf_counter() - t0)
+    truth = estimate_curvature(
+        model, loss_fn, batch, tol=1e-9, max_iter=60, rel_tol=0.01, max_hvps=1000, seed=999, backend="autograd"
+    )
+    emit(
+        "truth",
+        lambda_max=truth.lambda_max,
+        trace=truth.trace,
+        trace_stderr=truth.trace_stderr,
+        hvps=truth.hvps,
+        seconds=time.perf_counter() - t0,
+    )
 
     # warm-up: lets "auto" pick its backend once, as the monitor does on its first estimate
     warm = estimate_curvature(model, loss_fn, batch, seed=12345)
@@ -211,9 +246,19 @@ def main():
             emit("reference", repeat=r, tol=tol, **ref)
         c0 = time.process_time()
         est = estimate_curvature(model, loss_fn, batch, seed=r, backend=backend)
-        ours = errors(dict(trace=est.trace, trace_stderr=est.trace_stderr, lambda_max=est.lambda_max,
-                           hvps=est.hvps, seconds=est.seconds, cpu_seconds=time.process_time() - c0,
-                           backend=est.backend), est.lambda_max, est.trace)
+        ours = errors(
+            dict(
+                trace=est.trace,
+                trace_stderr=est.trace_stderr,
+                lambda_max=est.lambda_max,
+                hvps=est.hvps,
+                seconds=est.seconds,
+                cpu_seconds=time.process_time() - c0,
+                backend=est.backend,
+            ),
+            est.lambda_max,
+            est.trace,
+        )
         runs["ours"].append(ours)
         emit("ours", repeat=r, **ours)
 
@@ -222,10 +267,15 @@ def main():
     def summary(key):
         rs = runs[key]
         med = lambda k: statistics.median(x[k] for x in rs)  # noqa: E731
-        return dict(seconds=med("seconds"), cpu_seconds=med("cpu_seconds"), hvps=med("hvps"),
-                    ms_per_hvp=1000 * med("cpu_seconds") / med("hvps"),
-                    lambda_rel_err=med("lambda_rel_err"), trace_rel_err=med("trace_rel_err"),
-                    trace_rse=statistics.median(x["trace_stderr"] / abs(x["trace"]) for x in rs))
+        return dict(
+            seconds=med("seconds"),
+            cpu_seconds=med("cpu_seconds"),
+            hvps=med("hvps"),
+            ms_per_hvp=1000 * med("cpu_seconds") / med("hvps"),
+            lambda_rel_err=med("lambda_rel_err"),
+            trace_rel_err=med("trace_rel_err"),
+            trace_rse=statistics.median(x["trace_stderr"] / abs(x["trace"]) for x in rs),
+        )
 
     ours = summary("ours")
     refs = {f"ref_tol_{tol:g}": summary(("ref", tol)) for tol in ref_tols}
@@ -234,13 +284,21 @@ def main():
     matching = [k for k, v in refs.items() if v["lambda_rel_err"] <= ours["lambda_rel_err"]]
     eq = matching[0] if matching else min(refs, key=lambda k: refs[k]["lambda_rel_err"])
     default = refs["ref_tol_0.001"]
-    emit("compare", model=args.model, params=n_params, threads=torch.get_num_threads(), ours=ours, **refs,
-         equal_accuracy_reference=eq, reference_reaches_our_accuracy=bool(matching),
-         speedup_equal_accuracy_cpu=refs[eq]["cpu_seconds"] / ours["cpu_seconds"],
-         speedup_equal_accuracy_wall=refs[eq]["seconds"] / ours["seconds"],
-         hvp_ratio_equal_accuracy=refs[eq]["hvps"] / ours["hvps"],
-         speedup_vs_pyhessian_default_cpu=default["cpu_seconds"] / ours["cpu_seconds"],
-         hvp_ratio_vs_pyhessian_default=default["hvps"] / ours["hvps"])
+    emit(
+        "compare",
+        model=args.model,
+        params=n_params,
+        threads=torch.get_num_threads(),
+        ours=ours,
+        **refs,
+        equal_accuracy_reference=eq,
+        reference_reaches_our_accuracy=bool(matching),
+        speedup_equal_accuracy_cpu=refs[eq]["cpu_seconds"] / ours["cpu_seconds"],
+        speedup_equal_accuracy_wall=refs[eq]["seconds"] / ours["seconds"],
+        hvp_ratio_equal_accuracy=refs[eq]["hvps"] / ours["hvps"],
+        speedup_vs_pyhessian_default_cpu=default["cpu_seconds"] / ours["cpu_seconds"],
+        hvp_ratio_vs_pyhessian_default=default["hvps"] / ours["hvps"],
+    )
 
     # amortised overhead of the default schedule on training: wall and CPU time (with one
     # thread the CPU time is what the machine's other load cannot inflate)
@@ -252,15 +310,26 @@ def main():
         if phase == "base":
             base.append(train(model, data, steps)[:2])
         else:
-            with_mon = train(model, data, steps,
-                             monitor=lambda opt: CurvatureMonitor(model, loss_fn, batch=fixed, optimizer=opt))
+            with_mon = train(
+                model, data, steps, monitor=lambda opt: CurvatureMonitor(model, loss_fn, batch=fixed, optimizer=opt)
+            )
     wall = statistics.fmean(b[0] for b in base)
     cpu = statistics.fmean(b[1] for b in base)
     mon = with_mon[2]
-    emit("overhead", steps=steps, budget=mon.schedule.budget, estimates=mon.estimates, backend=mon.backend,
-         baseline_wall=[b[0] for b in base], monitored_wall=with_mon[0], overhead_wall=(with_mon[0] - wall) / wall,
-         baseline_cpu=[b[1] for b in base], monitored_cpu=with_mon[1], overhead_cpu=(with_mon[1] - cpu) / cpu,
-         monitor_measured_share=mon.overhead)
+    emit(
+        "overhead",
+        steps=steps,
+        budget=mon.schedule.budget,
+        estimates=mon.estimates,
+        backend=mon.backend,
+        baseline_wall=[b[0] for b in base],
+        monitored_wall=with_mon[0],
+        overhead_wall=(with_mon[0] - wall) / wall,
+        baseline_cpu=[b[1] for b in base],
+        monitored_cpu=with_mon[1],
+        overhead_cpu=(with_mon[1] - cpu) / cpu,
+        monitor_measured_share=mon.overhead,
+    )
 
 
 if __name__ == "__main__":

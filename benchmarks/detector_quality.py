@@ -26,6 +26,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests" / "client"))
 
 import _detector_scenarios as S  # noqa: E402
+
 from stethoscope.core.detectors import DETECTORS, DetectorSet  # noqa: E402
 
 
@@ -55,13 +56,19 @@ def score(scenarios):
             if hits:
                 st["detected"] += 1
                 st["leads"].append(e.step - min(hits))
-        per_run.append({"run": sc.name, "events": [(e.detector, e.step) for e in events],
-                        "alerts": [(c.detector, c.key, c.severity, at) for c, at in opens]})
+        per_run.append(
+            {
+                "run": sc.name,
+                "events": [(e.detector, e.step) for e in events],
+                "alerts": [(c.detector, c.key, c.severity, at) for c, at in opens],
+            }
+        )
     out = {}
     for name, st in stats.items():
         leads = st["leads"]
         out[name] = {
-            "alerts": st["alerts"], "events": st["events"],
+            "alerts": st["alerts"],
+            "events": st["events"],
             "precision": round(st["true_alerts"] / st["alerts"], 3) if st["alerts"] else None,
             "recall": round(st["detected"] / st["events"], 3) if st["events"] else None,
             "lead_steps": {"min": min(leads), "median": statistics.median(leads), "max": max(leads)} if leads else None,
@@ -77,7 +84,7 @@ def cost(scenarios, batch=1000, repeat=3):
         for sc in scenarios:
             ds, state = DetectorSet(sc.settings), {}
             for i in range(0, len(sc.points), batch):
-                ds.update(state, sc.points[i:i + batch])
+                ds.update(state, sc.points[i : i + batch])
         best = min(best, time.perf_counter() - t)
     return {"points": points, "batch": batch, "us_per_point": round(1e6 * best / points, 2)}
 
@@ -88,13 +95,25 @@ def main():
     ap.add_argument("--runs", action="store_true", help="also list every run's events and alerts")
     args = ap.parse_args()
     seeds = range(args.seeds)
-    scenarios = [S.softmax_collapse_modular(), S.edge_of_stability_gd()] + [S.healthy_gd_below_edge(s) for s in seeds[:1]]
-    for f in (S.corrupted_batches, S.lr_bumps, S.divergence_lr_warmup, S.divergence_constant_lr,
-              S.healthy_adam_warmup, S.healthy_sgd_small_batch):
+    scenarios = [S.softmax_collapse_modular(), S.edge_of_stability_gd()] + [
+        S.healthy_gd_below_edge(s) for s in seeds[:1]
+    ]
+    for f in (
+        S.corrupted_batches,
+        S.lr_bumps,
+        S.divergence_lr_warmup,
+        S.divergence_constant_lr,
+        S.healthy_adam_warmup,
+        S.healthy_sgd_small_batch,
+    ):
         scenarios += [f(seed=s) for s in seeds]
     quality, runs = score(scenarios)
-    report = {"runs": len(scenarios), "healthy_runs": sum(not sc.events for sc in scenarios),
-              "detectors": quality, "cost": cost(scenarios)}
+    report = {
+        "runs": len(scenarios),
+        "healthy_runs": sum(not sc.events for sc in scenarios),
+        "detectors": quality,
+        "cost": cost(scenarios),
+    }
     if args.runs:
         report["per_run"] = runs
     print(json.dumps(report, indent=2))

@@ -70,8 +70,7 @@ def measure(every, steps, warmup, args, spool):
     hooked = copy.deepcopy(base)
     opt_a = torch.optim.AdamW(base.parameters(), lr=3e-4)
     opt_b = torch.optim.AdamW(hooked.parameters(), lr=3e-4)
-    mon = stethoscope.attach(hooked, opt_b, run=f"bench-every{every}", server="offline", spool_dir=spool,
-                             every=every)
+    mon = stethoscope.attach(hooked, opt_b, run=f"bench-every{every}", server="offline", spool_dir=spool, every=every)
     g = torch.Generator().manual_seed(1)
     plain, with_hook, log_us = [], [], []
     for i in range(warmup + steps):
@@ -91,13 +90,16 @@ def measure(every, steps, warmup, args, spool):
     mon.close()
     ratios = [b / a for a, b in zip(plain, with_hook)]
     return {
-        "bench": "hook_overhead", "every": every, "steps": steps,
+        "bench": "hook_overhead",
+        "every": every,
+        "steps": steps,
         "median_step_ms_plain": round(statistics.median(plain) * 1e3, 3),
         "median_step_ms_hook": round(statistics.median(with_hook) * 1e3, 3),
         "median_ratio": round(statistics.median(with_hook) / statistics.median(plain), 4),
         "median_pairwise_ratio": round(statistics.median(ratios), 4),
         "median_log_call_us_logging_step": round(statistics.median(log_us), 1),
-        "dropped": mon.dropped, "params": sum(p.numel() for p in base.parameters()),
+        "dropped": mon.dropped,
+        "params": sum(p.numel() for p in base.parameters()),
         "threads": torch.get_num_threads(),
     }
 
@@ -107,10 +109,14 @@ def log_call_cost(spool, n=2000):
     model = TinyLM(64, 32, 1, seq=16)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     out = {"bench": "log_call_us"}
-    for label, every, kwargs in (("loss_tensor", 1, {}), ("loss_tensor_every10_skipped", 10, {}),
-                                 ("loss_float_and_scalar", 1, {"float": True})):
-        mon = stethoscope.attach(model, opt, run=f"bench-call-{label}", server="offline", spool_dir=spool,
-                                 every=every, update_ratio=False)
+    for label, every, kwargs in (
+        ("loss_tensor", 1, {}),
+        ("loss_tensor_every10_skipped", 10, {}),
+        ("loss_float_and_scalar", 1, {"float": True}),
+    ):
+        mon = stethoscope.attach(
+            model, opt, run=f"bench-call-{label}", server="offline", spool_dir=spool, every=every, update_ratio=False
+        )
         loss = torch.tensor(1.5)
         times = []
         for i in range(n):

@@ -51,7 +51,19 @@ def _sender(url: str, run_id: str, seconds: float, out: "mp.Queue") -> None:
     wall = time.time()
     while time.monotonic() < t_end:
         steps = list(range(step, step + STEPS_PER_BATCH))
-        body = orjson.dumps({"series": [{"name": n, "steps": steps, "values": [0.5 + 1e-4 * s for s in steps], "walls": [wall] * STEPS_PER_BATCH} for n in names]})
+        body = orjson.dumps(
+            {
+                "series": [
+                    {
+                        "name": n,
+                        "steps": steps,
+                        "values": [0.5 + 1e-4 * s for s in steps],
+                        "walls": [wall] * STEPS_PER_BATCH,
+                    }
+                    for n in names
+                ]
+            }
+        )
         t0 = time.perf_counter()
         try:
             reply = _request(conn, "POST", f"/api/v1/runs/{run_id}/points", body)
@@ -120,7 +132,11 @@ def measure_read(url: str, repeats: int = 15) -> dict:
         t0 = time.perf_counter()
         _request(conn, "GET", f"/api/v1/runs/{run}/series/loss?max_points=2000&start={a}&end={a + 50_000}")
         zoom.append(time.perf_counter() - t0)
-    return {"read_1m_to_2000_ms": round(median(times) * 1e3, 1), "read_points_returned": n, "read_zoom_50k_ms": round(median(zoom) * 1e3, 1)}
+    return {
+        "read_1m_to_2000_ms": round(median(times) * 1e3, 1),
+        "read_points_returned": n,
+        "read_zoom_50k_ms": round(median(zoom) * 1e3, 1),
+    }
 
 
 def main() -> None:
@@ -132,7 +148,12 @@ def main() -> None:
     args = ap.parse_args()
     for kind in args.db.split(","):
         with fresh_database(kind) as db_url, server(db_url, args.workers) as srv:
-            result = {"benchmark": "ingest", "database": kind, "workers": args.workers, "batch_points": SERIES * STEPS_PER_BATCH}
+            result = {
+                "benchmark": "ingest",
+                "database": kind,
+                "workers": args.workers,
+                "batch_points": SERIES * STEPS_PER_BATCH,
+            }
             result.update(measure_ingest(srv, args.senders, args.seconds))
             result.update(measure_read(srv.url))
             result["target_points_per_s"] = 250_000 if kind == "sqlite" else 150_000

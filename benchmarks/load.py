@@ -128,7 +128,9 @@ class _Clock:
         return self.start
 
 
-def _job(i: int, url: str, run_id: str, clock: _Clock, seconds: float, nan_at: float | None, spool: str, out: dict) -> None:
+def _job(
+    i: int, url: str, run_id: str, clock: _Clock, seconds: float, nan_at: float | None, spool: str, out: dict
+) -> None:
     import torch
 
     import stethoscope
@@ -140,7 +142,9 @@ def _job(i: int, url: str, run_id: str, clock: _Clock, seconds: float, nan_at: f
     mon = stethoscope.attach(model, opt, run=run_id, project="load", server=url, spool_dir=spool, config={"job": i})
     rec = _Recorder(mon._sender.transport)
     in_reply: list[float] = []
-    mon.on_alert(lambda alerts: in_reply.append(time.time()) if any(a["detector"] == "divergence" for a in alerts) else None)
+    mon.on_alert(
+        lambda alerts: in_reply.append(time.time()) if any(a["detector"] == "divergence" for a in alerts) else None
+    )
     extra = {f"job/metric_{k}": 0.0 for k in range(EXTRA_SCALARS)}
     nan_step = None
     nan_wall = None
@@ -162,8 +166,8 @@ def _job(i: int, url: str, run_id: str, clock: _Clock, seconds: float, nan_at: f
         else:
             lag.append(-delay)
         b = (step * 32) % 256
-        logits = model(x[b:b + 32])
-        loss = torch.nn.functional.cross_entropy(logits, y[b:b + 32])
+        logits = model(x[b : b + 32])
+        loss = torch.nn.functional.cross_entropy(logits, y[b : b + 32])
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -184,15 +188,22 @@ def _job(i: int, url: str, run_id: str, clock: _Clock, seconds: float, nan_at: f
             poller.start()
         for k in extra:
             extra[k] = float(step % 97) / 97.0
-        mon.log(step=step, loss=logged, logits=logits, targets=y[b:b + 32], **extra)
+        mon.log(step=step, loss=logged, logits=logits, targets=y[b : b + 32], **extra)
         step += 1
     rec.closed = True
     mon.close(timeout=60)
     if poller is not None:
         poller.join(40)
     out[i] = {
-        "run": run_id, "steps": step, "latencies": rec.latencies + rec.closing, "closing": rec.closing, "errors": rec.errors, "dropped": mon.dropped,
-        "unsent": bool(mon._sender.unsent), "late_steps": len(lag), "max_lag": max(lag, default=0.0),
+        "run": run_id,
+        "steps": step,
+        "latencies": rec.latencies + rec.closing,
+        "closing": rec.closing,
+        "errors": rec.errors,
+        "dropped": mon.dropped,
+        "unsent": bool(mon._sender.unsent),
+        "late_steps": len(lag),
+        "max_lag": max(lag, default=0.0),
         "sent": {n: len(s) for n, s in rec.sent.items()},
         "loss_steps_ok": rec.sent.get("loss", set()) == set(range(step)),
         "alert_visible_s": visible,
@@ -209,8 +220,10 @@ def _proc(jobs: list[tuple], url: str, seconds: float, ready, go, start_at, q) -
     out: dict = {}
     clock = _Clock(len(jobs))
     with tempfile.TemporaryDirectory() as spool:
-        threads = [threading.Thread(target=_job, args=(i, url, run_id, clock, seconds, nan_at, spool, out))
-                   for i, run_id, nan_at in jobs]
+        threads = [
+            threading.Thread(target=_job, args=(i, url, run_id, clock, seconds, nan_at, spool, out))
+            for i, run_id, nan_at in jobs
+        ]
         for t in threads:
             t.start()
         clock.set_up.wait()
@@ -234,7 +247,9 @@ def _stored_points(db_url: str) -> dict[str, int]:
     engine = create_engine(db_url)
     try:
         with engine.connect() as conn:
-            rows = conn.execute(text("SELECT s.run_id, count(*) FROM points p JOIN series s ON s.id = p.series_id GROUP BY s.run_id"))
+            rows = conn.execute(
+                text("SELECT s.run_id, count(*) FROM points p JOIN series s ON s.id = p.series_id GROUP BY s.run_id")
+            )
             return {r[0]: int(r[1]) for r in rows}
     finally:
         engine.dispose()
@@ -278,14 +293,20 @@ def run_load(kind: str, seconds: float, n_jobs: int, n_procs: int) -> dict:
         cpu0 = srv.cpu()
         nan_jobs = {round(k * n_jobs / NAN_JOBS) for k in range(min(NAN_JOBS, n_jobs))}
         nan_times = [seconds * (0.3 + 0.4 * k / max(1, NAN_JOBS - 1)) for k in range(NAN_JOBS)]
-        jobs = [(i, f"load-{kind}-{i:03d}", nan_times[sorted(nan_jobs).index(i)] if i in nan_jobs else None) for i in range(n_jobs)]
+        jobs = [
+            (i, f"load-{kind}-{i:03d}", nan_times[sorted(nan_jobs).index(i)] if i in nan_jobs else None)
+            for i in range(n_jobs)
+        ]
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
         ready, go, start_at = ctx.Semaphore(0), ctx.Event(), ctx.Value("d", 0.0)
-        procs = [ctx.Process(target=_proc, args=(jobs[p::n_procs], srv.url, seconds, ready, go, start_at, q)) for p in range(n_procs)]
+        procs = [
+            ctx.Process(target=_proc, args=(jobs[p::n_procs], srv.url, seconds, ready, go, start_at, q))
+            for p in range(n_procs)
+        ]
         for p in procs:
             p.start()
-        for p in procs:  # every process has imported torch: start the clock together
+        for _ in procs:  # every process has imported torch: start the clock together
             if not ready.acquire(timeout=300):
                 raise RuntimeError("a job process did not start")
         start_at.value = start = time.time() + 1.0
@@ -309,7 +330,12 @@ def run_load(kind: str, seconds: float, n_jobs: int, n_procs: int) -> dict:
     in_reply = [r["alert_in_reply_s"] for r in results if r["alert_in_reply_s"] is not None]
     total_stored = sum(stored.get(run, 0) for run in sent)
     return {
-        "benchmark": "load", "database": kind, "jobs": n_jobs, "procs": n_procs, "seconds": seconds, "wall_s": round(elapsed, 1),
+        "benchmark": "load",
+        "database": kind,
+        "jobs": n_jobs,
+        "procs": n_procs,
+        "seconds": seconds,
+        "wall_s": round(elapsed, 1),
         "series_per_job": round(sum(len(r["sent"]) for r in results) / max(1, len(results)), 1),
         "steps_per_s_per_job": STEP_HZ,
         "points_per_s": round(total_stored / seconds),
@@ -332,14 +358,23 @@ def run_load(kind: str, seconds: float, n_jobs: int, n_procs: int) -> dict:
         # Steps that began after their slot (the generator short of CPU) and the worst delay.
         "late_steps": sum(r["late_steps"] for r in results),
         "max_step_lag_s": round(max(r["max_lag"] for r in results), 2),
-        "alert_latency_s": {"n": len(visible), "p50": round(percentile(visible, 50), 2) if visible else None,
-                            "max": round(max(visible), 2) if visible else None, "expected": min(NAN_JOBS, n_jobs)},
-        "alert_in_reply_s": {"p50": round(percentile(in_reply, 50), 2) if in_reply else None, "max": round(max(in_reply), 2) if in_reply else None},
+        "alert_latency_s": {
+            "n": len(visible),
+            "p50": round(percentile(visible, 50), 2) if visible else None,
+            "max": round(max(visible), 2) if visible else None,
+            "expected": min(NAN_JOBS, n_jobs),
+        },
+        "alert_in_reply_s": {
+            "p50": round(percentile(in_reply, 50), 2) if in_reply else None,
+            "max": round(max(in_reply), 2) if in_reply else None,
+        },
         "server_cpu_share": round(server_cpu / max(elapsed, 1e-9), 2),
         # CPU of the simulated jobs (training, hook, sender) per second of the run.
         "jobs_cpu_share": round(sum(r.get("proc_cpu_s", 0.0) for r in results) / max(elapsed, 1e-9), 2),
         # The server's own view (its /metrics histogram): the bucket bound holding its p99.
-        "server_p99_le_ms": (lambda v: None if v is None else "+Inf" if v == math.inf else v * 1e3)(_bucket_quantile(metrics_text, "stethoscope_ingest_request_duration_seconds", 0.99)),
+        "server_p99_le_ms": (lambda v: None if v is None else "+Inf" if v == math.inf else v * 1e3)(
+            _bucket_quantile(metrics_text, "stethoscope_ingest_request_duration_seconds", 0.99)
+        ),
         "server_metrics": {
             "ingest_requests_2xx": _metric(metrics_text, "stethoscope_ingest_requests_total", status="2xx"),
             "ingest_requests_5xx": _metric(metrics_text, "stethoscope_ingest_requests_total", status="5xx"),
@@ -347,8 +382,12 @@ def run_load(kind: str, seconds: float, n_jobs: int, n_procs: int) -> dict:
             "detector_errors": _metric(metrics_text, "stethoscope_detector_errors_total"),
         },
         # The machine is shared: how busy it was (1-min load average on 2 cores, CPU pressure).
-        "machine": {"cpus": os.cpu_count(), "loadavg_before": round(load_before, 1), "loadavg_after": round(os.getloadavg()[0], 1),
-                    "cpu_pressure_some_avg60_pct": _cpu_pressure()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "loadavg_before": round(load_before, 1),
+            "loadavg_after": round(os.getloadavg()[0], 1),
+            "cpu_pressure_some_avg60_pct": _cpu_pressure(),
+        },
         "target": {"errors": 0, "points_lost": 0, "p99_ms": 250},
     }
 

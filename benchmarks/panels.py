@@ -36,10 +36,9 @@ def series_names(n: int) -> list[str]:
 
 
 def fill(url: str, run_id: str, names: list[str], points: int) -> float:
-    from stethoscope_server.store import migrate
-    from stethoscope_server.store.db import make_engine
     from stethoscope_server.settings import Settings
-    from stethoscope_server.store import SeriesBatch, Store
+    from stethoscope_server.store import SeriesBatch, Store, migrate
+    from stethoscope_server.store.db import make_engine
 
     settings = Settings(database_url=url)
     migrate.upgrade(settings.database_url)
@@ -51,8 +50,13 @@ def fill(url: str, run_id: str, names: list[str], points: int) -> float:
     steps = list(range(points))
     walls = [1.7e9 + s for s in steps]
     for k in range(0, len(names), per):
-        store.ingest(run_id, [SeriesBatch(n, steps, [1.0 + math.sin(s + i) / 2 for s in steps], walls)
-                              for i, n in enumerate(names[k : k + per], start=k)])
+        store.ingest(
+            run_id,
+            [
+                SeriesBatch(n, steps, [1.0 + math.sin(s + i) / 2 for s in steps], walls)
+                for i, n in enumerate(names[k : k + per], start=k)
+            ],
+        )
     engine.dispose()
     return time.perf_counter() - t0
 
@@ -92,7 +96,10 @@ def main() -> None:
     ap.add_argument("--db", nargs="+", default=["sqlite", "postgres"], choices=["sqlite", "postgres"])
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    out = {"benchmark": "panels", "results": [measure(kind, args.series, args.points, args.repeats) for kind in args.db]}
+    out = {
+        "benchmark": "panels",
+        "results": [measure(kind, args.series, args.points, args.repeats) for kind in args.db],
+    }
     print(json.dumps(out))
 
 

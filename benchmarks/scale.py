@@ -35,7 +35,9 @@ def _time(fn, repeats: int = 9) -> float:
 def measure(store, run_id: str, n: int) -> dict:
     return {
         "read_1m_to_2000_ms": _time(lambda: store.read_series(run_id, "loss", max_points=2000)),
-        "read_raw_10k_ms": _time(lambda: store.read_series(run_id, "loss", start=n // 2, end=n // 2 + 9_999, max_points=10_000)),
+        "read_raw_10k_ms": _time(
+            lambda: store.read_series(run_id, "loss", start=n // 2, end=n // 2 + 9_999, max_points=10_000)
+        ),
         "list_series_ms": _time(lambda: store.list_series(run_id)),
     }
 
@@ -48,10 +50,9 @@ def main() -> None:
 
     from sqlalchemy import text
 
-    from stethoscope_server.store import migrate
-    from stethoscope_server.store.db import make_engine
     from stethoscope_server.settings import Settings
-    from stethoscope_server.store import SeriesBatch, Store
+    from stethoscope_server.store import SeriesBatch, Store, migrate
+    from stethoscope_server.store.db import make_engine
 
     with fresh_database("postgres") as url:
         settings = Settings(database_url=url)
@@ -65,7 +66,8 @@ def main() -> None:
             conn.execute(
                 text(
                     "INSERT INTO points (series_id, step, value, wall) "
-                    "SELECT 1000000 + s, g, random(), 1.7e9 FROM generate_series(0, :k - 1) s, generate_series(0, :per - 1) g"
+                    "SELECT 1000000 + s, g, random(), 1.7e9 "
+                    "FROM generate_series(0, :k - 1) s, generate_series(0, :per - 1) g"
                 ),
                 {"k": args.filler // per, "per": per},
             )
@@ -79,7 +81,11 @@ def main() -> None:
         with engine.begin() as conn:
             conn.execute(text("ANALYZE points"))
             rows = conn.execute(text("SELECT count(*) FROM points")).scalar()
-            size = conn.execute(text("SELECT sum(pg_total_relation_size(inhrelid)) FROM pg_inherits WHERE inhparent = 'points'::regclass")).scalar()
+            size = conn.execute(
+                text(
+                    "SELECT sum(pg_total_relation_size(inhrelid)) FROM pg_inherits WHERE inhparent = 'points'::regclass"
+                )
+            ).scalar()
         partitioned = measure(store, "scale", args.points)
         engine.dispose()
         t0 = time.perf_counter()
@@ -91,19 +97,28 @@ def main() -> None:
             conn.execute(text("ANALYZE points"))
         plain = measure(store, "scale", args.points)
         engine.dispose()
-    print(json.dumps({
-        "benchmark": "scale",
-        "database": "postgres",
-        "rows": rows,
-        "bytes_per_point": round(int(size) / rows, 1),
-        "fill_filler_s": round(filler_s, 1),
-        "ingest_1m_points_s": round(ingest_s, 1),
-        "partitioned": partitioned,
-        "plain": plain,
-        "ratio_read_1m_partitioned_over_plain": round(partitioned["read_1m_to_2000_ms"] / plain["read_1m_to_2000_ms"], 2),
-        "ratio_raw_10k_partitioned_over_plain": round(partitioned["read_raw_10k_ms"] / plain["read_raw_10k_ms"], 2),
-        "migrate_down_10m_rows_s": round(downgrade_s, 1),
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "benchmark": "scale",
+                "database": "postgres",
+                "rows": rows,
+                "bytes_per_point": round(int(size) / rows, 1),
+                "fill_filler_s": round(filler_s, 1),
+                "ingest_1m_points_s": round(ingest_s, 1),
+                "partitioned": partitioned,
+                "plain": plain,
+                "ratio_read_1m_partitioned_over_plain": round(
+                    partitioned["read_1m_to_2000_ms"] / plain["read_1m_to_2000_ms"], 2
+                ),
+                "ratio_raw_10k_partitioned_over_plain": round(
+                    partitioned["read_raw_10k_ms"] / plain["read_raw_10k_ms"], 2
+                ),
+                "migrate_down_10m_rows_s": round(downgrade_s, 1),
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

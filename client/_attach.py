@@ -26,10 +26,22 @@ _installed = False
 _failed = False
 
 
-def attach(model, optimizer=None, run: str | None = None, project: str = "default", server: str | None = None,
-           config: dict | None = None, every: int = 1, *, tags=(), module_depth: int | None = None,
-           update_ratio: bool = True, spool_dir: str | os.PathLike | None = None, rank_zero_only: bool = True,
-           sync_ranks: bool | None = None):
+def attach(
+    model,
+    optimizer=None,
+    run: str | None = None,
+    project: str = "default",
+    server: str | None = None,
+    config: dict | None = None,
+    every: int = 1,
+    *,
+    tags=(),
+    module_depth: int | None = None,
+    update_ratio: bool = True,
+    spool_dir: str | os.PathLike | None = None,
+    rank_zero_only: bool = True,
+    sync_ranks: bool | None = None,
+):
     """Attach a training-health monitor to ``model`` and ``optimizer``; returns a ``Monitor``.
 
     ``run`` names the run (and is its id; a new one is generated when None), ``project``
@@ -67,8 +79,9 @@ def attach(model, optimizer=None, run: str | None = None, project: str = "defaul
     if config is not None and not isinstance(config, dict):
         raise ValueError("config must be a dict of the run's hyperparameters")
     if run is not None and (not isinstance(run, str) or not RUN_ID_RE.match(run)):
-        raise ValueError(f"run must be 1-200 letters, digits, '.', '_' or '-' (it is the run's id in URLs), "
-                         f"not {run!r}")
+        raise ValueError(
+            f"run must be 1-200 letters, digits, '.', '_' or '-' (it is the run's id in URLs), not {run!r}"
+        )
     if server is None:
         server = os.environ.get("STETHOSCOPE_SERVER") or "offline"
     server = server if server == "offline" else check_server_url(server)
@@ -86,15 +99,26 @@ def attach(model, optimizer=None, run: str | None = None, project: str = "defaul
     url = None if server == "offline" else f"{server}/runs/{run_id}"
     sender = None
     if sends:
-        meta = {"project": project, "name": run or run_id, "config": _json_config(config or {}),
-                "tags": [str(t) for t in tags]}
+        meta = {
+            "project": project,
+            "name": run or run_id,
+            "config": _json_config(config or {}),
+            "tags": [str(t) for t in tags],
+        }
         root = Path(spool_dir) if spool_dir is not None else _spool.default_root()
         transport = None if server == "offline" else HttpTransport(server)
-        sender = Sender(run_id, meta, root, transport, [],
-                        finish_values)
-    mon = Monitor(model, optimizer, run_id=run_id, url=url, every=every, sender=sender,
-                  module_depth=module_depth, update_ratio=update_ratio,
-                  dist=(dist, world) if sync_ranks and world > 1 else None)
+        sender = Sender(run_id, meta, root, transport, [], finish_values)
+    mon = Monitor(
+        model,
+        optimizer,
+        run_id=run_id,
+        url=url,
+        every=every,
+        sender=sender,
+        module_depth=module_depth,
+        update_ratio=update_ratio,
+        dist=(dist, world) if sync_ranks and world > 1 else None,
+    )
     if sends and generated:
         where = url or f"offline (spooled under {root}; upload with `stethoscope sync`)"
         print(f"stethoscope: run {run_id} -> {where}", file=sys.stderr)

@@ -28,10 +28,19 @@ _checked_names: set = set()
 def _check_name(name) -> None:
     if name in _checked_names:
         return
-    if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH or name.startswith("/") \
-            or name.endswith("/") or "//" in name or any(c.isspace() for c in name):
-        raise ValueError(f"metric name {name!r}: use a slash path like 'eval/acc/task1' "
-                         f"(no spaces, at most {MAX_NAME_LENGTH} characters)")
+    if (
+        not isinstance(name, str)
+        or not name
+        or len(name) > MAX_NAME_LENGTH
+        or name.startswith("/")
+        or name.endswith("/")
+        or "//" in name
+        or any(c.isspace() for c in name)
+    ):
+        raise ValueError(
+            f"metric name {name!r}: use a slash path like 'eval/acc/task1' "
+            f"(no spaces, at most {MAX_NAME_LENGTH} characters)"
+        )
     _checked_names.add(name)
 
 
@@ -42,10 +51,15 @@ def _check_log_args(loss, logits, targets, scalars) -> None:
         if not isinstance(logits, torch.Tensor) or logits.dim() < 2 or logits.shape[-1] < 2:
             raise ValueError("logits must be a tensor of shape [batch, classes] or [batch, seq, vocab]")
         if targets is not None:
-            if not isinstance(targets, torch.Tensor) or targets.shape != logits.shape[:-1] \
-                    or targets.is_floating_point():
-                raise ValueError(f"targets must be class indices of shape {tuple(logits.shape[:-1])} "
-                                 f"(logits' shape without the class dimension)")
+            if (
+                not isinstance(targets, torch.Tensor)
+                or targets.shape != logits.shape[:-1]
+                or targets.is_floating_point()
+            ):
+                raise ValueError(
+                    f"targets must be class indices of shape {tuple(logits.shape[:-1])} "
+                    f"(logits' shape without the class dimension)"
+                )
     elif targets is not None:
         raise ValueError("targets were given without logits")
     for name, v in scalars.items():

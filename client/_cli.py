@@ -41,10 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stethoscope", description="Training-health monitoring.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("sync", help="upload runs spooled offline (or while the server was down)")
-    p.add_argument("path", nargs="?", default=None,
-                   help="a spool directory, a run's directory or the spool root (default: $STETHOSCOPE_DIR/spool)")
-    p.add_argument("--server", default=os.environ.get("STETHOSCOPE_SERVER"),
-                   help="server URL (default: $STETHOSCOPE_SERVER)")
+    p.add_argument(
+        "path",
+        nargs="?",
+        default=None,
+        help="a spool directory, a run's directory or the spool root (default: $STETHOSCOPE_DIR/spool)",
+    )
+    p.add_argument(
+        "--server", default=os.environ.get("STETHOSCOPE_SERVER"), help="server URL (default: $STETHOSCOPE_SERVER)"
+    )
     sub.add_parser("server", help="run the server (needs the server extra)")
     sub.add_parser("db", help="database migrations (needs the server extra)")
     sub.add_parser("token", help="API tokens: create, list, revoke (needs the server extra)")

@@ -33,7 +33,7 @@ def _strip(name: str) -> str:
         changed = False
         for p in _PREFIXES:
             if name.startswith(p):
-                name, changed = name[len(p):], True
+                name, changed = name[len(p) :], True
     return name
 
 
@@ -176,10 +176,10 @@ def logit_stats(logits: torch.Tensor, targets: torch.Tensor | None, ignore_index
     # torch's own log_softmax, the kernel cross_entropy runs: its rounding decides which
     # samples have exactly zero loss and an exactly one-hot softmax, so we use it, not a copy.
     logp = torch.log_softmax(z, dim=-1)
-    top = logp.amax(dim=-1)                     # -log sum_j exp(z_j - max z)
-    collapsed = (top == 0).float()              # the sum is exactly 1: Softmax Collapse
-    lse = z.amax(dim=-1) - top                  # log Z
-    p = torch.softmax(z, dim=-1)                # cheaper on the CPU than logp.exp()
+    top = logp.amax(dim=-1)  # -log sum_j exp(z_j - max z)
+    collapsed = (top == 0).float()  # the sum is exactly 1: Softmax Collapse
+    lse = z.amax(dim=-1) - top  # log Z
+    p = torch.softmax(z, dim=-1)  # cheaper on the CPU than logp.exp()
     ent = -(p * logp).sum(dim=-1)
     mx, mn = z.aminmax()
     max_abs = torch.maximum(mx.abs(), mn.abs()).view(1)
@@ -201,9 +201,16 @@ def logit_stats(logits: torch.Tensor, targets: torch.Tensor | None, ignore_index
     def vmean(x):
         return ((x * valid).sum() / n).view(1)
 
-    return torch.cat([
-        max_abs, vmean(lse), vmean(collapsed), vmean(ent), vmean(zero_loss), margin.nanmedian().view(1),
-    ])
+    return torch.cat(
+        [
+            max_abs,
+            vmean(lse),
+            vmean(collapsed),
+            vmean(ent),
+            vmean(zero_loss),
+            margin.nanmedian().view(1),
+        ]
+    )
 
 
 def finish(names: tuple, values: list[float]) -> list[float]:

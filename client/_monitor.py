@@ -34,8 +34,19 @@ class Monitor:
     >>> mon.close()
     """
 
-    def __init__(self, model, optimizer, *, run_id: str, url: str | None, every: int, sender,
-                 module_depth: int | None = None, update_ratio: bool = True, dist=None):
+    def __init__(
+        self,
+        model,
+        optimizer,
+        *,
+        run_id: str,
+        url: str | None,
+        every: int,
+        sender,
+        module_depth: int | None = None,
+        update_ratio: bool = True,
+        dist=None,
+    ):
         self.run_id = run_id
         #: The run's dashboard page, or None offline.
         self.url = url
@@ -63,8 +74,10 @@ class Monitor:
         self._lock = threading.Lock()
         self._hooks = []
         if optimizer is not None:
-            self._hooks = [optimizer.register_step_pre_hook(self._pre_step),
-                           optimizer.register_step_post_hook(self._post_step_hook)]
+            self._hooks = [
+                optimizer.register_step_pre_hook(self._pre_step),
+                optimizer.register_step_post_hook(self._post_step_hook),
+            ]
         self._lr_names = _lr_names(optimizer)
         _attention.set_active(True)  # the first call logs
 
@@ -91,7 +104,10 @@ class Monitor:
                 "stethoscope: step %d is lower than step %d, which this process logged before (run %s); the "
                 "server keeps the first value of each step, so values at steps it already has are ignored. "
                 "Pass growing steps (a job resumed from a checkpoint in a new process is recognised by itself)",
-                step, self._top_step, self.run_id)
+                step,
+                self._top_step,
+                self.run_id,
+            )
         if step > self._top_step:
             self._top_step = step
         self._next_step = step + 1
@@ -127,8 +143,19 @@ class Monitor:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"event info must be JSON-serialisable: {exc}") from None
         if self._sender is not None:
-            self._sender.put(("event", {"key": uuid.uuid4().hex, "step": step, "kind": kind,
-                                        "message": message, "info": info, "wall": time.time()}))
+            self._sender.put(
+                (
+                    "event",
+                    {
+                        "key": uuid.uuid4().hex,
+                        "step": step,
+                        "kind": kind,
+                        "message": message,
+                        "info": info,
+                        "wall": time.time(),
+                    },
+                )
+            )
 
     def task_switch(self, task, step=None) -> None:
         """Training on ``task`` (an int or a name) starts at ``step``, by default the next step logged.
@@ -191,8 +218,9 @@ class Monitor:
             names = list(values)
             for n in names:
                 _check_name(n)
-            self._sender.put(("points", step, time.time(), (), (), None, None, names,
-                              [float(values[n]) for n in names]))
+            self._sender.put(
+                ("points", step, time.time(), (), (), None, None, names, [float(values[n]) for n in names])
+            )
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Block until what was logged so far is sent (or spooled); True if it finished in time."""
@@ -290,8 +318,7 @@ class Monitor:
             self._post_step = step
         if logits is not None:
             if targets is None:
-                add(_metrics.logit_stats(logits, None), _metrics.LOGIT_NAMES_NO_TARGETS,
-                    _metrics.LOGIT_OPS_NO_TARGETS)
+                add(_metrics.logit_stats(logits, None), _metrics.LOGIT_NAMES_NO_TARGETS, _metrics.LOGIT_OPS_NO_TARGETS)
             else:
                 add(_metrics.logit_stats(logits, targets), _metrics.LOGIT_NAMES, _metrics.LOGIT_OPS)
         att = _attention.take()
@@ -351,12 +378,13 @@ def _close_message(run_id: str, status: str, sender) -> str | None:
     if sender.dropped:
         lost.append(f"{sender.dropped} because the queue was full (the sender fell behind)")
     if sender.spool_dropped:
-        lost.append(f"{sender.spool_dropped} because the spool disk was full while the server was unreachable "
-                    f"(memory holds the newest {_spool.MEMORY_FALLBACK_ENTRIES} entries, and only while the job runs)")
+        lost.append(
+            f"{sender.spool_dropped} because the spool disk was full while the server was unreachable "
+            f"(memory holds the newest {_spool.MEMORY_FALLBACK_ENTRIES} entries, and only while the job runs)"
+        )
     parts = []
     if lost:
-        parts.append(f"{sender.dropped + sender.spool_dropped} records (steps or events) were lost: "
-                     + "; ".join(lost))
+        parts.append(f"{sender.dropped + sender.spool_dropped} records (steps or events) were lost: " + "; ".join(lost))
     if sender.status_lost:
         parts.append(f"its final status ({status!r}) could not be saved")
     where = sender.spool_path

@@ -73,10 +73,20 @@ class Resume:
             self.span = False  # a new run (or one without points yet): nothing to resume
             return
         self.span = (first, prior)
-        kept = (f"; its points at steps {first}-{prior} are kept as {RESTART_PREFIX}/{first}/<name>, "
-                f"the first ones stay under their names" if first <= prior else "")
-        logger.warning("stethoscope: run %s resumes at step %d (it had reached step %d)%s",
-                       self.run_id, first, prior, kept)
-        self._event = {"key": f"restart-{first}-{os.getpid()}-{time.time_ns()}", "step": first, "kind": "restart",
-                       "message": f"resumed at step {first} after step {prior}",
-                       "info": {"resumed_at": first, "previous_last_step": prior}, "wall": time.time()}
+        kept = (
+            f"; its points at steps {first}-{prior} are kept as {RESTART_PREFIX}/{first}/<name>, "
+            f"the first ones stay under their names"
+            if first <= prior
+            else ""
+        )
+        logger.warning(
+            "stethoscope: run %s resumes at step %d (it had reached step %d)%s", self.run_id, first, prior, kept
+        )
+        self._event = {
+            "key": f"restart-{first}-{os.getpid()}-{time.time_ns()}",
+            "step": first,
+            "kind": "restart",
+            "message": f"resumed at step {first} after step {prior}",
+            "info": {"resumed_at": first, "previous_last_step": prior},
+            "wall": time.time(),
+        }

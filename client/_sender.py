@@ -75,8 +75,15 @@ class ShipSchedule:
 class Sender:
     """Owns the queue and the thread; ``put`` from the training loop, ``close`` at the end."""
 
-    def __init__(self, run_id: str, run_meta: dict, spool_dir, transport: HttpTransport | None,
-                 alert_callbacks: list, finish_values):
+    def __init__(
+        self,
+        run_id: str,
+        run_meta: dict,
+        spool_dir,
+        transport: HttpTransport | None,
+        alert_callbacks: list,
+        finish_values,
+    ):
         self.run_id = run_id
         self.run_meta = run_meta
         self.spool_dir = spool_dir
@@ -179,8 +186,11 @@ class Sender:
                         batch.add(rec)
             if batch.last_step is not None:
                 self._last_step = batch.last_step
-            if self.dropped + self.spool_dropped != self._reported_drops and batch.last_step is not None \
-                    and (batch.last_step != self._drop_step or DROPPED in batch.series):
+            if (
+                self.dropped + self.spool_dropped != self._reported_drops
+                and batch.last_step is not None
+                and (batch.last_step != self._drop_step or DROPPED in batch.series)
+            ):
                 self._report_drops(batch, batch.last_step)
             due = stop or flush_event is not None or batch.points >= BATCH_POINTS or schedule.due()
             if not due:
@@ -193,8 +203,7 @@ class Sender:
                     if lost is not None:  # disk and memory full: the oldest entry is gone
                         self.spool_dropped += _records_in(*lost)
                         self._link("dropping")
-            if self.transport is not None and not self._abort and (time.monotonic() >= next_try or stop
-                                                                  or flush_event):
+            if self.transport is not None and not self._abort and (time.monotonic() >= next_try or stop or flush_event):
                 with _errors.swallowed("sender.drain"):
                     run_created, next_try = self._drain(run_created, backoff, stop or flush_event is not None)
             if flush_event is not None:
@@ -231,13 +240,18 @@ class Sender:
             try:
                 if not run_created:
                     try:
-                        self._resume.run_found(self.transport.request("PUT", f"/api/v1/runs/{self.run_id}",
-                                                                      self.run_meta))
+                        self._resume.run_found(
+                            self.transport.request("PUT", f"/api/v1/runs/{self.run_id}", self.run_meta)
+                        )
                     except Rejected as exc:
                         # The server will not create this run (auth, a clash of projects):
                         # keep everything in the spool for `stethoscope sync` and stop trying.
-                        logger.warning("stethoscope: the server refused run %s (%s); metrics stay in %s",
-                                       self.run_id, exc, self.spool_path)
+                        logger.warning(
+                            "stethoscope: the server refused run %s (%s); metrics stay in %s",
+                            self.run_id,
+                            exc,
+                            self.spool_path,
+                        )
                         self._abort = True
                         return run_created, 0.0
                     run_created = True
@@ -256,13 +270,18 @@ class Sender:
                 if exc.status in (401, 403):
                     # A missing, wrong or revoked token (STETHOSCOPE_TOKEN): resending will not
                     # help, and dropping would lose the run. Keep spooling; say so once.
-                    logger.warning("stethoscope: the server refused run %s (%s); set STETHOSCOPE_TOKEN to a token "
-                                   "with the ingest scope. Metrics stay in %s for `stethoscope sync`",
-                                   self.run_id, exc, self.spool_path)
+                    logger.warning(
+                        "stethoscope: the server refused run %s (%s); set STETHOSCOPE_TOKEN to a token "
+                        "with the ingest scope. Metrics stay in %s for `stethoscope sync`",
+                        self.run_id,
+                        exc,
+                        self.spool_path,
+                    )
                     self._abort = True
                     return run_created, 0.0
-                logger.warning("stethoscope: the server refused a batch for run %s (%s); it is dropped",
-                               self.run_id, exc)
+                logger.warning(
+                    "stethoscope: the server refused a batch for run %s (%s); it is dropped", self.run_id, exc
+                )
                 spool.ack()
                 continue
             else:
@@ -282,22 +301,33 @@ class Sender:
         if state == "dropping":
             if not self._told_spool_drops:
                 self._told_spool_drops = True
-                logger.warning("stethoscope: the spool of run %s (%s) has no room left on disk or in memory; "
-                               "the oldest unsent points are being dropped (counted in stethoscope/dropped)",
-                               self.run_id, self.spool_path)
+                logger.warning(
+                    "stethoscope: the spool of run %s (%s) has no room left on disk or in memory; "
+                    "the oldest unsent points are being dropped (counted in stethoscope/dropped)",
+                    self.run_id,
+                    self.spool_path,
+                )
             return
         before, self._link_state = self._link_state, state
         if state == before or (state == "up" and before is None):
             return
         url = self.transport.base_url if self.transport is not None else "offline"
         if state == "down":
-            logger.warning("stethoscope: cannot send run %s to %s (%s); points are being spooled to %s "
-                           "and can be sent later with `stethoscope sync %s --server %s`. Sending is retried "
-                           "in the background; training is not affected", self.run_id, url,
-                           getattr(exc, "reason", None) or type(exc).__name__, self.spool_path, self.spool_path, url)
+            logger.warning(
+                "stethoscope: cannot send run %s to %s (%s); points are being spooled to %s "
+                "and can be sent later with `stethoscope sync %s --server %s`. Sending is retried "
+                "in the background; training is not affected",
+                self.run_id,
+                url,
+                getattr(exc, "reason", None) or type(exc).__name__,
+                self.spool_path,
+                self.spool_path,
+                url,
+            )
         else:
-            logger.warning("stethoscope: the server at %s answers again; sending the spooled points of run %s",
-                           url, self.run_id)
+            logger.warning(
+                "stethoscope: the server at %s answers again; sending the spooled points of run %s", url, self.run_id
+            )
 
     def _deliver(self, kind: str, body, resumed: bool = False) -> None:
         path = f"/api/v1/runs/{self.run_id}"
@@ -352,8 +382,12 @@ class Sender:
         if last:
             refused = spool.append_last(last)
             self.status_lost = any(kind == "status" for kind, _ in refused)
-            if self.transport is not None and not self._abort and self._deadline is not None \
-                    and time.monotonic() < self._deadline:
+            if (
+                self.transport is not None
+                and not self._abort
+                and self._deadline is not None
+                and time.monotonic() < self._deadline
+            ):
                 self._drain(run_created, Backoff(), False)  # a server that is back takes them now
         self.unsent = spool.peek() is not None
         spool.close(remove_if_empty=self.transport is not None)
@@ -365,10 +399,14 @@ def split_batch(kind: str, body: dict) -> tuple[dict, dict] | None:
     """Two halves of a points or events body (for a 413); None when it is one item already."""
     if kind == "events":
         events = body["events"]
-        return None if len(events) < 2 else ({"events": events[: len(events) // 2]}, {"events": events[len(events) // 2:]})
+        return (
+            None
+            if len(events) < 2
+            else ({"events": events[: len(events) // 2]}, {"events": events[len(events) // 2 :]})
+        )
     series = body["series"]
     if len(series) > 1:
-        return {"series": series[: len(series) // 2]}, {"series": series[len(series) // 2:]}
+        return {"series": series[: len(series) // 2]}, {"series": series[len(series) // 2 :]}
     if not series or len(series[0]["steps"]) < 2:
         return None
     s, half = series[0], len(series[0]["steps"]) // 2
@@ -435,9 +473,12 @@ class _Batch:
             chunk, n = [], 0
             for name, (steps, values, walls) in self.series.items():
                 for i in range(0, len(steps), MAX_POINTS_PER_BATCH):
-                    s = {"name": name, "steps": steps[i:i + MAX_POINTS_PER_BATCH],
-                         "values": encode_values(values[i:i + MAX_POINTS_PER_BATCH]),
-                         "walls": walls[i:i + MAX_POINTS_PER_BATCH]}
+                    s = {
+                        "name": name,
+                        "steps": steps[i : i + MAX_POINTS_PER_BATCH],
+                        "values": encode_values(values[i : i + MAX_POINTS_PER_BATCH]),
+                        "walls": walls[i : i + MAX_POINTS_PER_BATCH],
+                    }
                     if n + len(s["steps"]) > MAX_POINTS_PER_BATCH and chunk:
                         yield "points", {"series": chunk}
                         chunk, n = [], 0

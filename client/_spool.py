@@ -99,7 +99,7 @@ class Spool:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            raise BlockingIOError(f"spool {self.path} is in use by another process")
+            raise BlockingIOError(f"spool {self.path} is in use by another process") from None
         self._lock_fd = fd
 
     @staticmethod

@@ -72,29 +72,34 @@ def sync(path, server: str, progress_stream=None, force_progress: bool = False, 
             meta = spool.run_meta()
             run_id = meta.pop("run_id")
             base = f"/api/v1/runs/{run_id}"
-            _retry(lambda: transport.request("PUT", base, meta), sleep)
+            _retry(lambda base=base, meta=meta: transport.request("PUT", base, meta), sleep)
             while True:
                 before = pending_bytes(spool)
                 entry = spool.peek()
                 if entry is None:
                     break
                 kind, body = entry
-                method, suffix = {"points": ("POST", "/points"), "events": ("POST", "/events"),
-                                  "status": ("PATCH", "")}[kind]
+                method, suffix = {
+                    "points": ("POST", "/points"),
+                    "events": ("POST", "/events"),
+                    "status": ("PATCH", ""),
+                }[kind]
                 try:
                     _send(transport, method, base + suffix, kind, body, sleep)
                 except Rejected as exc:
-                    print(f"stethoscope: the server refused a batch of run {run_id} ({exc}); skipped",
-                          file=sys.stderr)
+                    print(f"stethoscope: the server refused a batch of run {run_id} ({exc}); skipped", file=sys.stderr)
                 spool.ack()
                 n = sum(len(s["steps"]) for s in body["series"]) if kind == "points" else 0
                 points += n
                 progress.update(before - pending_bytes(spool), n)
             spool.skip_torn_tail()
             if spool.skipped:
-                print(f"stethoscope: {spool.skipped} entr{'y' if spool.skipped == 1 else 'ies'} of run {run_id} in "
-                      f"{spool.path} were cut short while being written (the job was killed, or its disk "
-                      f"filled) and are skipped; the rest is uploaded", file=sys.stderr)
+                print(
+                    f"stethoscope: {spool.skipped} entr{'y' if spool.skipped == 1 else 'ies'} of run {run_id} in "
+                    f"{spool.path} were cut short while being written (the job was killed, or its disk "
+                    f"filled) and are skipped; the rest is uploaded",
+                    file=sys.stderr,
+                )
             runs += 1
             spool.close(remove_if_empty=True)
         progress.update(0, 0, final=True)
@@ -124,8 +129,9 @@ def _retry(fn, sleep):
             return fn()
         except Rejected as exc:
             if exc.status in (401, 403):  # stop: the spool keeps its place for a run with a good token
-                raise RuntimeError(f"the server refused the token ({exc}); set STETHOSCOPE_TOKEN to a token "
-                                   f"with the ingest scope") from None
+                raise RuntimeError(
+                    f"the server refused the token ({exc}); set STETHOSCOPE_TOKEN to a token with the ingest scope"
+                ) from None
             raise
         except NotFound:
             raise RuntimeError("the server has no such run (it should have been created first)") from None

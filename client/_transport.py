@@ -96,8 +96,9 @@ class HttpTransport:
     def _connection(self) -> http.client.HTTPConnection:
         if self._conn is None:
             if self._https:
-                self._conn = http.client.HTTPSConnection(self._host, self._port, timeout=self._timeout,
-                                                         context=ssl.create_default_context())
+                self._conn = http.client.HTTPSConnection(
+                    self._host, self._port, timeout=self._timeout, context=ssl.create_default_context()
+                )
             else:
                 self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
         return self._conn
@@ -159,8 +160,11 @@ class HttpTransport:
         if status == 404:
             raise NotFound(text)
         if status in (408, 429) or status >= 500:
-            raise TryLater(f"{method} {path}: HTTP {status} {text}", _retry_after(resp.getheader("Retry-After")),
-                           reason=f"HTTP {status}")
+            raise TryLater(
+                f"{method} {path}: HTTP {status} {text}",
+                _retry_after(resp.getheader("Retry-After")),
+                reason=f"HTTP {status}",
+            )
         raise Rejected(status, text)
 
 

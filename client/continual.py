@@ -61,9 +61,21 @@ class ContinualEvaluator:
     Called directly, ``ev(step)`` returns the values (tensors on the model's device) or None.
     """
 
-    def __init__(self, model, monitor=None, *, every=None, budget=DEFAULT_BUDGET, max_samples=MAX_SAMPLES,
-                 batch_size=BATCH_SIZE, loss_fn=None, forward=None, dense_after_switch=DENSE_AFTER_SWITCH,
-                 seed=0, clock=time.perf_counter):
+    def __init__(
+        self,
+        model,
+        monitor=None,
+        *,
+        every=None,
+        budget=DEFAULT_BUDGET,
+        max_samples=MAX_SAMPLES,
+        batch_size=BATCH_SIZE,
+        loss_fn=None,
+        forward=None,
+        dense_after_switch=DENSE_AFTER_SWITCH,
+        seed=0,
+        clock=time.perf_counter,
+    ):
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, not {type(model).__name__}")
         if every is not None and not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
@@ -115,8 +127,10 @@ class ContinualEvaluator:
         if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
             raise ValueError("inputs and targets must be tensors (a held-out set: inputs [N, ...], class indices [N])")
         if targets.dim() != 1 or targets.is_floating_point() or inputs.shape[:1] != targets.shape or len(targets) == 0:
-            raise ValueError(f"targets must be class indices of shape [N] with N = len(inputs) >= 1; "
-                             f"got inputs {tuple(inputs.shape)}, targets {tuple(targets.shape)} {targets.dtype}")
+            raise ValueError(
+                f"targets must be class indices of shape [N] with N = len(inputs) >= 1; "
+                f"got inputs {tuple(inputs.shape)}, targets {tuple(targets.shape)} {targets.dtype}"
+            )
         n = len(targets)
         if n > self.max_samples:
             # A generator of our own: the global random state is the user's.
@@ -191,8 +205,12 @@ class ContinualEvaluator:
             with torch.no_grad():
                 # All tasks' sets in one pass: one forward per batch_size samples, not per task
                 # (on a small model the per-call overhead is most of the cost).
-                logits = [self.forward(model, x[i:i + self.batch_size]) if self.forward is not None
-                          else model(x[i:i + self.batch_size]) for i in range(0, len(y), self.batch_size)]
+                logits = [
+                    self.forward(model, x[i : i + self.batch_size])
+                    if self.forward is not None
+                    else model(x[i : i + self.batch_size])
+                    for i in range(0, len(y), self.batch_size)
+                ]
                 logits = logits[0] if len(logits) == 1 else torch.cat(logits)
                 n_tasks = len(counts)
                 correct = torch.zeros(n_tasks, device=device).index_add_(0, task_ids, (logits.argmax(-1) == y).float())
@@ -259,8 +277,7 @@ class ContinualEvaluator:
         return self.eval_seconds / total if total > 0 else 0.0
 
     def __repr__(self):
-        return (f"ContinualEvaluator(tasks={self.tasks}, evaluations={self.evaluations}, "
-                f"overhead={self.overhead:.1%})")
+        return f"ContinualEvaluator(tasks={self.tasks}, evaluations={self.evaluations}, overhead={self.overhead:.1%})"
 
 
 def _task_name(task) -> str:
@@ -268,8 +285,10 @@ def _task_name(task) -> str:
         raise ValueError(f"task must be an int or a name, not {type(task).__name__}")
     name = str(task)
     if not name or "/" in name or any(c.isspace() for c in name) or len(name) > 100:
-        raise ValueError(f"task name {name!r}: use a non-empty name without '/' or spaces (at most 100 "
-                         f"characters); it becomes the series eval/acc/<task>")
+        raise ValueError(
+            f"task name {name!r}: use a non-empty name without '/' or spaces (at most 100 "
+            f"characters); it becomes the series eval/acc/<task>"
+        )
     return name
 
 

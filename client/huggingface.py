@@ -71,8 +71,11 @@ class StethoscopeTrainerCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.monitor is None or not logs:
             return
-        values = {("loss" if k == "loss" else f"hf/{k}"): v for k, v in logs.items()
-                  if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        values = {
+            ("loss" if k == "loss" else f"hf/{k}"): v
+            for k, v in logs.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         self.monitor._send_scalars(max(0, state.global_step - 1), values)
 
     def on_train_end(self, args, state, control, **kwargs):

@@ -19,13 +19,23 @@ Step = Annotated[int | None, Query(ge=-(2**63), le=2**63 - 1)]
 
 def _json(obj) -> Response:
     # Figures hold only lists and numbers (non-finite values became gaps plus markers).
-    return Response(orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json",
-                    headers={"Cache-Control": "no-store"})
+    return Response(
+        orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY),
+        media_type="application/json",
+        headers={"Cache-Control": "no-store"},
+    )
 
 
 @router.get("/runs/{run_id}/panels")
-def run_panels(run_id: str, request: Request, start: Step = None, end: Step = None,
-               match: Annotated[str | None, Query(max_length=200, description="series whose name contains this are drawn first")] = None):
+def run_panels(
+    run_id: str,
+    request: Request,
+    start: Step = None,
+    end: Step = None,
+    match: Annotated[
+        str | None, Query(max_length=200, description="series whose name contains this are drawn first")
+    ] = None,
+):
     return _json(_panels.run_panels(request.app.state.store, run_id, start, end, match or None))
 
 
@@ -38,6 +48,11 @@ def run_state(run_id: str, request: Request):
 
 
 @router.get("/compare")
-def compare(request: Request, metric: Annotated[str, Query(min_length=1, max_length=200)],
-            run: Annotated[list[str], Query(max_length=50)] = [], start: Step = None, end: Step = None):  # noqa: B006
-    return _json(_panels.compare_figure(request.app.state.store, visible_runs(request, run), metric, start, end))
+def compare(
+    request: Request,
+    metric: Annotated[str, Query(min_length=1, max_length=200)],
+    run: Annotated[list[str] | None, Query(max_length=50)] = None,
+    start: Step = None,
+    end: Step = None,
+):
+    return _json(_panels.compare_figure(request.app.state.store, visible_runs(request, run or []), metric, start, end))

@@ -75,16 +75,34 @@ def line_traces(name: str, steps: list[int], values: list[float], **line) -> lis
         bad_text.append(f"{esc(name)}: {fmt(v)} at step {s}")
     traces = [
         go.Scatter(
-            x=steps, y=ys, name=esc(name), mode="lines", line={"width": 1.5, **line}, legendgroup=esc(name),
-            connectgaps=False, hovertemplate="%{y:.6g} at step %{x}<extra>" + esc(name) + "</extra>",
+            x=steps,
+            y=ys,
+            name=esc(name),
+            mode="lines",
+            line={"width": 1.5, **line},
+            legendgroup=esc(name),
+            connectgaps=False,
+            hovertemplate="%{y:.6g} at step %{x}<extra>" + esc(name) + "</extra>",
         )
     ]
     if bad_x:
         traces.append(
             go.Scatter(
-                x=bad_x, y=bad_y, yaxis="y2", mode="markers", name=esc(f"{name}: NaN/inf"), legendgroup=esc(name),
-                marker={"color": NONFINITE_COLOUR, "size": 11, "symbol": bad_symbol, "line": {"width": 2, "color": NONFINITE_COLOUR}},
-                text=bad_text, hoverinfo="text", meta={"nonfinite": esc(name)},
+                x=bad_x,
+                y=bad_y,
+                yaxis="y2",
+                mode="markers",
+                name=esc(f"{name}: NaN/inf"),
+                legendgroup=esc(name),
+                marker={
+                    "color": NONFINITE_COLOUR,
+                    "size": 11,
+                    "symbol": bad_symbol,
+                    "line": {"width": 2, "color": NONFINITE_COLOUR},
+                },
+                text=bad_text,
+                hoverinfo="text",
+                meta={"nonfinite": esc(name)},
             )
         )
     return traces
@@ -92,18 +110,48 @@ def line_traces(name: str, steps: list[int], values: list[float], **line) -> lis
 
 def hline(layout: dict, y: float, label: str, colour: str = "#555") -> None:
     """A dashed horizontal reference line across the plot (e.g. the 16.6-nat bound)."""
-    layout["shapes"].append({"type": "line", "xref": "paper", "x0": 0, "x1": 1, "y0": y, "y1": y,
-                             "line": {"dash": "dash", "color": colour, "width": 1.5}})
-    layout["annotations"].append({"xref": "paper", "x": 0.01, "y": y, "xanchor": "left", "yanchor": "bottom",
-                                  "text": esc(label), "showarrow": False, "font": {"size": 11, "color": colour}})
+    layout["shapes"].append(
+        {
+            "type": "line",
+            "xref": "paper",
+            "x0": 0,
+            "x1": 1,
+            "y0": y,
+            "y1": y,
+            "line": {"dash": "dash", "color": colour, "width": 1.5},
+        }
+    )
+    layout["annotations"].append(
+        {
+            "xref": "paper",
+            "x": 0.01,
+            "y": y,
+            "xanchor": "left",
+            "yanchor": "bottom",
+            "text": esc(label),
+            "showarrow": False,
+            "font": {"size": 11, "color": colour},
+        }
+    )
 
 
 def add_events(layout: dict, events: Iterable[dict]) -> None:
     """Events as dotted vertical lines across the plot; task switches darker."""
     for e in events:
         colour = "#6a3d9a" if e["kind"] == "task_switch" else "#999"
-        layout["shapes"].append({"type": "line", "xref": "x", "yref": "paper", "x0": e["step"], "x1": e["step"],
-                                 "y0": 0, "y1": 1, "layer": "below", "line": {"dash": "dot", "color": colour, "width": 1}})
+        layout["shapes"].append(
+            {
+                "type": "line",
+                "xref": "x",
+                "yref": "paper",
+                "x0": e["step"],
+                "x1": e["step"],
+                "y0": 0,
+                "y1": 1,
+                "layer": "below",
+                "line": {"dash": "dot", "color": colour, "width": 1},
+            }
+        )
 
 
 def event_trace(events: list[dict]) -> go.Scatter | None:
@@ -111,9 +159,14 @@ def event_trace(events: list[dict]) -> go.Scatter | None:
     if not events:
         return None
     return go.Scatter(
-        x=[e["step"] for e in events], y=[0.0] * len(events), yaxis="y2", mode="markers", name="events",
+        x=[e["step"] for e in events],
+        y=[0.0] * len(events),
+        yaxis="y2",
+        mode="markers",
+        name="events",
         marker={"symbol": "diamond", "size": 9, "color": "#6a3d9a"},
-        text=[esc(event_label(e)) + f" at step {e['step']}" for e in events], hoverinfo="text",
+        text=[esc(event_label(e)) + f" at step {e['step']}" for e in events],
+        hoverinfo="text",
     )
 
 
@@ -130,22 +183,53 @@ def add_alerts(fig: go.Figure, layout: dict, alerts: list[dict], last_step: int 
         start = a["start_step"] if a["start_step"] is not None else a["peak_step"]
         if start is None:
             continue
-        end = a["end_step"] if a["status"] != "open" and a["end_step"] is not None else max(start, last_step or start, a["end_step"] or start)
+        end = (
+            a["end_step"]
+            if a["status"] != "open" and a["end_step"] is not None
+            else max(start, last_step or start, a["end_step"] or start)
+        )
         colour = SEVERITY_COLOURS.get(a["severity"], "#888")
-        layout["shapes"].append({"type": "rect", "xref": "x", "yref": "paper", "x0": start, "x1": max(end, start),
-                                 "y0": 0, "y1": 1, "fillcolor": colour, "opacity": 0.13, "line": {"width": 0}, "layer": "below"})
+        layout["shapes"].append(
+            {
+                "type": "rect",
+                "xref": "x",
+                "yref": "paper",
+                "x0": start,
+                "x1": max(end, start),
+                "y0": 0,
+                "y1": 1,
+                "fillcolor": colour,
+                "opacity": 0.13,
+                "line": {"width": 0},
+                "layer": "below",
+            }
+        )
         xs.append(a["peak_step"] if a["peak_step"] is not None else start)
         colours.append(colour)
-        text.append(f"{esc(a['severity'])} · {esc(a['detector'])} ({esc(a['status'])})<br>{esc(a['message'])}<br>steps {start}–{end}")
+        text.append(
+            f"{esc(a['severity'])} · {esc(a['detector'])} ({esc(a['status'])})<br>{esc(a['message'])}"
+            f"<br>steps {start}–{end}"
+        )
     if xs:
-        fig.add_trace(go.Scatter(
-            x=xs, y=[ALERT_Y] * len(xs), yaxis="y2", mode="markers", name="alerts", cliponaxis=False,
-            marker={"symbol": "triangle-down", "size": 13, "color": colours, "line": {"width": 1, "color": "#000"}},
-            text=text, hoverinfo="text", meta={"alerts": True},
-        ))
+        fig.add_trace(
+            go.Scatter(
+                x=xs,
+                y=[ALERT_Y] * len(xs),
+                yaxis="y2",
+                mode="markers",
+                name="alerts",
+                cliponaxis=False,
+                marker={"symbol": "triangle-down", "size": 13, "color": colours, "line": {"width": 1, "color": "#000"}},
+                text=text,
+                hoverinfo="text",
+                meta={"alerts": True},
+            )
+        )
 
 
-def heatmap(title: str, rows: list[tuple[str, list[int], list[float]]], n_bins: int = 200, events: Iterable[dict] = ()) -> go.Figure | None:
+def heatmap(
+    title: str, rows: list[tuple[str, list[int], list[float]]], n_bins: int = 200, events: Iterable[dict] = ()
+) -> go.Figure | None:
     """Series on a common step grid (max |value| per bin), log10 colour; non-finite cells marked."""
     steps = [s for _, ss, _ in rows for s in ss]
     if not steps:
@@ -172,14 +256,31 @@ def heatmap(title: str, rows: list[tuple[str, list[int], list[float]]], n_bins: 
                 cells[i] = abs(v)
         z.append([math.log10(c) if c is not None and c > 0 else None for c in cells])
         raw.append(["" if c is None else fmt(c) for c in cells])
-    fig = go.Figure(go.Heatmap(
-        x=xs, y=[esc(r[0]) for r in rows], z=z, customdata=raw, colorscale="Viridis", hoverongaps=False,
-        colorbar={"title": {"text": "log10"}, "thickness": 12},
-        hovertemplate="%{y}<br>step %{x:.0f}: %{customdata}<extra></extra>",
-    ))
+    fig = go.Figure(
+        go.Heatmap(
+            x=xs,
+            y=[esc(r[0]) for r in rows],
+            z=z,
+            customdata=raw,
+            colorscale="Viridis",
+            hoverongaps=False,
+            colorbar={"title": {"text": "log10"}, "thickness": 12},
+            hovertemplate="%{y}<br>step %{x:.0f}: %{customdata}<extra></extra>",
+        )
+    )
     if bad_x:
-        fig.add_trace(go.Scatter(x=bad_x, y=bad_y, mode="markers", name="NaN/inf", text=bad_text, hoverinfo="text",
-                                 marker={"symbol": "x", "size": 10, "color": NONFINITE_COLOUR}, meta={"nonfinite": "heatmap"}))
+        fig.add_trace(
+            go.Scatter(
+                x=bad_x,
+                y=bad_y,
+                mode="markers",
+                name="NaN/inf",
+                text=bad_text,
+                hoverinfo="text",
+                marker={"symbol": "x", "size": 10, "color": NONFINITE_COLOUR},
+                meta={"nonfinite": "heatmap"},
+            )
+        )
     layout = base_layout(title)
     layout["height"] = max(PLOT_HEIGHT, 60 + 22 * len(rows))
     layout["yaxis"] = {"automargin": True, "type": "category"}

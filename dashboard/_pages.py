@@ -80,14 +80,25 @@ def runs_overview(request: Request, project: Filter = None, status: Filter = Non
         except NotFound:  # no loss series yet
             spark = None
         vals = last.get(r["id"], {})
-        rows.append({
-            "run": r,
-            "health": health.get(r["id"], {"severity": None, "open": 0}),
-            "values": [(n, fmt(vals[n]), not math.isfinite(vals[n])) for n in KEY_SERIES if n in vals],
-            "spark": spark,
-        })
-    return render(request, "runs.html", rows=rows, projects=visible_projects(request, store.list_projects()), statuses=RUN_STATUSES,
-                  f_project=project or "", f_status=status or "", f_q=q or "", page="runs")
+        rows.append(
+            {
+                "run": r,
+                "health": health.get(r["id"], {"severity": None, "open": 0}),
+                "values": [(n, fmt(vals[n]), not math.isfinite(vals[n])) for n in KEY_SERIES if n in vals],
+                "spark": spark,
+            }
+        )
+    return render(
+        request,
+        "runs.html",
+        rows=rows,
+        projects=visible_projects(request, store.list_projects()),
+        statuses=RUN_STATUSES,
+        f_project=project or "",
+        f_status=status or "",
+        f_q=q or "",
+        page="runs",
+    )
 
 
 @router.get("/runs/{run_id}")
@@ -95,9 +106,17 @@ def run_page(run_id: str, request: Request):
     store = request.app.state.store
     run = store.get_run(run_id)
     config = [(k, json.dumps(v, ensure_ascii=False, default=str)) for k, v in sorted(run["config"].items())]
-    return render(request, "run.html", run=run, config=config, alerts=_shown(store.overview.alerts(run_id=run_id)),
-                  events=store.list_events(run_id), poll_ms=LIVE_POLL_MS, page="run",
-                  compare_url="/compare?" + urlencode({"project": run["project"], "run": run["id"]}))
+    return render(
+        request,
+        "run.html",
+        run=run,
+        config=config,
+        alerts=_shown(store.overview.alerts(run_id=run_id)),
+        events=store.list_events(run_id),
+        poll_ms=LIVE_POLL_MS,
+        page="run",
+        compare_url="/compare?" + urlencode({"project": run["project"], "run": run["id"]}),
+    )
 
 
 @router.get("/alerts")
@@ -106,22 +125,47 @@ def alerts_page(request: Request, project: Filter = None, status: Filter = None)
     status = status if status in ("open", "resolved") else None
     project = visible_project(request, project or None)
     alerts = _shown(store.overview.alerts(project=project or None, status=status))
-    return render(request, "alerts.html", alerts=alerts, projects=visible_projects(request, store.list_projects()),
-                  f_project=project or "", f_status=status or "", page="alerts")
+    return render(
+        request,
+        "alerts.html",
+        alerts=alerts,
+        projects=visible_projects(request, store.list_projects()),
+        f_project=project or "",
+        f_status=status or "",
+        page="alerts",
+    )
 
 
 @router.get("/compare")
-def compare_page(request: Request, project: Filter = None, metric: Filter = None,
-                 run: Annotated[list[str], Query(max_length=50)] = []):  # noqa: B006
+def compare_page(
+    request: Request,
+    project: Filter = None,
+    metric: Filter = None,
+    run: Annotated[list[str] | None, Query(max_length=50)] = None,
+):
     store = request.app.state.store
     project = visible_project(request, project or None)
     runs = store.list_runs(project=project or None, limit=OVERVIEW_LIMIT)
-    chosen = visible_runs(request, run)
+    chosen = visible_runs(request, run or [])
     metrics = store.overview.series_names_of_runs(chosen)
     metric = metric if metric in metrics else ("loss" if "loss" in metrics else (metrics[0] if metrics else None))
-    src = "/ui/api/compare?" + urlencode([("metric", metric)] + [("run", r) for r in chosen]) if metric and chosen else None
-    return render(request, "compare.html", runs=runs, chosen=set(chosen), metrics=metrics, metric=metric, src=src,
-                  projects=visible_projects(request, store.list_projects()), f_project=project or "", page="compare")
+    src = (
+        "/ui/api/compare?" + urlencode([("metric", metric)] + [("run", r) for r in chosen])
+        if metric and chosen
+        else None
+    )
+    return render(
+        request,
+        "compare.html",
+        runs=runs,
+        chosen=set(chosen),
+        metrics=metrics,
+        metric=metric,
+        src=src,
+        projects=visible_projects(request, store.list_projects()),
+        f_project=project or "",
+        page="compare",
+    )
 
 
 @router.get("/projects/{project}/settings")

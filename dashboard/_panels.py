@@ -62,15 +62,38 @@ def run_panel_specs() -> list[PanelSpec]:
         PanelSpec("loss", "Loss, with alerts", ("loss",), alerts=True),
         PanelSpec("grad", "Gradient norm (global)", ("grad/norm",), y_title="‖g‖"),
         PanelSpec("grad_modules", "Gradient norm per module", prefix="grad/norm/", heatmap=True),
-        PanelSpec("logits", "Logits: max |z|, mean log Z, entropy", ("logits/max_abs", "logits/mean_logz", "logits/entropy")),
-        PanelSpec("collapse", "Softmax Collapse: SC fraction and zero-loss fraction", ("logits/sc_fraction", "logits/zero_loss_fraction"), y_title="fraction",
-                  to_zero=True),
-        PanelSpec("margin", "Median margin against the float32 bound", ("logits/median_margin",), y_title="nats",
-                  hlines=((SC_MARGIN_BOUND, f"SC bound {SC_MARGIN_BOUND:.1f} nats"),)),
-        PanelSpec("hessian", "Sharpness: Hessian trace, λmax and 2/lr", ("hessian/trace", "hessian/lambda_max", "hessian/two_over_lr"),
-                  dashed=("hessian/two_over_lr",)),
-        PanelSpec("continual", "Per-task accuracy, min-ACC and WC-ACC", ("continual/min_acc", "continual/wc_acc"), prefix="eval/acc/",
-                  y_title="accuracy", dashed=("continual/min_acc", "continual/wc_acc"), to_zero=True),
+        PanelSpec(
+            "logits", "Logits: max |z|, mean log Z, entropy", ("logits/max_abs", "logits/mean_logz", "logits/entropy")
+        ),
+        PanelSpec(
+            "collapse",
+            "Softmax Collapse: SC fraction and zero-loss fraction",
+            ("logits/sc_fraction", "logits/zero_loss_fraction"),
+            y_title="fraction",
+            to_zero=True,
+        ),
+        PanelSpec(
+            "margin",
+            "Median margin against the float32 bound",
+            ("logits/median_margin",),
+            y_title="nats",
+            hlines=((SC_MARGIN_BOUND, f"SC bound {SC_MARGIN_BOUND:.1f} nats"),),
+        ),
+        PanelSpec(
+            "hessian",
+            "Sharpness: Hessian trace, λmax and 2/lr",
+            ("hessian/trace", "hessian/lambda_max", "hessian/two_over_lr"),
+            dashed=("hessian/two_over_lr",),
+        ),
+        PanelSpec(
+            "continual",
+            "Per-task accuracy, min-ACC and WC-ACC",
+            ("continual/min_acc", "continual/wc_acc"),
+            prefix="eval/acc/",
+            y_title="accuracy",
+            dashed=("continual/min_acc", "continual/wc_acc"),
+            to_zero=True,
+        ),
         PanelSpec("lr", "Learning rate", ("lr",)),
     ]
 
@@ -113,15 +136,32 @@ def run_panels(store: Store, run_id: str, start: int | None, end: int | None, ma
         else:
             fig = _line_panel(reads, spec, start, end, shown, alerts, run["last_step"], derived)
         if fig is not None:
-            panels.append({"id": spec.id, "title": spec.title, "log_toggle": not spec.heatmap, "hidden": spec.hidden,
-                           "note": _note(spec.hidden, match), "figure": fig.to_plotly_json()})
+            panels.append(
+                {
+                    "id": spec.id,
+                    "title": spec.title,
+                    "log_toggle": not spec.heatmap,
+                    "hidden": spec.hidden,
+                    "note": _note(spec.hidden, match),
+                    "figure": fig.to_plotly_json(),
+                }
+            )
     hidden = sum(p.hidden for p in specs)
     return {
         "run": {"id": run["id"], **run_version(run, alerts, len(events))},
         "panels": panels,
         "series": {"total": len(names), "hidden": hidden, "per_panel": MAX_SERIES_PER_PANEL, "match": match or ""},
-        "alerts": [{"id": a["id"], "start_step": a["start_step"], "peak_step": a["peak_step"], "end_step": a["end_step"],
-                    "severity": a["severity"], "status": a["status"]} for a in alerts],
+        "alerts": [
+            {
+                "id": a["id"],
+                "start_step": a["start_step"],
+                "peak_step": a["peak_step"],
+                "end_step": a["end_step"],
+                "severity": a["severity"],
+                "status": a["status"],
+            }
+            for a in alerts
+        ],
     }
 
 
@@ -199,7 +239,7 @@ def _line_panel(reads: dict, spec: PanelSpec, start, end, events, alerts, last_s
             steps, values = (r.steps, r.values) if r is not None else ([], [])
         any_points |= bool(steps)
         line = {"dash": "dash"} if name in spec.dashed else {}
-        label = name[len(spec.prefix):] if spec.prefix and name.startswith(spec.prefix) else name
+        label = name[len(spec.prefix) :] if spec.prefix and name.startswith(spec.prefix) else name
         label = f"task {label}" if spec.prefix == "eval/acc/" and name.startswith(spec.prefix) else label
         fig.add_traces(F.line_traces(label, steps, values, **line))
     if not any_points:
@@ -228,7 +268,7 @@ def _heatmap_panel(reads: dict, spec: PanelSpec, events) -> go.Figure | None:
     for name in spec.taken:
         r = reads.get(name)
         if r is not None and r.steps:
-            rows.append((name[len(spec.prefix):], r.steps, r.values))
+            rows.append((name[len(spec.prefix) :], r.steps, r.values))
     return F.heatmap(spec.title, rows, HEATMAP_BINS, events)
 
 
@@ -246,4 +286,8 @@ def compare_figure(store: Store, run_ids: list[str], metric: str, start: int | N
         if steps:
             fig.add_traces(F.line_traces(f"{run['name']} ({rid})" if run["name"] != rid else rid, steps, values))
     fig.update_layout(layout)
-    return {"panels": [{"id": "compare", "title": metric, "log_toggle": True, "figure": fig.to_plotly_json()}], "run": None, "alerts": []}
+    return {
+        "panels": [{"id": "compare", "title": metric, "log_toggle": True, "figure": fig.to_plotly_json()}],
+        "run": None,
+        "alerts": [],
+    }

@@ -27,7 +27,9 @@ CSP = (
 )
 
 # Autoescape everything: every run name, config value and message is user text.
-env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True, trim_blocks=True, lstrip_blocks=True)
+env = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True, trim_blocks=True, lstrip_blocks=True
+)
 env.filters["tojson_pretty"] = lambda v: json.dumps(v, ensure_ascii=False, default=str)
 env.globals.update(plotly_url=PLOTLY_URL, static_url=STATIC_URL)
 
@@ -45,12 +47,16 @@ def refuse_nul(request: Request) -> None:
 
 def render(request: Request, template: str, status_code: int = 200, **context) -> HTMLResponse:
     html = env.get_template(template).render(request=request, **context)
-    return HTMLResponse(html, status_code=status_code, headers={
-        "Content-Security-Policy": CSP,
-        "X-Content-Type-Options": "nosniff",
-        "Referrer-Policy": "same-origin",
-        "Cache-Control": "no-store",
-    })
+    return HTMLResponse(
+        html,
+        status_code=status_code,
+        headers={
+            "Content-Security-Policy": CSP,
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "same-origin",
+            "Cache-Control": "no-store",
+        },
+    )
 
 
 class _PlotlyFile:

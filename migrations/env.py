@@ -33,8 +33,8 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run(connection)
         return
-    from stethoscope_server.store.db import make_null_engine
     from stethoscope_server.settings import Settings
+    from stethoscope_server.store.db import make_null_engine
 
     engine = make_null_engine(Settings().database_url)
     with engine.connect() as conn:

@@ -13,9 +13,6 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from . import __version__
-
-from .store import migrate
-from .auth import gate as security
 from .alerting import Alerting
 from .api import alerts as alerts_api
 from .api import continual as continual_api
@@ -26,12 +23,13 @@ from .api import points as points_api
 from .api import runs as runs_api
 from .api import tokens as tokens_api
 from .api import webhooks as webhooks_api
-from .ops.background import Periodic
-from .store.db import CHECKPOINT_INTERVAL_S, checkpoint_wal, is_sqlite, make_engine
 from .api.ingest_parse import BadBatch
+from .auth import gate as security
+from .ops.background import Periodic
 from .ops.observability import IngestMetricsMiddleware
 from .settings import Settings
-from .store import Conflict, LimitExceeded, NotFound
+from .store import Conflict, LimitExceeded, NotFound, migrate
+from .store.db import CHECKPOINT_INTERVAL_S, checkpoint_wal, is_sqlite, make_engine
 
 log = logging.getLogger("stethoscope.server")
 
@@ -70,7 +68,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # leave behind. Unfrozen, one took ~100 ms under load and stalled every request.
         gc.collect()
         gc.freeze()
-        log.info("stethoscope server ready on %s (database %s)", settings.base_url, app.state.engine.url.render_as_string(hide_password=True))
+        log.info(
+            "stethoscope server ready on %s (database %s)",
+            settings.base_url,
+            app.state.engine.url.render_as_string(hide_password=True),
+        )
         try:
             yield
         finally:

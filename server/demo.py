@@ -35,7 +35,6 @@ def _port_free(port: int) -> bool:
             return False
 
 
-
 def modular_softmax_collapse(server: str, steps: int) -> str:
     import torch
     import torch.nn.functional as F
@@ -49,10 +48,23 @@ def modular_softmax_collapse(server: str, steps: int) -> str:
     a, b = a.flatten(), b.flatten()
     keep = torch.randperm(p * p, generator=g)[: p * p // 2]
     a, b, y = a[keep], b[keep], ((a + b) % p)[keep]
-    model = torch.nn.ModuleDict({"emb": torch.nn.Embedding(p, 32), "mlp": torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, p))})
+    model = torch.nn.ModuleDict(
+        {
+            "emb": torch.nn.Embedding(p, 32),
+            "mlp": torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, p)),
+        }
+    )
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
     run = f"modular-sc-{int(time.time())}"
-    with stethoscope.attach(model, opt, run=run, project="demo", server=server, config={"task": "(a+b) mod 23", "lr": 0.05, "optimizer": "Adam", "dtype": "float32"}, tags=["softmax-collapse"]) as mon:
+    with stethoscope.attach(
+        model,
+        opt,
+        run=run,
+        project="demo",
+        server=server,
+        config={"task": "(a+b) mod 23", "lr": 0.05, "optimizer": "Adam", "dtype": "float32"},
+        tags=["softmax-collapse"],
+    ) as mon:
         for step in range(steps):
             z = model["mlp"](torch.cat([model["emb"](a), model["emb"](b)], 1))
             loss = F.cross_entropy(z, y)
@@ -84,7 +96,9 @@ def classifier(server: str, name: str, steps: int, lr_at, corrupt=(), tags=()) -
     model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
     opt = torch.optim.SGD(model.parameters(), lr=lr_at(0), momentum=0.9)
     run = f"{name}-{int(time.time())}"
-    with stethoscope.attach(model, opt, run=run, project="demo", server=server, config={"lr": lr_at(0), "batch": 32}, tags=list(tags)) as mon:
+    with stethoscope.attach(
+        model, opt, run=run, project="demo", server=server, config={"lr": lr_at(0), "batch": 32}, tags=list(tags)
+    ) as mon:
         bad_since = None
         for step in range(steps):
             i = torch.randint(0, len(x), (32,), generator=g)
@@ -121,7 +135,9 @@ def sharpening(server: str, steps: int) -> str:
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     loss_fn = torch.nn.MSELoss()
     run = f"edge-of-stability-{int(time.time())}"
-    with stethoscope.attach(model, opt, run=run, project="demo", server=server, config={"lr": lr, "full_batch": True}, tags=["curvature"]) as mon:
+    with stethoscope.attach(
+        model, opt, run=run, project="demo", server=server, config={"lr": lr, "full_batch": True}, tags=["curvature"]
+    ) as mon:
         mon.watch_curvature(model, loss_fn, batch=(x, y), every=10)
         for step in range(steps):
             loss = loss_fn(model(x), y)
@@ -160,8 +176,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainings = [
             ("Softmax Collapse (modular arithmetic)", lambda: modular_softmax_collapse(url, 3000)),
-            ("loss spikes (corrupted batches)", lambda: classifier(url, "loss-spikes", 1000, lambda s: 0.05, corrupt=(300, 500, 700), tags=["loss-spike"])),
-            ("divergence (learning rate too high)", lambda: classifier(url, "divergence", 2000, lambda s: 0.05 + 2.95 * min(1.0, s / 300), tags=["divergence"])),
+            (
+                "loss spikes (corrupted batches)",
+                lambda: classifier(
+                    url, "loss-spikes", 1000, lambda s: 0.05, corrupt=(300, 500, 700), tags=["loss-spike"]
+                ),
+            ),
+            (
+                "divergence (learning rate too high)",
+                lambda: classifier(
+                    url, "divergence", 2000, lambda s: 0.05 + 2.95 * min(1.0, s / 300), tags=["divergence"]
+                ),
+            ),
             ("edge of stability (full-batch GD)", lambda: sharpening(url, 1200)),
         ]
         for title, train in trainings:

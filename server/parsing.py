@@ -41,8 +41,10 @@ def parse_id(raw: object, maximum: int) -> int:
         value = int(raw)
     else:
         shown = raw if isinstance(raw, str) and len(raw) <= 40 else f"{str(raw)[:40]}..."
-        raise ValueError(f"{shown!r} is not an id: write it in decimal digits only (no sign, spaces, "
-                         f"leading zeros, decimal point or exponent)")
+        raise ValueError(
+            f"{shown!r} is not an id: write it in decimal digits only (no sign, spaces, "
+            f"leading zeros, decimal point or exponent)"
+        )
     if not 1 <= value <= maximum:
         raise ValueError(f"id {value} is out of range: ids run from 1 to {maximum}")
     return value
@@ -50,8 +52,11 @@ def parse_id(raw: object, maximum: int) -> int:
 
 def id_path(maximum: int, description: str):
     """A path parameter that is an id: ``AlertId = id_path(ALERT_ID_MAX, "the alert's id")``."""
-    return Annotated[int, Path(ge=1, le=maximum, description=description),
-                     BeforeValidator(functools.partial(parse_id, maximum=maximum))]
+    return Annotated[
+        int,
+        Path(ge=1, le=maximum, description=description),
+        BeforeValidator(functools.partial(parse_id, maximum=maximum)),
+    ]
 
 
 class BadJSON(ValueError):
@@ -80,10 +85,25 @@ def strict_json(body: bytes) -> Any:
 def json_invalid(e: BadJSON) -> list[dict]:
     """The 422 detail FastAPI gives for a body it cannot read, so the gate's answer and the
     route's are the same."""
-    return [{"type": "json_invalid", "loc": ["body", e.pos], "msg": "JSON decode error", "input": {},
-             "ctx": {"error": e.message}}]
+    return [
+        {
+            "type": "json_invalid",
+            "loc": ["body", e.pos],
+            "msg": "JSON decode error",
+            "input": {},
+            "ctx": {"error": e.message},
+        }
+    ]
 
 
 def id_invalid(where: str, name: str, raw: str, e: ValueError) -> list[dict]:
     """The 422 detail of a path id the gate cannot read (the shape of FastAPI's own)."""
-    return [{"type": "value_error", "loc": [where, name], "msg": f"Value error, {e}", "input": raw, "ctx": {"error": str(e)}}]
+    return [
+        {
+            "type": "value_error",
+            "loc": [where, name],
+            "msg": f"Value error, {e}",
+            "input": raw,
+            "ctx": {"error": str(e)},
+        }
+    ]

@@ -20,8 +20,20 @@ START_TIMEOUT_S = 60.0
 
 
 def server_command(db_url: str, port: int, *, workers: int = 1, log_level: str = "warning") -> list[str]:
-    return [sys.executable, "-m", "stethoscope_server.cli", "server", "--db", db_url, "--port", str(port),
-            "--log-level", log_level, "--workers", str(workers)]
+    return [
+        sys.executable,
+        "-m",
+        "stethoscope_server.cli",
+        "server",
+        "--db",
+        db_url,
+        "--port",
+        str(port),
+        "--log-level",
+        log_level,
+        "--workers",
+        str(workers),
+    ]
 
 
 def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = START_TIMEOUT_S) -> None:
@@ -37,7 +49,9 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = START_TIMEOU
             time.sleep(0.1)
 
 
-def start_server_process(db_url: str, port: int, *, workers: int = 1, log_level: str = "warning", **popen) -> tuple[subprocess.Popen, str]:
+def start_server_process(
+    db_url: str, port: int, *, workers: int = 1, log_level: str = "warning", **popen
+) -> tuple[subprocess.Popen, str]:
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(server_command(db_url, port, workers=workers, log_level=log_level), **popen)
     try:

@@ -106,7 +106,7 @@ class Settings(BaseSettings):
             # psycopg 3 is the driver we ship.
             v = "postgresql+psycopg://" + v.split("://", 1)[1]
         if v.startswith("sqlite:///") and not v.startswith("sqlite:///:memory:"):
-            Path(v[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            Path(v[len("sqlite:///") :]).expanduser().parent.mkdir(parents=True, exist_ok=True)
         return v
 
     @field_validator("allowed_hosts", mode="before")

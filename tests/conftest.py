@@ -10,7 +10,6 @@ from __future__ import annotations
 import uuid
 
 import pytest
-
 from live_servers import PG_URL, LiveServer, ServerProcess, _pg_schema_url, _ThreadServer, free_port  # noqa: F401
 
 DATABASES = ["sqlite", "postgres"]
@@ -62,7 +61,9 @@ def client(live_server):
 
     # JSON on every request, as the hook and the dashboard send it: with authentication off
     # the server takes a state change (even one without a body) only as JSON.
-    with httpx.Client(base_url=live_server.url + "/api/v1", timeout=30, headers={"Content-Type": "application/json"}) as c:
+    with httpx.Client(
+        base_url=live_server.url + "/api/v1", timeout=30, headers={"Content-Type": "application/json"}
+    ) as c:
         yield c
 
 

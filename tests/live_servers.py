@@ -19,6 +19,7 @@ from stethoscope_server.process import server_command, stop_process, wait_health
 
 PG_URL = os.environ.get("STETHOSCOPE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
+
 def _pg_schema_url(schema: str) -> str:
     sep = "&" if "?" in PG_URL else "?"
     return f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
@@ -31,7 +32,6 @@ def free_port() -> int:
 
 
 @dataclass
-
 class LiveServer:
     url: str
     app: object
@@ -48,7 +48,9 @@ class _ThreadServer:
     def __init__(self, app, port: int) -> None:
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):

@@ -45,8 +45,11 @@ def _under(module: str, package: str) -> bool:
 
 
 def test_the_hook_imports_neither_the_server_nor_the_dashboard():
-    bad = [(f, m) for f, m, _ in _imports("client")
-           if _under(m, "stethoscope_server") or _under(m, "stethoscope_dashboard")]
+    bad = [
+        (f, m)
+        for f, m, _ in _imports("client")
+        if _under(m, "stethoscope_server") or _under(m, "stethoscope_dashboard")
+    ]
     assert bad == []
 
 

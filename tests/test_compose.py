@@ -20,6 +20,6 @@ def test_compose_uses_known_settings_and_waits_for_postgres():
     fields = {f"STETHOSCOPE_{name.upper()}" for name in Settings.model_fields}
     assert set(env) <= fields, set(env) - fields
     # the values themselves are valid settings
-    s = Settings(**{k[len("STETHOSCOPE_"):].lower(): v for k, v in env.items()})
+    s = Settings(**{k[len("STETHOSCOPE_") :].lower(): v for k, v in env.items()})
     assert s.database_url.startswith("postgresql+psycopg://") and s.port == 8765
     assert "stethoscope db upgrade" in (ROOT / "Dockerfile").read_text()

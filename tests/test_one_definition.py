@@ -57,8 +57,10 @@ def test_one_body_size_check():
 def test_a_table_alias_means_one_table_everywhere():
     """``P`` was the projects table in six modules and the points table in one."""
     meaning: dict[str, set[str]] = {}
-    for name, text in _sources():
-        assignments = re.findall(r"^\s*([A-Z][A-Z0-9_]*(?:\s*,\s*[A-Z][A-Z0-9_]*)*)\s*=\s*(.+\.__table__)\s*$", text, re.M)
+    for _name, text in _sources():
+        assignments = re.findall(
+            r"^\s*([A-Z][A-Z0-9_]*(?:\s*,\s*[A-Z][A-Z0-9_]*)*)\s*=\s*(.+\.__table__)\s*$", text, re.M
+        )
         for names, models in assignments:
             tables = re.findall(r"(\w+)\.__table__", models)
             for alias, table in zip([n.strip() for n in names.split(",")], tables, strict=True):

@@ -53,7 +53,9 @@ class Receiver:
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
                 with rec._cond:
                     status = rec.statuses.pop(0) if rec.statuses else rec.default_status
-                    rec.requests.append(Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body, status))
+                    rec.requests.append(
+                        Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body, status)
+                    )
                     rec._cond.notify_all()
                 data = rec.reply_body if rec.reply_body is not None else (b"ok" if status < 300 else b"no")
                 self.send_response(status)
@@ -82,8 +84,10 @@ class Receiver:
             while not predicate(list(self.requests)):
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise AssertionError(f"receiver: condition not met in {timeout} s; got {len(self.requests)} requests: "
-                                         f"{[(r.replied, r.body[:120]) for r in self.requests]}")
+                    raise AssertionError(
+                        f"receiver: condition not met in {timeout} s; got {len(self.requests)} requests: "
+                        f"{[(r.replied, r.body[:120]) for r in self.requests]}"
+                    )
                 self._cond.wait(min(left, 0.2))
             return list(self.requests)
 

@@ -61,9 +61,21 @@ __all__ = [
     "lambda_max",
 ]
 
-def estimate_curvature(model, loss_fn=None, batch=None, *, closure=None, rel_tol=TRACE_REL_TOL,
-                       tol=LANCZOS_TOL, max_iter=LANCZOS_MAX_ITER, max_hvps=MAX_HVPS, deflate=True,
-                       seed=0, backend="auto") -> CurvatureEstimate:
+
+def estimate_curvature(
+    model,
+    loss_fn=None,
+    batch=None,
+    *,
+    closure=None,
+    rel_tol=TRACE_REL_TOL,
+    tol=LANCZOS_TOL,
+    max_iter=LANCZOS_MAX_ITER,
+    max_hvps=MAX_HVPS,
+    deflate=True,
+    seed=0,
+    backend="auto",
+) -> CurvatureEstimate:
     """Trace (with standard error) and extreme eigenvalues of the Hessian of the loss.
 
     ``batch=(inputs, targets)`` means the loss ``loss_fn(model(inputs), targets)``; or pass
@@ -75,30 +87,42 @@ def estimate_curvature(model, loss_fn=None, batch=None, *, closure=None, rel_tol
         est = estimate_curvature(model, torch.nn.functional.cross_entropy, (x, y))
     """
     _check_tolerances(rel_tol, tol, max_iter, max_hvps)
-    with HessianOperator(model, loss_fn, batch, closure=closure, backend=backend, seed=seed,
-                         max_block=PROBE_BLOCK) as op:
-        return _estimate(op, seed=seed, rel_tol=rel_tol, tol=tol, max_iter=max_iter,
-                         max_hvps=max_hvps, deflate=deflate)
+    with HessianOperator(
+        model, loss_fn, batch, closure=closure, backend=backend, seed=seed, max_block=PROBE_BLOCK
+    ) as op:
+        return _estimate(op, seed=seed, rel_tol=rel_tol, tol=tol, max_iter=max_iter, max_hvps=max_hvps, deflate=deflate)
 
 
-def hessian_trace(model, loss_fn=None, batch=None, *, closure=None, rel_tol=TRACE_REL_TOL,
-                  max_hvps=MAX_HVPS, deflate=True, seed=0, backend="auto") -> tuple[float, float]:
+def hessian_trace(
+    model,
+    loss_fn=None,
+    batch=None,
+    *,
+    closure=None,
+    rel_tol=TRACE_REL_TOL,
+    max_hvps=MAX_HVPS,
+    deflate=True,
+    seed=0,
+    backend="auto",
+) -> tuple[float, float]:
     """Hutchinson estimate of tr(H) and its standard error, as ``(trace, stderr)``.
 
-        tr, se = hessian_trace(model, loss_fn, (x, y), rel_tol=0.02)
+    tr, se = hessian_trace(model, loss_fn, (x, y), rel_tol=0.02)
     """
     _check_tolerances(rel_tol, LANCZOS_TOL, LANCZOS_MAX_ITER, max_hvps)
-    with HessianOperator(model, loss_fn, batch, closure=closure, backend=backend, seed=seed,
-                         max_block=PROBE_BLOCK) as op:
+    with HessianOperator(
+        model, loss_fn, batch, closure=closure, backend=backend, seed=seed, max_block=PROBE_BLOCK
+    ) as op:
         est = _estimate(op, seed=seed, eig=False, rel_tol=rel_tol, max_hvps=max_hvps, deflate=deflate)
     return est.trace, est.trace_stderr
 
 
-def lambda_max(model, loss_fn=None, batch=None, *, closure=None, tol=LANCZOS_TOL,
-               max_iter=LANCZOS_MAX_ITER, seed=0, backend="auto") -> float:
+def lambda_max(
+    model, loss_fn=None, batch=None, *, closure=None, tol=LANCZOS_TOL, max_iter=LANCZOS_MAX_ITER, seed=0, backend="auto"
+) -> float:
     """The largest eigenvalue of the Hessian of the loss (the sharpness), by Lanczos.
 
-        sharpness = lambda_max(model, loss_fn, (x, y))
+    sharpness = lambda_max(model, loss_fn, (x, y))
     """
     _check_tolerances(TRACE_REL_TOL, tol, max_iter, MAX_HVPS)
     with HessianOperator(model, loss_fn, batch, closure=closure, backend=backend, seed=seed) as op:

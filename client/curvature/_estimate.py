@@ -72,17 +72,34 @@ def _probe_generator(device, seed):
     return gen
 
 
-def _estimate(op, *, seed, trace=True, eig=True, rel_tol=TRACE_REL_TOL, tol=LANCZOS_TOL,
-              max_iter=LANCZOS_MAX_ITER, max_hvps=MAX_HVPS, deflate=True, min_probes=MIN_PROBES,
-              block=PROBE_BLOCK):
+def _estimate(
+    op,
+    *,
+    seed,
+    trace=True,
+    eig=True,
+    rel_tol=TRACE_REL_TOL,
+    tol=LANCZOS_TOL,
+    max_iter=LANCZOS_MAX_ITER,
+    max_hvps=MAX_HVPS,
+    deflate=True,
+    min_probes=MIN_PROBES,
+    block=PROBE_BLOCK,
+):
     t0 = time.perf_counter()
     gen = _probe_generator(op.device, seed)
     common = dict(generator=gen, device=op.device, dtype=op.dtype)
     lam_max = lam_min = math.nan
     basis, base = None, 0.0
     if eig or deflate:
-        res = lanczos(op.matvec, op.n, tol=tol, max_iter=min(max_iter, max(1, max_hvps - 2)),
-                      keep_basis=deflate and trace, **common)
+        res = lanczos(
+            op.matvec,
+            op.n,
+            tol=tol,
+            max_iter=min(max_iter, max(1, max_hvps - 2)),
+            keep_basis=deflate and trace,
+            **common,
+        )
         lam_max, lam_min = res.lambda_max, res.lambda_min
         if deflate and trace:
             basis, base = res.deflation(DEFLATION_RANK)
@@ -91,9 +108,17 @@ def _estimate(op, *, seed, trace=True, eig=True, rel_tol=TRACE_REL_TOL, tol=LANC
         if deflate and res.iterations >= op.n:
             tr, se = res.diagonal_sum, 0.0  # the Krylov space is the whole space: the trace is exact
         else:
-            out = deflated_hutchinson(op.matvec, op.n, basis=basis, base=base, rel_tol=rel_tol,
-                                      min_probes=min_probes, max_probes=max(2, max_hvps - op.hvps),
-                                      block=block if op.device.type != "cpu" else 1, **common)
+            out = deflated_hutchinson(
+                op.matvec,
+                op.n,
+                basis=basis,
+                base=base,
+                rel_tol=rel_tol,
+                min_probes=min_probes,
+                max_probes=max(2, max_hvps - op.hvps),
+                block=block if op.device.type != "cpu" else 1,
+                **common,
+            )
             tr, se = out.trace, out.stderr
     name = op._products.name if op._products is not None else op.backend
     return CurvatureEstimate(tr, se, lam_max, lam_min, op.hvps, time.perf_counter() - t0, name)

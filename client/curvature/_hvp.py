@@ -94,7 +94,8 @@ def preserved_training_state(model, params):
     modes = [(m, m.training) for m in model.modules()]
     grads = [(p, p.grad) for p in params]
     batchnorms = [
-        m for m in model.modules()
+        m
+        for m in model.modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
     ]
     for m in batchnorms:
@@ -187,8 +188,12 @@ class _AutogradProducts:
     def _grad(self, cotangents, batched):
         with torch.enable_grad():
             return torch.autograd.grad(
-                self._grads, self._leaves, grad_outputs=cotangents, retain_graph=True,
-                allow_unused=True, is_grads_batched=batched,
+                self._grads,
+                self._leaves,
+                grad_outputs=cotangents,
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=batched,
             )
 
 
@@ -200,8 +205,7 @@ class HessianOperator:
             hv = op.matvec(v[None])[0]
     """
 
-    def __init__(self, model, loss_fn=None, batch=None, *, closure=None, backend="auto", seed=0,
-                 max_block=16):
+    def __init__(self, model, loss_fn=None, batch=None, *, closure=None, backend="auto", seed=0, max_block=16):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
         if (batch is None) == (closure is None):
@@ -249,8 +253,10 @@ class HessianOperator:
 
                 loss = functional_call(module, (dict(zip(names, params)), buffers), ())
                 if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
-                    raise ValueError(f"the loss must be a scalar tensor, got {type(loss).__name__} "
-                                     f"of shape {getattr(loss, 'shape', None)}")
+                    raise ValueError(
+                        f"the loss must be a scalar tensor, got {type(loss).__name__} "
+                        f"of shape {getattr(loss, 'shape', None)}"
+                    )
                 return loss.reshape(())
 
             self._loss_of, self._primals = loss_of, primals
@@ -287,7 +293,7 @@ class HessianOperator:
         outs = []
         start = 0
         while start < V.shape[0]:
-            block = V[start:start + self.max_block]
+            block = V[start : start + self.max_block]
             try:
                 outs.append(self._apply(block))
             except torch.cuda.OutOfMemoryError:
@@ -361,8 +367,7 @@ class HessianOperator:
     def _split(self, V):
         parts = V.split(self.sizes, dim=1)
         return tuple(
-            part.reshape(V.shape[0], *shape).to(p.dtype)
-            for part, shape, p in zip(parts, self.shapes, self._params)
+            part.reshape(V.shape[0], *shape).to(p.dtype) for part, shape, p in zip(parts, self.shapes, self._params)
         )
 
     def _join(self, parts, k):

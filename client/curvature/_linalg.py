@@ -75,8 +75,9 @@ def _ritz(alphas, betas):
     return torch.linalg.eigh(T)
 
 
-def lanczos(matvec, n, *, generator, device, dtype, tol=LANCZOS_TOL, max_iter=LANCZOS_MAX_ITER,
-            min_iter=3, keep_basis=True):
+def lanczos(
+    matvec, n, *, generator, device, dtype, tol=LANCZOS_TOL, max_iter=LANCZOS_MAX_ITER, min_iter=3, keep_basis=True
+):
     """Lanczos with full reorthogonalisation from a normalised Rademacher start vector.
 
     Memory: the basis, one vector per step (``max_iter * n`` numbers at most); lower
@@ -145,9 +146,21 @@ class TraceResult:
     probes: int
 
 
-def deflated_hutchinson(matvec, n, *, generator, device, dtype, basis=None, base=0.0,
-                        rel_tol=TRACE_REL_TOL, abs_tol=0.0, min_probes=MIN_PROBES, max_probes=100,
-                        block=8):
+def deflated_hutchinson(
+    matvec,
+    n,
+    *,
+    generator,
+    device,
+    dtype,
+    basis=None,
+    base=0.0,
+    rel_tol=TRACE_REL_TOL,
+    abs_tol=0.0,
+    min_probes=MIN_PROBES,
+    max_probes=100,
+    block=8,
+):
     """``base + tr(P H P)`` with probes drawn in blocks until the standard error is small."""
     samples = []
     max_probes = max(2, int(max_probes))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 from .. import _errors
-from ._hvp import HessianOperator, check_batch
 from ._estimate import (
     DEFAULT_BUDGET,
     LANCZOS_MAX_ITER,
@@ -17,6 +16,7 @@ from ._estimate import (
     _check_tolerances,
     _estimate,
 )
+from ._hvp import HessianOperator, check_batch
 
 
 class CurvatureSchedule:
@@ -97,10 +97,24 @@ class CurvatureMonitor:
     ``ValueError`` here, at construction.
     """
 
-    def __init__(self, model, loss_fn=None, batch=None, *, closure=None, optimizer=None, every=None,
-                 budget=DEFAULT_BUDGET, rel_tol=TRACE_REL_TOL, tol=LANCZOS_TOL,
-                 max_iter=LANCZOS_MAX_ITER, max_hvps=MAX_HVPS, seed=0, backend="auto",
-                 clock=time.perf_counter):
+    def __init__(
+        self,
+        model,
+        loss_fn=None,
+        batch=None,
+        *,
+        closure=None,
+        optimizer=None,
+        every=None,
+        budget=DEFAULT_BUDGET,
+        rel_tol=TRACE_REL_TOL,
+        tol=LANCZOS_TOL,
+        max_iter=LANCZOS_MAX_ITER,
+        max_hvps=MAX_HVPS,
+        seed=0,
+        backend="auto",
+        clock=time.perf_counter,
+    ):
         if (batch is None) == (closure is None):
             raise ValueError("pass exactly one of batch=(inputs, targets) or closure=<callable returning the loss>")
         if batch is not None:
@@ -128,8 +142,15 @@ class CurvatureMonitor:
     def estimate(self) -> CurvatureEstimate:
         """Run one estimate now, whatever the schedule says."""
         seed = self.seed * 1_000_003 + self.estimates
-        with HessianOperator(self.model, self.loss_fn, self.batch, closure=self.closure,
-                             backend=self.backend, seed=seed, max_block=PROBE_BLOCK) as op:
+        with HessianOperator(
+            self.model,
+            self.loss_fn,
+            self.batch,
+            closure=self.closure,
+            backend=self.backend,
+            seed=seed,
+            max_block=PROBE_BLOCK,
+        ) as op:
             est = _estimate(op, seed=seed, **self._options)
         if self.backend == "auto":
             self.backend = est.backend  # measured once; later estimates skip the timing

@@ -21,8 +21,14 @@ def upgrade() -> None:
     # A partial unique index: at most one open alert per (run, detector, key). The detector
     # runner keeps this true by itself (state and alerts commit together); the index makes a
     # bug or a race fail loudly instead of doubling an alert.
-    op.create_index("uq_alerts_open_episode", "alerts", ["run_id", "detector", "key"], unique=True,
-                    sqlite_where=_OPEN, postgresql_where=_OPEN)
+    op.create_index(
+        "uq_alerts_open_episode",
+        "alerts",
+        ["run_id", "detector", "key"],
+        unique=True,
+        sqlite_where=_OPEN,
+        postgresql_where=_OPEN,
+    )
     op.create_index("ix_deliveries_webhook", "webhook_deliveries", ["webhook_id", "id"], unique=False)
 
 

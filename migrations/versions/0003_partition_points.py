@@ -29,10 +29,13 @@ def upgrade() -> None:
     op.execute("ALTER TABLE points_unpartitioned RENAME CONSTRAINT points_pkey TO points_unpartitioned_pkey")
     op.execute(
         "CREATE TABLE points (series_id BIGINT NOT NULL, step BIGINT NOT NULL, value DOUBLE PRECISION, "
-        "wall DOUBLE PRECISION NOT NULL, CONSTRAINT points_pkey PRIMARY KEY (series_id, step)) PARTITION BY HASH (series_id)"
+        "wall DOUBLE PRECISION NOT NULL, CONSTRAINT points_pkey PRIMARY KEY (series_id, step)) "
+        "PARTITION BY HASH (series_id)"
     )
     for i in range(POINT_PARTITIONS):
-        op.execute(f"CREATE TABLE points_p{i} PARTITION OF points FOR VALUES WITH (MODULUS {POINT_PARTITIONS}, REMAINDER {i})")
+        op.execute(
+            f"CREATE TABLE points_p{i} PARTITION OF points FOR VALUES WITH (MODULUS {POINT_PARTITIONS}, REMAINDER {i})"
+        )
     op.execute("INSERT INTO points SELECT series_id, step, value, wall FROM points_unpartitioned")
     op.execute("DROP TABLE points_unpartitioned")
 

@@ -22,29 +22,33 @@ depends_on = None
 
 
 def _points(name: str, value) -> None:
-    op.create_table(name,
-                    sa.Column("series_id", sa.BigInteger(), nullable=False),
-                    sa.Column("step", sa.BigInteger(), nullable=False),
-                    sa.Column("value", value, nullable=True),
-                    sa.Column("wall", sa.Double(), nullable=False),
-                    sa.PrimaryKeyConstraint("series_id", "step"),
-                    sqlite_with_rowid=False)
+    op.create_table(
+        name,
+        sa.Column("series_id", sa.BigInteger(), nullable=False),
+        sa.Column("step", sa.BigInteger(), nullable=False),
+        sa.Column("value", value, nullable=True),
+        sa.Column("wall", sa.Double(), nullable=False),
+        sa.PrimaryKeyConstraint("series_id", "step"),
+        sqlite_with_rowid=False,
+    )
 
 
 def _rollups(name: str, value) -> None:
-    op.create_table(name,
-                    sa.Column("series_id", sa.BigInteger(), nullable=False),
-                    sa.Column("level", sa.Integer(), nullable=False),
-                    sa.Column("bucket", sa.BigInteger(), nullable=False),
-                    sa.Column("min_value", value, nullable=True),
-                    sa.Column("min_step", sa.BigInteger(), nullable=True),
-                    sa.Column("max_value", value, nullable=True),
-                    sa.Column("max_step", sa.BigInteger(), nullable=True),
-                    sa.Column("nan_step", sa.BigInteger(), nullable=True),
-                    sa.Column("first_step", sa.BigInteger(), nullable=False),
-                    sa.Column("last_step", sa.BigInteger(), nullable=False),
-                    sa.PrimaryKeyConstraint("series_id", "level", "bucket"),
-                    sqlite_with_rowid=False)
+    op.create_table(
+        name,
+        sa.Column("series_id", sa.BigInteger(), nullable=False),
+        sa.Column("level", sa.Integer(), nullable=False),
+        sa.Column("bucket", sa.BigInteger(), nullable=False),
+        sa.Column("min_value", value, nullable=True),
+        sa.Column("min_step", sa.BigInteger(), nullable=True),
+        sa.Column("max_value", value, nullable=True),
+        sa.Column("max_step", sa.BigInteger(), nullable=True),
+        sa.Column("nan_step", sa.BigInteger(), nullable=True),
+        sa.Column("first_step", sa.BigInteger(), nullable=False),
+        sa.Column("last_step", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("series_id", "level", "bucket"),
+        sqlite_with_rowid=False,
+    )
 
 
 def _rebuild(value) -> None:
@@ -53,8 +57,11 @@ def _rebuild(value) -> None:
     for table, make in (("points", _points), ("rollups", _rollups)):
         make(f"_new_{table}", value)
         # Rows in key order: the new WITHOUT ROWID tree is filled front to back.
-        op.execute(f"INSERT INTO _new_{table} SELECT * FROM {table} ORDER BY 1, 2, 3" if table == "rollups"
-                   else f"INSERT INTO _new_{table} SELECT * FROM {table} ORDER BY 1, 2")
+        op.execute(
+            f"INSERT INTO _new_{table} SELECT * FROM {table} ORDER BY 1, 2, 3"
+            if table == "rollups"
+            else f"INSERT INTO _new_{table} SELECT * FROM {table} ORDER BY 1, 2"
+        )
         op.drop_table(table)
         op.rename_table(f"_new_{table}", table)
 

@@ -1,10 +1,10 @@
 """Wiring of alerting into a server worker: detector runner, webhook outbox, stalled-run check.
 
-    alerting = Alerting(settings)
-    store = alerting.make_store(engine)   # Store whose ingest runs the detectors
-    alerting.start()                      # background threads: outbox, stalled-run check
-    ...
-    alerting.stop()
+alerting = Alerting(settings)
+store = alerting.make_store(engine)   # Store whose ingest runs the detectors
+alerting.start()                      # background threads: outbox, stalled-run check
+...
+alerting.stop()
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from __future__ import annotations
 from sqlalchemy import Engine
 
 from ..ops.background import Periodic
-from .detector_runner import DetectorRunner
-from .outbox import Outbox
 from ..settings import Settings
 from ..store import Store
+from .detector_runner import DetectorRunner
+from .outbox import Outbox
 
 
 class Alerting:

@@ -26,9 +26,7 @@ from sqlalchemy import Connection
 from stethoscope.core.detectors import RESOLVE, AlertChange, DetectorSet, severity_rank
 from stethoscope.core.detectors.stalled import StalledRunDetector
 
-from ..store.models import utcnow
 from ..ops.observability import METRICS
-from .outbox import enqueue_for_alert, run_link
 from ..settings import Settings
 from ..store import Store
 from ..store import alerts as _alerts
@@ -36,6 +34,8 @@ from ..store import detector_settings as _settings
 from ..store import detector_states as _states
 from ..store import runs as _runs
 from ..store import webhooks as _webhooks
+from ..store.models import utcnow
+from .outbox import enqueue_for_alert, run_link
 
 log = logging.getLogger("stethoscope.server.detectors")
 
@@ -89,7 +89,9 @@ class DetectorRunner:
         return p
 
     # -- on ingest -----------------------------------------------------------------------
-    def __call__(self, conn: Connection, run_id: str, project_id: int, new_points: list[tuple[str, list[int], list[float]]]) -> list[dict]:
+    def __call__(
+        self, conn: Connection, run_id: str, project_id: int, new_points: list[tuple[str, list[int], list[float]]]
+    ) -> list[dict]:
         proj = self._project(project_id, lambda pid: _settings.load_overrides(conn, pid))
         # Routed here, once: the detectors fed are the keys, and ``feed`` takes the same dict.
         routed = proj.dset.route(new_points)
@@ -110,8 +112,14 @@ class DetectorRunner:
         finally:
             METRICS.detector_seconds.observe(time.perf_counter() - t0)
 
-    def _run(self, conn: Connection, run_id: str, project_id: int, proj: _ProjectDetectors,
-             routed: dict[str, list[tuple[str, int, float]]]) -> list[dict]:
+    def _run(
+        self,
+        conn: Connection,
+        run_id: str,
+        project_id: int,
+        proj: _ProjectDetectors,
+        routed: dict[str, list[tuple[str, int, float]]],
+    ) -> list[dict]:
         state = _states.load_states(conn, run_id)
         stored = set(state)
         fed = set(routed)
@@ -178,7 +186,10 @@ class DetectorRunner:
         """Open or resolve stalled-run alerts; returns how many runs changed."""
         now = utcnow()
         watched = store.detector_states.watched_runs(STALLED)
-        shortest = min([t for t in watched.timeouts if isinstance(t, (int, float))] + [DetectorSet().settings()[STALLED]["timeout_s"]])
+        shortest = min(
+            [t for t in watched.timeouts if isinstance(t, (int, float))]
+            + [DetectorSet().settings()[STALLED]["timeout_s"]]
+        )
         cutoff = now.timestamp() - shortest
         todo = []
         for r in watched.runs:
@@ -205,5 +216,7 @@ class DetectorRunner:
         changes = proj.dset.check(state, time.time(), seen.timestamp() if seen else None, run.status, run.last_step)
         if not changes:
             return
-        _states.save_states(conn, run.id, _states.encode_states({STALLED: state[STALLED]}), {STALLED} if saved is not None else set())
+        _states.save_states(
+            conn, run.id, _states.encode_states({STALLED: state[STALLED]}), {STALLED} if saved is not None else set()
+        )
         self.apply_changes(conn, run.id, run.project_id, changes)

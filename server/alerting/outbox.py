@@ -3,8 +3,8 @@
 Deliveries are rows written in the transaction that changed the alert (see
 ``store/webhooks.py``), so ingest never waits on a receiver and a restart loses none. A
 background thread in each server worker claims due rows, POSTs them with the standard
-library to checked addresses only (``webhook_targets``), and records the outcome; a failed attempt is retried with exponential backoff and
-jitter until ``webhook_max_attempts``, then marked ``failed``.
+library to checked addresses only (``webhook_targets``), and records the outcome; a failed
+attempt is retried with exponential backoff and jitter until ``webhook_max_attempts``, then marked ``failed``.
 
 Receivers verify ``X-Stethoscope-Signature: sha256=<hex>``, the HMAC-SHA256 of the exact body
 bytes under the webhook's secret::
@@ -27,13 +27,12 @@ from typing import Any
 from sqlalchemy import Connection, Engine, event
 
 from .. import __version__
-
 from ..ops.background import Periodic
-from ..store.models import utcnow
 from ..ops.observability import METRICS
 from ..settings import Settings
 from ..store import Store
 from ..store import webhooks as _webhooks  # enqueue: inside the ingest transaction
+from ..store.models import utcnow
 from .webhook_targets import post
 
 log = logging.getLogger("stethoscope.server.webhooks")
@@ -96,7 +95,11 @@ def plain_and_evidence(message: str) -> tuple[str, str]:
 def _slack(event_name: str, alert: dict, run: dict, link: str) -> dict:
     word = _EVENT_WORD.get(event_name, event_name)
     sev = alert["severity"]
-    steps = f"steps {alert['start_step']}-{alert['end_step']}" if alert.get("end_step") != alert.get("start_step") else f"step {alert['start_step']}"
+    steps = (
+        f"steps {alert['start_step']}-{alert['end_step']}"
+        if alert.get("end_step") != alert.get("start_step")
+        else f"step {alert['start_step']}"
+    )
     plain, detail = plain_and_evidence(alert["message"])
     head = f"[{sev.upper()}] {alert['detector']} {word} on run {run['name']} ({run['project']})"
     # The plain sentence first (a notification shows the start of "text"), the rest after it.
@@ -105,9 +108,23 @@ def _slack(event_name: str, alert: dict, run: dict, link: str) -> dict:
     return {
         "text": text,
         "blocks": [
-            {"type": "section", "text": {"type": "mrkdwn", "text": f"{_SEVERITY_MARK.get(sev, '')} *{plain}*\n{detail}\n_{head}_"[:SLACK_TEXT_LIMIT]}},
-            {"type": "context", "elements": [{"type": "mrkdwn", "text": f"{steps} | alert {alert['id']} | {evidence}"[:SLACK_TEXT_LIMIT]}]},
-            {"type": "actions", "elements": [{"type": "button", "text": {"type": "plain_text", "text": "Open run"}, "url": link}]},
+            {
+                "type": "section",
+                "text": {
+                    "type": "mrkdwn",
+                    "text": f"{_SEVERITY_MARK.get(sev, '')} *{plain}*\n{detail}\n_{head}_"[:SLACK_TEXT_LIMIT],
+                },
+            },
+            {
+                "type": "context",
+                "elements": [
+                    {"type": "mrkdwn", "text": f"{steps} | alert {alert['id']} | {evidence}"[:SLACK_TEXT_LIMIT]}
+                ],
+            },
+            {
+                "type": "actions",
+                "elements": [{"type": "button", "text": {"type": "plain_text", "text": "Open run"}, "url": link}],
+            },
         ],
     }
 
@@ -131,9 +148,9 @@ def backoff_s(attempts: int, base: float, cap: float, rng: random.Random = rando
 class Outbox:
     """Delivers pending webhook rows in the background; ``wake()`` after enqueueing.
 
-        outbox = Outbox(store, settings); outbox.start()
-        ...                       # the detector runner enqueues rows and wakes it on commit
-        outbox.stop()
+    outbox = Outbox(store, settings); outbox.start()
+    ...                       # the detector runner enqueues rows and wakes it on commit
+    outbox.stop()
     """
 
     def __init__(self, store: Store, settings: Settings) -> None:
@@ -191,8 +208,9 @@ class Outbox:
             EVENT_HEADER: str(payload.get("event", "")),
             DELIVERY_HEADER: str(row["id"]),
         }
-        code, retry_after, error = post(row["url"], body, headers, self.settings.webhook_timeout_s,
-                                        self.settings.webhook_allow_private)
+        code, retry_after, error = post(
+            row["url"], body, headers, self.settings.webhook_timeout_s, self.settings.webhook_allow_private
+        )
         attempts = row["attempts"]
         if error is None:
             status, next_at = "delivered", None
@@ -216,13 +234,27 @@ class Outbox:
 
         def payload_for(hook: dict) -> dict:
             sample = {
-                "id": 0, "run_id": "stethoscope-test", "project": hook["project"], "detector": "test", "key": "",
-                "severity": "info", "status": "open", "start_step": 0, "peak_step": 0, "end_step": 0,
+                "id": 0,
+                "run_id": "stethoscope-test",
+                "project": hook["project"],
+                "detector": "test",
+                "key": "",
+                "severity": "info",
+                "status": "open",
+                "start_step": 0,
+                "peak_step": 0,
+                "end_step": 0,
                 "message": "test message from Stethoscope: this webhook is set up correctly",
-                "evidence": {}, "opened_at": now, "resolved_at": None, "acknowledged_at": None,
+                "evidence": {},
+                "opened_at": now,
+                "resolved_at": None,
+                "acknowledged_at": None,
             }
             run = {"id": "stethoscope-test", "name": "stethoscope-test", "project": hook["project"]}
-            return {"event": "test", "body": body_for(hook["format"], "test", sample, run, run_link(base_url, run["id"]))}
+            return {
+                "event": "test",
+                "body": body_for(hook["format"], "test", sample, run, run_link(base_url, run["id"])),
+            }
 
         # Inserted as claimed by this request (attempt 1, leased): the worker leaves it alone.
         row = self.store.webhooks.insert_test(webhook_id, payload_for, now + timedelta(seconds=self.lease_s))
@@ -230,15 +262,31 @@ class Outbox:
         return self.store.webhooks.delivery(row["id"])
 
 
-def enqueue_for_alert(conn: Connection, hooks: list[Any], notified: set[int], event_name: str, alert: dict, run: dict, link: str,
-                      sequence: int | None = None) -> list[int]:
+def enqueue_for_alert(
+    conn: Connection,
+    hooks: list[Any],
+    notified: set[int],
+    event_name: str,
+    alert: dict,
+    run: dict,
+    link: str,
+    sequence: int | None = None,
+) -> list[int]:
     """Outbox rows for one alert event, one per webhook that wants it (same transaction);
     ``sequence`` is the alert's change number (``store.alerts.next_change``)."""
     rows = []
     for h in hooks:
         wants = alert["severity"] in (h.severities or []) or h.id in notified
         if wants:
-            rows.append({"webhook_id": h.id, "alert_id": alert["id"],
-                         "payload": {"event": event_name, "sequence": sequence,
-                                     "body": body_for(h.format, event_name, alert, run, link, sequence)}})
+            rows.append(
+                {
+                    "webhook_id": h.id,
+                    "alert_id": alert["id"],
+                    "payload": {
+                        "event": event_name,
+                        "sequence": sequence,
+                        "body": body_for(h.format, event_name, alert, run, link, sequence),
+                    },
+                }
+            )
     return _webhooks.enqueue(conn, rows)

@@ -47,8 +47,16 @@ BAD_REPLY = "invalid HTTP reply"
 REFUSED = "target refused"
 _CLASSES = {CONNECTION_FAILED, TIMED_OUT, TLS_FAILED, NOT_RESOLVED, BAD_REPLY}
 _HTTP_CLASS = re.compile(r"HTTP [1-5]xx")
-_REASONS = ("loopback address", "link-local address", "unspecified address", "multicast address",
-            "carrier-grade NAT address", "private address", "reserved address", "non-global address")
+_REASONS = (
+    "loopback address",
+    "link-local address",
+    "unspecified address",
+    "multicast address",
+    "carrier-grade NAT address",
+    "private address",
+    "reserved address",
+    "non-global address",
+)
 
 #: Shared address space (RFC 6598): not ``is_private`` in Python 3.11, yet inside a provider's network.
 CGNAT = ipaddress.ip_network("100.64.0.0/10")
@@ -171,9 +179,11 @@ def creation_error(url: str, allow_private: bool) -> str | None:
         # The address is named only when the URL spells it: a refusal must not turn the
         # server into a way to read its internal DNS.
         where = f"{host} is a {e.reason}" if literal_ip(host) is not None else f"{host} resolves to a {e.reason}"
-        return (f"webhook url refused: {where}. Webhooks may not reach loopback, link-local, private, "
-                f"carrier-grade NAT, multicast or reserved addresses unless the server's operator sets "
-                f"STETHOSCOPE_WEBHOOK_ALLOW_PRIVATE=1")
+        return (
+            f"webhook url refused: {where}. Webhooks may not reach loopback, link-local, private, "
+            f"carrier-grade NAT, multicast or reserved addresses unless the server's operator sets "
+            f"STETHOSCOPE_WEBHOOK_ALLOW_PRIVATE=1"
+        )
     return None
 
 
@@ -235,7 +245,9 @@ def _failure_class(e: BaseException) -> str:
     return CONNECTION_FAILED
 
 
-def post(url: str, body: bytes, headers: dict[str, str], timeout: float, allow_private: bool) -> tuple[int | None, str | None, str | None]:
+def post(
+    url: str, body: bytes, headers: dict[str, str], timeout: float, allow_private: bool
+) -> tuple[int | None, str | None, str | None]:
     """POST once to a checked address, following no redirect. Returns (status code,
     Retry-After, error class); the error class is None for a 2xx."""
     u = urlsplit(url)
@@ -253,7 +265,9 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float, allow_p
     try:
         if u.scheme == "https":
             # Host name for SNI and the certificate check; the socket is the pinned one.
-            conn: http.client.HTTPConnection = http.client.HTTPSConnection(host, port, timeout=timeout, context=_tls_context())
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                host, port, timeout=timeout, context=_tls_context()
+            )
         else:
             conn = http.client.HTTPConnection(host, port, timeout=timeout)
         conn._create_connection = _pinned(ips, port, timeout)  # type: ignore[attr-defined]

@@ -36,7 +36,9 @@ class AlertOut(BaseModel):
     peak_step: int | None = Field(description="step at which it was worst")
     end_step: int | None = Field(description="last step it held (open) or the step it cleared (resolved)")
     message: str
-    evidence: dict[str, Any] = Field(description="values and thresholds; non-finite numbers as NaN, Infinity, -Infinity")
+    evidence: dict[str, Any] = Field(
+        description="values and thresholds; non-finite numbers as NaN, Infinity, -Infinity"
+    )
     opened_at: datetime
     resolved_at: datetime | None
     acknowledged_at: datetime | None
@@ -44,11 +46,17 @@ class AlertOut(BaseModel):
 
 class WebhookCreate(Strict):
     url: str = Field(max_length=2000, pattern=NO_NUL, description="http(s) URL the alerts are POSTed to")
-    secret: str | None = Field(default=None, min_length=8, max_length=200, pattern=NO_NUL,
-                               description="HMAC key for X-Stethoscope-Signature; generated when absent; shown only in this reply")
+    secret: str | None = Field(
+        default=None,
+        min_length=8,
+        max_length=200,
+        pattern=NO_NUL,
+        description="HMAC key for X-Stethoscope-Signature; generated when absent; shown only in this reply",
+    )
     severities: list[Severity] = Field(default_factory=lambda: list(DEFAULT_WEBHOOK_SEVERITIES), min_length=1)
     format: Literal[FORMATS] = Field(  # type: ignore[valid-type]
-        default="json", description="json: the alert as an object; slack: {text, blocks} for a Slack incoming webhook")
+        default="json", description="json: the alert as an object; slack: {text, blocks} for a Slack incoming webhook"
+    )
     enabled: bool = True
 
     @field_validator("url")
@@ -92,8 +100,10 @@ class DeliveryOut(BaseModel):
     attempts: int
     next_attempt_at: datetime | None = Field(description="when the next attempt is due (pending only)")
     last_status_code: int | None
-    last_error: str | None = Field(description="what went wrong, as a class only: HTTP 4xx, HTTP 5xx, connection failed, "
-                                   "timed out, TLS failed, name not resolved, target refused: <kind> address")
+    last_error: str | None = Field(
+        description="what went wrong, as a class only: HTTP 4xx, HTTP 5xx, connection failed, "
+        "timed out, TLS failed, name not resolved, target refused: <kind> address"
+    )
     created_at: datetime
     delivered_at: datetime | None
     body: dict[str, Any] | None = Field(description="the JSON object sent")

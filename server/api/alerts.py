@@ -6,11 +6,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, HTTPException, Path, Query, Request
 
-from .alert_schemas import AlertOut, AlertStatus, Severity
 from ..parsing import ALERT_ID_MAX, id_path
+from .alert_schemas import AlertOut, AlertStatus, Severity
 from .deps import StoreDep, StrictJSONRoute
-from .schemas import NO_NUL, JsonObject
 from .runs import RunId
+from .schemas import NO_NUL, JsonObject
 
 router = APIRouter(tags=["alerts"], route_class=StrictJSONRoute)
 
@@ -26,7 +26,9 @@ def run_alerts(run_id: RunId, store: StoreDep, status: AlertStatus | None = None
     return store.alerts.list_run(run_id, status)
 
 
-@router.get("/projects/{project}/alerts", response_model=list[AlertOut], responses={404: {"description": "no such project"}})
+@router.get(
+    "/projects/{project}/alerts", response_model=list[AlertOut], responses={404: {"description": "no such project"}}
+)
 def project_alerts(
     project: ProjectName,
     store: StoreDep,
@@ -45,7 +47,11 @@ def acknowledge(alert_id: AlertId, store: StoreDep):
     return store.alerts.acknowledge(alert_id)
 
 
-@router.get("/projects/{project}/detectors", response_model=dict[str, dict[str, Any]], responses={404: {"description": "no such project"}})
+@router.get(
+    "/projects/{project}/detectors",
+    response_model=dict[str, dict[str, Any]],
+    responses={404: {"description": "no such project"}},
+)
 def get_detector_settings(project: ProjectName, store: StoreDep):
     """Effective settings of every detector: ``{name: {"enabled": ..., param: value, ...}}``."""
     return store.detector_settings.effective(project)

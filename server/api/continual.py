@@ -14,6 +14,7 @@ from .runs import RunId
 
 router = APIRouter(tags=["continual"], route_class=StrictJSONRoute)
 
+
 class PreviousTask(BaseModel):
     task: str
     pre_step: int
@@ -65,7 +66,10 @@ class ContinualOut(BaseModel):
 def continual_summary(
     run_id: RunId,
     store: StoreDep,
-    max_points: Annotated[int, Query(ge=3, le=1_000_000, description="at most this many points per series; each bucket keeps its min and max")] = 2000,
+    max_points: Annotated[
+        int,
+        Query(ge=3, le=1_000_000, description="at most this many points per series; each bucket keeps its min and max"),
+    ] = 2000,
 ):
     """min-ACC, WC-ACC, WF^10 and WF^100 now and as series over the run's evaluations, and each
     task switch with the gap it opened on previous tasks and how long they took to recover,

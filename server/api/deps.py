@@ -44,7 +44,9 @@ class StrictJSONRoute(APIRoute):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if self.methods & {"POST", "PUT", "PATCH", "DELETE"}:  # the gate's answer, in the schema
-            self.responses.setdefault(415, {"description": "not sent as application/json (required while authentication is off)"})
+            self.responses.setdefault(
+                415, {"description": "not sent as application/json (required while authentication is off)"}
+            )
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()

@@ -31,8 +31,11 @@ def mount_docs(app: FastAPI) -> None:
     @app.get("/docs", include_in_schema=False)
     def swagger_ui() -> HTMLResponse:
         return get_swagger_ui_html(
-            openapi_url=app.openapi_url, title=f"{title} - API", oauth2_redirect_url="/docs/oauth2-redirect",
-            swagger_js_url=f"{DOCS_STATIC_URL}/swagger-ui-bundle.js", swagger_css_url=f"{DOCS_STATIC_URL}/swagger-ui.css",
+            openapi_url=app.openapi_url,
+            title=f"{title} - API",
+            oauth2_redirect_url="/docs/oauth2-redirect",
+            swagger_js_url=f"{DOCS_STATIC_URL}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_STATIC_URL}/swagger-ui.css",
             swagger_favicon_url=f"{DOCS_STATIC_URL}/favicon.png",
         )
 
@@ -42,5 +45,10 @@ def mount_docs(app: FastAPI) -> None:
 
     @app.get("/redoc", include_in_schema=False)
     def redoc() -> HTMLResponse:
-        return get_redoc_html(openapi_url=app.openapi_url, title=f"{title} - API", redoc_js_url=f"{DOCS_STATIC_URL}/redoc.standalone.js",
-                              redoc_favicon_url=f"{DOCS_STATIC_URL}/favicon.png", with_google_fonts=False)
+        return get_redoc_html(
+            openapi_url=app.openapi_url,
+            title=f"{title} - API",
+            redoc_js_url=f"{DOCS_STATIC_URL}/redoc.standalone.js",
+            redoc_favicon_url=f"{DOCS_STATIC_URL}/favicon.png",
+            with_google_fonts=False,
+        )

@@ -64,9 +64,16 @@ class DatabaseUnavailableMiddleware:
         except Exception as exc:
             if started or not is_unavailable(exc):
                 raise
-            log.warning("database unavailable (%s %s answered 503): %s", scope.get("method"), scope.get("path"), _first_line(exc))
+            log.warning(
+                "database unavailable (%s %s answered 503): %s",
+                scope.get("method"),
+                scope.get("path"),
+                _first_line(exc),
+            )
             await Response(
-                json.dumps({"detail": DATABASE_UNAVAILABLE}), status_code=503, media_type="application/json",
+                json.dumps({"detail": DATABASE_UNAVAILABLE}),
+                status_code=503,
+                media_type="application/json",
                 headers={"Retry-After": str(DATABASE_RETRY_AFTER_S), "Cache-Control": "no-store"},
             )(scope, receive, send)
 

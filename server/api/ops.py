@@ -13,8 +13,8 @@ import logging
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from ..store import migrate
 from ..ops.observability import CONTENT_TYPE, METRICS, Gauge, render
+from ..store import migrate
 from .errors import DATABASE_RETRY_AFTER_S
 
 log = logging.getLogger("stethoscope.server")
@@ -45,13 +45,20 @@ def readyz(request: Request):
     except Exception as exc:  # noqa: BLE001 - any failure to ask the database is "not ready"
         # /readyz is public: the driver's message (host, port, user, file path) goes to the log.
         log.warning("readyz: database unavailable: %s", _reason(exc))
-        return JSONResponse({"status": "unavailable", "reason": "database unavailable"}, status_code=503,
-                            headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)})
+        return JSONResponse(
+            {"status": "unavailable", "reason": "database unavailable"},
+            status_code=503,
+            headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},
+        )
     if current != head:
         return JSONResponse(
-            {"status": "unavailable", "reason": f"database schema at {current or 'base (empty)'}, migrations' head is {head}: "
-                                                f"run `stethoscope db upgrade`",
-             "revision": current, "head": head},
+            {
+                "status": "unavailable",
+                "reason": f"database schema at {current or 'base (empty)'}, migrations' head is {head}: "
+                f"run `stethoscope db upgrade`",
+                "revision": current,
+                "head": head,
+            },
             status_code=503,
         )
     return {"status": "ready", "revision": current}
@@ -67,20 +74,41 @@ def metrics(request: Request):
     if store is not None:
         try:
             pending = store.webhooks.pending_count()
-            extra.append(Gauge("stethoscope_webhook_outbox_pending", "Webhook deliveries waiting to be sent (all workers).", pending))
+            extra.append(
+                Gauge(
+                    "stethoscope_webhook_outbox_pending",
+                    "Webhook deliveries waiting to be sent (all workers).",
+                    pending,
+                )
+            )
         except Exception as exc:  # noqa: BLE001 - the sample is left out; /readyz says why
             log.debug("metrics: outbox depth not readable: %s", _reason(exc))
     alerting = getattr(state, "alerting", None)
     if alerting is not None:
-        extra.append(Gauge("stethoscope_detector_errors_total",
-                           "Detector runner internal failures (the batch's points were stored without detection).",
-                           alerting.runner.errors, kind="counter"))
-        jobs = (("webhook-outbox", alerting.outbox), ("stalled-run-check", alerting.stall_check),
-                ("sqlite-checkpoint", getattr(state, "checkpoints", None)))
+        extra.append(
+            Gauge(
+                "stethoscope_detector_errors_total",
+                "Detector runner internal failures (the batch's points were stored without detection).",
+                alerting.runner.errors,
+                kind="counter",
+            )
+        )
+        jobs = (
+            ("webhook-outbox", alerting.outbox),
+            ("stalled-run-check", alerting.stall_check),
+            ("sqlite-checkpoint", getattr(state, "checkpoints", None)),
+        )
         for job, worker in jobs:
             if worker is not None:
-                extra.append(Gauge("stethoscope_background_errors_total", "Failures of a background job (logged; it goes on).",
-                                   worker.errors, kind="counter", labels={"job": job}))
+                extra.append(
+                    Gauge(
+                        "stethoscope_background_errors_total",
+                        "Failures of a background job (logged; it goes on).",
+                        worker.errors,
+                        kind="counter",
+                        labels={"job": job},
+                    )
+                )
     return Response(render(_merge([*METRICS.families(), *extra])), media_type=CONTENT_TYPE)
 
 

@@ -4,23 +4,21 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import orjson
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 
-import orjson
-
 from stethoscope.core.wire import encode_values
 
-from .ingest_parse import decode_body, parse_batch
 from ..ops.observability import METRICS, note_batch_points
 from .deps import SettingsDep, StoreDep, StrictJSONRoute
+from .ingest_parse import decode_body, parse_batch
 from .runs import RunId
 from .schemas import NO_NUL, EventBatch, EventOut, EventsReply, IngestBatch, IngestReply, SeriesData, SeriesInfo
 
 router = APIRouter(tags=["points"], route_class=StrictJSONRoute)
 
 _NO_RUN = {404: {"description": "no such run"}}
-
 
 
 def _inline_schema(model) -> dict:
@@ -42,14 +40,20 @@ def _inline_schema(model) -> dict:
     return inline(schema)
 
 
-_INGEST_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": _inline_schema(IngestBatch)}}}}
+_INGEST_BODY = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": _inline_schema(IngestBatch)}}}
+}
 
 
 @router.post(
     "/runs/{run_id}/points",
     response_model=IngestReply,
     openapi_extra=_INGEST_BODY,
-    responses={404: {"description": "no such run"}, 413: {"description": "too many points or bytes"}, 422: {"description": "malformed batch"}},
+    responses={
+        404: {"description": "no such run"},
+        413: {"description": "too many points or bytes"},
+        422: {"description": "malformed batch"},
+    },
 )
 async def ingest(run_id: RunId, request: Request, store: StoreDep, settings: SettingsDep):
     """Store a batch of points of one run. A 2xx reply means they are committed; resending stores nothing twice."""
@@ -83,7 +87,10 @@ def read_series(
     store: StoreDep,
     start: Annotated[int | None, Query(ge=-(2**63), le=2**63 - 1, description="first step, inclusive")] = None,
     end: Annotated[int | None, Query(ge=-(2**63), le=2**63 - 1, description="last step, inclusive")] = None,
-    max_points: Annotated[int, Query(ge=3, le=1_000_000, description="at most this many points; each bucket keeps its min, max and first NaN")] = 2000,
+    max_points: Annotated[
+        int,
+        Query(ge=3, le=1_000_000, description="at most this many points; each bucket keeps its min, max and first NaN"),
+    ] = 2000,
 ):
     r = store.read_series(run_id, name, start, end, max_points)
     # orjson straight to bytes: a 2,000-point reply would spend longer in pydantic than in the database.
@@ -101,5 +108,7 @@ def add_events(run_id: RunId, body: EventBatch, store: StoreDep):
 
 
 @router.get("/runs/{run_id}/events", response_model=list[EventOut], responses=_NO_RUN)
-def list_events(run_id: RunId, store: StoreDep, kind: Annotated[str | None, Query(max_length=200, pattern=NO_NUL)] = None):
+def list_events(
+    run_id: RunId, store: StoreDep, kind: Annotated[str | None, Query(max_length=200, pattern=NO_NUL)] = None
+):
     return store.list_events(run_id, kind)

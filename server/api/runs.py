@@ -20,7 +20,14 @@ def list_projects(store: StoreDep, request: Request):
     return visible_projects(request, store.list_projects())
 
 
-@router.put("/runs/{run_id}", response_model=RunOut, responses={201: {"model": RunOut, "description": "created"}, 409: {"description": "the run belongs to another project"}})
+@router.put(
+    "/runs/{run_id}",
+    response_model=RunOut,
+    responses={
+        201: {"model": RunOut, "description": "created"},
+        409: {"description": "the run belongs to another project"},
+    },
+)
 def create_or_resume_run(run_id: RunId, body: RunCreate, store: StoreDep, response: Response):
     """Create the run with this id, or resume it (status back to ``running``). Safe to repeat."""
     run, created = store.upsert_run(run_id, body.project, body.name, body.config, body.tags)
@@ -45,7 +52,9 @@ def list_runs(
     project: Name | None = None,
     status: RunStatus | None = None,
     tag: Name | None = None,
-    q: Annotated[str | None, Query(max_length=200, pattern=NO_NUL, description="substring of the run's name or id")] = None,
+    q: Annotated[
+        str | None, Query(max_length=200, pattern=NO_NUL, description="substring of the run's name or id")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
 ):

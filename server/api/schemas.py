@@ -13,7 +13,9 @@ from stethoscope.core.wire import MAX_NAME_LENGTH, RUN_STATUSES
 #: Text we store: PostgreSQL's text types cannot hold NUL (SQLite can), so both databases
 #: refuse it at the door with a 422 instead of one of them failing with a 500.
 NO_NUL = r"^[^\x00]*$"
-Name = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_LENGTH, strip_whitespace=False, pattern=NO_NUL)]
+Name = Annotated[
+    str, StringConstraints(min_length=1, max_length=MAX_NAME_LENGTH, strip_whitespace=False, pattern=NO_NUL)
+]
 
 
 def _strict_json(v: dict) -> dict:
@@ -76,7 +78,9 @@ class SeriesPoints(Strict):
     name: Name
     steps: list[int]
     values: list[WireFloat]
-    walls: list[float] | None = Field(default=None, description="Unix seconds per point; the server's clock when absent.")
+    walls: list[float] | None = Field(
+        default=None, description="Unix seconds per point; the server's clock when absent."
+    )
 
 
 class IngestBatch(Strict):

@@ -21,8 +21,14 @@ Scope = Literal["ingest", "read", "admin"]
 
 class TokenCreate(Strict):
     name: Name
-    project: Name | None = Field(default=None, description="the token's project; none: every project (admin tokens only may make these)")
-    scopes: list[Scope] = Field(min_length=1, max_length=3, description="ingest: create runs and send points and events; read: GET; admin: everything")
+    project: Name | None = Field(
+        default=None, description="the token's project; none: every project (admin tokens only may make these)"
+    )
+    scopes: list[Scope] = Field(
+        min_length=1,
+        max_length=3,
+        description="ingest: create runs and send points and events; read: GET; admin: everything",
+    )
 
 
 class TokenOut(BaseModel):

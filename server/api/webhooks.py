@@ -8,9 +8,9 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 
 from ..alerting.webhook_targets import creation_error
+from ..parsing import WEBHOOK_ID_MAX, id_path
 from .alert_schemas import DeliveryOut, DeliveryStatus, WebhookCreate, WebhookCreated, WebhookOut
 from .alerts import ProjectName
-from ..parsing import WEBHOOK_ID_MAX, id_path
 from .deps import SettingsDep, StoreDep, StrictJSONRoute
 
 router = APIRouter(tags=["webhooks"], route_class=StrictJSONRoute)
@@ -21,14 +21,22 @@ WebhookId = id_path(WEBHOOK_ID_MAX, "the webhook's id")
 SECRET_BYTES = 32
 
 
-@router.get("/projects/{project}/webhooks", response_model=list[WebhookOut], responses={404: {"description": "no such project"}})
+@router.get(
+    "/projects/{project}/webhooks", response_model=list[WebhookOut], responses={404: {"description": "no such project"}}
+)
 def list_webhooks(project: ProjectName, store: StoreDep):
     """The project's webhooks. Secrets are never shown again after creation."""
     return store.webhooks.list(project)
 
 
-@router.post("/projects/{project}/webhooks", response_model=WebhookCreated, status_code=201,
-             responses={422: {"description": "a bad body, or a url that is or resolves to a loopback, private or reserved address"}})
+@router.post(
+    "/projects/{project}/webhooks",
+    response_model=WebhookCreated,
+    status_code=201,
+    responses={
+        422: {"description": "a bad body, or a url that is or resolves to a loopback, private or reserved address"}
+    },
+)
 def create_webhook(project: ProjectName, body: WebhookCreate, store: StoreDep, settings: SettingsDep):
     """Add a webhook (creating the project if needed). The reply holds the secret: the only time it is shown.
 
@@ -49,7 +57,9 @@ def delete_webhook(webhook_id: WebhookId, store: StoreDep):
     return Response(status_code=204)
 
 
-@router.post("/webhooks/{webhook_id}/test", response_model=DeliveryOut, responses={404: {"description": "no such webhook"}})
+@router.post(
+    "/webhooks/{webhook_id}/test", response_model=DeliveryOut, responses={404: {"description": "no such webhook"}}
+)
 def test_webhook(webhook_id: WebhookId, request: Request, settings: SettingsDep):
     """Send a sample alert now (once, no retries) and return the delivery with its outcome."""
     outbox = getattr(request.app.state, "outbox", None)
@@ -58,7 +68,11 @@ def test_webhook(webhook_id: WebhookId, request: Request, settings: SettingsDep)
     return outbox.send_test(webhook_id, settings.base_url)
 
 
-@router.get("/webhooks/{webhook_id}/deliveries", response_model=list[DeliveryOut], responses={404: {"description": "no such webhook"}})
+@router.get(
+    "/webhooks/{webhook_id}/deliveries",
+    response_model=list[DeliveryOut],
+    responses={404: {"description": "no such webhook"}},
+)
 def list_deliveries(
     webhook_id: WebhookId,
     store: StoreDep,

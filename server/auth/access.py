@@ -152,6 +152,7 @@ def match(method: str, path: str) -> tuple[str | None, Rule | None, dict[str, st
 #: Runs whose project a worker remembers; a run never changes project.
 RUN_CACHE_SIZE = 100_000
 
+
 class ProjectResolver:
     """Finds the project a path parameter belongs to (None when the thing does not exist:
     the route answers 404 then), through ``store.access``. Runs are remembered, so ingest

@@ -20,8 +20,8 @@ this machine's and a state change must be JSON (``gate_io``).
 from __future__ import annotations
 
 import logging
-import sys
 import math
+import sys
 import threading
 import time
 from urllib.parse import parse_qs, quote, urlsplit
@@ -31,10 +31,10 @@ import orjson
 from starlette.datastructures import Headers
 from starlette.requests import Request
 
-from . import access, tokens
 from .. import parsing
-from .gate_io import Denied, allowed_hosts, check_host, has_body, read_body, replay, require_json
 from ..settings import Settings
+from . import access, tokens
+from .gate_io import Denied, allowed_hosts, check_host, has_body, read_body, replay, require_json
 from .tokens import Principal
 
 log = logging.getLogger("stethoscope.server")
@@ -87,10 +87,17 @@ class Gate:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.resolver = access.ProjectResolver()
-        self.buckets = TokenBuckets(settings.rate_limit_per_s, settings.rate_limit_burst) if settings.rate_limit_per_s > 0 else None
+        self.buckets = (
+            TokenBuckets(settings.rate_limit_per_s, settings.rate_limit_burst)
+            if settings.rate_limit_per_s > 0
+            else None
+        )
         #: Failed authentications per client address (see ``attempt``).
-        self.failures = (TokenBuckets(settings.auth_failures_per_s, settings.auth_failure_burst)
-                         if settings.auth_failures_per_s > 0 else None)
+        self.failures = (
+            TokenBuckets(settings.auth_failures_per_s, settings.auth_failure_burst)
+            if settings.auth_failures_per_s > 0
+            else None
+        )
         self.hosts = allowed_hosts(settings)
         self._principals: dict[str, tuple[float, Principal]] = {}
         self._lock = threading.Lock()
@@ -123,8 +130,12 @@ class Gate:
         wait = self.failures.wait(address)
         if wait > 0:
             retry = max(1, math.ceil(wait))
-            raise Denied(429, f"too many failed authentications from {address}: retry after {retry} s "
-                              f"(STETHOSCOPE_AUTH_FAILURES_PER_S)", {"Retry-After": str(retry)})
+            raise Denied(
+                429,
+                f"too many failed authentications from {address}: retry after {retry} s "
+                f"(STETHOSCOPE_AUTH_FAILURES_PER_S)",
+                {"Retry-After": str(retry)},
+            )
         principal = self.authenticate(store, token)
         if principal is None:
             self.failures.take(address)
@@ -140,7 +151,9 @@ class Gate:
             self._principals = {k: v for k, v in self._principals.items() if v[1].token_id != token_id}
 
     # -- projects ----------------------------------------------------------------------
-    def targets(self, store, rule: access.Rule, params: dict, query: dict[str, list[str]], body: bytes | None) -> list[tuple[str, object, object]]:
+    def targets(
+        self, store, rule: access.Rule, params: dict, query: dict[str, list[str]], body: bytes | None
+    ) -> list[tuple[str, object, object]]:
         """(kind, name, project) of each thing the request names; a None project: no such
         thing (the route answers 404, or creates it). Ids are read by ``parsing.parse_id``,
         the routes' own reader: an id the gate cannot read is refused, never waved through."""
@@ -156,7 +169,13 @@ class Gate:
         elif t == access.RUN_BODY:
             project = body_project(body, default="default")  # RunCreate's default
             out.append((access.PROJECT, project, project))
-        runs = [params["run_id"]] if t in (access.RUN, access.RUN_BODY) else [r for r in query.get("run", []) if r] if t == access.COMPARE else []
+        runs = (
+            [params["run_id"]]
+            if t in (access.RUN, access.RUN_BODY)
+            else [r for r in query.get("run", []) if r]
+            if t == access.COMPARE
+            else []
+        )
         for run_id in runs:
             if "\x00" in run_id:  # PostgreSQL cannot even compare it: a 500 there, not a 404
                 raise Denied(422, f"run id {run_id!r} holds a NUL character, which no run id may contain")
@@ -219,14 +238,20 @@ def authorize(principal: Principal, targets, rule: access.Rule, method: str, rou
             continue
         if kind == access.TOKEN_BODY:
             if project is access.GLOBAL:
-                raise Denied(403, f"{limited}, so the tokens it makes are for that project too: send \"project\": "
-                                  f"{principal.project!r} (a token for every project needs an admin token for every project)")
+                raise Denied(
+                    403,
+                    f'{limited}, so the tokens it makes are for that project too: send "project": '
+                    f"{principal.project!r} (a token for every project needs an admin token for every project)",
+                )
             raise Denied(403, f"{limited}, so it makes tokens for that project only, not for project {project!r}")
         if kind == access.PROJECT:
             raise Denied(403, f"{limited}; not project {name!r}")
         if rule.target == access.RUN_BODY:  # PUT creates: the id is taken, whoever asks
-            raise Denied(409, f"run id {name!r} is taken by a run of another project: run ids are shared by every "
-                              f"project, so choose another")
+            raise Denied(
+                409,
+                f"run id {name!r} is taken by a run of another project: run ids are shared by every "
+                f"project, so choose another",
+            )
         raise Denied(404, access.not_found(kind, name, method, route_path))
     return hidden
 
@@ -314,13 +339,17 @@ class SecurityMiddleware:
         path = scope["path"]
         root = scope.get("root_path", "")
         if root and path.startswith(root):
-            path = path[len(root):]
+            path = path[len(root) :]
         if "\x00" in path:  # no name or id holds one (PostgreSQL cannot even compare it)
-            raise Denied(422, "the path holds a NUL character, which no run id, project name or other path parameter may contain")
+            raise Denied(
+                422, "the path holds a NUL character, which no run id, project name or other path parameter may contain"
+            )
         limit = s.max_body_bytes
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            raise Denied(413, f"body of {declared} bytes is larger than the limit of {limit} bytes (STETHOSCOPE_MAX_BODY_BYTES)")
+            raise Denied(
+                413, f"body of {declared} bytes is larger than the limit of {limit} bytes (STETHOSCOPE_MAX_BODY_BYTES)"
+            )
         unsafe = method in UNSAFE_METHODS
         if not s.auth_enabled:
             check_host(headers.get("host"), self.gate.hosts)
@@ -332,33 +361,50 @@ class SecurityMiddleware:
         if rule is not None and rule.scope is None:
             return replay(await self._body(receive, read), receive) if unsafe else receive
         if rule is None:  # fail closed: no such route, or a route nobody gave a rule
-            raise Denied(403, f"{method} {path} has no access rule (no such route?), so it is refused while "
-                              f"authentication is on")
+            raise Denied(
+                403, f"{method} {path} has no access rule (no such route?), so it is refused while authentication is on"
+            )
         what = f"{method} {route_path}"
         token, via_cookie = token_from(headers)
         if token is None:
             if rule.page:
                 raise _login_redirect(scope)
-            raise Denied(401, "authentication required: send 'Authorization: Bearer <token>' (the hook reads "
-                              "STETHOSCOPE_TOKEN) or log in at /login", {"WWW-Authenticate": "Bearer"})
+            raise Denied(
+                401,
+                "authentication required: send 'Authorization: Bearer <token>' (the hook reads "
+                "STETHOSCOPE_TOKEN) or log in at /login",
+                {"WWW-Authenticate": "Bearer"},
+            )
         store = app.state.store
         address = (scope.get("client") or (None,))[0]
         principal = self.gate.cached(token) or await anyio.to_thread.run_sync(self.gate.attempt, store, token, address)
         if principal is None:
             if rule.page:
                 raise _login_redirect(scope)
-            raise Denied(401, "the token is not valid: unknown or revoked", {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+            raise Denied(
+                401, "the token is not valid: unknown or revoked", {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+            )
         if via_cookie and unsafe and not same_origin(headers):
-            raise Denied(403, "cross-site request refused: the dashboard's login cookie only works from the dashboard's own pages")
+            raise Denied(
+                403,
+                "cross-site request refused: the dashboard's login cookie only works from the dashboard's own pages",
+            )
         if self.gate.buckets is not None:
             wait = self.gate.buckets.take(principal.token_id)
             if wait > 0:
                 retry = max(1, math.ceil(wait))
-                raise Denied(429, f"rate limit of {s.rate_limit_per_s:g} requests/s (burst {s.rate_limit_burst}) for token "
-                                  f"{principal.name!r} exceeded: retry after {retry} s", {"Retry-After": str(retry)})
+                raise Denied(
+                    429,
+                    f"rate limit of {s.rate_limit_per_s:g} requests/s (burst {s.rate_limit_burst}) for token "
+                    f"{principal.name!r} exceeded: retry after {retry} s",
+                    {"Retry-After": str(retry)},
+                )
         if not principal.has_scope(rule.scope):
-            raise Denied(403, f"token {principal.name!r} has scope(s) {', '.join(sorted(principal.scopes)) or 'none'}; "
-                              f"{what} needs {rule.scope!r}")
+            raise Denied(
+                403,
+                f"token {principal.name!r} has scope(s) {', '.join(sorted(principal.scopes)) or 'none'}; "
+                f"{what} needs {rule.scope!r}",
+            )
         if rule.needs_body:
             require_json(method, headers.get("content-type"))  # the route reads no other body
         body = await self._body(receive, read) if unsafe else None
@@ -402,6 +448,10 @@ def on_start(store, settings: Settings) -> None:
     token = store.tokens.bootstrap_admin(given)
     if token is not None:
         # Printed, not only logged: whoever starts the server the first time must see it.
-        print(f"stethoscope: authentication is on. Admin token (shown this once, stored only as a hash):\n\n    {token}\n\n"
-              f"stethoscope: make project tokens with it (POST /api/v1/tokens) or with `stethoscope token create`.",
-              file=sys.stderr, flush=True)
+        print(
+            "stethoscope: authentication is on. Admin token (shown this once, stored only as a hash):"
+            f"\n\n    {token}\n\n"
+            f"stethoscope: make project tokens with it (POST /api/v1/tokens) or with `stethoscope token create`.",
+            file=sys.stderr,
+            flush=True,
+        )

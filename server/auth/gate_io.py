@@ -41,7 +41,9 @@ async def read_body(receive, limit: int, timeout_s: float) -> bytes:
             if not message.get("more_body", False):
                 break
     if waited.cancelled_caught:
-        raise Denied(408, f"the body did not arrive within {timeout_s:g} s (STETHOSCOPE_BODY_TIMEOUT_S)", {"Connection": "close"})
+        raise Denied(
+            408, f"the body did not arrive within {timeout_s:g} s (STETHOSCOPE_BODY_TIMEOUT_S)", {"Connection": "close"}
+        )
     return b"".join(chunks)
 
 
@@ -80,8 +82,11 @@ def is_json(content_type: str | None) -> bool:
 
 def require_json(method: str, content_type: str | None) -> None:
     if not is_json(content_type):
-        raise Denied(415, f"{method} needs 'Content-Type: application/json' (got {content_type or 'none'}): with "
-                          f"authentication off, a state change must be a request no other web site can send")
+        raise Denied(
+            415,
+            f"{method} needs 'Content-Type: application/json' (got {content_type or 'none'}): with "
+            f"authentication off, a state change must be a request no other web site can send",
+        )
 
 
 def _host_name(host: str) -> str:
@@ -109,6 +114,9 @@ def check_host(host: str | None, allowed: set[str]) -> None:
     name = _host_name(host) if host and not any(c in host for c in "@/\\?#") else ""
     if name and ("*" in allowed or name in allowed or is_loopback(name)):
         return
-    raise Denied(403, f"Host {host!r} is not a name this server answers to while authentication is off (a defence "
-                      f"against DNS rebinding): use a loopback address such as 127.0.0.1, or list the name in "
-                      f"STETHOSCOPE_ALLOWED_HOSTS")
+    raise Denied(
+        403,
+        f"Host {host!r} is not a name this server answers to while authentication is off (a defence "
+        f"against DNS rebinding): use a loopback address such as 127.0.0.1, or list the name in "
+        f"STETHOSCOPE_ALLOWED_HOSTS",
+    )

@@ -142,26 +142,47 @@ class ServerMetrics:
 
     def __init__(self) -> None:
         self.ingest_requests = Counter(
-            "stethoscope_ingest_requests_total", "Ingest requests (POST /api/v1/runs/{id}/points), by reply status class.",
-            "status", STATUS_CLASSES)
+            "stethoscope_ingest_requests_total",
+            "Ingest requests (POST /api/v1/runs/{id}/points), by reply status class.",
+            "status",
+            STATUS_CLASSES,
+        )
         self.ingest_points = Counter(
             "stethoscope_ingest_points_total",
             "Points in ingest batches that parsed, by reply status class (a batch refused before parsing counts none).",
-            "status", STATUS_CLASSES)
+            "status",
+            STATUS_CLASSES,
+        )
         self.ingest_seconds = Histogram(
-            "stethoscope_ingest_request_duration_seconds", "Ingest request time in the server, body read to reply.", LATENCY_BUCKETS)
+            "stethoscope_ingest_request_duration_seconds",
+            "Ingest request time in the server, body read to reply.",
+            LATENCY_BUCKETS,
+        )
         self.points_inserted = Counter(
-            "stethoscope_points_inserted_total", "Points newly stored (a resent point is not counted again).")
+            "stethoscope_points_inserted_total", "Points newly stored (a resent point is not counted again)."
+        )
         self.detector_seconds = Histogram(
-            "stethoscope_detector_duration_seconds", "Time in the detector runner per ingest batch that fed a detector.", DETECTOR_BUCKETS)
+            "stethoscope_detector_duration_seconds",
+            "Time in the detector runner per ingest batch that fed a detector.",
+            DETECTOR_BUCKETS,
+        )
         self.webhook_deliveries = Counter(
             "stethoscope_webhook_deliveries_total",
-            "Webhook delivery attempts by result: delivered, retrying (failed, will be retried), failed (failed, given up).",
-            "outcome", WEBHOOK_OUTCOMES)
+            "Webhook delivery attempts by result: delivered, retrying (failed, will be retried), "
+            "failed (failed, given up).",
+            "outcome",
+            WEBHOOK_OUTCOMES,
+        )
 
     def families(self) -> list:
-        return [self.ingest_requests, self.ingest_points, self.ingest_seconds, self.points_inserted,
-                self.detector_seconds, self.webhook_deliveries]
+        return [
+            self.ingest_requests,
+            self.ingest_points,
+            self.ingest_seconds,
+            self.points_inserted,
+            self.detector_seconds,
+            self.webhook_deliveries,
+        ]
 
 
 #: The process-wide metrics (each worker process has its own, see the module docstring).
@@ -196,7 +217,12 @@ class IngestMetricsMiddleware:
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "")
-        if scope["type"] != "http" or scope.get("method") != "POST" or not path.endswith("/points") or not path.startswith(self.runs_prefix):
+        if (
+            scope["type"] != "http"
+            or scope.get("method") != "POST"
+            or not path.endswith("/points")
+            or not path.startswith(self.runs_prefix)
+        ):
             await self.app(scope, receive, send)
             return
         t0 = time.perf_counter()

@@ -26,12 +26,12 @@ from sqlalchemy import Connection, Engine, case, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from .db import WRITE_OPTION
-from .models import Event, Run, Series, utcnow
 from . import runs as _runs
+from .db import WRITE_OPTION
 from .downsample import SeriesRead, SeriesReader
 from .errors import Conflict, LimitExceeded, NotFound
 from .group_commit import GroupCommitter
+from .models import Event, Run, Series, utcnow
 from .overview import Overview
 from .points import PointWriter, SeriesBatch
 from .sql import placeholder
@@ -82,7 +82,9 @@ class Store:
         self._write_lock = threading.Lock() if self.dialect == "sqlite" else None
         # SQLite writes one transaction at a time anyway: concurrent ingests share one.
         self._ingest_group = (
-            GroupCommitter(self._write_lock, self._begin_write, self._ingest_in, self._after_ingest_commit) if self._write_lock is not None else None
+            GroupCommitter(self._write_lock, self._begin_write, self._ingest_in, self._after_ingest_commit)
+            if self._write_lock is not None
+            else None
         )
         # -- sub-stores (issue 15): each method one transaction ------------------------
         # Imported here: ``webhooks`` reads ``alerting.webhook_targets``, whose package
@@ -124,11 +126,15 @@ class Store:
             yield conn
 
     # -- runs -------------------------------------------------------------------------
-    def upsert_run(self, run_id: str, project: str, name: str | None = None, config: dict | None = None, tags: list | None = None) -> tuple[dict, bool]:
+    def upsert_run(
+        self, run_id: str, project: str, name: str | None = None, config: dict | None = None, tags: list | None = None
+    ) -> tuple[dict, bool]:
         with self.writing() as conn:
             return _runs.upsert_run(conn, run_id, project, name, config, tags)
 
-    def update_run(self, run_id: str, status: str | None = None, name: str | None = None, tags: list | None = None) -> dict:
+    def update_run(
+        self, run_id: str, status: str | None = None, name: str | None = None, tags: list | None = None
+    ) -> dict:
         with self.writing() as conn:
             return _runs.update_run(conn, run_id, status, name, tags)
 
@@ -166,7 +172,9 @@ class Store:
             .where(R.c.id == run_id)
             .values(
                 last_seen_at=utcnow(),
-                last_step=R.c.last_step if last_step is None else case((R.c.last_step.is_(None) | (R.c.last_step < last_step), last_step), else_=R.c.last_step),
+                last_step=R.c.last_step
+                if last_step is None
+                else case((R.c.last_step.is_(None) | (R.c.last_step < last_step), last_step), else_=R.c.last_step),
             )
             .returning(R.c.project_id)
         ).scalar()
@@ -211,7 +219,11 @@ class Store:
                 # the conflict clause and read back below.
                 chunk = todo[k : k + NAMES_PER_STATEMENT]
                 stmt = self._insert_new(S).values([{"run_id": run_id, "name": n} for n in chunk])
-                found.update(conn.execute(stmt.on_conflict_do_nothing(index_elements=[S.c.run_id, S.c.name]).returning(S.c.name, S.c.id)).all())
+                found.update(
+                    conn.execute(
+                        stmt.on_conflict_do_nothing(index_elements=[S.c.run_id, S.c.name]).returning(S.c.name, S.c.id)
+                    ).all()
+                )
             late = [n for n in todo if n not in found]
             if late:
                 found.update(self._series_named(conn, run_id, late))
@@ -271,7 +283,9 @@ class Store:
                 )
             return out
 
-    def read_series(self, run_id: str, name: str, start: int | None = None, end: int | None = None, max_points: int = 2000) -> SeriesRead:
+    def read_series(
+        self, run_id: str, name: str, start: int | None = None, end: int | None = None, max_points: int = 2000
+    ) -> SeriesRead:
         with self.reading() as conn:
             sid = conn.execute(select(S.c.id).where(S.c.run_id == run_id, S.c.name == name)).scalar()
             if sid is None:
@@ -279,7 +293,9 @@ class Store:
                 raise NotFound(f"run {run_id!r} has no series {name!r}")
             return self._reader.read(conn, sid, start, end, max_points)
 
-    def read_many(self, run_id: str, names: list[str], start: int | None = None, end: int | None = None, max_points: int = 2000) -> dict[str, SeriesRead]:
+    def read_many(
+        self, run_id: str, names: list[str], start: int | None = None, end: int | None = None, max_points: int = 2000
+    ) -> dict[str, SeriesRead]:
         """``read_series`` of several series of a run in one transaction and a few statements
         (see ``SeriesReader.read_many``); a name the run lacks is left out of the result."""
         with self.reading() as conn:
@@ -312,7 +328,14 @@ class Store:
             if kind is not None:
                 stmt = stmt.where(E.c.kind == kind)
             return [
-                {"key": r.key, "step": r.step, "kind": r.kind, "message": r.message, "info": r.info or {}, "wall": r.wall}
+                {
+                    "key": r.key,
+                    "step": r.step,
+                    "kind": r.kind,
+                    "message": r.message,
+                    "info": r.info or {},
+                    "wall": r.wall,
+                }
                 for r in conn.execute(stmt.order_by(E.c.step, E.c.id))
             ]
 

@@ -47,8 +47,11 @@ class AccessStore:
     def token_project(self, token_id: int) -> tuple[bool, str | None]:
         """(whether the token exists, its project's name: None for a token of every project)."""
         with self._store.reading() as conn:
-            row = conn.execute(select(T.c.project_id, P.c.name).select_from(T.outerjoin(P, P.c.id == T.c.project_id))
-                               .where(T.c.id == token_id)).first()
+            row = conn.execute(
+                select(T.c.project_id, P.c.name)
+                .select_from(T.outerjoin(P, P.c.id == T.c.project_id))
+                .where(T.c.id == token_id)
+            ).first()
         if row is None:
             return False, None
         return True, (None if row.project_id is None else row.name)

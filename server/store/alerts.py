@@ -10,8 +10,8 @@ from typing import Any, Iterable
 
 from sqlalchemy import Connection, insert, select, update
 
-from .models import Alert, Project, Run, aware, utcnow
 from .errors import NotFound
+from .models import Alert, Project, Run, aware, utcnow
 
 A = Alert.__table__
 R = Run.__table__
@@ -20,9 +20,22 @@ P = Project.__table__
 ALERT_STATUSES = ("open", "resolved")
 
 #: Columns of an alert as the API, the ingest reply and webhook payloads show it.
-_COLUMNS = (A.c.id, A.c.run_id, A.c.detector, A.c.key, A.c.severity, A.c.status, A.c.start_step,
-            A.c.peak_step, A.c.end_step, A.c.message, A.c.evidence, A.c.opened_at, A.c.resolved_at,
-            A.c.acknowledged_at)
+_COLUMNS = (
+    A.c.id,
+    A.c.run_id,
+    A.c.detector,
+    A.c.key,
+    A.c.severity,
+    A.c.status,
+    A.c.start_step,
+    A.c.peak_step,
+    A.c.end_step,
+    A.c.message,
+    A.c.evidence,
+    A.c.opened_at,
+    A.c.resolved_at,
+    A.c.acknowledged_at,
+)
 
 
 def alert_dict(row: Any, project: str) -> dict:
@@ -47,24 +60,42 @@ def alert_dict(row: Any, project: str) -> dict:
 
 def open_alerts(conn: Connection, run_id: str) -> dict[tuple[str, str], Any]:
     """The run's open alerts by (detector, key): at most one each (a unique index says so)."""
-    rows = conn.execute(select(A.c.id, A.c.detector, A.c.key, A.c.severity).where(A.c.run_id == run_id, A.c.status == "open"))
+    rows = conn.execute(
+        select(A.c.id, A.c.detector, A.c.key, A.c.severity).where(A.c.run_id == run_id, A.c.status == "open")
+    )
     return {(r.detector, r.key): r for r in rows}
 
 
 def insert_alert(conn: Connection, run_id: str, project_id: int, change) -> int:
     return conn.execute(
-        insert(A).values(
-            run_id=run_id, project_id=project_id, detector=change.detector, key=change.key,
-            severity=change.severity, status="open", start_step=change.start_step,
-            peak_step=change.peak_step, end_step=change.end_step, message=change.message,
-            evidence=change.evidence, opened_at=utcnow(),
-        ).returning(A.c.id)
+        insert(A)
+        .values(
+            run_id=run_id,
+            project_id=project_id,
+            detector=change.detector,
+            key=change.key,
+            severity=change.severity,
+            status="open",
+            start_step=change.start_step,
+            peak_step=change.peak_step,
+            end_step=change.end_step,
+            message=change.message,
+            evidence=change.evidence,
+            opened_at=utcnow(),
+        )
+        .returning(A.c.id)
     ).scalar_one()
 
 
 def update_alert(conn: Connection, alert_id: int, change, resolve: bool) -> None:
-    values: dict[str, Any] = dict(severity=change.severity, start_step=change.start_step, peak_step=change.peak_step,
-                                  end_step=change.end_step, message=change.message, evidence=change.evidence)
+    values: dict[str, Any] = dict(
+        severity=change.severity,
+        start_step=change.start_step,
+        peak_step=change.peak_step,
+        end_step=change.end_step,
+        message=change.message,
+        evidence=change.evidence,
+    )
     if resolve:
         values.update(status="resolved", resolved_at=utcnow())
     conn.execute(update(A).where(A.c.id == alert_id).values(**values))
@@ -72,8 +103,9 @@ def update_alert(conn: Connection, alert_id: int, change, resolve: bool) -> None
 
 def next_change(conn: Connection, alert_id: int) -> int:
     """Count one more change of the alert that webhooks hear of; returns its number."""
-    return conn.execute(update(A).where(A.c.id == alert_id).values(change_seq=A.c.change_seq + 1)
-                        .returning(A.c.change_seq)).scalar_one()
+    return conn.execute(
+        update(A).where(A.c.id == alert_id).values(change_seq=A.c.change_seq + 1).returning(A.c.change_seq)
+    ).scalar_one()
 
 
 def get_alerts(conn: Connection, ids: Iterable[int]) -> list[dict]:
@@ -81,7 +113,10 @@ def get_alerts(conn: Connection, ids: Iterable[int]) -> list[dict]:
     if not ids:
         return []
     rows = conn.execute(
-        select(*_COLUMNS, P.c.name.label("project")).join(P, P.c.id == A.c.project_id).where(A.c.id.in_(ids)).order_by(A.c.id)
+        select(*_COLUMNS, P.c.name.label("project"))
+        .join(P, P.c.id == A.c.project_id)
+        .where(A.c.id.in_(ids))
+        .order_by(A.c.id)
     )
     return [alert_dict(r, r.project) for r in rows]
 
@@ -96,8 +131,14 @@ def list_run_alerts(conn: Connection, run_id: str, status: str | None = None) ->
     return [alert_dict(r, run.name) for r in conn.execute(stmt.order_by(A.c.id))]
 
 
-def list_project_alerts(conn: Connection, project: str, status: str | None = None, severity: str | None = None,
-                        limit: int = 100, offset: int = 0) -> list[dict]:
+def list_project_alerts(
+    conn: Connection,
+    project: str,
+    status: str | None = None,
+    severity: str | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> list[dict]:
     pid = conn.execute(select(P.c.id).where(P.c.name == project)).scalar()
     if pid is None:
         raise NotFound(f"project {project!r} does not exist")
@@ -130,8 +171,9 @@ class AlertStore:
         with self._store.reading() as conn:
             return list_run_alerts(conn, run_id, status)
 
-    def list_project(self, project: str, status: str | None = None, severity: str | None = None,
-                     limit: int = 100, offset: int = 0) -> list[dict]:
+    def list_project(
+        self, project: str, status: str | None = None, severity: str | None = None, limit: int = 100, offset: int = 0
+    ) -> list[dict]:
         with self._store.reading() as conn:
             return list_project_alerts(conn, project, status, severity, limit, offset)
 

@@ -41,8 +41,20 @@ from stethoscope.core.detectors.stability_gap import ACC_PREFIX, RECOVER_POINTS,
 
 from .extremes import Extremes, emit_all
 
-__all__ = ["ACC_PREFIX", "TASK_SERIES", "Summary", "Switch", "compute", "downsample", "run_summary", "segments",
-           "switch_gaps", "switches_from_events", "task_of", "wf_name"]
+__all__ = [
+    "ACC_PREFIX",
+    "TASK_SERIES",
+    "Summary",
+    "Switch",
+    "compute",
+    "downsample",
+    "run_summary",
+    "segments",
+    "switch_gaps",
+    "switches_from_events",
+    "task_of",
+    "wf_name",
+]
 
 #: The windows of WF^w: 10 evaluations for short-lived drops, 100 for longer ones (the two
 #: windows De Lange et al. report).
@@ -94,8 +106,13 @@ class Summary:
     series: dict[str, tuple[list[int], list[float]]]
 
 
-def compute(acc: dict[str, list[tuple[int, float]]], switches: list[Switch], windows: tuple[int, ...] = WINDOWS,
-            recover_tolerance: float = RECOVER_TOLERANCE, recover_points: int = RECOVER_POINTS) -> Summary:
+def compute(
+    acc: dict[str, list[tuple[int, float]]],
+    switches: list[Switch],
+    windows: tuple[int, ...] = WINDOWS,
+    recover_tolerance: float = RECOVER_TOLERANCE,
+    recover_points: int = RECOVER_POINTS,
+) -> Summary:
     """Every metric of the run from its accuracy series (task -> [(step, accuracy)]) and switches."""
     acc = {t: sorted((s, v) for s, v in pts if v - v == 0) for t, pts in acc.items()}
     segs = segments(switches)
@@ -141,16 +158,34 @@ def compute(acc: dict[str, list[tuple[int, float]]], switches: list[Switch], win
         _append(series, WC_ACC, step, wc_acc)
         for w in windows:
             _append(series, wf_name(w), step, wf[w].value())
-        current_vals = {"step": step, "task": cur, "k": k, "acc": a_cur, "min_acc": min_acc, "wc_acc": wc_acc,
-                        **{f"wf{w}": wf[w].value() for w in windows}}
+        current_vals = {
+            "step": step,
+            "task": cur,
+            "k": k,
+            "acc": a_cur,
+            "min_acc": min_acc,
+            "wc_acc": wc_acc,
+            **{f"wf{w}": wf[w].value() for w in windows},
+        }
     if not current_vals:
-        current_vals = {"step": None, "task": order[-1] if order else None, "k": len(set(order)), "acc": None,
-                        "min_acc": None, "wc_acc": None, **{f"wf{w}": None for w in windows}}
+        current_vals = {
+            "step": None,
+            "task": order[-1] if order else None,
+            "k": len(set(order)),
+            "acc": None,
+            "min_acc": None,
+            "wc_acc": None,
+            **{f"wf{w}": None for w in windows},
+        }
     return Summary(tasks, switch_gaps(acc, segs, recover_tolerance, recover_points), current_vals, series)
 
 
-def switch_gaps(acc: dict[str, list[tuple[int, float]]], segs: list[Switch],
-                recover_tolerance: float = RECOVER_TOLERANCE, recover_points: int = RECOVER_POINTS) -> list[dict]:
+def switch_gaps(
+    acc: dict[str, list[tuple[int, float]]],
+    segs: list[Switch],
+    recover_tolerance: float = RECOVER_TOLERANCE,
+    recover_points: int = RECOVER_POINTS,
+) -> list[dict]:
     """Per switch: each previous task's pre-switch level, minimum, gap and recovery time.
 
     The previous tasks of a switch at step ``s`` are those evaluated before ``s`` (other than
@@ -178,13 +213,31 @@ def switch_gaps(acc: dict[str, list[tuple[int, float]]], segs: list[Switch],
             else:
                 rec = _recovery([p for p in during if p[0] > min_step], level, recover_points)
                 steps = None if rec is None else rec - sw.step
-            rows.append({"task": t, "pre_step": pre_step, "pre_acc": pre, "min_acc": low, "min_step": min_step,
-                         "gap": pre - low, "recovered": steps is not None, "recovered_step": rec,
-                         "recovery_steps": steps})
+            rows.append(
+                {
+                    "task": t,
+                    "pre_step": pre_step,
+                    "pre_acc": pre,
+                    "min_acc": low,
+                    "min_step": min_step,
+                    "gap": pre - low,
+                    "recovered": steps is not None,
+                    "recovered_step": rec,
+                    "recovery_steps": steps,
+                }
+            )
         worst = max(rows, key=lambda r: r["gap"], default=None)
-        out.append({"step": sw.step, "task": sw.task, "from_task": prev_task,
-                    "gap": worst["gap"] if worst else None, "gap_task": worst["task"] if worst else None,
-                    "recovery_steps": worst["recovery_steps"] if worst else None, "previous": rows})
+        out.append(
+            {
+                "step": sw.step,
+                "task": sw.task,
+                "from_task": prev_task,
+                "gap": worst["gap"] if worst else None,
+                "gap_task": worst["task"] if worst else None,
+                "recovery_steps": worst["recovery_steps"] if worst else None,
+                "previous": rows,
+            }
+        )
     return out
 
 
@@ -260,7 +313,11 @@ def _append(series: dict, name: str, step: int, value: float | None) -> None:
 
 def task_of(series_name: str) -> str | None:
     """``eval/acc/<task>`` -> ``<task>``; None for any other series."""
-    return series_name[len(ACC_PREFIX):] if series_name.startswith(ACC_PREFIX) and len(series_name) > len(ACC_PREFIX) else None
+    return (
+        series_name[len(ACC_PREFIX) :]
+        if series_name.startswith(ACC_PREFIX) and len(series_name) > len(ACC_PREFIX)
+        else None
+    )
 
 
 def downsample(steps: list[int], values: list[float], max_points: int) -> tuple[list[int], list[float], bool]:
@@ -285,6 +342,7 @@ def downsample(steps: list[int], values: list[float], max_points: int) -> tuple[
 
 # -- reading a run (the only part that touches the database) ----------------------------------
 
+
 def run_summary(store, run_id: str, max_points: int = 2000) -> dict:
     """The run's summary as the API serves it (``NotFound`` for an unknown run): tasks,
     switches with their gaps, current metrics, and the ``continual/*`` series downsampled to
@@ -295,8 +353,8 @@ def run_summary(store, run_id: str, max_points: int = 2000) -> dict:
     """
     from sqlalchemy import select
 
-    from .models import Event, Point, Series
     from . import runs as _runs
+    from .models import Event, Point, Series
 
     S, PT, E = Series.__table__, Point.__table__, Event.__table__
 
@@ -307,7 +365,9 @@ def run_summary(store, run_id: str, max_points: int = 2000) -> dict:
     with store.reading() as conn:
         _runs.get_run(conn, run_id)
         acc = {}
-        for sid, name in conn.execute(select(S.c.id, S.c.name).where(S.c.run_id == run_id, S.c.name.startswith(ACC_PREFIX, autoescape=True))):
+        for sid, name in conn.execute(
+            select(S.c.id, S.c.name).where(S.c.run_id == run_id, S.c.name.startswith(ACC_PREFIX, autoescape=True))
+        ):
             task = task_of(name)
             if task is not None:
                 acc[task] = points(sid)
@@ -321,5 +381,10 @@ def run_summary(store, run_id: str, max_points: int = 2000) -> dict:
     for name, (steps, values) in summary.series.items():
         steps, values, down = downsample(steps, values, max_points)
         series[name] = {"steps": steps, "values": values, "downsampled": down}
-    return {"run_id": run_id, "tasks": summary.tasks, "switches": summary.switches, "current": summary.current,
-            "series": series}
+    return {
+        "run_id": run_id,
+        "tasks": summary.tasks,
+        "switches": summary.switches,
+        "current": summary.current,
+        "series": series,
+    }

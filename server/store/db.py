@@ -10,7 +10,6 @@ from sqlalchemy.pool import NullPool
 
 from ..settings import Settings
 
-
 #: Execution option that marks a connection as about to write (see ``_sqlite_begin``).
 WRITE_OPTION = "stethoscope_write"
 
@@ -25,8 +24,13 @@ CHECKPOINT_INTERVAL_S = 1.0
 
 #: SQLite errors that say the file cannot be used now, as opposed to a bad statement (which
 #: SQLite also reports as an OperationalError).
-SQLITE_UNAVAILABLE = ("unable to open database file", "database is locked", "disk i/o error", "database or disk is full",
-                      "attempt to write a readonly database")
+SQLITE_UNAVAILABLE = (
+    "unable to open database file",
+    "database is locked",
+    "disk i/o error",
+    "database or disk is full",
+    "attempt to write a readonly database",
+)
 
 
 def is_unavailable(exc: BaseException) -> bool:

@@ -13,8 +13,8 @@ from sqlalchemy import Connection, delete, insert, select
 
 from stethoscope.core.detectors import DETECTORS, DetectorSet
 
-from .models import DetectorSetting, Project
 from .errors import NotFound
+from .models import DetectorSetting, Project
 from .runs import ensure_project
 
 log = logging.getLogger("stethoscope.server.detectors")

@@ -16,8 +16,8 @@ from typing import Any, Callable
 import orjson
 from sqlalchemy import Connection, select
 
-from .models import Alert, DetectorState, Run
 from .detector_settings import stalled_timeouts
+from .models import Alert, DetectorState, Run
 from .sql import placeholder
 
 DS = DetectorState.__table__
@@ -31,7 +31,9 @@ STATE_KEY = ""
 def load_states(conn: Connection, run_id: str) -> dict[str, dict]:
     """A run's detector states, by detector."""
     ph = placeholder(conn.dialect.name)
-    rows = conn.exec_driver_sql(f"SELECT detector, state FROM detector_states WHERE run_id = {ph} AND key = ''", (run_id,)).all()
+    rows = conn.exec_driver_sql(
+        f"SELECT detector, state FROM detector_states WHERE run_id = {ph} AND key = ''", (run_id,)
+    ).all()
     # psycopg hands json columns over parsed; SQLite as text.
     return {d: (_parse(st) if isinstance(st, (str, bytes)) else st) or {} for d, st in rows}
 
@@ -45,7 +47,9 @@ def _parse(text: str | bytes) -> Any:
 
 def load_state(conn: Connection, run_id: str, detector: str) -> dict | None:
     """One detector's state of a run; None when it has no row yet."""
-    row = conn.execute(select(DS.c.state).where(DS.c.run_id == run_id, DS.c.detector == detector, DS.c.key == STATE_KEY)).first()
+    row = conn.execute(
+        select(DS.c.state).where(DS.c.run_id == run_id, DS.c.detector == detector, DS.c.key == STATE_KEY)
+    ).first()
     return None if row is None else (row.state or {})
 
 
@@ -65,12 +69,17 @@ def save_states(conn: Connection, run_id: str, states: dict[str, str], stored: s
     ups = [(s, run_id, d) for d, s in states.items() if d in stored]
     new = [(run_id, d, s) for d, s in states.items() if d not in stored]
     if ups:
-        conn.exec_driver_sql(f"UPDATE detector_states SET state = {js} WHERE run_id = {ph} AND detector = {ph} AND key = ''", ups)
+        conn.exec_driver_sql(
+            f"UPDATE detector_states SET state = {js} WHERE run_id = {ph} AND detector = {ph} AND key = ''", ups
+        )
     if new:
-        conn.exec_driver_sql(f"INSERT INTO detector_states (run_id, detector, key, state) VALUES ({ph}, {ph}, '', {js})", new)
+        conn.exec_driver_sql(
+            f"INSERT INTO detector_states (run_id, detector, key, state) VALUES ({ph}, {ph}, '', {js})", new
+        )
 
 
 # -- the stalled-run check ---------------------------------------------------------------------
+
 
 @dataclass(frozen=True, slots=True)
 class WatchedRuns:

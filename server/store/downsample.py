@@ -47,7 +47,9 @@ class SeriesReader:
             "SELECT series_id, step, value FROM points WHERE series_id IN ({ids}) "
             f"AND step >= {ph} AND step <= {ph} ORDER BY series_id, step"
         )
-        self._raw_sql = f"SELECT step, value FROM points WHERE series_id = {ph} AND step >= {ph} AND step <= {ph} ORDER BY step"
+        self._raw_sql = (
+            f"SELECT step, value FROM points WHERE series_id = {ph} AND step >= {ph} AND step <= {ph} ORDER BY step"
+        )
         # How many points a range holds, counting no further than the limit (an index range scan).
         self._fits_sql = (
             f"SELECT count(*) FROM (SELECT 1 FROM points WHERE series_id = {ph} AND step >= {ph} AND step <= {ph} "
@@ -80,7 +82,9 @@ class SeriesReader:
             return self._read_raw(conn, series_id, lo, hi, max_points, n_buckets)
         return self._read_rollups(conn, series_id, lo, hi, levels[-1], n_buckets)
 
-    def read_many(self, conn: Connection, series_ids: list[int], start: int | None, end: int | None, max_points: int) -> dict[int, SeriesRead]:
+    def read_many(
+        self, conn: Connection, series_ids: list[int], start: int | None, end: int | None, max_points: int
+    ) -> dict[int, SeriesRead]:
         """``read`` of many series at once, in a number of statements that does not grow with
         their count where it can: one per ``BOUNDS_PER_STATEMENT`` series for the bounds, one
         for the points of every series that fits whole (at most ``max_points`` steps wide),

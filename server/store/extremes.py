@@ -30,11 +30,13 @@ class Extremes:
 
     def merge(self, min_v, min_s, max_v, max_s, nan_s) -> None:
         """Take in another bucket's extremes (``None`` where it has none)."""
-        if min_v is not None and (self.min_v is None or min_v < self.min_v
-                                  or (min_v == self.min_v and min_s < self.min_s)):
+        if min_v is not None and (
+            self.min_v is None or min_v < self.min_v or (min_v == self.min_v and min_s < self.min_s)
+        ):
             self.min_v, self.min_s = min_v, min_s
-        if max_v is not None and (self.max_v is None or max_v > self.max_v
-                                  or (max_v == self.max_v and max_s < self.max_s)):
+        if max_v is not None and (
+            self.max_v is None or max_v > self.max_v or (max_v == self.max_v and max_s < self.max_s)
+        ):
             self.max_v, self.max_s = max_v, max_s
         if nan_s is not None and (self.nan_s is None or nan_s < self.nan_s):
             self.nan_s = nan_s

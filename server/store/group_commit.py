@@ -12,8 +12,6 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable
 
-
-
 #: Most jobs one transaction takes; bounds the latency a leader adds to the first job.
 MAX_GROUP = 32
 
@@ -36,7 +34,9 @@ class GroupCommitter:
     ``after_commit(result)`` runs for each successful job once its transaction committed.
     """
 
-    def __init__(self, lock: threading.Lock, begin: Callable, work: Callable, after_commit: Callable[[Any], None]) -> None:
+    def __init__(
+        self, lock: threading.Lock, begin: Callable, work: Callable, after_commit: Callable[[Any], None]
+    ) -> None:
         self._lock = lock
         self._begin = begin
         self._work = work
@@ -78,5 +78,3 @@ class GroupCommitter:
             if job.error is None:
                 self._after_commit(job.result)
             job.done = True
-
-

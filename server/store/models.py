@@ -92,7 +92,7 @@ class Series(Base):
 
 def is_partition(table_name: str) -> bool:
     """Partitions of ``points`` (PostgreSQL, migration 0003) are not models of their own."""
-    return table_name.startswith("points_p") and table_name[len("points_p"):].isdigit()
+    return table_name.startswith("points_p") and table_name[len("points_p") :].isdigit()
 
 
 class Point(Base):
@@ -175,8 +175,15 @@ class Alert(Base):
         Index("ix_alerts_run_status", "run_id", "status"),
         Index("ix_alerts_project_opened", "project_id", "opened_at"),
         # One open alert per episode, enforced by the database too (migration 0002).
-        Index("uq_alerts_open_episode", "run_id", "detector", "key", unique=True,
-              sqlite_where=text("status = 'open'"), postgresql_where=text("status = 'open'")),
+        Index(
+            "uq_alerts_open_episode",
+            "run_id",
+            "detector",
+            "key",
+            unique=True,
+            sqlite_where=text("status = 'open'"),
+            postgresql_where=text("status = 'open'"),
+        ),
     )
 
 

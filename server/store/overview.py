@@ -64,8 +64,7 @@ class Overview:
         """Per run: the worst open alert's severity and how many alerts are open."""
         if not run_ids:
             return {}
-        stmt = select(ALERTS.c.run_id, ALERTS.c.severity).where(
-            ALERTS.c.status == "open", ALERTS.c.run_id.in_(run_ids))
+        stmt = select(ALERTS.c.run_id, ALERTS.c.severity).where(ALERTS.c.status == "open", ALERTS.c.run_id.in_(run_ids))
         out: dict[str, dict] = {}
         with self._store.reading() as conn:
             for rid, sev in conn.execute(stmt):
@@ -97,7 +96,8 @@ class Overview:
         out: dict[str, dict[str, float]] = {}
         with self._store.reading() as conn:
             stmt = select(SERIES.c.id, SERIES.c.run_id, SERIES.c.name).where(
-                SERIES.c.run_id.in_(run_ids), SERIES.c.name.in_(names))
+                SERIES.c.run_id.in_(run_ids), SERIES.c.name.in_(names)
+            )
             for sid, rid, name in conn.execute(stmt).all():
                 got = conn.exec_driver_sql(last_sql, (sid,)).first()
                 if got is not None:

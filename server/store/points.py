@@ -102,8 +102,14 @@ def rollup_rows(series_id: int, steps: list[int], values: list[float]) -> list[t
     return rows
 
 
-_NEWER_MIN = "(excluded.min_value IS NOT NULL AND (r.min_value IS NULL OR excluded.min_value < r.min_value OR (excluded.min_value = r.min_value AND excluded.min_step < r.min_step)))"
-_NEWER_MAX = "(excluded.max_value IS NOT NULL AND (r.max_value IS NULL OR excluded.max_value > r.max_value OR (excluded.max_value = r.max_value AND excluded.max_step < r.max_step)))"
+_NEWER_MIN = (
+    "(excluded.min_value IS NOT NULL AND (r.min_value IS NULL OR excluded.min_value < r.min_value"
+    " OR (excluded.min_value = r.min_value AND excluded.min_step < r.min_step)))"
+)
+_NEWER_MAX = (
+    "(excluded.max_value IS NOT NULL AND (r.max_value IS NULL OR excluded.max_value > r.max_value"
+    " OR (excluded.max_value = r.max_value AND excluded.max_step < r.max_step)))"
+)
 # Re-applying a bucket's extremes is idempotent: min/max/first NaN of a union.
 # "r" is the stored row, "excluded" the incoming one; every SET reads the old row.
 _MERGE = (
@@ -112,7 +118,8 @@ _MERGE = (
     f"min_step = CASE WHEN {_NEWER_MIN} THEN excluded.min_step ELSE r.min_step END, "
     f"max_value = CASE WHEN {_NEWER_MAX} THEN excluded.max_value ELSE r.max_value END, "
     f"max_step = CASE WHEN {_NEWER_MAX} THEN excluded.max_step ELSE r.max_step END, "
-    "nan_step = CASE WHEN r.nan_step IS NULL OR (excluded.nan_step IS NOT NULL AND excluded.nan_step < r.nan_step) THEN excluded.nan_step ELSE r.nan_step END, "
+    "nan_step = CASE WHEN r.nan_step IS NULL OR (excluded.nan_step IS NOT NULL AND excluded.nan_step < r.nan_step)"
+    " THEN excluded.nan_step ELSE r.nan_step END, "
     "first_step = CASE WHEN excluded.first_step < r.first_step THEN excluded.first_step ELSE r.first_step END, "
     "last_step = CASE WHEN excluded.last_step > r.last_step THEN excluded.last_step ELSE r.last_step END"
 )
@@ -155,7 +162,9 @@ class PointWriter:
             casts = ", ".join(f"%s::{t}[]" for t in _ROLLUP_TYPES)
             self._rollup_sql = f"INSERT INTO rollups AS r ({_ROLLUP_COLS}) SELECT * FROM unnest({casts}) {_MERGE}"
         else:
-            self._insert_sql = "INSERT INTO points (series_id, step, value, wall) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"
+            self._insert_sql = (
+                "INSERT INTO points (series_id, step, value, wall) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"
+            )
             self._rollup_sql = f"INSERT INTO rollups AS r ({_ROLLUP_COLS}) VALUES ({', '.join(['?'] * 10)}) {_MERGE}"
         # The largest step stored per series, as far as this process knows. A batch whose
         # steps all lie beyond it (a training job appending) needs no look-up of what exists.
@@ -197,7 +206,9 @@ class PointWriter:
             while len(self._max_step) > MAX_STEP_CACHE_SIZE:
                 self._max_step.popitem(last=False)
 
-    def write(self, conn: Connection, items: list[tuple[int, SeriesBatch]], overlay: dict[int, int]) -> tuple[list[tuple[int, SeriesBatch]], dict[int, int]]:
+    def write(
+        self, conn: Connection, items: list[tuple[int, SeriesBatch]], overlay: dict[int, int]
+    ) -> tuple[list[tuple[int, SeriesBatch]], dict[int, int]]:
         """Store the points not stored yet. Returns, per series, the points that were new, and
         the largest step now stored per series: pass it to ``remember`` once committed.
         ``overlay`` carries those largest steps between writes of one transaction."""
@@ -215,7 +226,9 @@ class PointWriter:
                     keep = [i for i, s in enumerate(sb.steps) if s not in have]
                     if not keep:
                         continue
-                    sb = SeriesBatch(sb.name, [sb.steps[i] for i in keep], [sb.values[i] for i in keep], [sb.walls[i] for i in keep])
+                    sb = SeriesBatch(
+                        sb.name, [sb.steps[i] for i in keep], [sb.values[i] for i in keep], [sb.walls[i] for i in keep]
+                    )
             new_items.append((series_id, sb))
         if not new_items:
             return [], maxes
@@ -229,7 +242,9 @@ class PointWriter:
                 steps.extend(sb.steps)
                 values.extend(sb.values)
                 walls.extend(sb.walls)
-            stored = conn.exec_driver_sql(self._insert_sql, (_pg_array(sids), _pg_array(steps), _pg_float_array(values), _pg_array(walls))).fetchall()
+            stored = conn.exec_driver_sql(
+                self._insert_sql, (_pg_array(sids), _pg_array(steps), _pg_float_array(values), _pg_array(walls))
+            ).fetchall()
             if len(stored) != len(steps):  # another worker stored some first: those are not new
                 new_items = _only(new_items, set(map(tuple, stored)))
             rollups = [r for series_id, sb in new_items for r in rollup_rows(series_id, sb.steps, sb.values)]
@@ -239,9 +254,14 @@ class PointWriter:
             rows: list[tuple] = []
             for series_id, sb in new_items:
                 # sqlite3 binds NaN as NULL itself; spelled out for clarity of the encoding.
-                rows.extend(zip([series_id] * len(sb.steps), sb.steps, [None if v != v else v for v in sb.values], sb.walls))
+                rows.extend(
+                    zip([series_id] * len(sb.steps), sb.steps, [None if v != v else v for v in sb.values], sb.walls)
+                )
             conn.exec_driver_sql(self._insert_sql, rows)
-            conn.exec_driver_sql(self._rollup_sql, [r for series_id, sb in new_items for r in rollup_rows(series_id, sb.steps, sb.values)])
+            conn.exec_driver_sql(
+                self._rollup_sql,
+                [r for series_id, sb in new_items for r in rollup_rows(series_id, sb.steps, sb.values)],
+            )
         return new_items, maxes
 
 
@@ -251,5 +271,12 @@ def _only(items: list[tuple[int, SeriesBatch]], stored: set[tuple[int, int]]) ->
     for series_id, sb in items:
         keep = [i for i, s in enumerate(sb.steps) if (series_id, s) in stored]
         if keep:
-            out.append((series_id, SeriesBatch(sb.name, [sb.steps[i] for i in keep], [sb.values[i] for i in keep], [sb.walls[i] for i in keep])))
+            out.append(
+                (
+                    series_id,
+                    SeriesBatch(
+                        sb.name, [sb.steps[i] for i in keep], [sb.values[i] for i in keep], [sb.walls[i] for i in keep]
+                    ),
+                )
+            )
     return out

@@ -9,8 +9,8 @@ from sqlalchemy import Connection, cast, exists, func, insert, literal, or_, sel
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 
-from .models import Project, Run, aware, utcnow
 from .errors import Conflict, NotFound
+from .models import Project, Run, aware, utcnow
 
 P = Project.__table__
 R = Run.__table__
@@ -55,9 +55,13 @@ def project_names(conn: Connection) -> list[dict]:
     return [{"name": r.name, "created_at": aware(r.created_at), "runs": r.runs} for r in conn.execute(q)]
 
 
-def upsert_run(conn: Connection, run_id: str, project: str, name: str | None, config: dict | None, tags: list | None) -> tuple[dict, bool]:
+def upsert_run(
+    conn: Connection, run_id: str, project: str, name: str | None, config: dict | None, tags: list | None
+) -> tuple[dict, bool]:
     """Create the run, or resume it (status back to running). Returns (run, created)."""
-    row = conn.execute(select(R, P.c.name.label("project")).join(P, P.c.id == R.c.project_id).where(R.c.id == run_id)).first()
+    row = conn.execute(
+        select(R, P.c.name.label("project")).join(P, P.c.id == R.c.project_id).where(R.c.id == run_id)
+    ).first()
     now = utcnow()
     if row is not None:
         if row.project != project:
@@ -74,15 +78,23 @@ def upsert_run(conn: Connection, run_id: str, project: str, name: str | None, co
     pid = ensure_project(conn, project)
     conn.execute(
         insert(R).values(
-            id=run_id, project_id=pid, name=name or run_id, status="running", config=config or {},
-            tags=tags or [], created_at=now, updated_at=now,
+            id=run_id,
+            project_id=pid,
+            name=name or run_id,
+            status="running",
+            config=config or {},
+            tags=tags or [],
+            created_at=now,
+            updated_at=now,
         )
     )
     return get_run(conn, run_id), True
 
 
 def get_run(conn: Connection, run_id: str) -> dict:
-    row = conn.execute(select(R, P.c.name.label("project")).join(P, P.c.id == R.c.project_id).where(R.c.id == run_id)).first()
+    row = conn.execute(
+        select(R, P.c.name.label("project")).join(P, P.c.id == R.c.project_id).where(R.c.id == run_id)
+    ).first()
     if row is None:
         raise NotFound(f"run {run_id!r} does not exist")
     return run_dict(row, row.project)
@@ -126,7 +138,12 @@ def list_runs(
     if q:
         # A substring, not a pattern: autoescape makes % and _ match themselves (an ESCAPE clause).
         needle = q.lower()
-        stmt = stmt.where(or_(func.lower(R.c.name).contains(needle, autoescape=True), func.lower(R.c.id).contains(needle, autoescape=True)))
+        stmt = stmt.where(
+            or_(
+                func.lower(R.c.name).contains(needle, autoescape=True),
+                func.lower(R.c.id).contains(needle, autoescape=True),
+            )
+        )
     if since is not None:
         stmt = stmt.where(R.c.created_at >= since)
     if tag is not None:

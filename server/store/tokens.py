@@ -16,8 +16,8 @@ import secrets
 
 from sqlalchemy import Connection, insert, select, text, update
 
-from .models import Project, Token, aware, utcnow
 from .errors import NotFound
+from .models import Project, Token, aware, utcnow
 from .runs import ensure_project
 
 T = Token.__table__
@@ -51,13 +51,20 @@ def check_scopes(scopes) -> list[str]:
 
 
 def _row_dict(r) -> dict:
-    return {"id": r.id, "name": r.name, "project": r.project, "scopes": list(r.scopes or []),
-            "created_at": aware(r.created_at), "revoked_at": aware(r.revoked_at)}
+    return {
+        "id": r.id,
+        "name": r.name,
+        "project": r.project,
+        "scopes": list(r.scopes or []),
+        "created_at": aware(r.created_at),
+        "revoked_at": aware(r.revoked_at),
+    }
 
 
 def _select():
     return select(T.c.id, T.c.name, T.c.scopes, T.c.created_at, T.c.revoked_at, P.c.name.label("project")).select_from(
-        T.outerjoin(P, P.c.id == T.c.project_id))
+        T.outerjoin(P, P.c.id == T.c.project_id)
+    )
 
 
 def create(conn: Connection, name: str, project: str | None, scopes, token: str | None = None) -> tuple[str, dict]:
@@ -65,8 +72,11 @@ def create(conn: Connection, name: str, project: str | None, scopes, token: str 
     scopes = check_scopes(scopes)
     token = token or new_token()
     pid = ensure_project(conn, project) if project is not None else None
-    tid = conn.execute(insert(T).values(project_id=pid, name=name, token_hash=hash_token(token), scopes=scopes,
-                                        created_at=utcnow()).returning(T.c.id)).scalar_one()
+    tid = conn.execute(
+        insert(T)
+        .values(project_id=pid, name=name, token_hash=hash_token(token), scopes=scopes, created_at=utcnow())
+        .returning(T.c.id)
+    ).scalar_one()
     return token, get(conn, tid)
 
 

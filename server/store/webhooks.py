@@ -14,10 +14,10 @@ from typing import Any, Callable
 
 from sqlalchemy import Connection, delete, func, insert, select, update
 
-from .models import Project, Webhook, WebhookDelivery, utcnow
 from ..alerting.webhook_targets import public_error
 from .alerts import aware
 from .errors import NotFound
+from .models import Project, Webhook, WebhookDelivery, utcnow
 from .runs import ensure_project
 
 W = Webhook.__table__
@@ -42,17 +42,30 @@ def webhook_dict(row: Any, project: str, secret: str | None = None) -> dict:
     return d
 
 
-def create(conn: Connection, project: str, url: str, secret: str, severities: list[str], fmt: str, enabled: bool) -> dict:
+def create(
+    conn: Connection, project: str, url: str, secret: str, severities: list[str], fmt: str, enabled: bool
+) -> dict:
     pid = ensure_project(conn, project)
     wid = conn.execute(
-        insert(W).values(project_id=pid, url=url, secret=secret, severities=severities, format=fmt, enabled=enabled,
-                         created_at=utcnow()).returning(W.c.id)
+        insert(W)
+        .values(
+            project_id=pid,
+            url=url,
+            secret=secret,
+            severities=severities,
+            format=fmt,
+            enabled=enabled,
+            created_at=utcnow(),
+        )
+        .returning(W.c.id)
     ).scalar_one()
     return get(conn, wid, secret=secret)
 
 
 def get(conn: Connection, webhook_id: int, secret: str | None = None) -> dict:
-    row = conn.execute(select(W, P.c.name.label("project")).join(P, P.c.id == W.c.project_id).where(W.c.id == webhook_id)).first()
+    row = conn.execute(
+        select(W, P.c.name.label("project")).join(P, P.c.id == W.c.project_id).where(W.c.id == webhook_id)
+    ).first()
     if row is None:
         raise NotFound(f"webhook {webhook_id} does not exist")
     return webhook_dict(row, row.project, secret)
@@ -74,7 +87,9 @@ def delete_webhook(conn: Connection, webhook_id: int) -> None:
 
 def enabled_for_project(conn: Connection, project_id: int) -> list[Any]:
     """(id, severities, format) of the project's enabled webhooks."""
-    return conn.execute(select(W.c.id, W.c.severities, W.c.format).where(W.c.project_id == project_id, W.c.enabled.is_(True))).all()
+    return conn.execute(
+        select(W.c.id, W.c.severities, W.c.format).where(W.c.project_id == project_id, W.c.enabled.is_(True))
+    ).all()
 
 
 def notified_for_alert(conn: Connection, alert_id: int) -> set[int]:
@@ -88,10 +103,12 @@ def enqueue(conn: Connection, rows: list[dict]) -> list[int]:
     if not rows:
         return []
     now = utcnow()
-    return list(conn.execute(
-        insert(WD).returning(WD.c.id),
-        [{**r, "status": "pending", "attempts": 0, "next_attempt_at": now, "created_at": now} for r in rows],
-    ).scalars())
+    return list(
+        conn.execute(
+            insert(WD).returning(WD.c.id),
+            [{**r, "status": "pending", "attempts": 0, "next_attempt_at": now, "created_at": now} for r in rows],
+        ).scalars()
+    )
 
 
 def claim_due(conn: Connection, now: datetime, limit: int, lease_s: float) -> list[dict]:
@@ -106,19 +123,37 @@ def claim_due(conn: Connection, now: datetime, limit: int, lease_s: float) -> li
     written in the order of the changes, so the lower id is the earlier change.
     """
     earlier = WD.alias("earlier")
-    waits = select(earlier.c.id).where(earlier.c.alert_id == WD.c.alert_id, earlier.c.webhook_id == WD.c.webhook_id,
-                                       earlier.c.id < WD.c.id, earlier.c.status == "pending").exists()
-    ids = list(conn.execute(
-        select(WD.c.id).where(WD.c.status == "pending", WD.c.next_attempt_at <= now, ~waits)
-        .order_by(WD.c.next_attempt_at, WD.c.id).limit(limit)
-        .with_for_update(skip_locked=True)  # PostgreSQL; SQLite has one writer at a time anyway
-    ).scalars())
+    waits = (
+        select(earlier.c.id)
+        .where(
+            earlier.c.alert_id == WD.c.alert_id,
+            earlier.c.webhook_id == WD.c.webhook_id,
+            earlier.c.id < WD.c.id,
+            earlier.c.status == "pending",
+        )
+        .exists()
+    )
+    ids = list(
+        conn.execute(
+            select(WD.c.id)
+            .where(WD.c.status == "pending", WD.c.next_attempt_at <= now, ~waits)
+            .order_by(WD.c.next_attempt_at, WD.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)  # PostgreSQL; SQLite has one writer at a time anyway
+        ).scalars()
+    )
     if not ids:
         return []
-    conn.execute(update(WD).where(WD.c.id.in_(ids)).values(attempts=WD.c.attempts + 1, next_attempt_at=now + timedelta(seconds=lease_s)))
+    conn.execute(
+        update(WD)
+        .where(WD.c.id.in_(ids))
+        .values(attempts=WD.c.attempts + 1, next_attempt_at=now + timedelta(seconds=lease_s))
+    )
     rows = conn.execute(
         select(WD.c.id, WD.c.webhook_id, WD.c.alert_id, WD.c.payload, WD.c.attempts, W.c.url, W.c.secret, W.c.format)
-        .join(W, W.c.id == WD.c.webhook_id).where(WD.c.id.in_(ids)).order_by(WD.c.id)
+        .join(W, W.c.id == WD.c.webhook_id)
+        .where(WD.c.id.in_(ids))
+        .order_by(WD.c.id)
     )
     return [dict(r._mapping) for r in rows]
 
@@ -127,16 +162,38 @@ def insert_claimed(conn: Connection, webhook_id: int, payload: dict, lease_until
     """A delivery the caller sends itself right away (a test-send): inserted as claimed."""
     now = utcnow()
     did = conn.execute(
-        insert(WD).values(webhook_id=webhook_id, alert_id=None, payload=payload, status="pending", attempts=1,
-                          next_attempt_at=lease_until, created_at=now).returning(WD.c.id)
+        insert(WD)
+        .values(
+            webhook_id=webhook_id,
+            alert_id=None,
+            payload=payload,
+            status="pending",
+            attempts=1,
+            next_attempt_at=lease_until,
+            created_at=now,
+        )
+        .returning(WD.c.id)
     ).scalar_one()
     hook = conn.execute(select(W.c.url, W.c.secret).where(W.c.id == webhook_id)).one()
-    return {"id": did, "webhook_id": webhook_id, "alert_id": None, "payload": payload, "attempts": 1,
-            "url": hook.url, "secret": hook.secret}
+    return {
+        "id": did,
+        "webhook_id": webhook_id,
+        "alert_id": None,
+        "payload": payload,
+        "attempts": 1,
+        "url": hook.url,
+        "secret": hook.secret,
+    }
 
 
-def record(conn: Connection, delivery_id: int, status: str, status_code: int | None, error: str | None,
-           next_attempt_at: datetime | None = None) -> None:
+def record(
+    conn: Connection,
+    delivery_id: int,
+    status: str,
+    status_code: int | None,
+    error: str | None,
+    next_attempt_at: datetime | None = None,
+) -> None:
     values: dict[str, Any] = {"status": status, "last_status_code": status_code, "last_error": error}
     if status == "delivered":
         values["delivered_at"] = utcnow()
@@ -218,8 +275,14 @@ class WebhookStore:
         with self._store.writing() as conn:
             return claim_due(conn, now, limit, lease_s)
 
-    def record(self, delivery_id: int, status: str, status_code: int | None, error: str | None,
-               next_attempt_at: datetime | None = None) -> None:
+    def record(
+        self,
+        delivery_id: int,
+        status: str,
+        status_code: int | None,
+        error: str | None,
+        next_attempt_at: datetime | None = None,
+    ) -> None:
         with self._store.writing() as conn:
             record(conn, delivery_id, status, status_code, error, next_attempt_at)
 

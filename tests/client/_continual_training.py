@@ -22,18 +22,18 @@ TASKS = 4
 CLASSES_PER_TASK = 2
 DIM = 16
 STEPS_PER_TASK = 120
-BATCH = 16          # new-task samples per step
-REPLAY = 16         # replayed samples per step (once a task has passed)
+BATCH = 16  # new-task samples per step
+REPLAY = 16  # replayed samples per step (once a task has passed)
 BUFFER_PER_CLASS = 40
-HELD_OUT = 300      # held-out samples per task
+HELD_OUT = 300  # held-out samples per task
 TRAIN_PER_CLASS = 400
 
 
 @dataclasses.dataclass
 class Result:
-    switches: list          # [(step, task)]
-    acc: dict               # task name -> [(step, accuracy)] as the evaluator returned them
-    loss: dict              # task name -> [(step, loss)]
+    switches: list  # [(step, task)]
+    acc: dict  # task name -> [(step, accuracy)] as the evaluator returned them
+    loss: dict  # task name -> [(step, loss)]
     steps: int
     evaluator: object
     model: torch.nn.Module

@@ -35,8 +35,8 @@ class Event:
 @dataclasses.dataclass
 class Scenario:
     name: str
-    points: list            # (series, step, value) in the order the hook would emit them
-    events: list            # [Event]
+    points: list  # (series, step, value) in the order the hook would emit them
+    events: list  # [Event]
     settings: dict = dataclasses.field(default_factory=dict)  # per-project detector settings
 
     def series(self, name: str) -> list:
@@ -77,6 +77,7 @@ def _emit(points: list, step: int, values: dict) -> None:
 
 # -- Softmax Collapse --------------------------------------------------------------------
 
+
 @functools.lru_cache(maxsize=None)
 def softmax_collapse_modular(p: int = 23, lr: float = 0.05, steps: int = 3200, seed: int = 0) -> Scenario:
     """(a + b) mod p on half the table, full batch, Adam, float32, no weight decay.
@@ -114,6 +115,7 @@ def softmax_collapse_modular(p: int = 23, lr: float = 0.05, steps: int = 3200, s
 
 # -- loss spikes ---------------------------------------------------------------------------
 
+
 def _blobs(n: int = 4000, d: int = 20, k: int = 10, noise: float = 1.5, flip: float = 0.1, seed: int = 0):
     """Gaussian blobs with 10% label noise: the minibatch loss stays noisy all run long."""
     g = torch.Generator().manual_seed(seed)
@@ -124,8 +126,16 @@ def _blobs(n: int = 4000, d: int = 20, k: int = 10, noise: float = 1.5, flip: fl
     return x, y, g
 
 
-def _classifier(steps: int, lr_at, batch: int = 32, corrupt=(), seed: int = 0, adam: bool = False,
-                momentum: float = 0.9, stop_after_nonfinite: int = 5):
+def _classifier(
+    steps: int,
+    lr_at,
+    batch: int = 32,
+    corrupt=(),
+    seed: int = 0,
+    adam: bool = False,
+    momentum: float = 0.9,
+    stop_after_nonfinite: int = 5,
+):
     """Minibatch training on the blobs; returns (points, first non-finite step or None)."""
     x, y, g = _blobs(seed=seed)
     torch.manual_seed(seed)
@@ -152,8 +162,9 @@ def _classifier(steps: int, lr_at, batch: int = 32, corrupt=(), seed: int = 0, a
         _emit(points, step, values)
         # The divergence itself: the first non-finite loss or gradient (logit statistics such as
         # log Z can overflow a step earlier; they are not the loss).
-        if first_bad is None and (values["grad/nonfinite"] or not all(
-                math.isfinite(values[k]) for k in ("loss", "grad/norm"))):
+        if first_bad is None and (
+            values["grad/nonfinite"] or not all(math.isfinite(values[k]) for k in ("loss", "grad/norm"))
+        ):
             first_bad = step
         if first_bad is not None and step >= first_bad + stop_after_nonfinite:
             break
@@ -177,13 +188,16 @@ BUMP_FACTOR, BUMP_LENGTH = 50.0, 2
 @functools.lru_cache(maxsize=None)
 def lr_bumps(seed: int = 0) -> Scenario:
     """The learning rate jumps 50x for 2 steps, twice; the loss shoots up and recovers."""
+
     def lr_at(s):
         return 0.05 * (BUMP_FACTOR if any(b <= s < b + BUMP_LENGTH for b in BUMP_STEPS) else 1.0)
+
     points, _ = _classifier(900, lr_at, seed=seed)
     return Scenario(f"lr_bumps_s{seed}", points, [Event("loss_spike", s, s, s + 10) for s in BUMP_STEPS])
 
 
 # -- divergence ----------------------------------------------------------------------------
+
 
 @functools.lru_cache(maxsize=None)
 def divergence_lr_warmup(peak: float = 3.0, warmup: int = 300, seed: int = 0) -> Scenario:
@@ -202,6 +216,7 @@ def divergence_constant_lr(lr: float = 1.5, seed: int = 0) -> Scenario:
 
 
 # -- edge of stability ---------------------------------------------------------------------
+
 
 def _sharpness(loss, params, v, iters):
     """lambda_max by power iteration on Hessian-vector products, warm-started from ``v``."""
@@ -236,8 +251,9 @@ def _gd(lr: float, steps: int, seed: int):
     torch.manual_seed(seed)
     X = torch.randn(256, 16, generator=g)
     Y = F.one_hot(torch.randint(0, 4, (256,), generator=g), 4).float()
-    net = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(),
-                              torch.nn.Linear(64, 4))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4)
+    )
     params = list(net.parameters())
     v = [torch.randn(p.shape, generator=g) for p in params]
     points: list = []
@@ -247,8 +263,9 @@ def _gd(lr: float, steps: int, seed: int):
         values = {"loss": loss.item(), "lr": lr}
         if step % every == 0:
             lam, v, grads = _sharpness(loss, params, v, 20 if step == 0 else 8)
-            values.update({"hessian/lambda_max": lam, "hessian/two_over_lr": 2 / lr,
-                           "hessian/trace": _trace(grads, params, g, 4)})
+            values.update(
+                {"hessian/lambda_max": lam, "hessian/two_over_lr": 2 / lr, "hessian/trace": _trace(grads, params, g, 4)}
+            )
             if crossed is None and lam >= 2 / lr:
                 crossed = step
         grads = torch.autograd.grad(loss, params)
@@ -269,11 +286,16 @@ def edge_of_stability_gd(lr: float = 0.2, steps: int = 1200, seed: int = 0) -> S
     points, crossed = _gd(lr, steps, seed)
     assert crossed is not None, "GD did not reach the edge of stability"
     # Full batch: the SGD trace criterion does not apply (DESIGN.md, Wu & Su 2023).
-    return Scenario("edge_of_stability_gd", points, [Event("edge_of_stability", crossed, 0, crossed + EOS_EVERY)],
-                    settings={"edge_of_stability": {"check_trace": False}})
+    return Scenario(
+        "edge_of_stability_gd",
+        points,
+        [Event("edge_of_stability", crossed, 0, crossed + EOS_EVERY)],
+        settings={"edge_of_stability": {"check_trace": False}},
+    )
 
 
 # -- healthy runs --------------------------------------------------------------------------
+
 
 @functools.lru_cache(maxsize=None)
 def healthy_adam_warmup(seed: int = 0) -> Scenario:
@@ -284,6 +306,7 @@ def healthy_adam_warmup(seed: int = 0) -> Scenario:
         if s < warm:
             return peak * (s + 1) / warm
         return peak * 0.5 * (1 + math.cos(math.pi * (s - warm) / (steps - warm)))
+
     points, _ = _classifier(steps, lr_at, batch=8, adam=True, seed=seed)
     return Scenario(f"healthy_adam_warmup_s{seed}", points, [])
 
@@ -295,8 +318,6 @@ def healthy_sgd_small_batch(seed: int = 0) -> Scenario:
     return Scenario(f"healthy_sgd_small_batch_s{seed}", points, [])
 
 
-
-
 @functools.lru_cache(maxsize=None)
 def healthy_gd_below_edge(seed: int = 0) -> Scenario:
     """The same GD setting at lr = 0.02: 2/lr = 100, far above the sharpness it reaches."""
@@ -306,12 +327,20 @@ def healthy_gd_below_edge(seed: int = 0) -> Scenario:
 
 
 SCENARIOS = (
-    softmax_collapse_modular, corrupted_batches, lr_bumps, divergence_lr_warmup, divergence_constant_lr,
-    edge_of_stability_gd, healthy_adam_warmup, healthy_sgd_small_batch, healthy_gd_below_edge,
+    softmax_collapse_modular,
+    corrupted_batches,
+    lr_bumps,
+    divergence_lr_warmup,
+    divergence_constant_lr,
+    edge_of_stability_gd,
+    healthy_adam_warmup,
+    healthy_sgd_small_batch,
+    healthy_gd_below_edge,
 )
 
 
 # -- replay --------------------------------------------------------------------------------
+
 
 def alert_rows(changes) -> list:
     """What the server's ``alerts`` table holds after applying ``changes`` in order."""
@@ -351,7 +380,7 @@ def replay(scenario: Scenario, detector_set, batch_size=None, seed: int = 0):
         i = 0
         while i < len(pts):
             n = rng.randint(1, batch_size)
-            chunk = pts[i:i + n]
+            chunk = pts[i : i + n]
             rng.shuffle(chunk)  # interleaving across series; each series stays in step order below
             chunk.sort(key=lambda p: (p[0], p[1]))
             batches.append((chunk[-1][1], chunk))

@@ -7,10 +7,10 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from helpers import TinyNet, batch
 
 import stethoscope
 from stethoscope import _errors
-from helpers import TinyNet, batch
 
 STEPS = 5
 

@@ -8,22 +8,31 @@ import sys
 
 import pytest
 import torch
+from helpers import TinyNet, read_series, train
 
 import stethoscope
 from stethoscope import _cli
-from helpers import TinyNet, read_series, train
 
 
 def test_exported_names_are_pinned():
-    assert stethoscope.__all__ == ["ContinualEvaluator", "DisabledMonitor", "Monitor", "__version__", "attach", "attention_logits"]
+    assert stethoscope.__all__ == [
+        "ContinualEvaluator",
+        "DisabledMonitor",
+        "Monitor",
+        "__version__",
+        "attach",
+        "attention_logits",
+    ]
     for name in stethoscope.__all__:
         assert getattr(stethoscope, name) is not None
 
 
 def test_import_pulls_in_neither_the_server_stack_nor_torch():
-    code = ("import sys, stethoscope, stethoscope.core.wire, stethoscope._cli\n"
-            "bad = [m for m in ('fastapi', 'sqlalchemy', 'pydantic', 'plotly', 'torch') if m in sys.modules]\n"
-            "print(','.join(bad))")
+    code = (
+        "import sys, stethoscope, stethoscope.core.wire, stethoscope._cli\n"
+        "bad = [m for m in ('fastapi', 'sqlalchemy', 'pydantic', 'plotly', 'torch') if m in sys.modules]\n"
+        "print(','.join(bad))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
 
@@ -38,15 +47,18 @@ def test_disabled_is_a_no_op(monkeypatch, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"model": "x"}, "torch.nn.Module"),
-    ({"optimizer": "sgd"}, "torch.optim.Optimizer"),
-    ({"every": 0}, "every"),
-    ({"server": "localhost:8765"}, "http(s) URL"),
-    ({"run": "my run"}, "run must be"),
-    ({"config": [1, 2]}, "config must be a dict"),
-    ({"project": ""}, "project"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"model": "x"}, "torch.nn.Module"),
+        ({"optimizer": "sgd"}, "torch.optim.Optimizer"),
+        ({"every": 0}, "every"),
+        ({"server": "localhost:8765"}, "http(s) URL"),
+        ({"run": "my run"}, "run must be"),
+        ({"config": [1, 2]}, "config must be a dict"),
+        ({"project": ""}, "project"),
+    ],
+)
 def test_misuse_of_attach_raises_value_error(kwargs, message, tmp_path):
     model = TinyNet()
     args = {"model": model, "optimizer": torch.optim.SGD(model.parameters(), lr=0.1), "spool_dir": tmp_path} | kwargs
@@ -83,8 +95,10 @@ def test_cli_dispatches_server_commands(tmp_path, capsys):
 
 def test_cli_without_the_server_extra_prints_the_install_hint(tmp_path):
     # A process where the server package cannot be imported, as after `pip install stethoscope`.
-    code = ("import sys; sys.modules['stethoscope_server'] = None\n"
-            "from stethoscope._cli import main; sys.exit(main(['server']))")
+    code = (
+        "import sys; sys.modules['stethoscope_server'] = None\n"
+        "from stethoscope._cli import main; sys.exit(main(['server']))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.strip() == "stethoscope: this command needs the server extra: pip install 'stethoscope[server]'"

@@ -11,9 +11,9 @@ import time
 import httpx
 import pytest
 import torch
+from helpers import TinyNet, train
 
 import stethoscope
-from helpers import TinyNet, train
 from stethoscope._sync import sync
 from stethoscope_server.settings import Settings
 
@@ -53,7 +53,11 @@ def get(admin, path: str, **kw) -> httpx.Response:
 
 
 def steps_of(admin, run_id: str, name: str = "loss") -> list[int]:
-    return get(admin, f"/api/v1/runs/{run_id}/series/{name}", params={"max_points": 100000}).raise_for_status().json()["steps"]
+    return (
+        get(admin, f"/api/v1/runs/{run_id}/series/{name}", params={"max_points": 100000})
+        .raise_for_status()
+        .json()["steps"]
+    )
 
 
 def run_training(live_server, tmp_path, steps: int, flush_every: int | None = None):
@@ -116,6 +120,9 @@ def test_too_large_batches_are_split(live_server, admin, tmp_path, monkeypatch):
     assert METRICS.ingest_requests.get("4xx") > refused_before, "no batch was too large: the test tested nothing"
     for name in ("loss", "grad/norm", "logits/max_abs"):
         assert steps_of(admin, mon.run_id, name) == list(range(30)), name
-    r = httpx.post(f"{live_server.url}/api/v1/runs/{mon.run_id}/points", headers={"Authorization": f"Bearer {ADMIN}"},
-                   json={"series": [{"name": "x", "steps": list(range(41)), "values": [0.0] * 41}]})
+    r = httpx.post(
+        f"{live_server.url}/api/v1/runs/{mon.run_id}/points",
+        headers={"Authorization": f"Bearer {ADMIN}"},
+        json={"series": [{"name": "x", "steps": list(range(41)), "values": [0.0] * 41}]},
+    )
     assert r.status_code == 413, "the limit the hook had to work around"

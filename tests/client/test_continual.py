@@ -6,9 +6,9 @@ import httpx
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import read_series
 
 import stethoscope
-from helpers import read_series
 
 torch.set_num_threads(1)
 
@@ -19,8 +19,13 @@ class BNNet(torch.nn.Module):
     def __init__(self, d_in=8, hidden=32, classes=6):
         super().__init__()
         self.frozen = torch.nn.Sequential(torch.nn.Linear(d_in, hidden), torch.nn.BatchNorm1d(hidden))
-        self.body = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(hidden, hidden),
-                                        torch.nn.BatchNorm1d(hidden), torch.nn.ReLU())
+        self.body = torch.nn.Sequential(
+            torch.nn.ReLU(),
+            torch.nn.Dropout(0.3),
+            torch.nn.Linear(hidden, hidden),
+            torch.nn.BatchNorm1d(hidden),
+            torch.nn.ReLU(),
+        )
         self.head = torch.nn.Linear(hidden, classes)
 
     def forward(self, x):
@@ -102,7 +107,9 @@ def test_evaluation_keeps_gradients_modes_and_rng_and_matches_a_direct_computati
     with torch.no_grad():
         for name, (xs, ys) in sets.items():
             logits = model(xs)
-            assert out[f"eval/acc/{name}"].item() == pytest.approx((logits.argmax(1) == ys).float().mean().item(), abs=1e-6)
+            assert out[f"eval/acc/{name}"].item() == pytest.approx(
+                (logits.argmax(1) == ys).float().mean().item(), abs=1e-6
+            )
             assert out[f"eval/loss/{name}"].item() == pytest.approx(F.cross_entropy(logits, ys).item(), rel=1e-5)
     model.train()
 
@@ -116,8 +123,13 @@ def test_custom_forward_and_loss_and_the_held_out_cap():
         seen.append(len(inputs))
         return m(inputs)[:, :3]
 
-    ev = stethoscope.ContinualEvaluator(model, max_samples=1000, batch_size=400, forward=masked,
-                                        loss_fn=lambda z, t: F.nll_loss(F.log_softmax(z, 1), t.clamp(max=2)))
+    ev = stethoscope.ContinualEvaluator(
+        model,
+        max_samples=1000,
+        batch_size=400,
+        forward=masked,
+        loss_fn=lambda z, t: F.nll_loss(F.log_softmax(z, 1), t.clamp(max=2)),
+    )
     ev.add_task("t", x, y)
     kept_x, kept_y = ev._tasks["t"]
     assert len(kept_y) == 1000
@@ -131,7 +143,9 @@ def test_custom_forward_and_loss_and_the_held_out_cap():
         z = model(kept_x)[:, :3]
     model.train()
     assert out["eval/acc/t"].item() == pytest.approx((z.argmax(1) == kept_y).float().mean().item(), abs=1e-6)
-    assert out["eval/loss/t"].item() == pytest.approx(F.nll_loss(F.log_softmax(z, 1), kept_y.clamp(max=2)).item(), rel=1e-5)
+    assert out["eval/loss/t"].item() == pytest.approx(
+        F.nll_loss(F.log_softmax(z, 1), kept_y.clamp(max=2)).item(), rel=1e-5
+    )
 
 
 class FakeClock:
@@ -176,25 +190,34 @@ def test_schedule_every_n_and_within_a_time_budget():
     assert more[:5] == [200, 201, 202, 203, 204]  # dense again after the switch
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda ev: ev.add_task("a b", torch.zeros(3, 8), torch.zeros(3, dtype=torch.long)), "task name"),
-    (lambda ev: ev.add_task("a/b", torch.zeros(3, 8), torch.zeros(3, dtype=torch.long)), "task name"),
-    (lambda ev: ev.add_task(1.5, torch.zeros(3, 8), torch.zeros(3, dtype=torch.long)), "task must be"),
-    (lambda ev: ev.add_task("a", torch.zeros(3, 8), torch.zeros(4, dtype=torch.long)), "targets must be"),
-    (lambda ev: ev.add_task("a", torch.zeros(3, 8), torch.zeros(3)), "targets must be"),
-    (lambda ev: ev.add_task("a", [[0.0]], [0]), "tensors"),
-    (lambda ev: ev.record("a", 0.5), "monitor"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda ev: ev.add_task("a b", torch.zeros(3, 8), torch.zeros(3, dtype=torch.long)), "task name"),
+        (lambda ev: ev.add_task("a/b", torch.zeros(3, 8), torch.zeros(3, dtype=torch.long)), "task name"),
+        (lambda ev: ev.add_task(1.5, torch.zeros(3, 8), torch.zeros(3, dtype=torch.long)), "task must be"),
+        (lambda ev: ev.add_task("a", torch.zeros(3, 8), torch.zeros(4, dtype=torch.long)), "targets must be"),
+        (lambda ev: ev.add_task("a", torch.zeros(3, 8), torch.zeros(3)), "targets must be"),
+        (lambda ev: ev.add_task("a", [[0.0]], [0]), "tensors"),
+        (lambda ev: ev.record("a", 0.5), "monitor"),
+    ],
+)
 def test_misuse_raises_value_error(call, message):
     model, _ = fresh()
     with pytest.raises(ValueError, match=message):
         call(stethoscope.ContinualEvaluator(model))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"every": 0}, "every"), ({"budget": 1.5}, "budget"), ({"max_samples": 0}, "max_samples"),
-    ({"loss_fn": 3}, "loss_fn"), ({"dense_after_switch": -1}, "dense_after_switch"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"every": 0}, "every"),
+        ({"budget": 1.5}, "budget"),
+        ({"max_samples": 0}, "max_samples"),
+        ({"loss_fn": 3}, "loss_fn"),
+        ({"dense_after_switch": -1}, "dense_after_switch"),
+    ],
+)
 def test_bad_settings_raise_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         stethoscope.ContinualEvaluator(fresh()[0], **kwargs)
@@ -227,8 +250,11 @@ def test_task_switches_and_accuracies_reach_the_server(live_server):
 
     events = httpx.get(f"{live_server.url}/api/v1/runs/cl-run/events", params={"kind": "task_switch"}).json()
     assert [(e["step"], e["info"]) for e in events] == [
-        (0, {"task": "first", "index": 0}), (4, {"task": "second", "index": 1}),
-        (8, {"task": "first", "index": 0}), (20, {"task": 7, "index": 7})]
+        (0, {"task": "first", "index": 0}),
+        (4, {"task": "second", "index": 1}),
+        (8, {"task": "first", "index": 0}),
+        (20, {"task": 7, "index": 7}),
+    ]
     assert read_series(live_server.url, "cl-run", "continual/task") == ([0, 4, 8, 20], [0.0, 1.0, 0.0, 7.0])
     # every=2 over the monitor's logging steps: 0, 2, 4, ...; a task is evaluated once added.
     assert read_series(live_server.url, "cl-run", "eval/acc/first")[0] == [0, 2, 4, 6, 8, 10]
@@ -250,6 +276,7 @@ def test_disabled_monitor_takes_task_switches(monkeypatch):
 def test_on_a_real_class_incremental_run_the_detector_works_offline_in_the_job(seed):
     """No server: the job runs the detectors on the points it produces, as an offline job can."""
     import _continual_training as T
+
     from stethoscope.core.detectors import DetectorSet
 
     res = T.class_incremental(seed=seed)

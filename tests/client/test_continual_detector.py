@@ -15,10 +15,12 @@ def accs(task, start, values):
 
 #: Task a learned to 0.95, a switch to task b at step 10, a dip to 0.30 and a recovery
 #: (back within 0.05 of 0.95 from step 16 on); task b rises from 0.
-GAP = (accs("a", 0, [0.5, 0.7, 0.8, 0.9, 0.92, 0.93, 0.94, 0.95, 0.95, 0.95])
-       + [("continual/task", 10, 1.0)]
-       + accs("a", 10, [0.6, 0.45, 0.3, 0.45, 0.7, 0.86, 0.91, 0.93, 0.94, 0.95])
-       + accs("b", 10, [0.1, 0.3, 0.5, 0.7, 0.8, 0.85, 0.9, 0.9, 0.92, 0.93]))
+GAP = (
+    accs("a", 0, [0.5, 0.7, 0.8, 0.9, 0.92, 0.93, 0.94, 0.95, 0.95, 0.95])
+    + [("continual/task", 10, 1.0)]
+    + accs("a", 10, [0.6, 0.45, 0.3, 0.45, 0.7, 0.86, 0.91, 0.93, 0.94, 0.95])
+    + accs("b", 10, [0.1, 0.3, 0.5, 0.7, 0.8, 0.85, 0.9, 0.9, 0.92, 0.93])
+)
 
 
 def test_a_gap_opens_on_the_drop_and_resolves_on_recovery_with_its_size_and_time():
@@ -49,8 +51,9 @@ def test_point_by_point_and_in_any_batching_the_changes_are_the_same():
     by_series = sorted(GAP, key=lambda p: (p[0] != "eval/acc/a", p[0]))
     ds = DetectorSet()
     mixed = ds.update({}, by_series)
-    assert [(c.action, c.start_step, c.end_step, c.evidence) for c in mixed] == \
-        [(c.action, c.start_step, c.end_step, c.evidence) for c in whole]
+    assert [(c.action, c.start_step, c.end_step, c.evidence) for c in mixed] == [
+        (c.action, c.start_step, c.end_step, c.evidence) for c in whole
+    ]
 
 
 def test_feeding_the_same_points_twice_changes_nothing():
@@ -60,22 +63,31 @@ def test_feeding_the_same_points_twice_changes_nothing():
 
 
 def test_one_noisy_evaluation_does_not_end_the_gap_and_small_dips_do_not_open_one():
-    pts = (accs("a", 0, [0.95] * 5) + [("continual/task", 5, 1.0)]
-           + accs("a", 5, [0.5, 0.93, 0.6, 0.92, 0.93, 0.94, 0.95]))
+    pts = (
+        accs("a", 0, [0.95] * 5) + [("continual/task", 5, 1.0)] + accs("a", 5, [0.5, 0.93, 0.6, 0.92, 0.93, 0.94, 0.95])
+    )
     changes = StabilityGapDetector().update({}, pts)
     assert [(c.action, c.start_step, c.end_step) for c in changes] == [("open", 5, 7), ("resolve", 5, 8)]
     small = accs("a", 0, [0.95] * 5) + [("continual/task", 5, 1.0)] + accs("a", 5, [0.88, 0.86, 0.9, 0.95])
     assert StabilityGapDetector().update({}, small) == []
     # Settings: a tighter threshold does open on it.
     tight = StabilityGapDetector(StabilityGapParams(drop=0.05, recover_tolerance=0.02, recover_points=1))
-    assert [(c.action, c.start_step, c.end_step) for c in tight.update({}, small)] == [("open", 5, 6), ("resolve", 5, 8)]
+    assert [(c.action, c.start_step, c.end_step) for c in tight.update({}, small)] == [
+        ("open", 5, 6),
+        ("resolve", 5, 8),
+    ]
 
 
 def test_no_switch_no_alert_and_a_gap_that_never_closes_stays_open_across_switches():
     falling = accs("a", 0, [0.95, 0.9, 0.5, 0.2, 0.1])
     assert StabilityGapDetector().update({}, falling) == []  # forgetting without a switch: not a gap
-    pts = (accs("a", 0, [0.95] * 3) + [("continual/task", 3, 1.0)] + accs("a", 3, [0.4, 0.5, 0.6])
-           + [("continual/task", 6, 2.0)] + accs("a", 6, [0.6, 0.7, 0.92, 0.93, 0.94]))
+    pts = (
+        accs("a", 0, [0.95] * 3)
+        + [("continual/task", 3, 1.0)]
+        + accs("a", 3, [0.4, 0.5, 0.6])
+        + [("continual/task", 6, 2.0)]
+        + accs("a", 6, [0.6, 0.7, 0.92, 0.93, 0.94])
+    )
     changes = StabilityGapDetector().update({}, pts)
     assert [(c.action, c.key) for c in changes] == [("open", "a"), ("resolve", "a")]
     # Judged against 0.95, the level before the switch at step 3 that opened it.
@@ -84,11 +96,20 @@ def test_no_switch_no_alert_and_a_gap_that_never_closes_stays_open_across_switch
 
 
 def test_each_previous_task_has_its_own_alert_and_non_finite_values_are_skipped():
-    pts = (accs("a", 0, [0.9] * 4) + accs("b", 2, [0.8, 0.8]) + [("continual/task", 4, 2.0)]
-           + accs("a", 4, [0.2, float("nan"), 0.88, 0.89, 0.9]) + accs("b", 4, [0.75, 0.5, 0.8, 0.8, 0.8]))
+    pts = (
+        accs("a", 0, [0.9] * 4)
+        + accs("b", 2, [0.8, 0.8])
+        + [("continual/task", 4, 2.0)]
+        + accs("a", 4, [0.2, float("nan"), 0.88, 0.89, 0.9])
+        + accs("b", 4, [0.75, 0.5, 0.8, 0.8, 0.8])
+    )
     changes = StabilityGapDetector().update({}, pts)
     assert sorted((c.key, c.action, c.end_step) for c in changes if c.action != "update") == [
-        ("a", "open", 4), ("a", "resolve", 6), ("b", "open", 5), ("b", "resolve", 6)]
+        ("a", "open", 4),
+        ("a", "resolve", 6),
+        ("b", "open", 5),
+        ("b", "resolve", 6),
+    ]
 
 
 def test_state_is_json_and_bounded():
@@ -107,6 +128,11 @@ def test_settings_are_validated():
     with pytest.raises(ValueError, match="acc_prefix"):
         DetectorSet({"stability_gap": {"acc_prefix": "eval/acc"}})
     ds = DetectorSet({"stability_gap": {"drop": 0.2}})
-    assert ds.settings()["stability_gap"] == {"enabled": True, "drop": 0.2, "recover_tolerance": 0.05,
-                                              "recover_points": 3, "task_series": "continual/task",
-                                              "acc_prefix": "eval/acc/"}
+    assert ds.settings()["stability_gap"] == {
+        "enabled": True,
+        "drop": 0.2,
+        "recover_tolerance": 0.05,
+        "recover_points": 3,
+        "task_series": "continual/task",
+        "acc_prefix": "eval/acc/",
+    }

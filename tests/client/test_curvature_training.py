@@ -3,14 +3,13 @@ stability, and it reaches the server's series through the hook."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
+from helpers import one_thread, spooled_points  # noqa: F401  (one_thread: an autouse fixture)
 from torch import nn
 
 import stethoscope
 from stethoscope.curvature import CurvatureMonitor, estimate_curvature
-from helpers import one_thread, spooled_points  # noqa: F401  (one_thread: an autouse fixture)
 
 
 class Net(nn.Module):
@@ -125,13 +124,12 @@ def test_full_batch_gd_sharpens_to_two_over_lr():
     assert ratio[0] < 0.3, ratio  # starts far below the edge
     first_edge = next(i for i, r in enumerate(ratio) if r >= 0.9)
     assert 0 < first_edge < 20, ratio  # sharpens to the edge ...
-    assert all(0.85 <= r <= 1.3 for r in ratio[first_edge + 4:]), ratio  # ... and stays there
+    assert all(0.85 <= r <= 1.3 for r in ratio[first_edge + 4 :]), ratio  # ... and stays there
     assert ratio[-1] == pytest.approx(1.0, abs=0.05)
     assert losses[-1] < 0.05 * losses[0]
 
 
 # -- through the hook ------------------------------------------------------------------
-
 
 
 def test_watch_curvature_sends_the_series_offline(tmp_path):
@@ -154,7 +152,7 @@ def test_watch_curvature_sends_the_series_offline(tmp_path):
         sizes = [p.numel() for p in model.parameters()]
         names = [n for n, _ in model.named_parameters()]
 
-        def f(theta):
+        def f(theta, names=names, sizes=sizes):
             params = {n: t.view(p.shape) for n, t, p in zip(names, theta.split(sizes), model.parameters())}
             return loss_fn(torch.func.functional_call(model, params, (fixed[0].double(),)), fixed[1])
 
@@ -162,8 +160,14 @@ def test_watch_curvature_sends_the_series_offline(tmp_path):
         exact[step] = float(torch.linalg.eigvalsh(H)[-1])
     mon.close()
     got = spooled_points(tmp_path)
-    for name in ("hessian/trace", "hessian/trace_stderr", "hessian/lambda_max", "hessian/two_over_lr",
-                 "hessian/hvps", "hessian/seconds"):
+    for name in (
+        "hessian/trace",
+        "hessian/trace_stderr",
+        "hessian/lambda_max",
+        "hessian/two_over_lr",
+        "hessian/hvps",
+        "hessian/seconds",
+    ):
         assert sorted(got[name]) == [0, 2, 4], name
     for step in (0, 2, 4):
         assert got["hessian/lambda_max"][step] == pytest.approx(exact[step], rel=0.01)
@@ -175,6 +179,5 @@ def test_watch_curvature_sends_the_series_offline(tmp_path):
 def test_watch_curvature_is_a_no_op_when_disabled(monkeypatch, tmp_path):
     monkeypatch.setenv("STETHOSCOPE_DISABLED", "1")
     model = nn.Linear(3, 1)
-    mon = stethoscope.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), server="offline",
-                             spool_dir=tmp_path)
+    mon = stethoscope.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), server="offline", spool_dir=tmp_path)
     assert mon.watch_curvature(model, nn.MSELoss(), batch=(torch.randn(4, 3), torch.randn(4, 1))) is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -19,20 +20,45 @@ def flat_loss(n, start=0, level=2.0):
 
 
 def test_public_names_are_pinned():
-    assert sorted(D.__all__) == sorted([
-        "AlertChange", "DETECTORS", "Detector", "DetectorSet", "DivergenceDetector", "DivergenceParams",
-        "EdgeOfStabilityDetector", "EdgeOfStabilityParams", "LossSpikeDetector", "LossSpikeParams", "OPEN", "RESOLVE",
-        "SC_MARGIN_NATS", "SEVERITIES", "SoftmaxCollapseDetector", "SoftmaxCollapseParams",
-        "StabilityGapDetector", "StabilityGapParams", "StalledRunDetector", "StalledRunParams", "UPDATE",
-        "severity_rank"])
+    assert sorted(D.__all__) == sorted(
+        [
+            "AlertChange",
+            "DETECTORS",
+            "Detector",
+            "DetectorSet",
+            "DivergenceDetector",
+            "DivergenceParams",
+            "EdgeOfStabilityDetector",
+            "EdgeOfStabilityParams",
+            "LossSpikeDetector",
+            "LossSpikeParams",
+            "OPEN",
+            "RESOLVE",
+            "SC_MARGIN_NATS",
+            "SEVERITIES",
+            "SoftmaxCollapseDetector",
+            "SoftmaxCollapseParams",
+            "StabilityGapDetector",
+            "StabilityGapParams",
+            "StalledRunDetector",
+            "StalledRunParams",
+            "UPDATE",
+            "severity_rank",
+        ]
+    )
     assert (D.OPEN, D.UPDATE, D.RESOLVE) == ("open", "update", "resolve")
-    assert set(D.DETECTORS) == {"divergence", "loss_spike", "softmax_collapse", "edge_of_stability",
-                               "stability_gap", "stalled"}
+    assert set(D.DETECTORS) == {
+        "divergence",
+        "loss_spike",
+        "softmax_collapse",
+        "edge_of_stability",
+        "stability_gap",
+        "stalled",
+    }
 
 
 def test_the_package_imports_only_the_standard_library():
-    code = ("import sys, stethoscope.core.detectors; "
-            "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))")
+    code = "import sys, stethoscope.core.detectors; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -54,8 +80,17 @@ def test_a_spike_is_one_episode_with_start_peak_and_recovery():
     assert c.evidence["value"] == 9.0 and c.evidence["threshold"] == 6.0
     assert c.message.startswith("Loss jumped 4.5x at step 101 (from 2 to 9). ") and "\n" not in c.message
     d = c.to_dict()
-    assert d["status"] == "resolved" and set(d) >= {"detector", "key", "severity", "start_step", "peak_step",
-                                                  "end_step", "message", "evidence", "action"}
+    assert d["status"] == "resolved" and set(d) >= {
+        "detector",
+        "key",
+        "severity",
+        "start_step",
+        "peak_step",
+        "end_step",
+        "message",
+        "evidence",
+        "action",
+    }
 
 
 def test_point_by_point_changes_are_open_update_resolve():
@@ -145,8 +180,9 @@ def test_softmax_collapse_escalates_within_one_alert():
     ds = DetectorSet()
     state = {}
     changes = []
-    for s, (sc, margin) in enumerate([(0, 8), (0, 10), (0, 13), (0, 13.5), (0, 14), (0.2, 15), (0.3, 16),
-                                      (0.6, 17), (0.7, 17), (0.7, 17)]):
+    for s, (sc, margin) in enumerate(
+        [(0, 8), (0, 10), (0, 13), (0, 13.5), (0, 14), (0.2, 15), (0.3, 16), (0.6, 17), (0.7, 17), (0.7, 17)]
+    ):
         changes += ds.update(state, [("logits/sc_fraction", s, sc), ("logits/median_margin", s, margin)])
     assert [(c.action, c.severity) for c in changes][0] == ("open", "warning")
     assert changes[0].start_step == 3  # the median of 3 margins crosses 12.6 nats
@@ -189,8 +225,13 @@ def test_settings_round_trip_and_disable():
     assert eff["stalled"]["enabled"] is False
     assert DetectorSet(eff).settings() == eff
     assert json.loads(json.dumps(DetectorSet.defaults())) == DetectorSet.defaults()
-    assert [d.name for d in ds.detectors] == ["divergence", "loss_spike", "softmax_collapse", "edge_of_stability",
-                                             "stability_gap"]
+    assert [d.name for d in ds.detectors] == [
+        "divergence",
+        "loss_spike",
+        "softmax_collapse",
+        "edge_of_stability",
+        "stability_gap",
+    ]
     state = {}
     assert ds.check(state, now=1e9, last_seen=0.0, status="running") == []
     off = DetectorSet({"loss_spike": {"enabled": False}})
@@ -203,8 +244,13 @@ def test_state_stays_small_on_a_long_run():
     for start in range(0, 20_000, 1000):
         batch = []
         for s in range(start, start + 1000):
-            batch += [("loss", s, 2.0 + 0.1 * math.sin(s)), ("grad/norm", s, 1.0 + 0.1 * math.cos(s)),
-                      ("grad/nonfinite", s, 0.0), ("lr", s, 0.01), ("logits/sc_fraction", s, 0.0)]
+            batch += [
+                ("loss", s, 2.0 + 0.1 * math.sin(s)),
+                ("grad/norm", s, 1.0 + 0.1 * math.cos(s)),
+                ("grad/nonfinite", s, 0.0),
+                ("lr", s, 0.01),
+                ("logits/sc_fraction", s, 0.0),
+            ]
             if s % 100 == 0:
                 batch.append(("hessian/lambda_max", s, 10.0))
         assert ds.update(state, batch) == []
@@ -213,7 +259,7 @@ def test_state_stays_small_on_a_long_run():
 
 def test_alert_change_is_frozen_and_json_ready():
     c = AlertChange("open", "x", "k", "info", 1, 1, 1, "m", {"v": 1.0})
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         c.severity = "critical"
     assert c.status == "open" and AlertChange("resolve", "x", "k", "info", 1, 1, 2, "m", {}).status == "resolved"
 
@@ -235,18 +281,26 @@ def test_edge_of_stability_compares_sharpness_with_the_bound_of_its_own_step():
 
 def _gap():
     acc = [0.5, 0.7, 0.8, 0.9, 0.92, 0.93, 0.94, 0.95, 0.95, 0.95]
-    return ([("eval/acc/a", s, v) for s, v in enumerate(acc)] + [("continual/task", 10, 1.0)]
-            + [("eval/acc/a", 10 + i, v) for i, v in enumerate([0.6, 0.45, 0.3, 0.45])])
+    return (
+        [("eval/acc/a", s, v) for s, v in enumerate(acc)]
+        + [("continual/task", 10, 1.0)]
+        + [("eval/acc/a", 10 + i, v) for i, v in enumerate([0.6, 0.45, 0.3, 0.45])]
+    )
 
 
 #: (detector, key) -> points that open its alert; the step the message must name is the peak.
 MESSAGE_CASES = {
     ("loss_spike", "loss"): lambda: flat_loss(100) + [("loss", 100, 24.0)],
     ("divergence", "nonfinite"): lambda: flat_loss(10) + [("loss", 10, math.nan)],
-    ("divergence", "runaway"): lambda: ([("grad/norm", s, 1.0 + 0.01 * (s % 3)) for s in range(40)]
-                                        + [("grad/norm", s, 1.5 ** (s - 39)) for s in range(40, 60)]),
-    ("softmax_collapse", "logits"): lambda: [p for s, (sc, m) in enumerate([(0, 13.5)] * 3 + [(0.7, 17)] * 3)
-                                         for p in (("logits/sc_fraction", s, sc), ("logits/median_margin", s, m))],
+    ("divergence", "runaway"): lambda: (
+        [("grad/norm", s, 1.0 + 0.01 * (s % 3)) for s in range(40)]
+        + [("grad/norm", s, 1.5 ** (s - 39)) for s in range(40, 60)]
+    ),
+    ("softmax_collapse", "logits"): lambda: [
+        p
+        for s, (sc, m) in enumerate([(0, 13.5)] * 3 + [(0.7, 17)] * 3)
+        for p in (("logits/sc_fraction", s, sc), ("logits/median_margin", s, m))
+    ],
     ("edge_of_stability", "lambda_max"): lambda: [("hessian/two_over_lr", 10, 20.0), ("hessian/lambda_max", 10, 21.0)],
     ("edge_of_stability", "trace"): lambda: [("hessian/two_over_lr", 10, 20.0), ("hessian/trace", 10, 90.0)],
     ("stability_gap", "a"): _gap,
@@ -280,7 +334,9 @@ def test_the_loss_spike_message_reads_as_the_issue_asks():
 
 
 def test_the_stalled_message_starts_with_the_last_step():
-    (c,) = DetectorSet({"stalled": {"timeout_s": 60}}).check({}, now=1100.0, last_seen=990.0, status="running", last_step=42)
+    (c,) = DetectorSet({"stalled": {"timeout_s": 60}}).check(
+        {}, now=1100.0, last_seen=990.0, status="running", last_step=42
+    )
     assert _first_sentence(c.message).startswith("The run has sent no data since step 42")
 
 
@@ -305,16 +361,23 @@ def test_route_gives_each_detector_its_points_in_step_order_once():
     detector's points come in step order, ties in the order given; ``update`` is
     ``feed(route(...))`` over the runs of one series in the points given."""
     dset = DetectorSet()
-    routed = dset.route([("loss", [2, 3], [1.0, 1.1]), ("other/metric", [0], [5.0]), ("grad/norm", [1, 2], [0.5, 0.6]),
-                         ("loss", [], [])])
+    routed = dset.route(
+        [
+            ("loss", [2, 3], [1.0, 1.1]),
+            ("other/metric", [0], [5.0]),
+            ("grad/norm", [1, 2], [0.5, 0.6]),
+            ("loss", [], []),
+        ]
+    )
     assert routed["divergence"] == [("grad/norm", 1, 0.5), ("loss", 2, 1.0), ("grad/norm", 2, 0.6), ("loss", 3, 1.1)]
     assert routed["loss_spike"] == [("loss", 2, 1.0), ("loss", 3, 1.1)]
     assert all("other/metric" not in {p[0] for p in pts} for pts in routed.values())
     points = [("loss", s, 2.0 if s != 40 else 50.0) for s in range(60)] + [("grad/norm", s, 1.0) for s in range(60)]
     points.sort(key=lambda p: -p[1])  # any interleaving: update takes them in step order
     a, b = {}, {}
-    by_series = [(n, [p[1] for p in points if p[0] == n], [p[2] for p in points if p[0] == n])
-                 for n in ("loss", "grad/norm")]
+    by_series = [
+        (n, [p[1] for p in points if p[0] == n], [p[2] for p in points if p[0] == n]) for n in ("loss", "grad/norm")
+    ]
     assert dset.update(a, points) == dset.feed(b, dset.route(by_series)) and a == b
 
 

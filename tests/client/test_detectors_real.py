@@ -10,6 +10,7 @@ import pytest
 pytest.importorskip("torch")
 
 import _detector_scenarios as S  # noqa: E402  (tests/client is on sys.path under pytest)
+
 from stethoscope.core.detectors import DetectorSet  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -44,8 +45,8 @@ def test_corrupted_batches_give_one_spike_alert_each_with_recovery(seed):
     rows = S.alert_rows(changes)
     assert [(r["detector"], r["status"]) for r in rows] == [("loss_spike", "resolved")] * len(S.SPIKE_STEPS)
     for row, step in zip(rows, S.SPIKE_STEPS):
-        assert row["start_step"] == row["peak_step"] == step       # the corrupted batch itself
-        assert step < row["end_step"] <= step + 10                  # recovered soon after
+        assert row["start_step"] == row["peak_step"] == step  # the corrupted batch itself
+        assert step < row["end_step"] <= step + 10  # recovered soon after
         assert row["evidence"]["z"] > row["evidence"]["threshold"]
 
 
@@ -123,8 +124,10 @@ def test_ingest_batching_does_not_change_the_alerts(scenario):
     # Episodes, severities and step ranges are the same however points are batched. (Evidence
     # joining two series may differ when one step's points are split over two batches.)
     def summary(rows):
-        return [tuple(r[k] for k in ("detector", "key", "severity", "status", "start_step", "peak_step", "end_step"))
-                for r in rows]
+        return [
+            tuple(r[k] for k in ("detector", "key", "severity", "status", "start_step", "peak_step", "end_step"))
+            for r in rows
+        ]
 
     sc = scenario()
     one = summary(S.alert_rows(DetectorSet(sc.settings).update({}, sc.points)))

@@ -47,9 +47,27 @@ def limit_file_size():
 
 def test_full_disk_with_the_server_down_counts_every_loss_and_keeps_the_status(live_server, tmp_path):
     spool, out = tmp_path / "spool", tmp_path / "job.json"
-    args = [sys.executable, str(JOB), "--server", f"http://127.0.0.1:{closed_port()}", "--run", "full",
-            "--out", str(out), "--spool", str(spool), "--steps", str(STEPS), "--sleep", "0", "--extra", "40",
-            "--flush-every-step", "--close-timeout", "1"]
+    args = [
+        sys.executable,
+        str(JOB),
+        "--server",
+        f"http://127.0.0.1:{closed_port()}",
+        "--run",
+        "full",
+        "--out",
+        str(out),
+        "--spool",
+        str(spool),
+        "--steps",
+        str(STEPS),
+        "--sleep",
+        "0",
+        "--extra",
+        "40",
+        "--flush-every-step",
+        "--close-timeout",
+        "1",
+    ]
     env = {**os.environ, "STETHOSCOPE_DIR": str(tmp_path / "home")}
     env.pop("STETHOSCOPE_DISABLED", None)
     job = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600, preexec_fn=limit_file_size)
@@ -107,8 +125,10 @@ def test_the_close_message_says_what_was_lost_and_never_that_it_is_saved():
     from stethoscope._monitor import _close_message
 
     assert _close_message("r", "finished", _Closed(unsent=False)) is None
-    assert _close_message("r", "finished", _Closed()) == \
-        "stethoscope: run r is saved in /spool/r/w; upload it with `stethoscope sync /spool/r/w`"
+    assert (
+        _close_message("r", "finished", _Closed())
+        == "stethoscope: run r is saved in /spool/r/w; upload it with `stethoscope sync /spool/r/w`"
+    )
     text = _close_message("r", "finished", _Closed(dropped=2, spool_dropped=5, status_lost=True))
     assert "is saved" not in text
     assert "7 records (steps or events) were lost: 2 because the queue was full" in text

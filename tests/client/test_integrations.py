@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import TinyNet, batch, read_series, series_names
 
 pytestmark = pytest.mark.slow
@@ -29,12 +28,26 @@ def free_port():
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_distributed_ranks_make_one_run_with_global_metrics(mode, live_server, tmp_path):
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, str(HERE / "ddp_worker.py"), mode, str(r), "2", str(port),
-                               live_server.url, str(tmp_path / f"spool{r}"), str(tmp_path / f"rank{r}.json")],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for r in range(2)]
+    env = dict(os.environ, PYTHONPATH=str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(HERE / "ddp_worker.py"),
+                mode,
+                str(r),
+                "2",
+                str(port),
+                live_server.url,
+                str(tmp_path / f"spool{r}"),
+                str(tmp_path / f"rank{r}.json"),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for r in range(2)
+    ]
     for p in procs:
         out, _ = p.communicate(timeout=120)
         assert p.returncode == 0, out.decode()[-3000:]
@@ -58,7 +71,9 @@ def test_distributed_ranks_make_one_run_with_global_metrics(mode, live_server, t
         want["grad/norm"].append(float(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm()))
         want["grad/norm/head"].append(float(torch.cat([p.grad.reshape(-1) for p in model.head.parameters()]).norm()))
         opt.step()
-        want["weight/norm/body.0"].append(float(torch.cat([p.detach().reshape(-1) for p in model.body[0].parameters()]).norm()))
+        want["weight/norm/body.0"].append(
+            float(torch.cat([p.detach().reshape(-1) for p in model.body[0].parameters()]).norm())
+        )
         want["loss"].append(float(loss))
         want["logits/max_abs"].append(max(float(lg.abs().max()) for lg in logits))
     for name, values in want.items():
@@ -93,9 +108,16 @@ def test_lightning_callback(live_server, tmp_path):
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
     cb = StethoscopeCallback(run="lightning-run", server=live_server.url, spool_dir=tmp_path)
     module = Module()
-    trainer = pl.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[cb],
-                         default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_steps=6,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[cb],
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, train_dataloaders=data)
     steps, losses = read_series(live_server.url, "lightning-run", "loss")
     assert steps == list(range(6))
@@ -113,14 +135,30 @@ def test_huggingface_trainer_callback(live_server, tmp_path):
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=40, n_positions=16))
     g = torch.Generator().manual_seed(0)
     data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 40, (16, 12), generator=g)]
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4,
-                             logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
-                             max_grad_norm=1e6, learning_rate=1e-3, disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        max_grad_norm=1e6,
+        learning_rate=1e-3,
+        disable_tqdm=True,
+    )
     cb = StethoscopeTrainerCallback(run="hf-run", server=live_server.url, spool_dir=tmp_path / "spool")
     Trainer(model=model, args=args, train_dataset=data, callbacks=[cb]).train()
     names = series_names(live_server.url, "hf-run")
-    assert {"loss", "hf/grad_norm", "grad/norm", "logits/median_margin", "update_ratio/transformer.h.0.attn.c_attn",
-            "lr/0", "lr/1"} <= names  # the Trainer makes two groups (with and without decay)
+    assert {
+        "loss",
+        "hf/grad_norm",
+        "grad/norm",
+        "logits/median_margin",
+        "update_ratio/transformer.h.0.attn.c_attn",
+        "lr/0",
+        "lr/1",
+    } <= names  # the Trainer makes two groups (with and without decay)
     steps, ours = read_series(live_server.url, "hf-run", "grad/norm")
     assert steps == list(range(4))
     # The Trainer measures the same gradient norm (clipping is off): the two must agree.

@@ -7,11 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TinyNet, batch, spooled_points
 
 import stethoscope
 from stethoscope import _metrics
-from helpers import TinyNet, batch, spooled_points
-
 
 
 def direct(model, before, grads):
@@ -35,8 +34,12 @@ def direct(model, before, grads):
 def test_gradient_weight_and_update_metrics(tmp_path, log_after_step):
     torch.manual_seed(0)
     model = TinyNet()
-    opt = torch.optim.Adam([{"params": model.body.parameters(), "lr": 1e-2, "name": "body"},
-                            {"params": model.head.parameters(), "lr": 3e-3}])
+    opt = torch.optim.Adam(
+        [
+            {"params": model.body.parameters(), "lr": 1e-2, "name": "body"},
+            {"params": model.head.parameters(), "lr": 3e-3},
+        ]
+    )
     mon = stethoscope.attach(model, opt, server="offline", spool_dir=tmp_path)
     expected = {}
     for step in range(6):
@@ -53,8 +56,12 @@ def test_gradient_weight_and_update_metrics(tmp_path, log_after_step):
         else:
             mon.log(step=step, loss=loss)
             opt.step()
-        expected[step] = direct(model, before, grads) | {"loss": loss.item(), "lr/body": 1e-2, "lr/1": 3e-3,
-                                                         "grad/nonfinite": 0.0}
+        expected[step] = direct(model, before, grads) | {
+            "loss": loss.item(),
+            "lr/body": 1e-2,
+            "lr/1": 3e-3,
+            "grad/nonfinite": 0.0,
+        }
     mon.close()
     got = spooled_points(tmp_path)
     for step, values in expected.items():
@@ -99,16 +106,18 @@ def reference_logit_stats(z, y=None, ignore_index=-100):
     # (DESIGN.md: sum_j exp(z_j - max z) == 1, summed by the kernel cross_entropy runs).
     top_loss = F.cross_entropy(z, z.argmax(-1), reduction="none")
     collapsed = [float(top_loss[i] == 0) for i in rows]
-    out = {"logits/max_abs": float(z.abs().max()),
-           "logits/mean_logz": float(lse[keep].mean()),
-           "logits/sc_fraction": sum(collapsed[i] for i in keep) / len(keep),
-           "logits/entropy": float(ent[keep].mean())}
+    out = {
+        "logits/max_abs": float(z.abs().max()),
+        "logits/mean_logz": float(lse[keep].mean()),
+        "logits/sc_fraction": sum(collapsed[i] for i in keep) / len(keep),
+        "logits/entropy": float(ent[keep].mean()),
+    }
     if y is not None:
         t = y.reshape(-1)
         losses = F.cross_entropy(z, t, reduction="none", ignore_index=ignore_index)
         margins = []
         for i in keep:
-            others = torch.cat([z[i, :t[i]], z[i, t[i] + 1:]])
+            others = torch.cat([z[i, : t[i]], z[i, t[i] + 1 :]])
             margins.append(float(z[i, t[i]] - torch.logsumexp(others, 0)))
         out["logits/zero_loss_fraction"] = sum(float(losses[i] == 0) for i in keep) / len(keep)
         out["logits/median_margin"] = float(torch.tensor(margins).median())  # lower median, as torch
@@ -157,8 +166,9 @@ def test_sc_is_the_float32_sum_not_a_threshold():
     one_hot = [float(torch.softmax(r, 0).max()) == 1.0 for r in z]
     assert one_hot == [False, True, True, False]
     assert got[_metrics.LOGIT_NAMES.index("logits/sc_fraction")] == 0.5
-    assert got[_metrics.LOGIT_NAMES.index("logits/zero_loss_fraction")] == \
-        float((F.cross_entropy(z, torch.zeros(4, dtype=torch.long), reduction="none") == 0).float().mean())
+    assert got[_metrics.LOGIT_NAMES.index("logits/zero_loss_fraction")] == float(
+        (F.cross_entropy(z, torch.zeros(4, dtype=torch.long), reduction="none") == 0).float().mean()
+    )
 
 
 def test_every_n_steps_collectors_scalars_and_attention(tmp_path):

@@ -9,11 +9,11 @@ import socket
 import threading
 
 import torch
+from helpers import TinyNet, read_series, train
+from test_metrics import spooled_points
 
 import stethoscope
 from stethoscope._sync import sync
-from helpers import TinyNet, read_series, train
-from test_metrics import spooled_points
 
 
 def test_killed_and_restarted_server_loses_and_duplicates_nothing(server_process, tmp_path):

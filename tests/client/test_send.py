@@ -9,17 +9,18 @@ import time
 import httpx
 import pytest
 import torch
+from helpers import TinyNet, read_series, series_names, train
 
 import stethoscope
-from helpers import TinyNet, read_series, series_names, train
 
 
 def test_metrics_reach_the_server(live_server, tmp_path):
     torch.manual_seed(0)
     model = TinyNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    mon = stethoscope.attach(model, opt, project="hooktest", server=live_server.url, config={"lr": 0.1},
-                             spool_dir=tmp_path / "spool")
+    mon = stethoscope.attach(
+        model, opt, project="hooktest", server=live_server.url, config={"lr": 0.1}, spool_dir=tmp_path / "spool"
+    )
     assert mon.url == f"{live_server.url}/runs/{mon.run_id}"
     losses = train(mon, model, opt, 25)
     mon.log(step=25, loss=float("nan"), custom=float("inf"))
@@ -31,9 +32,21 @@ def test_metrics_reach_the_server(live_server, tmp_path):
     assert math.isnan(values[25])
     assert read_series(live_server.url, mon.run_id, "custom") == ([25], [math.inf])
     names = series_names(live_server.url, mon.run_id)
-    for expected in ("lr", "grad/norm", "grad/norm/body.0", "grad/norm/head", "grad/nonfinite",
-                     "weight/norm/head", "update_ratio/head", "logits/max_abs", "logits/mean_logz",
-                     "logits/sc_fraction", "logits/zero_loss_fraction", "logits/median_margin", "logits/entropy"):
+    for expected in (
+        "lr",
+        "grad/norm",
+        "grad/norm/body.0",
+        "grad/norm/head",
+        "grad/nonfinite",
+        "weight/norm/head",
+        "update_ratio/head",
+        "logits/max_abs",
+        "logits/mean_logz",
+        "logits/sc_fraction",
+        "logits/zero_loss_fraction",
+        "logits/median_margin",
+        "logits/entropy",
+    ):
         assert expected in names
     run = httpx.get(f"{live_server.url}/api/v1/runs/{mon.run_id}").json()
     assert run["status"] == "finished"
@@ -60,7 +73,11 @@ def test_an_event_lands_at_the_step_the_user_means(live_server, tmp_path):
     events = httpx.get(f"{live_server.url}/api/v1/runs/{mon.run_id}/events").json()
     events = events.get("events", events) if isinstance(events, dict) else events
     assert sorted((e["step"], e["kind"]) for e in events) == [
-        (0, "start"), (1, "note"), (3, "checkpoint"), (3, "corrupted_batch")]
+        (0, "start"),
+        (1, "note"),
+        (3, "checkpoint"),
+        (3, "corrupted_batch"),
+    ]
 
 
 def test_alerts_in_the_ingest_reply_reach_on_alert(live_server, tmp_path):
@@ -164,8 +181,15 @@ def test_each_sender_runs_its_own_schedule(live_server, tmp_path, monkeypatch):
     mons = []
     for i in range(3):
         model = TinyNet()
-        mons.append(stethoscope.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), project="herd",
-                                       server=live_server.url, spool_dir=tmp_path / f"s{i}"))
+        mons.append(
+            stethoscope.attach(
+                model,
+                torch.optim.SGD(model.parameters(), lr=0.1),
+                project="herd",
+                server=live_server.url,
+                spool_dir=tmp_path / f"s{i}",
+            )
+        )
     for step in range(40):
         for mon in mons:
             mon.log(step=step, loss=1.0 / (step + 1))

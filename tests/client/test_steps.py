@@ -8,9 +8,9 @@ import logging
 import httpx
 import pytest
 import torch
+from helpers import TinyNet, read_series, series_names, train
 
 import stethoscope
-from helpers import TinyNet, read_series, series_names, train
 
 
 def _said(caplog) -> list[str]:

@@ -115,7 +115,15 @@ def _train(seed: int) -> Training:
     for step in range(STEPS):
         task = "A" if step < SWITCH_STEP else "B"
         if step in (0, SWITCH_STEP):
-            out.events.append({"key": f"switch-{step}", "step": step, "kind": "task_switch", "message": f"now training task {task}", "info": {"task": task}})
+            out.events.append(
+                {
+                    "key": f"switch-{step}",
+                    "step": step,
+                    "kind": "task_switch",
+                    "message": f"now training task {task}",
+                    "info": {"task": task},
+                }
+            )
         lr = LR * min(1.0, (step + 1) / WARMUP) * (30.0 if step == SPIKE_STEP else 1.0)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -167,11 +175,22 @@ def wire(v: float) -> float | str:
     return v
 
 
-def post(base_url: str, run_id: str, training: Training, project: str = "tiny", name: str | None = None,
-         config: dict | None = None, upto: int | None = None, status: str | None = "finished") -> None:
+def post(
+    base_url: str,
+    run_id: str,
+    training: Training,
+    project: str = "tiny",
+    name: str | None = None,
+    config: dict | None = None,
+    upto: int | None = None,
+    status: str | None = "finished",
+) -> None:
     """Send the training (steps < ``upto`` if given) through the REST API, as the hook would."""
     with httpx.Client(base_url=base_url + "/api/v1", timeout=30) as c:
-        c.put(f"/runs/{run_id}", json={"project": project, "name": name or run_id, "config": config or {"lr": LR, "steps": STEPS}}).raise_for_status()
+        c.put(
+            f"/runs/{run_id}",
+            json={"project": project, "name": name or run_id, "config": config or {"lr": LR, "steps": STEPS}},
+        ).raise_for_status()
         send_points(c, run_id, training, 0, STEPS if upto is None else upto)
         events = [e for e in training.events if upto is None or e["step"] < upto]
         if events:

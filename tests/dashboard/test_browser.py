@@ -7,16 +7,16 @@ from __future__ import annotations
 import json
 import time
 
+import _dash_training as T
 import httpx
 import pytest
-from sqlalchemy import insert, select
-
-import _dash_training as T
 from _dash_browser import ARTIFACTS, screenshot
-from stethoscope_server.store.models import Alert, Run
+from sqlalchemy import insert, select
+from webhook_receiver import Receiver
+
 from stethoscope_server.settings import Settings
 from stethoscope_server.store import SeriesBatch
-from webhook_receiver import Receiver
+from stethoscope_server.store.models import Alert, Run
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)]
 
@@ -28,18 +28,44 @@ def add_alert(store, run_id: str, **kw) -> int:
     """An alert row as the detector runner writes it."""
     with store.writing() as conn:
         pid = conn.execute(select(Run.__table__.c.project_id).where(Run.__table__.c.id == run_id)).scalar_one()
-        row = {"run_id": run_id, "project_id": pid, "detector": "loss_spike", "key": "loss", "severity": "warning",
-               "status": "resolved", "message": "loss spike", "evidence": {}, **kw}
+        row = {
+            "run_id": run_id,
+            "project_id": pid,
+            "detector": "loss_spike",
+            "key": "loss",
+            "severity": "warning",
+            "status": "resolved",
+            "message": "loss spike",
+            "evidence": {},
+            **kw,
+        }
         return conn.execute(insert(Alert.__table__).values(**row).returning(Alert.__table__.c.id)).scalar_one()
 
 
 def seed(live_server, training, training_b=None) -> dict:
     """Three runs: a finished one (the detectors find its task switch, its sharpness and its
     NaN), a running one, and one with HTML in its name and in an alert message."""
-    T.post(live_server.url, "tiny-1", training, name="tiny MLP, two tasks", config={"lr": T.LR, "note": "<i>not italic</i>"})
+    T.post(
+        live_server.url,
+        "tiny-1",
+        training,
+        name="tiny MLP, two tasks",
+        config={"lr": T.LR, "note": "<i>not italic</i>"},
+    )
     T.post(live_server.url, "tiny-2", training_b or training, name="tiny MLP, still running", upto=200)
     T.post(live_server.url, "evil", training, name=EVIL, upto=120, config={"x": EVIL})
-    return {"evil": add_alert(live_server.store, "evil", severity="info", status="open", start_step=50, peak_step=60, end_step=60, message=EVIL)}
+    return {
+        "evil": add_alert(
+            live_server.store,
+            "evil",
+            severity="info",
+            status="open",
+            start_step=50,
+            peak_step=60,
+            end_step=60,
+            message=EVIL,
+        )
+    }
 
 
 def run_alerts(live_server, run_id: str) -> list[dict]:
@@ -94,7 +120,9 @@ def test_run_page_plots_alerts_and_nonfinite_markers(live_server, training, page
     for p in pixel:
         assert abs(p["want"] - p["got"]) < 2, pixel
     # Shaded ranges: one rectangle per alert, spanning its steps.
-    rects = page.evaluate("() => document.getElementById('plot-loss').layout.shapes.filter(s => s.type === 'rect').map(s => [s.x0, s.x1])")
+    rects = page.evaluate(
+        "() => document.getElementById('plot-loss').layout.shapes.filter(s => s.type === 'rect').map(s => [s.x0, s.x1])"
+    )
     assert sorted(rects) == sorted([a["start_step"], a["end_step"]] for a in alerts)
     # The NaN of step NAN_STEP is an explicit marker, in the loss and the gradient panels.
     for p in ("loss", "grad"):
@@ -102,7 +130,9 @@ def test_run_page_plots_alerts_and_nonfinite_markers(live_server, training, page
         assert bad and T.NAN_STEP in bad[0]["x"], p
     assert page.locator("#plot-loss .scatterlayer .trace path.point").count() >= 3  # flags + NaN marker
     # Task switches are on the step axis of the continual panel; the 16.6-nat bound is drawn.
-    cont = page.evaluate("() => document.getElementById('plot-continual').layout.shapes.filter(s => s.type === 'line').map(s => s.x0)")
+    cont = page.evaluate(
+        "() => document.getElementById('plot-continual').layout.shapes.filter(s => s.type === 'line').map(s => s.x0)"
+    )
     assert T.SWITCH_STEP in cont
     assert "16.6" in page.inner_text("#plot-margin")
     # Alerts listed under the charts.
@@ -118,8 +148,12 @@ def test_linked_zoom_refetches_detail_and_log_toggle(live_server, training, page
     with page.expect_response(lambda r: "/panels?start=" in r.url) as resp:
         page.evaluate("() => Plotly.relayout('plot-loss', {'xaxis.range': [100, 180]})")
     assert "start=100" in resp.value.url and "end=180" in resp.value.url
-    page.wait_for_function("() => document.getElementById('charts').dataset.rendered === '2'", timeout=RENDER_TIMEOUT_MS)
-    ranges = page.evaluate("() => Array.from(document.querySelectorAll('.plot')).map(p => p._fullLayout.xaxis.range.map(Math.round))")
+    page.wait_for_function(
+        "() => document.getElementById('charts').dataset.rendered === '2'", timeout=RENDER_TIMEOUT_MS
+    )
+    ranges = page.evaluate(
+        "() => Array.from(document.querySelectorAll('.plot')).map(p => p._fullLayout.xaxis.range.map(Math.round))"
+    )
     assert all(r == [100, 180] for r in ranges), ranges
     xs = traces(page, "loss")[0]["x"]
     assert min(xs) == 100 and max(xs) == 180
@@ -128,7 +162,9 @@ def test_linked_zoom_refetches_detail_and_log_toggle(live_server, training, page
     # Double-click resets every panel and fetches the whole run again.
     with page.expect_response(lambda r: r.url.endswith("/panels")):
         page.evaluate("() => Plotly.relayout('plot-grad', {'xaxis.autorange': true})")
-    page.wait_for_function("() => document.getElementById('charts').dataset.rendered === '3'", timeout=RENDER_TIMEOUT_MS)
+    page.wait_for_function(
+        "() => document.getElementById('charts').dataset.rendered === '3'", timeout=RENDER_TIMEOUT_MS
+    )
     assert max(traces(page, "loss")[0]["x"]) == T.STEPS - 1
     # The log choice survives the re-fetch.
     assert page.evaluate("() => document.getElementById('plot-loss')._fullLayout.yaxis.type") == "log"
@@ -218,10 +254,12 @@ def test_a_million_points_render_fast(live_server, page):
         timings[attempt] = time.monotonic() - t
         # In the browser's own clock: navigation start to the charts drawn, and plotly.js's share.
         timings[f"{attempt}_in_page"] = page.evaluate(
-            """() => performance.getEntriesByName('stethoscope-charts-rendered')[0].startTime / 1000""")
+            """() => performance.getEntriesByName('stethoscope-charts-rendered')[0].startTime / 1000"""
+        )
         timings[f"{attempt}_plotly_js"] = page.evaluate(
             """() => { const e = performance.getEntriesByType('resource').find(r => r.name.includes('/static/plotly-'));
-                       return e ? e.responseEnd / 1000 : null; }""")
+                       return e ? e.responseEnd / 1000 : null; }"""
+        )
     xs = traces(page, "loss")
     line = xs[0]["x"]
     assert 100 < len(line) <= 1500 and line[-1] == n - 1
@@ -230,11 +268,17 @@ def test_a_million_points_render_fast(live_server, page):
     t = time.monotonic()
     with page.expect_response(lambda r: "/panels?start=" in r.url):
         page.evaluate("() => Plotly.relayout('plot-loss', {'xaxis.range': [500000, 501000]})")
-    page.wait_for_function("() => document.getElementById('charts').dataset.rendered === '2'", timeout=RENDER_TIMEOUT_MS)
+    page.wait_for_function(
+        "() => document.getElementById('charts').dataset.rendered === '2'", timeout=RENDER_TIMEOUT_MS
+    )
     timings["zoom"] = time.monotonic() - t
     zoomed = traces(page, "loss")[0]["x"]
     assert len(zoomed) == 1001  # full detail: every step of 500000..501000 (the NaN is a gap plus its marker)
-    result = {"points": n, "ingest_s": round(ingest_s, 2), **{f"render_{k}_s": v if v is None else round(v, 3) for k, v in timings.items()}}
+    result = {
+        "points": n,
+        "ingest_s": round(ingest_s, 2),
+        **{f"render_{k}_s": v if v is None else round(v, 3) for k, v in timings.items()},
+    }
     print("1M points:", json.dumps(result))
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / "million_points.json").write_text(json.dumps(result))
@@ -286,7 +330,9 @@ def test_settings_page_shows_a_failed_test_send_as_a_status_class_only(live_serv
     """The receiver's reply (here a secret banner with a 500) never reaches the page."""
     receiver = Receiver(default_status=500, reply_body=b"SECRET-BANNER internal admin page")
     try:
-        httpx.post(f"{live_server.url}/api/v1/projects/tiny/webhooks", json={"url": receiver.url}, timeout=30).raise_for_status()
+        httpx.post(
+            f"{live_server.url}/api/v1/projects/tiny/webhooks", json={"url": receiver.url}, timeout=30
+        ).raise_for_status()
         page.goto(live_server.url + "/projects/tiny/settings")
         page.click("#webhooks button[data-webhook]")
         page.wait_for_selector("#webhooks .msg.err", timeout=15_000)
@@ -305,8 +351,13 @@ def test_a_run_with_more_series_than_a_chart_draws_says_so_and_the_filter_picks_
     steps = list(range(20))
     with httpx.Client(base_url=live_server.url + "/api/v1", timeout=30) as c:
         c.put("/runs/wide", json={"project": "p"}).raise_for_status()
-        c.post("/runs/wide/points", json={"series": [{"name": "loss", "steps": steps, "values": [1.0] * 20}] + [
-            {"name": f"grad/norm/layers.{i:03d}", "steps": steps, "values": [0.5 + i] * 20} for i in range(n)]}).raise_for_status()
+        c.post(
+            "/runs/wide/points",
+            json={
+                "series": [{"name": "loss", "steps": steps, "values": [1.0] * 20}]
+                + [{"name": f"grad/norm/layers.{i:03d}", "steps": steps, "values": [0.5 + i] * 20} for i in range(n)]
+            },
+        ).raise_for_status()
     open_run(page, live_server.url, "wide")
     note = page.text_content("#panel-grad_modules .note")
     assert note.startswith("36 more series not shown"), note
@@ -316,6 +367,8 @@ def test_a_run_with_more_series_than_a_chart_draws_says_so_and_the_filter_picks_
     page.fill("#series-filter input[name=match]", f"layers.{n - 1:03d}")
     with page.expect_response(lambda r: "/panels?match=" in r.url):
         page.click("#series-filter button")
-    page.wait_for_function("() => document.getElementById('charts').dataset.rendered === '2'", timeout=RENDER_TIMEOUT_MS)
+    page.wait_for_function(
+        "() => document.getElementById('charts').dataset.rendered === '2'", timeout=RENDER_TIMEOUT_MS
+    )
     assert rows()[0] == f"layers.{n - 1:03d}" and len(rows()) == CAP
     assert "first" in page.text_content("#panel-grad_modules .note")

@@ -36,8 +36,22 @@ def test_user_text_is_escaped_in_names_and_hover():
     assert "<img" not in bad.text[0]
     fig = go.Figure()
     layout = F.base_layout("t")
-    F.add_alerts(fig, layout, [{"start_step": 3, "peak_step": 4, "end_step": 6, "status": "resolved", "severity": "warning",
-                                "detector": "loss_spike", "message": "<script>x</script>"}], 10)
+    F.add_alerts(
+        fig,
+        layout,
+        [
+            {
+                "start_step": 3,
+                "peak_step": 4,
+                "end_step": 6,
+                "status": "resolved",
+                "severity": "warning",
+                "detector": "loss_spike",
+                "message": "<script>x</script>",
+            }
+        ],
+        10,
+    )
     assert "<script>" not in fig.data[0].text[0] and "&lt;script&gt;" in fig.data[0].text[0]
 
 
@@ -45,8 +59,24 @@ def test_alerts_are_shaded_ranges_and_flags_at_peak_steps():
     fig = go.Figure()
     layout = F.base_layout("loss")
     alerts = [
-        {"start_step": 10, "peak_step": 12, "end_step": 20, "status": "resolved", "severity": "warning", "detector": "d", "message": "m"},
-        {"start_step": 50, "peak_step": 55, "end_step": 60, "status": "open", "severity": "critical", "detector": "d", "message": "m"},
+        {
+            "start_step": 10,
+            "peak_step": 12,
+            "end_step": 20,
+            "status": "resolved",
+            "severity": "warning",
+            "detector": "d",
+            "message": "m",
+        },
+        {
+            "start_step": 50,
+            "peak_step": 55,
+            "end_step": 60,
+            "status": "open",
+            "severity": "critical",
+            "detector": "d",
+            "message": "m",
+        },
     ]
     F.add_alerts(fig, layout, alerts, last_step=90)
     rects = [(s["x0"], s["x1"]) for s in layout["shapes"] if s["type"] == "rect"]
@@ -65,8 +95,17 @@ def test_heatmap_bins_modules_and_marks_non_finite_cells():
 
 def test_panels_take_the_series_the_hook_sends():
     specs = run_panel_specs()
-    names = ["loss", "lr", "grad/norm", "grad/norm/fc1", "logits/median_margin", "hessian/two_over_lr", "eval/acc/A",
-             "continual/min_acc", "throughput"]
+    names = [
+        "loss",
+        "lr",
+        "grad/norm",
+        "grad/norm/fc1",
+        "logits/median_margin",
+        "hessian/two_over_lr",
+        "eval/acc/A",
+        "continual/min_acc",
+        "throughput",
+    ]
     left = _assign(specs, names)
     by_id = {s.id: s.taken for s in specs}
     assert by_id["grad"] == ["grad/norm"] and by_id["grad_modules"] == ["grad/norm/fc1"]

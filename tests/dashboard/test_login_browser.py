@@ -26,11 +26,18 @@ def seeded(live_server):
     """Run rp of project P with a NaN loss (so an open alert), and tokens of project P."""
     with httpx.Client(base_url=live_server.url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30) as c:
         c.put("/api/v1/runs/rp", json={"project": "P", "name": "login test"}).raise_for_status()
-        c.post("/api/v1/runs/rp/points", json={"series": [{"name": "loss", "steps": [0, 1, 2, 3], "values": [2.0, 1.5, "NaN", 1.2]}]}).raise_for_status()
+        c.post(
+            "/api/v1/runs/rp/points",
+            json={"series": [{"name": "loss", "steps": [0, 1, 2, 3], "values": [2.0, 1.5, "NaN", 1.2]}]},
+        ).raise_for_status()
         alert = c.get("/api/v1/runs/rp/alerts").raise_for_status().json()[0]["id"]
 
         def token(scopes):
-            return c.post("/api/v1/tokens", json={"name": "+".join(scopes), "project": "P", "scopes": scopes}).raise_for_status().json()["token"]
+            return (
+                c.post("/api/v1/tokens", json={"name": "+".join(scopes), "project": "P", "scopes": scopes})
+                .raise_for_status()
+                .json()["token"]
+            )
 
         yield {"alert": alert, "admin": token(["admin"]), "read": token(["read"]), "client": c}
 
@@ -68,8 +75,10 @@ def test_login_cookie_and_cross_site_forms(live_server, seeded, browser):
 
         # A page of another site posts a form at the dashboard: the Strict cookie stays home,
         # so the forged acknowledgement is refused. (The page is served by the browser itself.)
-        page.route("http://attacker.test/", lambda route: route.fulfill(body="<html><body>hi</body></html>",
-                                                                       content_type="text/html"))
+        page.route(
+            "http://attacker.test/",
+            lambda route: route.fulfill(body="<html><body>hi</body></html>", content_type="text/html"),
+        )
         page.goto("http://attacker.test/")
         with page.expect_navigation(url=f"{live_server.url}/api/v1/alerts/{seeded['alert']}/ack"):
             page.evaluate(
@@ -84,7 +93,9 @@ def test_login_cookie_and_cross_site_forms(live_server, seeded, browser):
         # The dashboard's own button goes through (same site, its own Origin).
         page.goto(f"{live_server.url}/alerts")
         page.click(f"button[data-ack='{seeded['alert']}']")
-        page.wait_for_selector(f"tr[data-alert-id='{seeded['alert']}'] span.muted:text('acknowledged')", timeout=TIMEOUT_MS)
+        page.wait_for_selector(
+            f"tr[data-alert-id='{seeded['alert']}'] span.muted:text('acknowledged')", timeout=TIMEOUT_MS
+        )
         assert seeded["client"].get("/api/v1/runs/rp/alerts").json()[0]["acknowledged_at"] is not None
 
         # A run page draws its charts with the JSON its scripts fetch through the cookie.

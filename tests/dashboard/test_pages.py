@@ -3,7 +3,6 @@ served by us (no CDN), panels per series, zoom ranges, NaN round trip to the fig
 
 from __future__ import annotations
 
-
 import httpx
 import plotly
 import pytest
@@ -14,17 +13,27 @@ EVIL = '<script>alert("x")</script>'
 @pytest.fixture
 def web(live_server):
     with httpx.Client(base_url=live_server.url, timeout=30) as c:
-        c.put("/api/v1/runs/r1", json={"project": "p<1>", "name": EVIL, "config": {"note": EVIL}, "tags": [EVIL]}).raise_for_status()
+        c.put(
+            "/api/v1/runs/r1", json={"project": "p<1>", "name": EVIL, "config": {"note": EVIL}, "tags": [EVIL]}
+        ).raise_for_status()
         steps = list(range(100))
         loss = [2.0 / (1 + s) for s in steps]
         loss[40], loss[41], loss[42] = "NaN", "Infinity", "-Infinity"
-        c.post("/api/v1/runs/r1/points", json={"series": [
-            {"name": "loss", "steps": steps, "values": loss},
-            {"name": "grad/norm/fc1", "steps": steps, "values": [1.0] * 100},
-            {"name": "logits/median_margin", "steps": steps, "values": [s / 10 for s in steps]},
-            {"name": "my/custom", "steps": steps, "values": [0.0] * 100},
-        ]}).raise_for_status()
-        c.post("/api/v1/runs/r1/events", json={"events": [{"key": "s", "step": 50, "kind": "task_switch", "message": EVIL, "info": {"task": EVIL}}]})
+        c.post(
+            "/api/v1/runs/r1/points",
+            json={
+                "series": [
+                    {"name": "loss", "steps": steps, "values": loss},
+                    {"name": "grad/norm/fc1", "steps": steps, "values": [1.0] * 100},
+                    {"name": "logits/median_margin", "steps": steps, "values": [s / 10 for s in steps]},
+                    {"name": "my/custom", "steps": steps, "values": [0.0] * 100},
+                ]
+            },
+        ).raise_for_status()
+        c.post(
+            "/api/v1/runs/r1/events",
+            json={"events": [{"key": "s", "step": 50, "kind": "task_switch", "message": EVIL, "info": {"task": EVIL}}]},
+        )
         yield c
 
 
@@ -82,7 +91,9 @@ def test_live_state_and_compare(web):
     assert web.get("/ui/api/runs/r1/state").json()["last_step"] == 100
     cmp = web.get("/ui/api/compare", params=[("metric", "loss"), ("run", "r1"), ("run", "missing")]).json()
     names = [t["name"] for t in cmp["panels"][0]["figure"]["data"]]
-    assert names[0] == "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; (r1)" and len(names) == 2  # line + NaN/inf markers
+    assert (
+        names[0] == "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; (r1)" and len(names) == 2
+    )  # line + NaN/inf markers
 
 
 def test_unknown_run_is_404(web):
@@ -105,14 +116,24 @@ def test_continual_panel_shows_min_acc_and_wc_acc_computed_from_accuracies(live_
         steps = list(range(40))
         acc_a = [0.9] * 20 + [0.5, 0.6, 0.7, 0.8] + [0.9] * 16  # task A dips after the switch at 20
         acc_b = [0.0] * 20 + [0.2 + 0.03 * i for i in range(20)]
-        c.post("/api/v1/runs/cl/points", json={"series": [
-            {"name": "eval/acc/A", "steps": steps, "values": acc_a},
-            {"name": "eval/acc/B", "steps": steps[20:], "values": acc_b[20:]},
-        ]}).raise_for_status()
-        c.post("/api/v1/runs/cl/events", json={"events": [
-            {"key": "a", "step": 0, "kind": "task_switch", "info": {"task": "A"}},
-            {"key": "b", "step": 20, "kind": "task_switch", "info": {"task": "B"}},
-        ]}).raise_for_status()
+        c.post(
+            "/api/v1/runs/cl/points",
+            json={
+                "series": [
+                    {"name": "eval/acc/A", "steps": steps, "values": acc_a},
+                    {"name": "eval/acc/B", "steps": steps[20:], "values": acc_b[20:]},
+                ]
+            },
+        ).raise_for_status()
+        c.post(
+            "/api/v1/runs/cl/events",
+            json={
+                "events": [
+                    {"key": "a", "step": 0, "kind": "task_switch", "info": {"task": "A"}},
+                    {"key": "b", "step": 20, "kind": "task_switch", "info": {"task": "B"}},
+                ]
+            },
+        ).raise_for_status()
         summary = c.get("/api/v1/runs/cl/continual").json()
         panel = next(p for p in c.get("/ui/api/runs/cl/panels").json()["panels"] if p["id"] == "continual")
     traces = {t["name"]: t for t in panel["figure"]["data"] if t.get("name")}
@@ -135,7 +156,11 @@ def _drawn(panel: dict) -> list[str]:
     data = panel["figure"]["data"]
     if data and data[0]["type"] == "heatmap":
         return list(data[0]["y"])
-    return [t["name"] for t in data if t.get("mode", "lines").startswith("lines") and not (t.get("meta") or {}).get("nonfinite")]
+    return [
+        t["name"]
+        for t in data
+        if t.get("mode", "lines").startswith("lines") and not (t.get("meta") or {}).get("nonfinite")
+    ]
 
 
 def test_panels_of_a_run_with_thousands_of_series_are_bounded(live_server):
@@ -190,12 +215,24 @@ def test_panels_of_a_run_with_thousands_of_series_are_bounded(live_server):
     assert "LAYERS.0700" in picked_panels["other"]["note"]
 
 
-@pytest.mark.parametrize("path", [
-    "/?project=a%00b", "/?q=a%00b", "/alerts?project=a%00b", "/compare?run=a%00b", "/compare?project=p&metric=lo%00ss",
-    "/runs/a%00b", "/projects/a%00b/settings", "/ui/api/runs/a%00b/panels", "/ui/api/runs/r1/panels?match=a%00",
-    "/ui/api/runs/a%00b/state", "/ui/api/compare?metric=loss&run=a%00b", "/ui/api/compare?metric=lo%00ss&run=r1",
-    "/login?next=/a%00b",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/?project=a%00b",
+        "/?q=a%00b",
+        "/alerts?project=a%00b",
+        "/compare?run=a%00b",
+        "/compare?project=p&metric=lo%00ss",
+        "/runs/a%00b",
+        "/projects/a%00b/settings",
+        "/ui/api/runs/a%00b/panels",
+        "/ui/api/runs/r1/panels?match=a%00",
+        "/ui/api/runs/a%00b/state",
+        "/ui/api/compare?metric=loss&run=a%00b",
+        "/ui/api/compare?metric=lo%00ss&run=r1",
+        "/login?next=/a%00b",
+    ],
+)
 def test_nul_in_a_dashboard_parameter_is_a_clear_422(web, path):
     """Issue 16, finding 8: PostgreSQL's text cannot hold NUL, and a NUL in a filter gave a 500
     there (SQLite answered 200). Both now refuse it before any query."""

@@ -2,7 +2,8 @@
 
 It logs every step (loss, logits, gradients through ``stethoscope.attach``, plus ``extra``
 scalar series to make entries bigger), paced by ``--sleep``, and writes what it logged to
-``--out`` as JSON: the run id, each step's loss as the hook saw it (``repr``, so NaN survives), the monitor's drop count.
+``--out`` as JSON: the run id, each step's loss as the hook saw it (``repr``, so NaN
+survives), the monitor's drop count.
 With ``--pause-at`` it writes ``<out>.paused`` after that step and waits for ``<out>.go``.
 """
 
@@ -69,7 +70,9 @@ def main() -> int:
                 time.sleep(0.05)
         time.sleep(a.sleep)
     mon.close(timeout=a.close_timeout)
-    out.write_text(json.dumps({"run": a.run, "losses": [repr(v) for v in losses], "dropped": mon.dropped, "pid": os.getpid()}))
+    out.write_text(
+        json.dumps({"run": a.run, "losses": [repr(v) for v in losses], "dropped": mon.dropped, "pid": os.getpid()})
+    )
     return 0
 
 

@@ -18,7 +18,9 @@ pytestmark = pytest.mark.slow
 def test_demo_streams_every_phenomenon(db_url, server_process):
     out = subprocess.run(
         [sys.executable, "-m", "stethoscope_server.demo", "--db", db_url, "--port", "0", "--exit"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Stethoscope is running: open http://127.0.0.1:" in out.stdout
@@ -38,7 +40,10 @@ def test_demo_streams_every_phenomenon(db_url, server_process):
         assert any(not math.isfinite(v) for v in series("divergence", "loss"))  # NaN/inf stored
         loss = series("loss-spikes", "loss")
         assert max(loss[295:305]) > 3 * sorted(loss[200:300])[50]  # the corrupted batch shows
-        lam, two_over_lr = series("edge-of-stability", "hessian/lambda_max"), series("edge-of-stability", "hessian/two_over_lr")
+        lam, two_over_lr = (
+            series("edge-of-stability", "hessian/lambda_max"),
+            series("edge-of-stability", "hessian/two_over_lr"),
+        )
         assert max(lam) >= 0.9 * two_over_lr[-1]  # sharpness reaches the edge of stability
     finally:
         sp.stop()

@@ -18,12 +18,12 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-
 from live_servers import PG_URL, ServerProcess, _pg_schema_url, free_port
 from live_servers import wait_until as _wait_until
 from webhook_receiver import Receiver
-from stethoscope_server.process import server_command, stop_process
+
 from stethoscope.core.wire import decode_value
+from stethoscope_server.process import server_command, stop_process
 
 pytestmark = pytest.mark.slow
 
@@ -44,8 +44,18 @@ class Job:
     def __init__(self, tmp_path: Path, server: str, run: str, **opts):
         self.out = tmp_path / f"{run}.json"
         self.log = tmp_path / f"{run}.log"
-        args = [sys.executable, str(JOB), "--server", server, "--run", run, "--out", str(self.out),
-                "--spool", str(opts.pop("spool", tmp_path / "spool"))]
+        args = [
+            sys.executable,
+            str(JOB),
+            "--server",
+            server,
+            "--run",
+            run,
+            "--out",
+            str(self.out),
+            "--spool",
+            str(opts.pop("spool", tmp_path / "spool")),
+        ]
         for k, v in opts.items():
             flag = "--" + k.replace("_", "-")
             args += [flag] if v is True else [flag, str(v)]
@@ -68,7 +78,7 @@ class Job:
             rc = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            raise AssertionError(f"the training job did not finish; its log:\n{self.log.read_text()[-3000:]}")
+            raise AssertionError(f"the training job did not finish; its log:\n{self.log.read_text()[-3000:]}") from None
         text = self.log.read_text()
         assert rc == 0, f"the training job failed ({rc}):\n{text[-3000:]}"
         assert "Traceback" not in text, f"something raised inside the training job:\n{text[-3000:]}"
@@ -132,8 +142,12 @@ def test_server_sigkilled_mid_run_and_restarted(server_process, tmp_path):
 # -- (2) PostgreSQL restarted mid-run ---------------------------------------------------
 def _restart_postgres() -> None:
     version = sorted(os.listdir("/etc/postgresql"))[-1]
-    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"], check=True,
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     import psycopg
 
     def accepts():
@@ -162,7 +176,9 @@ def restartable_pg_url():
             admin.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not os.path.isdir("/etc/postgresql"), reason="restarts the local PostgreSQL cluster (root)")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.isdir("/etc/postgresql"), reason="restarts the local PostgreSQL cluster (root)"
+)
 def test_postgres_restarted_mid_run(restartable_pg_url, tmp_path):
     server = ServerProcess(restartable_pg_url, log_path=tmp_path / "server.log").start()
     try:
@@ -185,8 +201,15 @@ def settings(db_url):
     # enough to outlast the outage; the outbox looks for due deliveries every 0.2 s.
     from stethoscope_server.settings import Settings
 
-    return Settings(database_url=db_url, outbox_poll_s=0.2, webhook_backoff_s=0.5, webhook_backoff_max_s=4.0,
-                    webhook_max_attempts=1000, webhook_timeout_s=5, webhook_allow_private=True)  # receiver on loopback
+    return Settings(
+        database_url=db_url,
+        outbox_poll_s=0.2,
+        webhook_backoff_s=0.5,
+        webhook_backoff_max_s=4.0,
+        webhook_max_attempts=1000,
+        webhook_timeout_s=5,
+        webhook_allow_private=True,
+    )  # receiver on loopback
 
 
 @pytest.mark.parametrize("outage_s", [WEBHOOK_OUTAGE_S])
@@ -198,7 +221,11 @@ def test_webhook_receiver_down_then_back_gets_each_alert_once(live_server, outag
     hook = r.json()["id"]
     assert httpx.put(f"{api}/runs/wh", json={"project": "faults"}, timeout=30).status_code == 201
     loss = [2.0 - 0.01 * s for s in range(40)] + ["NaN"]  # a NaN loss: a critical alert
-    r = httpx.post(f"{api}/runs/wh/points", json={"series": [{"name": "loss", "steps": list(range(41)), "values": loss}]}, timeout=30)
+    r = httpx.post(
+        f"{api}/runs/wh/points",
+        json={"series": [{"name": "loss", "steps": list(range(41)), "values": loss}]},
+        timeout=30,
+    )
     (alert,) = r.json()["alerts"]
     started = time.monotonic()
 
@@ -217,9 +244,17 @@ def test_webhook_receiver_down_then_back_gets_each_alert_once(live_server, outag
         # The run recovers (the alert may resolve: another delivery); wait until every
         # delivery is done and each one reached the receiver.
         finite = [1.5 - 0.01 * s for s in range(40)]
-        httpx.post(f"{api}/runs/wh/points", json={"series": [{"name": "loss", "steps": list(range(41, 81)), "values": finite}]}, timeout=30)
-        wait_until(lambda: all(d["status"] == "delivered" for d in deliveries()) and len(receiver.requests) == len(deliveries()),
-                   what="every delivery received")
+        httpx.post(
+            f"{api}/runs/wh/points",
+            json={"series": [{"name": "loss", "steps": list(range(41, 81)), "values": finite}]},
+            timeout=30,
+        )
+        wait_until(
+            lambda: (
+                all(d["status"] == "delivered" for d in deliveries()) and len(receiver.requests) == len(deliveries())
+            ),
+            what="every delivery received",
+        )
     finally:
         receiver.close()
     events = [(r.json["event"], r.json["alert"]["id"]) for r in receiver.requests]
@@ -234,8 +269,13 @@ def tiny_disk(tmp_path):
     """A 1 MiB tmpfs for the spool, or None where mounting is not allowed."""
     path = tmp_path / "spool"
     path.mkdir()
-    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)],
-                                                   capture_output=True).returncode == 0
+    mounted = (
+        os.geteuid() == 0
+        and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
     yield path if mounted else None
     if mounted:
         subprocess.run(["umount", "-l", str(path)], check=False)
@@ -248,8 +288,18 @@ def test_full_spool_disk_drops_are_counted_and_the_job_is_unharmed(server_proces
     # One spool entry a step (each ~3 KB): 1 MiB of disk, then the spool's 1,000 entries in
     # memory, then the oldest are dropped.
     steps, pause = 1700, 1650
-    job = Job(tmp_path, f"http://127.0.0.1:{port}", "full", steps=steps, sleep=0, extra=40,
-              flush_every_step=True, pause_at=pause, close_timeout=120, **full)
+    job = Job(
+        tmp_path,
+        f"http://127.0.0.1:{port}",
+        "full",
+        steps=steps,
+        sleep=0,
+        extra=40,
+        flush_every_step=True,
+        pause_at=pause,
+        close_timeout=120,
+        **full,
+    )
     paused = wait_until(job.paused, timeout=300, what="the job past the full disk")
     assert paused["dropped"] > 0, "a full disk and a full memory fallback drop records, and count them"
     server = server_process(port=port).start()
@@ -273,12 +323,15 @@ def test_two_workers_no_duplicate_alert_no_lost_point(db_url, tmp_path):
     server = subprocess.Popen(server_command(db_url, port, workers=2), stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
+
         def workers():
             return psutil.Process(server.pid).children(recursive=False)
 
         wait_until(lambda: len(workers()) >= 2 and stored_ok(url), what="two workers serving")
-        jobs = [Job(tmp_path, url, f"w{i}", steps=300, sleep=0.02, nan_at=150 + i, spool=tmp_path / f"spool{i}")
-                for i in range(2)]
+        jobs = [
+            Job(tmp_path, url, f"w{i}", steps=300, sleep=0.02, nan_at=150 + i, spool=tmp_path / f"spool{i}")
+            for i in range(2)
+        ]
         wait_until(lambda: all(stored_steps(url, f"w{i}") >= 60 for i in range(2)), what="both jobs streaming")
         # SIGKILL one worker: its connections break mid-request, the hooks resend to the other
         # (the batch in flight may have been committed already), and uvicorn starts a new one.

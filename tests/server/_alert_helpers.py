@@ -6,9 +6,10 @@ import math
 import random
 
 import pytest
-
 from live_servers import wait_until  # noqa: F401  (the alert tests import it from here)
+
 from stethoscope.core.wire import encode_values
+
 
 @pytest.fixture(autouse=True)  # autouse where a test module imports it
 def no_internal_errors(request):
@@ -36,12 +37,22 @@ def loss_curve(n: int, seed: int = 0, spikes: tuple = (), nans: tuple = ()) -> l
 
 def post(client, run_id: str, start: int, values: list[float], name: str = "loss"):
     steps = list(range(start, start + len(values)))
-    r = client.post(f"/runs/{run_id}/points", json={"series": [{"name": name, "steps": steps, "values": encode_values(values)}]})
+    r = client.post(
+        f"/runs/{run_id}/points", json={"series": [{"name": name, "steps": steps, "values": encode_values(values)}]}
+    )
     assert r.status_code == 200, r.text
     return r.json()
 
 
-def post_batches(client, run_id: str, values: list[float], first: int = 0, last: int | None = None, size: int = 20, name: str = "loss") -> list[dict]:
+def post_batches(
+    client,
+    run_id: str,
+    values: list[float],
+    first: int = 0,
+    last: int | None = None,
+    size: int = 20,
+    name: str = "loss",
+) -> list[dict]:
     """Post steps [first, last) of ``values`` in batches; returns the alerts the replies carried."""
     last = len(values) if last is None else last
     opened = []

@@ -104,7 +104,7 @@ def parse(text: str) -> dict[str, Family]:
         if f.type == "histogram":
             b = f.buckets()
             if not b or b[-1][0] != math.inf:
-                raise ParseError(f"histogram {f.name} lacks le=\"+Inf\"")
+                raise ParseError(f'histogram {f.name} lacks le="+Inf"')
             if any(b[i][1] > b[i + 1][1] for i in range(len(b) - 1)):
                 raise ParseError(f"histogram {f.name} buckets are not cumulative: {b}")
             if b[-1][1] != f.value("_count"):

@@ -9,8 +9,8 @@ import time
 
 import httpx
 import pytest
-
 from _alert_helpers import SPIKE, loss_curve, make_run, no_internal_errors, post, post_batches, wait_until  # noqa: F401
+
 from stethoscope.core.detectors import DETECTORS
 from stethoscope_server.settings import Settings
 
@@ -37,7 +37,9 @@ def test_loss_spikes_open_and_resolve_one_alert_per_episode(client):
     first = opened[0]
     assert first["start_step"] == 137 and first["end_step"] == 139 and first["peak_step"] in (137, 138, 139)
     assert first["severity"] == "warning" and first["run_id"] == run and first["project"] == "p"
-    assert re.match(rf"Loss jumped [\d.]+x at step {first['peak_step']} \(from [\d.]+ to 40\)\. \S", first["message"]), first["message"]
+    assert re.match(
+        rf"Loss jumped [\d.]+x at step {first['peak_step']} \(from [\d.]+ to 40\)\. \S", first["message"]
+    ), first["message"]
     assert first["evidence"]["threshold"] == 6.0 and first["evidence"]["value"] == SPIKE
 
     assert [a["status"] for a in _alerts(client, status="open")] == ["open"]
@@ -96,7 +98,11 @@ def test_project_alerts_filter_and_acknowledge(client):
 def test_detector_settings_defaults_validation_and_effect(client):
     make_run(client)
     defaults = client.get("/projects/p/detectors").json()
-    assert set(defaults) == set(DETECTORS) >= {"divergence", "loss_spike", "softmax_collapse", "edge_of_stability", "stalled"}
+    assert (
+        set(defaults)
+        == set(DETECTORS)
+        >= {"divergence", "loss_spike", "softmax_collapse", "edge_of_stability", "stalled"}
+    )
     assert all(d["enabled"] is True for d in defaults.values())
     assert defaults["loss_spike"]["threshold"] == 6.0 and defaults["stalled"]["timeout_s"] == 900.0
 
@@ -120,7 +126,11 @@ def test_detector_settings_defaults_validation_and_effect(client):
     # Another PUT leaves detectors it does not name alone.
     client.put("/projects/p/detectors", json={"divergence": {"patience": 30}})
     now = client.get("/projects/p/detectors").json()
-    assert now["loss_spike"]["enabled"] is False and now["stalled"]["timeout_s"] == 60.0 and now["divergence"]["patience"] == 30
+    assert (
+        now["loss_spike"]["enabled"] is False
+        and now["stalled"]["timeout_s"] == 60.0
+        and now["divergence"]["patience"] == 30
+    )
 
     # Disabled: the spike that alerts by default alerts no more.
     assert post_batches(client, "r", loss_curve(140, spikes=(139,))) == []
@@ -184,8 +194,12 @@ def test_a_lone_surrogate_or_nul_in_a_detector_parameter_is_refused_and_nothing_
     the settings answered 500 (it cannot be written out as UTF-8)."""
     make_run(client)
     before = client.get("/projects/p/detectors").json()
-    for raw in ('{"loss_spike": {"series": ["\\udc00"]}}', '{"divergence": {"loss_series": "a\\ud800"}}',
-                '{"divergence": {"loss_series": "a\\u0000b"}}', '{"loss_spike": {"\\udc00": 1}}'):
+    for raw in (
+        '{"loss_spike": {"series": ["\\udc00"]}}',
+        '{"divergence": {"loss_series": "a\\ud800"}}',
+        '{"divergence": {"loss_series": "a\\u0000b"}}',
+        '{"loss_spike": {"\\udc00": 1}}',
+    ):
         r = client.put("/projects/p/detectors", content=raw.encode(), headers={"content-type": "application/json"})
         assert r.status_code == 422, (raw, r.status_code, r.text)
     after = client.get("/projects/p/detectors")
@@ -194,17 +208,20 @@ def test_a_lone_surrogate_or_nul_in_a_detector_parameter_is_refused_and_nothing_
 
 # Integers within 64 bits: the one JSON reader (``parsing.strict_json``, orjson) reads a longer
 # integer as a float, which an integer setting refuses as "must be int" (a 422 all the same).
-@pytest.mark.parametrize("body, bound", [
-    ({"loss_spike": {"window": 10**9}}, "loss_spike.window must be at most 10000"),
-    ({"loss_spike": {"window": 200, "warmup": 10**18}}, "loss_spike.warmup must be at most 10000"),
-    ({"loss_spike": {"window": 10**30}}, "loss_spike.window must be int"),
-    ({"stalled": {"timeout_s": 1e-300}}, "stalled.timeout_s must be at least 0.1"),
-    ({"stalled": {"timeout_s": 1e300}}, "stalled.timeout_s must be at most 2.592e+06"),
-    ({"divergence": {"grad_ratio": 1e30}}, "divergence.grad_ratio must be at most 1e+06"),
-    ({"loss_spike": {"threshold": 1e-9, "recover_threshold": 1e-10}}, "loss_spike.threshold must be at least 0.1"),
-    ({"edge_of_stability": {"at_ratio": 1e9}}, "edge_of_stability.at_ratio must be at most 1000"),
-    ({"softmax_collapse": {"margin_warn": 1e-200}}, "softmax_collapse.margin_warn must be at least 0.1"),
-])
+@pytest.mark.parametrize(
+    "body, bound",
+    [
+        ({"loss_spike": {"window": 10**9}}, "loss_spike.window must be at most 10000"),
+        ({"loss_spike": {"window": 200, "warmup": 10**18}}, "loss_spike.warmup must be at most 10000"),
+        ({"loss_spike": {"window": 10**30}}, "loss_spike.window must be int"),
+        ({"stalled": {"timeout_s": 1e-300}}, "stalled.timeout_s must be at least 0.1"),
+        ({"stalled": {"timeout_s": 1e300}}, "stalled.timeout_s must be at most 2.592e+06"),
+        ({"divergence": {"grad_ratio": 1e30}}, "divergence.grad_ratio must be at most 1e+06"),
+        ({"loss_spike": {"threshold": 1e-9, "recover_threshold": 1e-10}}, "loss_spike.threshold must be at least 0.1"),
+        ({"edge_of_stability": {"at_ratio": 1e9}}, "edge_of_stability.at_ratio must be at most 1000"),
+        ({"softmax_collapse": {"margin_warn": 1e-200}}, "softmax_collapse.margin_warn must be at least 0.1"),
+    ],
+)
 def test_absurd_detector_parameters_get_a_422_naming_the_bound(client, body, bound):
     """Issue 16, finding 8: a window of 1e30 points or a timeout of 1e-300 s were accepted."""
     make_run(client)

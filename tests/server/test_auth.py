@@ -11,10 +11,11 @@ import time
 import httpx
 import pytest
 import uvicorn
+from _auth_helpers import ADMIN, auth_settings, make_token
 from sqlalchemy import MetaData, create_engine, select
 
-from _auth_helpers import ADMIN, auth_settings, make_token
-from stethoscope_server.auth import gate as security, tokens
+from stethoscope_server.auth import gate as security
+from stethoscope_server.auth import tokens
 from stethoscope_server.settings import Settings
 
 
@@ -150,11 +151,17 @@ def test_projects_are_kept_apart(live_server, admin):
         assert c.post("/api/v1/tokens", json={"name": "x", "project": "P", "scopes": ["read"]}).status_code == 201
         r = c.post("/api/v1/tokens", json={"name": "x", "project": "Q", "scopes": ["read"]})
         assert r.status_code == 403
-        assert r.json()["detail"] == "token 'P:admin' is limited to project 'P', so it makes tokens for that project only, not for project 'Q'"
+        assert (
+            r.json()["detail"]
+            == "token 'P:admin' is limited to project 'P', so it makes tokens for that project only, "
+            "not for project 'Q'"
+        )
         r = c.post("/api/v1/tokens", json={"name": "x", "scopes": ["admin"]})
         assert r.status_code == 403
-        assert r.json()["detail"] == ("token 'P:admin' is limited to project 'P', so the tokens it makes are for that project too: "
-                                      "send \"project\": 'P' (a token for every project needs an admin token for every project)")
+        assert r.json()["detail"] == (
+            "token 'P:admin' is limited to project 'P', so the tokens it makes are for that project too: "
+            "send \"project\": 'P' (a token for every project needs an admin token for every project)"
+        )
         assert {t["project"] for t in c.get("/api/v1/tokens").json()} == {"P"}
 
 
@@ -186,7 +193,11 @@ def test_login_cookie_and_cross_site_requests(live_server, admin):
         r = c.post("/login", data={"token": padmin, "next": "//evil.example/x"}, headers={"Origin": origin})
         assert r.status_code == 303 and r.headers["location"] == "/"
         cookie = r.headers["set-cookie"]
-        assert cookie.startswith(f"{security.COOKIE}=") and "HttpOnly" in cookie and "SameSite=strict" in cookie.replace("Strict", "strict")
+        assert (
+            cookie.startswith(f"{security.COOKIE}=")
+            and "HttpOnly" in cookie
+            and "SameSite=strict" in cookie.replace("Strict", "strict")
+        )
         assert c.cookies.get(security.COOKIE) == padmin
         assert c.get("/api/v1/runs").status_code == 200
         assert c.get("/runs/rp").status_code == 200

@@ -11,7 +11,6 @@ import time
 
 import httpx
 import pytest
-
 from _auth_helpers import auth_settings
 
 CLI = [sys.executable, "-m", "stethoscope_server.cli"]
@@ -24,7 +23,9 @@ def free_port() -> int:
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
@@ -36,9 +37,25 @@ def test_public_bind_without_auth_is_refused_unless_insecure(db_url):
     assert done.returncode == 2, done.stderr
     assert "refusing to serve on 0.0.0.0 without authentication" in done.stderr and "--insecure" in done.stderr
     # Told --insecure: it serves, tokenless (we only ever talk to it over loopback).
-    proc = subprocess.Popen([*CLI, "server", "--host", "0.0.0.0", "--port", str(port), "--db", db_url, "--insecure",
-                             "--log-level", "warning"], env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        [
+            *CLI,
+            "server",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(port),
+            "--db",
+            db_url,
+            "--insecure",
+            "--log-level",
+            "warning",
+        ],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:

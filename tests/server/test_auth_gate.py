@@ -15,11 +15,11 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+from _auth_helpers import ADMIN, make_token
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from _auth_helpers import ADMIN, make_token
 from stethoscope_server.settings import Settings
 
 
@@ -31,7 +31,10 @@ def extra() -> dict:
 
 @pytest.fixture
 def settings(db_url, extra):
-    return Settings(database_url=db_url, **{"auth": "on", "admin_token": ADMIN, "rate_limit_per_s": 0, "webhook_allow_private": True, **extra})
+    return Settings(
+        database_url=db_url,
+        **{"auth": "on", "admin_token": ADMIN, "rate_limit_per_s": 0, "webhook_allow_private": True, **extra},
+    )
 
 
 def client_for(live_server, token: str | None = None, headers: dict | None = None) -> httpx.Client:
@@ -45,12 +48,29 @@ def world(live_server):
     the global admin."""
     admin = client_for(live_server, ADMIN)
     admin.put("/api/v1/runs/rq", json={"project": "Q"}).raise_for_status()
-    admin.post("/api/v1/runs/rq/points", json={"series": [{"name": "loss", "steps": [0, 1], "values": [1.0, "NaN"]}]}).raise_for_status()
+    admin.post(
+        "/api/v1/runs/rq/points", json={"series": [{"name": "loss", "steps": [0, 1], "values": [1.0, "NaN"]}]}
+    ).raise_for_status()
     alert = admin.get("/api/v1/runs/rq/alerts").raise_for_status().json()[0]["id"]
-    hook = admin.post("/api/v1/projects/Q/webhooks", json={"url": "http://127.0.0.1:9/hook"}).raise_for_status().json()["id"]
-    victim = admin.post("/api/v1/tokens", json={"name": "victim", "project": "Q", "scopes": ["read"]}).raise_for_status().json()
+    hook = (
+        admin.post("/api/v1/projects/Q/webhooks", json={"url": "http://127.0.0.1:9/hook"})
+        .raise_for_status()
+        .json()["id"]
+    )
+    victim = (
+        admin.post("/api/v1/tokens", json={"name": "victim", "project": "Q", "scopes": ["read"]})
+        .raise_for_status()
+        .json()
+    )
     padmin = client_for(live_server, make_token(admin, "P", ["admin"]))
-    yield {"alert": alert, "webhook": hook, "token": victim["id"], "victim": victim["token"], "admin": admin, "padmin": padmin}
+    yield {
+        "alert": alert,
+        "webhook": hook,
+        "token": victim["id"],
+        "victim": victim["token"],
+        "admin": admin,
+        "padmin": padmin,
+    }
     admin.close()
     padmin.close()
 
@@ -110,8 +130,9 @@ def id_spellings(draw, n: int) -> tuple[str, str]:
         space = st.sampled_from([" ", "\t", "\n", "\r", "\u00a0", "\u2003", "\x0b"])
         s = draw(space) + s if draw(st.booleans()) else s + draw(space)
     # On the wire, any character may be percent-encoded (digits too); unsafe ones must be.
-    wire = "".join(quote(c, safe="") if c not in "0123456789+-._eE" or draw(st.booleans()) and c.isascii()
-                   else c for c in s)
+    wire = "".join(
+        quote(c, safe="") if c not in "0123456789+-._eE" or draw(st.booleans()) and c.isascii() else c for c in s
+    )
     if draw(st.booleans()):
         wire = "".join(f"%{ord(c):02X}" if c.isdigit() and c.isascii() else c for c in wire)
     return s, wire
@@ -128,8 +149,12 @@ def test_any_spelling_of_an_id_gets_the_canonical_answer(live_server, world):
         assert r.status_code == 404, (method, path, r.text)
         canonical[(method, path)] = r.status_code
 
-    @hypothesis_settings(max_examples=60, deadline=None, derandomize=False,
-                         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @hypothesis_settings(
+        max_examples=60,
+        deadline=None,
+        derandomize=False,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
     @given(route=st.sampled_from(ID_ROUTES), data=st.data())
     def check(route, data):
         method, path, kind = route
@@ -163,8 +188,16 @@ def test_a_body_the_gate_cannot_read_is_refused_not_taken_for_the_default_projec
             r = c.put(f"/api/v1/runs/r-{name}", content=body, headers=json_type)
             assert r.status_code == 422, (name, r.text)
             assert r.json()["detail"][0]["type"] == "json_invalid"
-        for body in (b'{"project": ["Q"]}', b'{"project": {"name": "Q"}}', b'{"project": 7}', b'{"project": null}',
-                     b'["Q"]', b'"Q"', b"", b'{"project": "Q"'):
+        for body in (
+            b'{"project": ["Q"]}',
+            b'{"project": {"name": "Q"}}',
+            b'{"project": 7}',
+            b'{"project": null}',
+            b'["Q"]',
+            b'"Q"',
+            b"",
+            b'{"project": "Q"',
+        ):
             r = c.put("/api/v1/runs/r-odd", content=body, headers=json_type)
             assert r.status_code == 422, (body, r.text)
         r = c.put("/api/v1/runs/r-plain", content=b'{"project": "Q"}', headers={"Content-Type": "text/plain"})
@@ -207,17 +240,28 @@ def test_token_before_body_and_slow_bodies_cut(live_server):
     first_chunk = b"%x\r\n%s\r\n" % (len(part), part)  # the first chunk of a body that never ends
     status, reply = _raw(live_server, "POST /api/v1/runs/r/points HTTP/1.1\r\nTransfer-Encoding: chunked", first_chunk)
     assert status == 401 and b"authentication required" in reply
-    status, _ = _raw(live_server, "POST /api/v1/runs/r/points HTTP/1.1\r\nContent-Length: 1000", b'{"series": [',
-                     token="stt_not-a-token")
+    status, _ = _raw(
+        live_server,
+        "POST /api/v1/runs/r/points HTTP/1.1\r\nContent-Length: 1000",
+        b'{"series": [',
+        token="stt_not-a-token",
+    )
     assert status == 401
     # Authenticated, but the body trickles: cut at the deadline, and the connection closed.
-    for head, part in (("POST /api/v1/runs/r/points HTTP/1.1\r\nContent-Length: 1000", b'{"series": ['),
-                       ("POST /api/v1/runs/r/points HTTP/1.1\r\nTransfer-Encoding: chunked", first_chunk),
-                       ("PUT /api/v1/runs/r2 HTTP/1.1\r\nContent-Length: 100", b'{"project"')):
+    for head, part in (
+        ("POST /api/v1/runs/r/points HTTP/1.1\r\nContent-Length: 1000", b'{"series": ['),
+        ("POST /api/v1/runs/r/points HTTP/1.1\r\nTransfer-Encoding: chunked", first_chunk),
+        ("PUT /api/v1/runs/r2 HTTP/1.1\r\nContent-Length: 100", b'{"project"'),
+    ):
         status, reply = _raw(live_server, head, part, token=ADMIN)
         assert status == 408 and b"STETHOSCOPE_BODY_TIMEOUT_S" in reply, reply
     assert admin.get("/api/v1/runs/r2").status_code == 404
-    assert admin.post("/api/v1/runs/r/points", json={"series": [{"name": "loss", "steps": [1], "values": [1.0]}]}).status_code == 200
+    assert (
+        admin.post(
+            "/api/v1/runs/r/points", json={"series": [{"name": "loss", "steps": [1], "values": [1.0]}]}
+        ).status_code
+        == 200
+    )
     admin.close()
 
 
@@ -227,23 +271,41 @@ def test_auth_off_takes_state_changes_only_as_json(live_server):
     # acknowledge alerts: requests a browser sends cross-site without asking.
     with client_for(live_server) as c:
         c.put("/api/v1/runs/r", json={"project": "p"}).raise_for_status()
-        c.post("/api/v1/runs/r/points", json={"series": [{"name": "loss", "steps": [0, 1], "values": [1.0, "NaN"]}]}).raise_for_status()
+        c.post(
+            "/api/v1/runs/r/points", json={"series": [{"name": "loss", "steps": [0, 1], "values": [1.0, "NaN"]}]}
+        ).raise_for_status()
         alert = c.get("/api/v1/runs/r/alerts").json()[0]["id"]
         points = b'{"series": [{"name": "x", "steps": [5], "values": [1.0]}]}'
-        for content_type in ("text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
-                             "multipart/form-data; boundary=x", None):
+        for content_type in (
+            "text/plain",
+            "text/plain;charset=UTF-8",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+            None,
+        ):
             headers = {"Content-Type": content_type} if content_type else {}
             r = c.post("/api/v1/runs/r/points", content=points, headers=headers)
-            assert r.status_code == 415 and "Content-Type: application/json" in r.json()["detail"], (content_type, r.text)
+            assert r.status_code == 415 and "Content-Type: application/json" in r.json()["detail"], (
+                content_type,
+                r.text,
+            )
             assert c.post(f"/api/v1/alerts/{alert}/ack", headers=headers).status_code == 415
-            assert c.request("PATCH", "/api/v1/runs/r", content=b'{"status": "failed"}', headers=headers).status_code == 415
+            assert (
+                c.request("PATCH", "/api/v1/runs/r", content=b'{"status": "failed"}', headers=headers).status_code
+                == 415
+            )
         assert c.get("/api/v1/runs/r/series").json()[0]["name"] == "loss"  # nothing of it stored
         assert c.get("/api/v1/runs/r/alerts").json()[0]["acknowledged_at"] is None
         assert c.get("/api/v1/runs/r").json()["status"] == "running"
         # What the hook and the dashboard send goes through.
         json_type = {"Content-Type": "application/json"}
         assert c.post(f"/api/v1/alerts/{alert}/ack", headers=json_type).status_code == 200
-        assert c.post("/api/v1/runs/r/points", content=points, headers={"Content-Type": "application/json; charset=utf-8"}).status_code == 200
+        assert (
+            c.post(
+                "/api/v1/runs/r/points", content=points, headers={"Content-Type": "application/json; charset=utf-8"}
+            ).status_code
+            == 200
+        )
         # The body has one reader whatever the mode: a BOM is no JSON to the routes either.
         r = c.put("/api/v1/runs/r-bom", content=BOM_BODIES[0][1], headers=json_type)
         assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_invalid"
@@ -256,13 +318,27 @@ def test_auth_off_answers_only_its_own_host_names(live_server):
     # re-pointed at 127.0.0.1 (DNS rebinding) could read and write everything.
     port = live_server.url.rsplit(":", 1)[1]
     with client_for(live_server) as c:
-        for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", "localhost.evil.example",
-                     f"evil.example@127.0.0.1:{port}", "", "10.0.0.1"):
+        for host in (
+            "evil.example",
+            f"evil.example:{port}",
+            "127.0.0.1.evil.example",
+            "localhost.evil.example",
+            f"evil.example@127.0.0.1:{port}",
+            "",
+            "10.0.0.1",
+        ):
             r = c.get("/api/v1/runs", headers={"Host": host})
             assert r.status_code == 403 and "STETHOSCOPE_ALLOWED_HOSTS" in r.json()["detail"], (host, r.text)
             assert c.get("/", headers={"Host": host}).status_code == 403
-        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}", "127.0.0.2",
-                     "stethoscope.lab", f"Stethoscope.Lab:{port}"):
+        for host in (
+            f"127.0.0.1:{port}",
+            f"localhost:{port}",
+            "LOCALHOST",
+            f"[::1]:{port}",
+            "127.0.0.2",
+            "stethoscope.lab",
+            f"Stethoscope.Lab:{port}",
+        ):
             assert c.get("/api/v1/runs", headers={"Host": host}).status_code == 200, host
 
 
@@ -272,7 +348,9 @@ def test_allowed_hosts_setting(monkeypatch, db_url):
     monkeypatch.setenv("STETHOSCOPE_ALLOWED_HOSTS", "a.example, B.example:8765")
     s = Settings(database_url=db_url, host="0.0.0.0", insecure=True, public_url="https://mon.example/")
     assert allowed_hosts(s) == {"a.example", "b.example", "mon.example"}  # names: any port
-    assert allowed_hosts(Settings(database_url=db_url, host="10.1.2.3", insecure=True, allowed_hosts="")) == {"10.1.2.3"}
+    assert allowed_hosts(Settings(database_url=db_url, host="10.1.2.3", insecure=True, allowed_hosts="")) == {
+        "10.1.2.3"
+    }
 
 
 @pytest.mark.parametrize("extra", [{"auth_failures_per_s": 0.5, "auth_failure_burst": 3}], ids=["burst-3"])
@@ -286,7 +364,9 @@ def test_failed_authentications_are_throttled_per_address(live_server):
     with client_for(live_server, "stt_wrong-guess") as bad:
         assert [bad.get("/api/v1/runs").status_code for _ in range(3)] == [401, 401, 401]
         r = bad.get("/api/v1/runs")
-        assert r.status_code == 429 and r.headers["retry-after"] == "2" and "failed authentications" in r.json()["detail"]
+        assert (
+            r.status_code == 429 and r.headers["retry-after"] == "2" and "failed authentications" in r.json()["detail"]
+        )
         # While throttled, even the right token is not looked at, unless this worker has seen
         # it valid lately (a busy client at the same address keeps working).
         unseen = make_token(admin, None, ["read"])
@@ -310,10 +390,18 @@ def test_nul_in_a_path_parameter_is_a_clean_422(live_server):
     # looked the run up). No path parameter may hold NUL, on either database.
     with client_for(live_server, ADMIN, headers={"Content-Type": "application/json"}) as c:
         c.put("/api/v1/runs/r", json={"project": "P"}).raise_for_status()
-        for method, url in (("GET", "/api/v1/runs/a%00b"), ("GET", "/api/v1/runs/%00"), ("PATCH", "/api/v1/runs/a%00b"),
-                            ("POST", "/api/v1/runs/a%00b/points"), ("GET", "/api/v1/runs/r/series/lo%00ss"),
-                            ("GET", "/api/v1/projects/P%00/alerts"), ("GET", "/runs/a%00b"), ("GET", "/ui/api/runs/a%00b/panels"),
-                            ("GET", "/projects/P%00/settings"), ("DELETE", "/api/v1/tokens/1%00")):
+        for method, url in (
+            ("GET", "/api/v1/runs/a%00b"),
+            ("GET", "/api/v1/runs/%00"),
+            ("PATCH", "/api/v1/runs/a%00b"),
+            ("POST", "/api/v1/runs/a%00b/points"),
+            ("GET", "/api/v1/runs/r/series/lo%00ss"),
+            ("GET", "/api/v1/projects/P%00/alerts"),
+            ("GET", "/runs/a%00b"),
+            ("GET", "/ui/api/runs/a%00b/panels"),
+            ("GET", "/projects/P%00/settings"),
+            ("DELETE", "/api/v1/tokens/1%00"),
+        ):
             r = c.request(method, url, json={"series": []} if method != "GET" else None)
             assert r.status_code == 422 and "NUL" in r.text, (method, url, r.status_code, r.text)
         if live_server.settings.auth_enabled:  # the gate looks up the runs of /compare
@@ -323,9 +411,14 @@ def test_nul_in_a_path_parameter_is_a_clean_422(live_server):
 
 #: Every route that names a run in its path, with a body where it takes one.
 RUN_ROUTES = [
-    ("GET", "/api/v1/runs/{r}", None), ("GET", "/api/v1/runs/{r}/series", None), ("GET", "/api/v1/runs/{r}/series/loss", None),
-    ("GET", "/api/v1/runs/{r}/events", None), ("GET", "/api/v1/runs/{r}/continual", None),
-    ("GET", "/api/v1/runs/{r}/alerts", None), ("GET", "/runs/{r}", None), ("GET", "/ui/api/runs/{r}/panels", None),
+    ("GET", "/api/v1/runs/{r}", None),
+    ("GET", "/api/v1/runs/{r}/series", None),
+    ("GET", "/api/v1/runs/{r}/series/loss", None),
+    ("GET", "/api/v1/runs/{r}/events", None),
+    ("GET", "/api/v1/runs/{r}/continual", None),
+    ("GET", "/api/v1/runs/{r}/alerts", None),
+    ("GET", "/runs/{r}", None),
+    ("GET", "/ui/api/runs/{r}/panels", None),
     ("GET", "/ui/api/runs/{r}/state", None),
     ("PATCH", "/api/v1/runs/{r}", {"status": "finished"}),
     ("POST", "/api/v1/runs/{r}/points", {"series": [{"name": "loss", "steps": [9], "values": [1.0]}]}),
@@ -343,9 +436,16 @@ def test_another_projects_run_is_answered_like_a_missing_one(live_server, world)
         foreign = admin_p.request(method, path.format(r="rq"), json=body)
         missing = admin_p.request(method, path.format(r="nope"), json=body)
         assert missing.status_code == 404, (method, path, missing.text)
-        assert (foreign.status_code, foreign.text) == (missing.status_code, missing.text.replace("nope", "rq")), (method, path)
+        assert (foreign.status_code, foreign.text) == (missing.status_code, missing.text.replace("nope", "rq")), (
+            method,
+            path,
+        )
         assert "'Q'" not in foreign.text
-    for kind, path in (("alert", "/api/v1/alerts/{}/ack"), ("webhook", "/api/v1/webhooks/{}/deliveries"), ("token", "/api/v1/tokens/{}")):
+    for kind, path in (
+        ("alert", "/api/v1/alerts/{}/ack"),
+        ("webhook", "/api/v1/webhooks/{}/deliveries"),
+        ("token", "/api/v1/tokens/{}"),
+    ):
         method = {"alert": "POST", "webhook": "GET", "token": "DELETE"}[kind]
         foreign = admin_p.request(method, path.format(w[kind]))
         missing = admin_p.request(method, path.format(987654))
@@ -364,7 +464,9 @@ def test_a_comparison_leaves_another_projects_run_out_like_a_missing_one(live_se
     Now both are skipped and the answers are the same bytes; the token's own runs still show."""
     p, Q_RUN = world["padmin"], "rq"
     p.put("/api/v1/runs/mine", json={"project": "P"}).raise_for_status()
-    p.post("/api/v1/runs/mine/points", json={"series": [{"name": "loss", "steps": [0, 1], "values": [1.0, 0.5]}]}).raise_for_status()
+    p.post(
+        "/api/v1/runs/mine/points", json={"series": [{"name": "loss", "steps": [0, 1], "values": [1.0, 0.5]}]}
+    ).raise_for_status()
     for path in ("/ui/api/compare?metric=loss&run=mine&run={other}", "/compare?metric=loss&run=mine&run={other}"):
         foreign = p.get(path.format(other=Q_RUN))
         missing = p.get(path.format(other="no-such-run"))

@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from _auth_helpers import ADMIN, auth_settings, make_token  # noqa: F401 - fixture
 from starlette.routing import Mount
 
-from _auth_helpers import ADMIN, auth_settings, make_token  # noqa: F401 - fixture
 from stethoscope_server.settings import Settings
 
 #: Routes anyone may call (static files are checked by prefix below).
 PUBLIC = {
-    ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/openapi.json"), ("GET", "/docs"),
-    ("GET", "/docs/oauth2-redirect"), ("GET", "/redoc"), ("GET", "/login"), ("POST", "/login"), ("POST", "/logout"),
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/openapi.json"),
+    ("GET", "/docs"),
+    ("GET", "/docs/oauth2-redirect"),
+    ("GET", "/redoc"),
+    ("GET", "/login"),
+    ("POST", "/login"),
+    ("POST", "/logout"),
 }
 
 POINTS = {"series": [{"name": "loss", "steps": [10], "values": [0.5]}]}
@@ -37,23 +44,60 @@ def table(ids: dict) -> list[tuple]:
         ("POST", f"{api}/runs/{{run_id}}/points", f"{api}/runs/rp/points", POINTS, "ingest", True, False),
         ("GET", f"{api}/runs/{{run_id}}/series", f"{api}/runs/rp/series", None, "read", True, False),
         ("GET", f"{api}/runs/{{run_id}}/series/{{name:path}}", f"{api}/runs/rp/series/loss", None, "read", True, False),
-        ("POST", f"{api}/runs/{{run_id}}/events", f"{api}/runs/rp/events",
-         {"events": [{"key": "e1", "step": 1, "kind": "note"}]}, "ingest", True, False),
+        (
+            "POST",
+            f"{api}/runs/{{run_id}}/events",
+            f"{api}/runs/rp/events",
+            {"events": [{"key": "e1", "step": 1, "kind": "note"}]},
+            "ingest",
+            True,
+            False,
+        ),
         ("GET", f"{api}/runs/{{run_id}}/events", f"{api}/runs/rp/events", None, "read", True, False),
         ("GET", f"{api}/runs/{{run_id}}/continual", f"{api}/runs/rp/continual", None, "read", True, False),
         ("GET", f"{api}/runs/{{run_id}}/alerts", f"{api}/runs/rp/alerts", None, "read", True, False),
         ("GET", f"{api}/projects/{{project}}/alerts", f"{api}/projects/P/alerts", None, "read", True, False),
         ("POST", f"{api}/alerts/{{alert_id}}/ack", f"{api}/alerts/{a}/ack", None, "admin", True, False),
         ("GET", f"{api}/projects/{{project}}/detectors", f"{api}/projects/P/detectors", None, "read", True, False),
-        ("PUT", f"{api}/projects/{{project}}/detectors", f"{api}/projects/P/detectors",
-         {"loss_spike": {"threshold": 8.0}}, "admin", True, False),
+        (
+            "PUT",
+            f"{api}/projects/{{project}}/detectors",
+            f"{api}/projects/P/detectors",
+            {"loss_spike": {"threshold": 8.0}},
+            "admin",
+            True,
+            False,
+        ),
         ("GET", f"{api}/projects/{{project}}/webhooks", f"{api}/projects/P/webhooks", None, "admin", True, False),
-        ("POST", f"{api}/projects/{{project}}/webhooks", f"{api}/projects/P/webhooks",
-         {"url": "http://127.0.0.1:9/hook"}, "admin", True, False),
+        (
+            "POST",
+            f"{api}/projects/{{project}}/webhooks",
+            f"{api}/projects/P/webhooks",
+            {"url": "http://127.0.0.1:9/hook"},
+            "admin",
+            True,
+            False,
+        ),
         ("DELETE", f"{api}/webhooks/{{webhook_id}}", f"{api}/webhooks/{victim_hook}", None, "admin", True, False),
         ("POST", f"{api}/webhooks/{{webhook_id}}/test", f"{api}/webhooks/{hook}/test", None, "admin", True, False),
-        ("GET", f"{api}/webhooks/{{webhook_id}}/deliveries", f"{api}/webhooks/{hook}/deliveries", None, "admin", True, False),
-        ("POST", f"{api}/tokens", f"{api}/tokens", {"name": "made", "project": "P", "scopes": ["read"]}, "admin", True, False),
+        (
+            "GET",
+            f"{api}/webhooks/{{webhook_id}}/deliveries",
+            f"{api}/webhooks/{hook}/deliveries",
+            None,
+            "admin",
+            True,
+            False,
+        ),
+        (
+            "POST",
+            f"{api}/tokens",
+            f"{api}/tokens",
+            {"name": "made", "project": "P", "scopes": ["read"]},
+            "admin",
+            True,
+            False,
+        ),
         ("GET", f"{api}/tokens", f"{api}/tokens?project=P", None, "admin", True, False),
         ("DELETE", f"{api}/tokens/{{token_id}}", f"{api}/tokens/{victim_token}", None, "admin", True, False),
         ("GET", "/metrics", "/metrics", None, "read", False, False),
@@ -98,16 +142,31 @@ def world(live_server):
     admin = httpx.Client(base_url=live_server.url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30)
     for run, project in (("rp", "P"), ("rq", "Q")):
         admin.put(f"/api/v1/runs/{run}", json={"project": project}).raise_for_status()
-        admin.post(f"/api/v1/runs/{run}/points", json={"series": [{"name": "loss", "steps": [0, 1, 2], "values": [1.0, "NaN", 0.9]}]}).raise_for_status()
+        admin.post(
+            f"/api/v1/runs/{run}/points",
+            json={"series": [{"name": "loss", "steps": [0, 1, 2], "values": [1.0, "NaN", 0.9]}]},
+        ).raise_for_status()
     alerts = admin.get("/api/v1/runs/rp/alerts").raise_for_status().json()
     assert alerts, "the NaN opens a divergence alert"
-    hook = admin.post("/api/v1/projects/P/webhooks", json={"url": "http://127.0.0.1:9/hook"}).raise_for_status().json()["id"]
-    victim_hook = admin.post("/api/v1/projects/P/webhooks", json={"url": "http://127.0.0.1:9/other"}).raise_for_status().json()["id"]
+    hook = (
+        admin.post("/api/v1/projects/P/webhooks", json={"url": "http://127.0.0.1:9/hook"})
+        .raise_for_status()
+        .json()["id"]
+    )
+    victim_hook = (
+        admin.post("/api/v1/projects/P/webhooks", json={"url": "http://127.0.0.1:9/other"})
+        .raise_for_status()
+        .json()["id"]
+    )
     tokens = {None: None, "global-admin": ADMIN}
     for project in ("P", "Q"):
         for scope in ("ingest", "read", "admin"):
             tokens[f"{scope}-{project}"] = make_token(admin, project, [scope])
-    victim = admin.post("/api/v1/tokens", json={"name": "victim", "project": "P", "scopes": ["read"]}).raise_for_status().json()["id"]
+    victim = (
+        admin.post("/api/v1/tokens", json={"name": "victim", "project": "P", "scopes": ["read"]})
+        .raise_for_status()
+        .json()["id"]
+    )
     yield {"alert": alerts[0]["id"], "webhook": hook, "victim_webhook": victim_hook, "victim_token": victim}, tokens
     admin.close()
 
@@ -151,8 +210,11 @@ def test_each_scope_allows_exactly_its_routes(live_server, world):
                         # run that does not exist (test_auth_gate pins the two answers equal).
                         expected = "allowed"
                 got = r.status_code
-                ok = (expected == "allowed" and got not in (401, 403)) or got == expected or (
-                    expected == "login" and got == 303 and r.headers["location"].startswith("/login?next="))
+                ok = (
+                    (expected == "allowed" and got not in (401, 403))
+                    or got == expected
+                    or (expected == "login" and got == 303 and r.headers["location"].startswith("/login?next="))
+                )
                 if not ok:
                     failures.append(f"{method} {url} as {who}: {got} (expected {expected}) {r.text[:160]}")
                 elif got in (401, 403):

@@ -19,6 +19,7 @@ TOL, POINTS = 0.05, 3  # the recovery rule's defaults (stability_gap detector)
 
 # -- the reference: the definitions of DESIGN.md / De Lange et al., written out directly ---------
 
+
 def reference(acc: dict, switches: list, windows=(10, 100)) -> dict:
     """Series min_acc, wc_acc, wf<w> as {step: value}, by brute force at every evaluation step.
 
@@ -33,8 +34,14 @@ def reference(acc: dict, switches: list, windows=(10, 100)) -> dict:
         return cur[-1] if cur else None
 
     # Largest drop ending at each evaluation, over the w - 1 evaluations before it.
-    drops = {w: {t: [max([0.0] + [v[i] - v[j] for i in range(max(0, j - w + 1), j)]) for j in range(len(v))]
-                 for t, pts in acc.items() for v in [[x for _, x in pts]]} for w in windows}
+    drops = {
+        w: {
+            t: [max([0.0] + [v[i] - v[j] for i in range(max(0, j - w + 1), j)]) for j in range(len(v))]
+            for t, pts in acc.items()
+            for v in [[x for _, x in pts]]
+        }
+        for w in windows
+    }
     out = {name: {} for name in ("min_acc", "wc_acc", *(f"wf{w}" for w in windows))}
     for step in sorted({s for pts in acc.values() for s, _ in pts}):
         cur = current(step)
@@ -53,8 +60,11 @@ def reference(acc: dict, switches: list, windows=(10, 100)) -> dict:
         elif now and min_acc is not None:
             out["wc_acc"][step] = (1 / k) * now[-1] + (1 - 1 / k) * min_acc
         for w in windows:
-            per_task = [max(drops[w][t][: sum(1 for s, _ in pts if s <= step)])
-                        for t, pts in acc.items() if any(s <= step for s, _ in pts)]
+            per_task = [
+                max(drops[w][t][: sum(1 for s, _ in pts if s <= step)])
+                for t, pts in acc.items()
+                if any(s <= step for s, _ in pts)
+            ]
             out[f"wf{w}"][step] = sum(per_task) / len(per_task)
     return out
 
@@ -77,7 +87,7 @@ def reference_gaps(acc: dict, switches: list) -> dict:
                 continue
             rec = None
             for j in range(at + 1, len(during) - POINTS + 1):
-                if all(v >= pre - TOL for _, v in during[j:j + POINTS]):
+                if all(v >= pre - TOL for _, v in during[j : j + POINTS]):
                     rec = during[j][0] - s
                     break
             out[(s, t)] = (pre - low, rec)
@@ -99,13 +109,21 @@ def assert_matches(summary: C.Summary, acc: dict, switches: list) -> None:
 
 # -- pure functions ------------------------------------------------------------------------
 
+
 def test_a_small_run_by_hand():
     acc = {"a": [(0, 0.5), (1, 0.9), (2, 0.4), (3, 0.6), (4, 0.8)], "b": [(2, 0.1), (3, 0.5), (4, 0.7)]}
     s = C.compute(acc, [C.Switch(0, "a"), C.Switch(2, "b")], windows=(2, 10))
     # Step 4: task b current (k = 2); a learned at step 2, its minimum since then 0.4.
-    assert s.current == {"step": 4, "task": "b", "k": 2, "acc": 0.7, "min_acc": 0.4,
-                         "wc_acc": pytest.approx(0.5 * 0.7 + 0.5 * 0.4), "wf2": pytest.approx(0.25),
-                         "wf10": pytest.approx(0.25)}
+    assert s.current == {
+        "step": 4,
+        "task": "b",
+        "k": 2,
+        "acc": 0.7,
+        "min_acc": 0.4,
+        "wc_acc": pytest.approx(0.5 * 0.7 + 0.5 * 0.4),
+        "wf2": pytest.approx(0.25),
+        "wf10": pytest.approx(0.25),
+    }
     # WF^2 of a: largest drop between neighbours, 0.9 -> 0.4; b never drops.
     assert s.series["continual/wf2"] == ([0, 1, 2, 3, 4], pytest.approx([0.0, 0.0, 0.25, 0.25, 0.25]))
     assert s.series["continual/min_acc"] == ([2, 3, 4], [0.4, 0.4, 0.4])
@@ -113,9 +131,17 @@ def test_a_small_run_by_hand():
     [first, second] = s.switches
     assert first["previous"] == [] and first["gap"] is None
     assert second["from_task"] == "a" and second["gap"] == pytest.approx(0.5) and second["gap_task"] == "a"
-    assert second["previous"][0] | {"gap": 0} == {"task": "a", "pre_step": 1, "pre_acc": 0.9, "min_acc": 0.4,
-                                                 "min_step": 2, "gap": 0, "recovered": False,
-                                                 "recovered_step": None, "recovery_steps": None}
+    assert second["previous"][0] | {"gap": 0} == {
+        "task": "a",
+        "pre_step": 1,
+        "pre_acc": 0.9,
+        "min_acc": 0.4,
+        "min_step": 2,
+        "gap": 0,
+        "recovered": False,
+        "recovered_step": None,
+        "recovery_steps": None,
+    }
     assert s.tasks == ["a", "b"]
 
 
@@ -127,7 +153,7 @@ def test_random_runs_match_the_definitions(seed):
     switches = [(0, "t0")] + [(s, f"t{i + 1}") for i, s in enumerate(starts)]
     every = rng.choice([1, 1, 2, 3])
     acc = {}
-    for i, (s, t) in enumerate(switches):
+    for s, t in switches:
         level = 0.0
         for step in range(s, length, every):
             if rng.random() < 0.1:
@@ -139,14 +165,20 @@ def test_random_runs_match_the_definitions(seed):
 
 
 def test_switch_repeats_and_non_finite_values():
-    assert C.segments([C.Switch(0, "a"), C.Switch(5, "a"), C.Switch(9, "b"), C.Switch(9, "c")]) == \
-        [C.Switch(0, "a"), C.Switch(9, "c")]
+    assert C.segments([C.Switch(0, "a"), C.Switch(5, "a"), C.Switch(9, "b"), C.Switch(9, "c")]) == [
+        C.Switch(0, "a"),
+        C.Switch(9, "c"),
+    ]
     acc = {"a": [(0, 0.9), (1, math.nan), (2, 0.8)], "c": [(1, math.inf), (2, 0.3)]}
     s = C.compute(acc, [C.Switch(0, "a"), C.Switch(2, "c")])
     assert s.series["continual/min_acc"] == ([2], [0.8])
-    assert C.switches_from_events([{"kind": "task_switch", "step": 3, "info": {"task": 1}},
-                                   {"kind": "note", "step": 1, "info": {"task": 0}},
-                                   {"kind": "task_switch", "step": 0, "info": {"task": 0}}]) == [C.Switch(0, "0"), C.Switch(3, "1")]
+    assert C.switches_from_events(
+        [
+            {"kind": "task_switch", "step": 3, "info": {"task": 1}},
+            {"kind": "note", "step": 1, "info": {"task": 0}},
+            {"kind": "task_switch", "step": 0, "info": {"task": 0}},
+        ]
+    ) == [C.Switch(0, "0"), C.Switch(3, "1")]
 
 
 def test_downsampling_keeps_the_bottom_of_a_gap():
@@ -160,23 +192,39 @@ def test_downsampling_keeps_the_bottom_of_a_gap():
 
 # -- through the API -------------------------------------------------------------------------
 
+
 def test_the_summary_route(client, live_server):
     assert client.get("/runs/nope/continual").status_code == 404
     assert client.put("/runs/r1", json={"project": "p"}).status_code == 201
     empty = client.get("/runs/r1/continual").json()
-    assert empty["switches"] == [] and empty["current"]["min_acc"] is None and empty["series"]["continual/min_acc"]["steps"] == []
+    assert (
+        empty["switches"] == []
+        and empty["current"]["min_acc"] is None
+        and empty["series"]["continual/min_acc"]["steps"] == []
+    )
     # Points alone (no events): the switches come from the continual/task series.
-    series = [{"name": "continual/task", "steps": [0, 3], "values": [0, 1]},
-              {"name": "eval/acc/0", "steps": [0, 1, 2, 3, 4, 5], "values": [0.5, 0.9, 0.95, 0.2, "NaN", 0.93]},
-              {"name": "eval/acc/1", "steps": [3, 4, 5], "values": [0.3, 0.6, 0.8]}]
+    series = [
+        {"name": "continual/task", "steps": [0, 3], "values": [0, 1]},
+        {"name": "eval/acc/0", "steps": [0, 1, 2, 3, 4, 5], "values": [0.5, 0.9, 0.95, 0.2, "NaN", 0.93]},
+        {"name": "eval/acc/1", "steps": [3, 4, 5], "values": [0.3, 0.6, 0.8]},
+    ]
     assert client.post("/runs/r1/points", json={"series": series}).status_code == 200
     body = client.get("/runs/r1/continual").json()
-    assert [(s["step"], s["task"], s["gap"]) for s in body["switches"]] == [(0, "0", None), (3, "1", pytest.approx(0.75))]
+    assert [(s["step"], s["task"], s["gap"]) for s in body["switches"]] == [
+        (0, "0", None),
+        (3, "1", pytest.approx(0.75)),
+    ]
     assert body["current"]["min_acc"] == 0.2 and body["current"]["wc_acc"] == pytest.approx(0.5 * 0.8 + 0.5 * 0.2)
     # Events, when there are any, name the tasks.
-    r = client.post("/runs/r1/events", json={"events": [
-        {"key": "k0", "step": 0, "kind": "task_switch", "info": {"task": 0}},
-        {"key": "k1", "step": 4, "kind": "task_switch", "info": {"task": 1}}]})
+    r = client.post(
+        "/runs/r1/events",
+        json={
+            "events": [
+                {"key": "k0", "step": 0, "kind": "task_switch", "info": {"task": 0}},
+                {"key": "k1", "step": 4, "kind": "task_switch", "info": {"task": 1}},
+            ]
+        },
+    )
     assert r.status_code == 200
     assert [s["step"] for s in client.get("/runs/r1/continual").json()["switches"]] == [0, 4]
     import httpx
@@ -211,14 +259,23 @@ def test_a_real_class_incremental_run_shows_the_gap_and_the_alerts_follow_it(liv
         acc[str(t)] = [(s, decode_value(v)) for s, v in zip(body["steps"], body["values"])]
     assert acc.keys() == res.acc.keys()
     for t, pts in res.acc.items():  # as the evaluator measured them
-        assert [s for s, _ in acc[t]] == [s for s, _ in pts] and [v for _, v in acc[t]] == pytest.approx([v for _, v in pts])
+        assert [s for s, _ in acc[t]] == [s for s, _ in pts] and [v for _, v in acc[t]] == pytest.approx(
+            [v for _, v in pts]
+        )
     assert len(acc["0"]) == T.TASKS * T.STEPS_PER_TASK  # every step, from the first task on
-    switches = [(e["step"], str(e["info"]["task"])) for e in client.get("/runs/ci-er/events", params={"kind": "task_switch"}).json()]
+    switches = [
+        (e["step"], str(e["info"]["task"]))
+        for e in client.get("/runs/ci-er/events", params={"kind": "task_switch"}).json()
+    ]
     assert switches == res.switches == [(i * T.STEPS_PER_TASK, str(i)) for i in range(T.TASKS)]
 
     body = client.get("/runs/ci-er/continual", params={"max_points": 100000}).json()
-    summary = C.Summary(body["tasks"], body["switches"], body["current"],
-                        {n: (s["steps"], s["values"]) for n, s in body["series"].items()})
+    summary = C.Summary(
+        body["tasks"],
+        body["switches"],
+        body["current"],
+        {n: (s["steps"], s["values"]) for n, s in body["series"].items()},
+    )
     assert_matches(summary, acc, switches)
 
     # The stability gap is there: at every switch some previous task falls by at least 0.2 and

@@ -29,7 +29,6 @@ INGEST_EXAMPLES = {"valid": 10, "valid-existing": 50, "invalid": 30}
 INGEST = ("POST", "/api/v1/runs/{run_id}/points")
 
 
-
 def status_code_conformance(ctx, response, case):
     """Schemathesis's check, less one reply of FastAPI's own: a body that is not even UTF-8
     gets 400 "There was an error parsing the body" on every route that reads JSON (a

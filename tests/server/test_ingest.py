@@ -18,7 +18,12 @@ def _run(client, run_id="r"):
 
 
 def _post(client, run_id, series):
-    body = {"series": [{"name": n, "steps": list(st), "values": encode_values(v), "walls": [1.7e9 + s for s in st]} for n, st, v in series]}
+    body = {
+        "series": [
+            {"name": n, "steps": list(st), "values": encode_values(v), "walls": [1.7e9 + s for s in st]}
+            for n, st, v in series
+        ]
+    }
     return client.post(f"/runs/{run_id}/points", json=body)
 
 
@@ -33,7 +38,20 @@ def _bits(x: float) -> bytes:
     return struct.pack("<d", x)
 
 
-NONFINITE_AND_EDGES = [math.nan, math.inf, -math.inf, 0.0, -0.0, 1e308, -1e308, 5e-324, 2.2250738585072014e-308, 1 / 3, 16.635532333438686, -7.5]
+NONFINITE_AND_EDGES = [
+    math.nan,
+    math.inf,
+    -math.inf,
+    0.0,
+    -0.0,
+    1e308,
+    -1e308,
+    5e-324,
+    2.2250738585072014e-308,
+    1 / 3,
+    16.635532333438686,
+    -7.5,
+]
 
 
 def test_nonfinite_values_round_trip_unchanged(client):
@@ -81,7 +99,9 @@ def test_resent_batch_is_stored_once(client):
 
 def test_duplicate_steps_in_one_batch_keep_the_first(client):
     run = _run(client)
-    r = client.post(f"/runs/{run}/points", json={"series": [{"name": "loss", "steps": [3, 3, 4], "values": [1.0, 2.0, 5.0]}]})
+    r = client.post(
+        f"/runs/{run}/points", json={"series": [{"name": "loss", "steps": [3, 3, 4], "values": [1.0, 2.0, 5.0]}]}
+    )
     assert r.status_code == 200 and r.json()["inserted"] == 2
     assert _read(client, run, "loss")[:2] == ([3, 4], [1.0, 5.0])
 
@@ -91,7 +111,11 @@ def test_gzip_body(client):
     import json
 
     raw = json.dumps({"series": [{"name": "loss", "steps": list(range(1000)), "values": [0.5] * 1000}]}).encode()
-    r = client.post(f"/runs/{run}/points", content=gzip.compress(raw), headers={"content-type": "application/json", "content-encoding": "gzip"})
+    r = client.post(
+        f"/runs/{run}/points",
+        content=gzip.compress(raw),
+        headers={"content-type": "application/json", "content-encoding": "gzip"},
+    )
     assert r.status_code == 200 and r.json()["inserted"] == 1000
 
 
@@ -110,9 +134,17 @@ def test_gzip_body(client):
         (b'{"series": [{"name": "a", "steps": [1], "values": ["nan"]}]}', 422, "is not a number"),
         (b'{"series": [{"name": "a", "steps": [1], "values": [null]}]}', 422, "is not a number"),
         (b'{"series": [{"name": "a", "steps": [1], "values": [1], "walls": ["x"]}]}', 422, "walls[0]"),
-        (b'{"series": [{"name": "a", "steps": [1], "values": [1], "walls": [1, 2]}]}', 422, "walls must be a list of 1"),
+        (
+            b'{"series": [{"name": "a", "steps": [1], "values": [1], "walls": [1, 2]}]}',
+            422,
+            "walls must be a list of 1",
+        ),
         (b'{"series": [{"name": "a", "steps": [9223372036854775808], "values": [1]}]}', 422, "64-bit"),
-        (b'{"series": [{"name": "a", "steps": [1], "values": [1]}, {"name": "a", "steps": [2], "values": [1]}]}', 422, "appears twice"),
+        (
+            b'{"series": [{"name": "a", "steps": [1], "values": [1]}, {"name": "a", "steps": [2], "values": [1]}]}',
+            422,
+            "appears twice",
+        ),
         (b'{"series": [{"name": "' + b"x" * 201 + b'", "steps": [1], "values": [1]}]}', 422, "at most 200"),
     ],
 )
@@ -127,14 +159,27 @@ def test_malformed_batches_get_a_clear_4xx_and_store_nothing(client, body, statu
 def test_oversized_batches_are_413(client, live_server):
     run = _run(client)
     limit = live_server.settings.max_points_per_batch
-    r = client.post(f"/runs/{run}/points", json={"series": [{"name": "a", "steps": list(range(limit + 1)), "values": [0.0] * (limit + 1)}]})
+    r = client.post(
+        f"/runs/{run}/points",
+        json={"series": [{"name": "a", "steps": list(range(limit + 1)), "values": [0.0] * (limit + 1)}]},
+    )
     assert r.status_code == 413 and "split it" in r.json()["detail"]
-    r = client.post(f"/runs/{run}/points", content=b" " * (live_server.settings.max_body_bytes + 1), headers={"content-type": "application/json"})
+    r = client.post(
+        f"/runs/{run}/points",
+        content=b" " * (live_server.settings.max_body_bytes + 1),
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 413 and "STETHOSCOPE_MAX_BODY_BYTES" in r.json()["detail"]  # the gate's one check
     bomb = gzip.compress(b" " * (live_server.settings.max_body_bytes + 10))
-    r = client.post(f"/runs/{run}/points", content=bomb, headers={"content-type": "application/json", "content-encoding": "gzip"})
+    r = client.post(
+        f"/runs/{run}/points", content=bomb, headers={"content-type": "application/json", "content-encoding": "gzip"}
+    )
     assert r.status_code == 413
-    r = client.post(f"/runs/{run}/points", content=b"garbage", headers={"content-type": "application/json", "content-encoding": "gzip"})
+    r = client.post(
+        f"/runs/{run}/points",
+        content=b"garbage",
+        headers={"content-type": "application/json", "content-encoding": "gzip"},
+    )
     assert r.status_code == 400
 
 
@@ -238,7 +283,9 @@ def test_an_event_wall_that_is_not_finite_is_a_422_and_stores_nothing(client, wa
     # own check of ``wall`` sees them; either way it is a 422 that says what is wrong.
     assert "wall" in r.text or "json_invalid" in r.text
     assert client.get(f"/runs/{run}/events").json() == []
-    ok = client.post(f"/runs/{run}/events", json={"events": [{"key": "e", "step": 1, "kind": "checkpoint", "wall": 1.7e9}]})
+    ok = client.post(
+        f"/runs/{run}/events", json={"events": [{"key": "e", "step": 1, "kind": "checkpoint", "wall": 1.7e9}]}
+    )
     assert ok.status_code == 200 and client.get(f"/runs/{run}/events").json()[0]["wall"] == 1.7e9
 
 
@@ -249,7 +296,11 @@ def test_read_many_gives_what_read_series_gives_one_by_one(client, live_server):
     rng = random.Random(7)
     series = [
         ("short", range(50), [rng.random() for _ in range(50)]),
-        ("short/nan", range(10, 40), [math.nan if s % 7 == 0 else -math.inf if s == 20 else float(s) for s in range(10, 40)]),
+        (
+            "short/nan",
+            range(10, 40),
+            [math.nan if s % 7 == 0 else -math.inf if s == 20 else float(s) for s in range(10, 40)],
+        ),
         ("sparse", range(0, 200_000, 1000), [rng.random() for _ in range(200)]),
         ("long", range(20_000), [rng.gauss(0, 1) if s != 12_345 else math.nan for s in range(20_000)]),
         ("late", range(5_000, 5_010), [1.0] * 10),

@@ -14,12 +14,14 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
-
 from live_servers import _ThreadServer, free_port
+
 from stethoscope.core.wire import decode_value, encode_values
 
 SERIES = ["loss", "grad/norm", "x"]
-values = st.floats(allow_nan=True, allow_infinity=True, width=64) | st.sampled_from([math.nan, math.inf, -math.inf, 0.0])
+values = st.floats(allow_nan=True, allow_infinity=True, width=64) | st.sampled_from(
+    [math.nan, math.inf, -math.inf, 0.0]
+)
 # Steps from a small range, so batches overlap; a few far ones, so rollups of several buckets
 # and levels are touched.
 steps = st.integers(0, 150) | st.sampled_from([-5, 4095, 4096, 2**40])
@@ -64,8 +66,12 @@ def test_the_first_value_sent_wins_whatever_the_order_and_the_resends(two_server
                 continue
             body = sent[item % len(sent)]  # a resend, byte for byte the same batch
         else:
-            body = {"series": [{"name": n, "steps": [s for s, _ in col], "values": encode_values([v for _, v in col])}
-                               for n, col in item.items()]}
+            body = {
+                "series": [
+                    {"name": n, "steps": [s for s, _ in col], "values": encode_values([v for _, v in col])}
+                    for n, col in item.items()
+                ]
+            }
             sent.append(body)
         new = 0
         for s in body["series"]:

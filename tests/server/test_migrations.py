@@ -8,10 +8,10 @@ import sys
 import pytest
 from sqlalchemy import inspect
 
+from stethoscope_server.settings import Settings
 from stethoscope_server.store import migrate
 from stethoscope_server.store.db import make_null_engine
 from stethoscope_server.store.models import Base, is_partition
-from stethoscope_server.settings import Settings
 
 TABLES = set(Base.metadata.tables)
 
@@ -46,7 +46,9 @@ def test_models_match_migrations(db_url):
     migrate.upgrade(url)
     engine = make_null_engine(url)
     with engine.connect() as conn:
-        ctx = MigrationContext.configure(conn, opts={"include_name": lambda name, type_, parent: not (type_ == "table" and is_partition(name or ""))})
+        ctx = MigrationContext.configure(
+            conn, opts={"include_name": lambda name, type_, parent: not (type_ == "table" and is_partition(name or ""))}
+        )
         diff = compare_metadata(ctx, Base.metadata)
     engine.dispose()
     assert diff == []
@@ -56,7 +58,12 @@ def test_cli_db_commands(db_url):
     url = Settings(database_url=db_url).database_url
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "stethoscope_server.cli", "db", *args, "--db", url], capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "stethoscope_server.cli", "db", *args, "--db", url],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     r = cli("upgrade")
     assert r.returncode == 0, r.stderr
@@ -79,12 +86,16 @@ def test_points_are_hash_partitioned_on_postgres(db_url):
                 return
             from sqlalchemy import text
 
-            parts = conn.execute(text("SELECT count(*) FROM pg_inherits i WHERE i.inhparent = 'points'::regclass")).scalar()
+            parts = conn.execute(
+                text("SELECT count(*) FROM pg_inherits i WHERE i.inhparent = 'points'::regclass")
+            ).scalar()
             assert parts == 16
             conn.execute(text("INSERT INTO points VALUES (1, 1, 0.5, 0), (2, 1, 'NaN', 0), (17, 1, 'Infinity', 0)"))
             conn.execute(text("INSERT INTO points VALUES (1, 1, 9.0, 0) ON CONFLICT DO NOTHING"))
             # a read of one series is pruned to one partition
-            plan = "\n".join(conn.execute(text("EXPLAIN SELECT step, value FROM points WHERE series_id = 1 AND step >= 0")).scalars())
+            plan = "\n".join(
+                conn.execute(text("EXPLAIN SELECT step, value FROM points WHERE series_id = 1 AND step >= 0")).scalars()
+            )
             import re
 
             assert len(set(re.findall(r"points_p\d+\b", plan))) == 1, plan
@@ -117,7 +128,9 @@ def test_0004_keeps_every_point_and_rollup_and_lets_minus_zero_keep_its_sign(db_
 
     def points():
         with engine.connect() as conn:
-            return [tuple(r) for r in conn.exec_driver_sql("SELECT series_id, step, value, wall FROM points ORDER BY 1, 2")]
+            return [
+                tuple(r) for r in conn.exec_driver_sql("SELECT series_id, step, value, wall FROM points ORDER BY 1, 2")
+            ]
 
     def rollups():
         with engine.connect() as conn:
@@ -132,13 +145,18 @@ def test_0004_keeps_every_point_and_rollup_and_lets_minus_zero_keep_its_sign(db_
         assert points() == rows and rollups() == [rollup]
         with engine.begin() as conn:
             # bound as a float (an SQL literal -0.0 is numeric, whose zero has no sign)
-            conn.exec_driver_sql(f"UPDATE points SET value = {ph.split(', ')[0]} WHERE series_id = 2 AND step = 7", (-0.0,))
+            conn.exec_driver_sql(
+                f"UPDATE points SET value = {ph.split(', ')[0]} WHERE series_id = 2 AND step = 7", (-0.0,)
+            )
         assert math.copysign(1.0, points()[-1][2]) == -1.0
         if engine.dialect.name == "sqlite":
             with engine.connect() as conn:
                 assert {r[1]: r[2] for r in conn.exec_driver_sql("PRAGMA table_info(points)")}["value"] == "BLOB"
                 # still WITHOUT ROWID: the key is the storage order
-                assert "WITHOUT ROWID" in conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE name = 'points'").scalar()
+                assert (
+                    "WITHOUT ROWID"
+                    in conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE name = 'points'").scalar()
+                )
         migrate.downgrade(url, "0003")
         assert points()[:-1] == rows[:-1] and rollups() == [rollup]
     finally:
@@ -154,17 +172,25 @@ def test_0005_numbers_existing_alerts_and_keeps_the_open_episode_index(db_url):
     url = Settings(database_url=db_url).database_url
     migrate.upgrade(url, "0004")
     engine = make_null_engine(url)
-    alert = ("INSERT INTO alerts (id, run_id, project_id, detector, key, severity, status, message, evidence, opened_at) "
-             "VALUES (:id, 'r', 1, 'loss_spike', 'loss', 'warning', :status, 'm', '{}', CURRENT_TIMESTAMP)")
+    alert = (
+        "INSERT INTO alerts (id, run_id, project_id, detector, key, severity, status, message, evidence, opened_at) "
+        "VALUES (:id, 'r', 1, 'loss_spike', 'loss', 'warning', :status, 'm', '{}', CURRENT_TIMESTAMP)"
+    )
 
     def indexes():
-        return {i["name"] for i in inspect(engine).get_indexes("alerts")} | {i["name"] for i in inspect(engine).get_indexes("webhook_deliveries")}
+        return {i["name"] for i in inspect(engine).get_indexes("alerts")} | {
+            i["name"] for i in inspect(engine).get_indexes("webhook_deliveries")
+        }
 
     try:
         with engine.begin() as conn:
             conn.execute(text("INSERT INTO projects (id, name, created_at) VALUES (1, 'p', CURRENT_TIMESTAMP)"))
-            conn.execute(text("INSERT INTO runs (id, project_id, name, status, config, tags, created_at, updated_at) "
-                              "VALUES ('r', 1, 'r', 'running', '{}', '[]', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
+            conn.execute(
+                text(
+                    "INSERT INTO runs (id, project_id, name, status, config, tags, created_at, updated_at) "
+                    "VALUES ('r', 1, 'r', 'running', '{}', '[]', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                )
+            )
             conn.execute(text(alert), [{"id": 1, "status": "resolved"}, {"id": 2, "status": "open"}])
         before = indexes()
         migrate.upgrade(url)

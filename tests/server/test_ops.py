@@ -11,15 +11,15 @@ import threading
 
 import httpx
 import pytest
-
 from _alert_helpers import loss_curve, make_run, post, post_batches, wait_until
 from _prom_text import ParseError, parse
-from webhook_receiver import Receiver
 from live_servers import _ThreadServer, free_port
+from webhook_receiver import Receiver
+
 from stethoscope_server import cli
-from stethoscope_server.store import migrate
 from stethoscope_server.api.errors import DATABASE_RETRY_AFTER_S, DATABASE_UNAVAILABLE
 from stethoscope_server.settings import Settings
+from stethoscope_server.store import migrate
 
 SECRET = "s3cret-for-tests"
 
@@ -27,8 +27,14 @@ SECRET = "s3cret-for-tests"
 @pytest.fixture
 def settings(db_url, request):
     """Quick webhook retries by default; a test changes more with indirect parametrisation."""
-    base = {"outbox_poll_s": 0.2, "webhook_backoff_s": 0.2, "webhook_backoff_max_s": 1.0, "webhook_max_attempts": 2, "webhook_timeout_s": 5,
-            "webhook_allow_private": True}  # the receiver is on loopback
+    base = {
+        "outbox_poll_s": 0.2,
+        "webhook_backoff_s": 0.2,
+        "webhook_backoff_max_s": 1.0,
+        "webhook_max_attempts": 2,
+        "webhook_timeout_s": 5,
+        "webhook_allow_private": True,
+    }  # the receiver is on loopback
     over = dict(getattr(request, "param", {}))
     url = over.pop("database_url", db_url)
     return Settings(database_url=url(db_url) if callable(url) else url, **{**base, **over})
@@ -70,7 +76,9 @@ def test_readyz_follows_the_schema_through_downgrade_and_upgrade(live_server, db
     capsys.readouterr()
 
 
-@pytest.mark.parametrize("settings", [{"migrate_on_start": False, "detectors_enabled": False, "outbox_poll_s": 3600}], indirect=True)
+@pytest.mark.parametrize(
+    "settings", [{"migrate_on_start": False, "detectors_enabled": False, "outbox_poll_s": 3600}], indirect=True
+)
 def test_readyz_503_on_a_database_never_migrated(live_server):
     r = readyz(live_server)
     assert r.status_code == 503
@@ -87,8 +95,11 @@ def _unreachable(db_url: str) -> str:
     return "postgresql://postgres@127.0.0.1:1/test"  # nothing listens on port 1
 
 
-@pytest.mark.parametrize("settings", [{"database_url": _unreachable, "migrate_on_start": False, "detectors_enabled": False, "outbox_poll_s": 3600}],
-                         indirect=True)
+@pytest.mark.parametrize(
+    "settings",
+    [{"database_url": _unreachable, "migrate_on_start": False, "detectors_enabled": False, "outbox_poll_s": 3600}],
+    indirect=True,
+)
 def test_readyz_503_when_the_database_does_not_answer(live_server):
     r = readyz(live_server)
     assert r.status_code == 503
@@ -96,9 +107,12 @@ def test_readyz_503_when_the_database_does_not_answer(live_server):
     assert r.json() == {"status": "unavailable", "reason": "database unavailable"}
     assert r.headers["retry-after"] == str(DATABASE_RETRY_AFTER_S)
     # The API says the same: 503 with Retry-After, not a bare 500.
-    for method, path, body in (("GET", "/api/v1/runs", None), ("PUT", "/api/v1/runs/r", {"project": "p"}),
-                               ("POST", "/api/v1/runs/r/points", {"series": [{"name": "loss", "steps": [1], "values": [1.0]}]}),
-                               ("GET", "/", None)):
+    for method, path, body in (
+        ("GET", "/api/v1/runs", None),
+        ("PUT", "/api/v1/runs/r", {"project": "p"}),
+        ("POST", "/api/v1/runs/r/points", {"series": [{"name": "loss", "steps": [1], "values": [1.0]}]}),
+        ("GET", "/", None),
+    ):
         r = httpx.request(method, live_server.url + path, json=body, timeout=30)
         assert r.status_code == 503, (path, r.status_code, r.text)
         assert r.headers["retry-after"] == str(DATABASE_RETRY_AFTER_S)
@@ -197,11 +211,16 @@ def test_a_database_outage_mid_run_is_503_with_retry_after_and_heals(db_url, tmp
         batch = {"series": [{"name": "loss", "steps": [1, 2], "values": [1.0, 0.5]}]}
         assert c.post("/api/v1/runs/r/points", json=batch).status_code == 200
         cut(app)
-        for method, path, body in (("GET", "/api/v1/runs/r", None), ("POST", "/api/v1/runs/r/points", batch),
-                                   ("GET", "/ui/api/runs/r/panels", None)):
+        for method, path, body in (
+            ("GET", "/api/v1/runs/r", None),
+            ("POST", "/api/v1/runs/r/points", batch),
+            ("GET", "/ui/api/runs/r/panels", None),
+        ):
             r = c.request(method, path, json=body)
             assert r.status_code == 503, (path, r.status_code, r.text)
-            assert r.headers["retry-after"] == str(DATABASE_RETRY_AFTER_S) and r.json() == {"detail": DATABASE_UNAVAILABLE}
+            assert r.headers["retry-after"] == str(DATABASE_RETRY_AFTER_S) and r.json() == {
+                "detail": DATABASE_UNAVAILABLE
+            }
         r = c.get("/readyz")
         assert r.status_code == 503 and r.json() == {"status": "unavailable", "reason": "database unavailable"}
         assert "database unavailable" in caplog.text  # the detail is logged for the operator
@@ -228,12 +247,27 @@ def test_metrics_counters_move_by_exactly_what_was_sent(live_server, client):
     values = loss_curve(100)
     for a in range(0, 100, 25):  # 4 batches x (25 loss + 25 other) points, all new
         steps = list(range(a, a + 25))
-        r = client.post("/runs/m/points", json={"series": [{"name": "loss", "steps": steps, "values": values[a:a + 25]},
-                                                         {"name": "lr", "steps": steps, "values": [0.1] * 25}]})
+        r = client.post(
+            "/runs/m/points",
+            json={
+                "series": [
+                    {"name": "loss", "steps": steps, "values": values[a : a + 25]},
+                    {"name": "lr", "steps": steps, "values": [0.1] * 25},
+                ]
+            },
+        )
         assert r.status_code == 200 and r.json()["inserted"] == 50
     assert post(client, "m", 75, values[75:100])["inserted"] == 0  # a resend: counted as sent, stores nothing
-    assert client.post("/runs/nope/points", json={"series": [{"name": "loss", "steps": [1, 2, 3], "values": [1, 2, 3]}]}).status_code == 404
-    assert client.post("/runs/m/points", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
+    assert (
+        client.post(
+            "/runs/nope/points", json={"series": [{"name": "loss", "steps": [1, 2, 3], "values": [1, 2, 3]}]}
+        ).status_code
+        == 404
+    )
+    assert (
+        client.post("/runs/m/points", content=b"{not json", headers={"content-type": "application/json"}).status_code
+        == 422
+    )
     assert client.get("/runs/m/series").status_code == 200  # not an ingest: not counted
 
     after = _counts(scrape(live_server))
@@ -257,10 +291,16 @@ def test_a_client_that_hangs_up_mid_body_is_counted_as_client_closed_not_5xx(liv
     body = b'{"series": [{"name": "loss", "steps": [1, 2, 3], "values": [1.0, 2.0'  # cut halfway
     length = b"Transfer-Encoding: chunked\r\n" if chunked else b"Content-Length: 100000\r\n"
     with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(b"POST /api/v1/runs/h/points HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n" + length + b"\r\n")
+        sock.sendall(
+            b"POST /api/v1/runs/h/points HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + length
+            + b"\r\n"
+        )
         sock.sendall(b"%x\r\n%s\r\n" % (len(body), body) if chunked else body)
-    after = wait_until(lambda: (f := scrape(live_server)) and requests(f, "client_closed") > requests(before, "client_closed") and f,
-                       what="the hang-up counted")
+    after = wait_until(
+        lambda: (f := scrape(live_server)) and requests(f, "client_closed") > requests(before, "client_closed") and f,
+        what="the hang-up counted",
+    )
     assert requests(after, "client_closed") - requests(before, "client_closed") == 1
     assert requests(after, "5xx") == requests(before, "5xx")
     assert client.get("/runs/h/series").json() == []  # nothing of the cut batch was stored
@@ -311,11 +351,15 @@ def test_webhook_failures_move_the_failure_counters(live_server, client, receive
     post_batches(client, "r", loss_curve(160, spikes=(139,)))  # opens and resolves: two deliveries
     receiver.wait_for(lambda rs: len(rs) >= 4)  # two attempts each (webhook_max_attempts=2), all answered 500
     want = {"delivered": 0, "retrying": 2, "failed": 2}
-    wait_until(lambda: {k: v - before[k] for k, v in _webhook_counts(live_server).items()} == want, what="failure counters")
+    wait_until(
+        lambda: {k: v - before[k] for k, v in _webhook_counts(live_server).items()} == want, what="failure counters"
+    )
     assert scrape(live_server)["stethoscope_webhook_outbox_pending"].value() == 0  # given up: no longer pending
 
 
-@pytest.mark.parametrize("settings", [{"webhook_backoff_s": 3600, "webhook_backoff_max_s": 3600, "webhook_max_attempts": 5}], indirect=True)
+@pytest.mark.parametrize(
+    "settings", [{"webhook_backoff_s": 3600, "webhook_backoff_max_s": 3600, "webhook_max_attempts": 5}], indirect=True
+)
 def test_outbox_depth_is_the_number_of_pending_deliveries(live_server, client, receiver):
     assert scrape(live_server)["stethoscope_webhook_outbox_pending"].value() == 0
     before = _webhook_counts(live_server)

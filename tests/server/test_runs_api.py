@@ -63,9 +63,16 @@ def test_openapi_schema_is_served(live_server):
     import httpx
 
     schema = httpx.get(live_server.url + "/openapi.json").json()
-    for path in ["/api/v1/runs/{run_id}", "/api/v1/runs/{run_id}/points", "/api/v1/runs/{run_id}/series/{name}", "/api/v1/runs/{run_id}/events"]:
+    for path in [
+        "/api/v1/runs/{run_id}",
+        "/api/v1/runs/{run_id}/points",
+        "/api/v1/runs/{run_id}/series/{name}",
+        "/api/v1/runs/{run_id}/events",
+    ]:
         assert path in schema["paths"], path
-    body = schema["paths"]["/api/v1/runs/{run_id}/points"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    body = schema["paths"]["/api/v1/runs/{run_id}/points"]["post"]["requestBody"]["content"]["application/json"][
+        "schema"
+    ]
     assert "series" in body["properties"]
 
 
@@ -77,7 +84,9 @@ def test_api_docs_pages_load_everything_from_the_server_itself(live_server, page
     import httpx
 
     html = httpx.get(live_server.url + page).text
-    refs = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)["']""", html) + re.findall(r"""url:\s*["']([^"']+)["']""", html)
+    refs = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)["']""", html) + re.findall(
+        r"""url:\s*["']([^"']+)["']""", html
+    )
     assert re.search(r"https?://|//[a-z0-9.-]+\.[a-z]", html, re.I) is None, html  # no other host named anywhere
     scripts = [u for u in refs if u.endswith(".js")]
     assert scripts, html
@@ -91,7 +100,14 @@ def test_api_docs_pages_load_everything_from_the_server_itself(live_server, page
 
 def test_q_matches_percent_underscore_and_backslash_literally(client):
     """Issue 16, finding 8: ``q`` went into LIKE unescaped, so ``%`` and ``_`` were wildcards."""
-    for rid, name in (("w1", "100% done"), ("w2", "1000 steps"), ("w3", "a_b"), ("w4", "axb"), ("w5", "back\\slash"), ("w6", "plain")):
+    for rid, name in (
+        ("w1", "100% done"),
+        ("w2", "1000 steps"),
+        ("w3", "a_b"),
+        ("w4", "axb"),
+        ("w5", "back\\slash"),
+        ("w6", "plain"),
+    ):
         assert client.put(f"/runs/{rid}", json={"project": "w", "name": name}).status_code == 201
     ids = lambda q: sorted(r["id"] for r in client.get("/runs", params={"q": q}).json())  # noqa: E731
     assert ids("%") == ["w1"]
@@ -121,7 +137,10 @@ def test_list_pages_in_sql_and_filters_tags_before_paging(client, live_server):
     engine = live_server.app.state.engine
     event.listen(engine, "before_cursor_execute", seen)
     try:
-        page = [r["id"] for r in client.get("/runs", params={"project": "tp", "tag": "even", "limit": 2, "offset": 2}).json()]
+        page = [
+            r["id"]
+            for r in client.get("/runs", params={"project": "tp", "tag": "even", "limit": 2, "offset": 2}).json()
+        ]
         odd_x = [r["id"] for r in client.get("/runs", params={"tag": "x", "limit": 100}).json()]
     finally:
         event.remove(engine, "before_cursor_execute", seen)

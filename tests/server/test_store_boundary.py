@@ -35,12 +35,15 @@ def _violations(path: Path) -> list[str]:
     for node in ast.walk(tree):
         where = f"{path.relative_to(SERVER.parent)}:{getattr(node, 'lineno', '?')}"
         if isinstance(node, ast.Import):
-            out += [f"{where}: import {a.name}" for a in node.names
-                    if a.name.split(".")[0] in ("sqlalchemy", "alembic")]
+            out += [
+                f"{where}: import {a.name}" for a in node.names if a.name.split(".")[0] in ("sqlalchemy", "alembic")
+            ]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             root = node.module.split(".")[0]
             names = {a.name for a in node.names}
-            if root == "alembic" or (root == "sqlalchemy" and (node.module != "sqlalchemy" or names - ALLOWED_SQLALCHEMY)):
+            if root == "alembic" or (
+                root == "sqlalchemy" and (node.module != "sqlalchemy" or names - ALLOWED_SQLALCHEMY)
+            ):
                 out.append(f"{where}: from {node.module} import {', '.join(a.name for a in node.names)}")
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in RUNNERS:
             out.append(f"{where}: .{node.func.attr}(...)")
@@ -73,12 +76,18 @@ def test_the_boundary_check_sees_sql(tmp_path):
         kinds = [v.split(": ", 1)[1] for v in _violations(src)]
     finally:
         SERVER = old
-    assert kinds == ["from sqlalchemy import Connection, select", "import sqlalchemy",
-                     "from alembic.runtime.migration import MigrationContext",
-                     ".execute(...)", ".exec_driver_sql(...)", "SQL text 'SELECT 1'"]
+    assert kinds == [
+        "from sqlalchemy import Connection, select",
+        "import sqlalchemy",
+        "from alembic.runtime.migration import MigrationContext",
+        ".execute(...)",
+        ".exec_driver_sql(...)",
+        "SQL text 'SELECT 1'",
+    ]
 
 
 # -- each point routed once ----------------------------------------------------------------------
+
 
 @pytest.fixture
 def store(settings):

@@ -7,9 +7,8 @@ import threading
 
 import pytest
 
-from stethoscope_server.store import migrate
+from stethoscope_server.store import NotFound, SeriesBatch, Store, migrate
 from stethoscope_server.store.db import make_engine
-from stethoscope_server.store import NotFound, SeriesBatch, Store
 
 
 @pytest.fixture
@@ -30,7 +29,10 @@ def test_concurrent_ingests_store_every_point_once(store):
         try:
             for k in range(15):
                 steps = list(range(k * 10, k * 10 + 10))
-                batch = [SeriesBatch("loss", steps, [float(s + offset) for s in steps], [0.0] * 10), SeriesBatch("shared", steps, [1.0] * 10, [0.0] * 10)]
+                batch = [
+                    SeriesBatch("loss", steps, [float(s + offset) for s in steps], [0.0] * 10),
+                    SeriesBatch("shared", steps, [1.0] * 10, [0.0] * 10),
+                ]
                 results.append(store.ingest(run_id, batch).inserted)
                 # the same batch again, concurrently with others: stores nothing new
                 results.append(-store.ingest(run_id, batch).inserted)
@@ -79,7 +81,10 @@ def test_a_first_batch_of_many_series_creates_each_once(store, settings):
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=send, args=("a", store, [0, 1])), threading.Thread(target=send, args=("b", other, [1, 2]))]
+    threads = [
+        threading.Thread(target=send, args=("a", store, [0, 1])),
+        threading.Thread(target=send, args=("b", other, [1, 2])),
+    ]
     for t in threads:
         t.start()
     for t in threads:

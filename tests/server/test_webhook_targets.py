@@ -15,10 +15,10 @@ import socket
 import threading
 
 import pytest
-
 from _alert_helpers import loss_curve, make_run, no_internal_errors, post_batches, wait_until  # noqa: F401
 from live_servers import free_port
 from webhook_receiver import Receiver
+
 from stethoscope_server.alerting import webhook_targets as T
 from stethoscope_server.settings import Settings
 
@@ -55,8 +55,9 @@ REFUSED_URLS = [
 @pytest.fixture
 def settings(db_url, request):
     over = dict(getattr(request, "param", {}))
-    return Settings(database_url=db_url, outbox_poll_s=0.2, stall_check_s=0.2, webhook_max_attempts=1,
-                    webhook_timeout_s=5, **over)
+    return Settings(
+        database_url=db_url, outbox_poll_s=0.2, stall_check_s=0.2, webhook_max_attempts=1, webhook_timeout_s=5, **over
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +65,11 @@ def guard(monkeypatch):
     """A fake DNS for ``*.test`` names (``dns``: name -> addresses; change it mid-test), the
     real resolver refused them (so nothing asks real DNS), and every webhook connection
     recorded and refused unless it goes to loopback."""
-    dns: dict[str, list[str]] = {"intranet.test": ["10.1.2.3"], "mixed.test": [PUBLIC, "127.0.0.1"], "public.test": [PUBLIC]}
+    dns: dict[str, list[str]] = {
+        "intranet.test": ["10.1.2.3"],
+        "mixed.test": [PUBLIC, "127.0.0.1"],
+        "public.test": [PUBLIC],
+    }
     connects: list[tuple[str, int]] = []
     lookups: list[str] = []
     real_getaddrinfo, real_connect = socket.getaddrinfo, T._connect
@@ -73,7 +78,10 @@ def guard(monkeypatch):
         lookups.append(host)
         if host not in dns:
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return [(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in dns[host]]
+        return [
+            (socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port))
+            for ip in dns[host]
+        ]
 
     def system_getaddrinfo(host, *a, **k):
         if isinstance(host, str) and host.rstrip(".").endswith(".test"):
@@ -86,7 +94,15 @@ def guard(monkeypatch):
             raise AssertionError(f"a webhook connected to {ip}, off loopback")
         return real_connect(ip, port, timeout)
 
-    monkeypatch.setattr(T, "_getaddrinfo", lambda host, port: fake_getaddrinfo(host, port) if host.endswith(".test") else real_getaddrinfo(host, port, type=socket.SOCK_STREAM))
+    monkeypatch.setattr(
+        T,
+        "_getaddrinfo",
+        lambda host, port: (
+            fake_getaddrinfo(host, port)
+            if host.endswith(".test")
+            else real_getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        ),
+    )
     monkeypatch.setattr(socket, "getaddrinfo", system_getaddrinfo)
     monkeypatch.setattr(T, "_connect", connect)
 
@@ -128,29 +144,58 @@ def _failed(client, hook_id, n):
 
 
 # -- the address check itself (no database) ---------------------------------------------
-@pytest.mark.parametrize("address, reason", [
-    ("127.0.0.1", "loopback address"), ("127.255.0.9", "loopback address"), ("::1", "loopback address"),
-    ("::ffff:127.0.0.1", "loopback address"), ("2002:7f00:1::", "loopback address"),  # 6to4 of 127.0.0.1
-    ("64:ff9b::7f00:1", "loopback address"),  # NAT64 of 127.0.0.1
-    ("169.254.169.254", "link-local address"), ("fe80::1", "link-local address"), ("::ffff:169.254.169.254", "link-local address"),
-    ("10.0.0.1", "private address"), ("172.16.5.4", "private address"), ("192.168.1.1", "private address"),
-    ("fc00::1", "private address"), ("fd12:3456::1", "private address"), ("::ffff:10.0.0.1", "private address"),
-    ("100.64.0.1", "carrier-grade NAT address"), ("100.127.255.254", "carrier-grade NAT address"),
-    ("0.0.0.0", "unspecified address"), ("::", "unspecified address"),
-    ("224.0.0.1", "multicast address"), ("ff02::1", "multicast address"),
-    ("240.0.0.1", "private address"), ("255.255.255.255", "private address"), ("198.18.0.1", "private address"),
-    ("::127.0.0.1", "reserved address"),
-    ("8.8.8.8", None), ("93.184.215.14", None), ("2001:4860:4860::8888", None), ("::ffff:8.8.8.8", None),
-    ("64:ff9b::808:808", None),
-])
+@pytest.mark.parametrize(
+    "address, reason",
+    [
+        ("127.0.0.1", "loopback address"),
+        ("127.255.0.9", "loopback address"),
+        ("::1", "loopback address"),
+        ("::ffff:127.0.0.1", "loopback address"),
+        ("2002:7f00:1::", "loopback address"),  # 6to4 of 127.0.0.1
+        ("64:ff9b::7f00:1", "loopback address"),  # NAT64 of 127.0.0.1
+        ("169.254.169.254", "link-local address"),
+        ("fe80::1", "link-local address"),
+        ("::ffff:169.254.169.254", "link-local address"),
+        ("10.0.0.1", "private address"),
+        ("172.16.5.4", "private address"),
+        ("192.168.1.1", "private address"),
+        ("fc00::1", "private address"),
+        ("fd12:3456::1", "private address"),
+        ("::ffff:10.0.0.1", "private address"),
+        ("100.64.0.1", "carrier-grade NAT address"),
+        ("100.127.255.254", "carrier-grade NAT address"),
+        ("0.0.0.0", "unspecified address"),
+        ("::", "unspecified address"),
+        ("224.0.0.1", "multicast address"),
+        ("ff02::1", "multicast address"),
+        ("240.0.0.1", "private address"),
+        ("255.255.255.255", "private address"),
+        ("198.18.0.1", "private address"),
+        ("::127.0.0.1", "reserved address"),
+        ("8.8.8.8", None),
+        ("93.184.215.14", None),
+        ("2001:4860:4860::8888", None),
+        ("::ffff:8.8.8.8", None),
+        ("64:ff9b::808:808", None),
+    ],
+)
 def test_disallowed_addresses(address, reason):
     assert T.disallowed(ipaddress.ip_address(address)) == reason
 
 
-@pytest.mark.parametrize("host, address", [
-    ("2130706433", "127.0.0.1"), ("0x7f000001", "127.0.0.1"), ("0x7f.1", "127.0.0.1"), ("0177.0.0.1", "127.0.0.1"),
-    ("127.1", "127.0.0.1"), ("0", "0.0.0.0"), ("::ffff:127.0.0.1", "::ffff:127.0.0.1"), ("example.test", None),
-])
+@pytest.mark.parametrize(
+    "host, address",
+    [
+        ("2130706433", "127.0.0.1"),
+        ("0x7f000001", "127.0.0.1"),
+        ("0x7f.1", "127.0.0.1"),
+        ("0177.0.0.1", "127.0.0.1"),
+        ("127.1", "127.0.0.1"),
+        ("0", "0.0.0.0"),
+        ("::ffff:127.0.0.1", "::ffff:127.0.0.1"),
+        ("example.test", None),
+    ],
+)
 def test_every_spelling_of_an_address_is_that_address(host, address):
     assert T.literal_ip(host) == (None if address is None else ipaddress.ip_address(address))
 
@@ -297,8 +342,8 @@ def test_the_reply_body_and_socket_errors_never_reach_clients(live_server, clien
     assert r.json()["last_error"] == "connection failed" and "Errno" not in r.text and "refused" not in r.text.lower()
 
     # Rows stored before this change kept the reply's first bytes and the OS error text.
-    from stethoscope_server.store.models import utcnow
     from stethoscope_server.store import webhooks as W
+    from stethoscope_server.store.models import utcnow
 
     with live_server.store.writing() as conn:
         (a, b) = (W.insert_claimed(conn, hook["id"], {"event": "test", "body": {}}, utcnow())["id"] for _ in range(2))

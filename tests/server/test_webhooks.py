@@ -10,9 +10,9 @@ import time
 
 import httpx
 import pytest
-
 from _alert_helpers import loss_curve, make_run, no_internal_errors, post, post_batches, wait_until  # noqa: F401
 from webhook_receiver import Receiver
+
 from stethoscope_server.settings import Settings
 
 SECRET = "s3cret-for-tests"
@@ -22,8 +22,16 @@ SECRET = "s3cret-for-tests"
 def settings(db_url):
     # Quick retries (0.1-0.2 s, doubling to at most 1 s) and four attempts, so the retry
     # tests take a second or two. The receiver is on loopback: private targets allowed.
-    return Settings(database_url=db_url, outbox_poll_s=0.2, stall_check_s=0.2, webhook_backoff_s=0.2,
-                    webhook_backoff_max_s=1.0, webhook_max_attempts=4, webhook_timeout_s=5, webhook_allow_private=True)
+    return Settings(
+        database_url=db_url,
+        outbox_poll_s=0.2,
+        stall_check_s=0.2,
+        webhook_backoff_s=0.2,
+        webhook_backoff_max_s=1.0,
+        webhook_max_attempts=4,
+        webhook_timeout_s=5,
+        webhook_allow_private=True,
+    )
 
 
 @pytest.fixture
@@ -75,9 +83,15 @@ def test_signed_json_delivery_with_link_and_severity_filter(client, live_server,
     assert got[0].headers["x-stethoscope-delivery"] != got[1].headers["x-stethoscope-delivery"]
 
     # The receiver has replied; the worker records that right after.
-    log = wait_until(lambda: (lambda log: log if all(d["status"] != "pending" for d in log) else None)(_deliveries(client, hook["id"])))
+    log = wait_until(
+        lambda: (lambda log: log if all(d["status"] != "pending" for d in log) else None)(
+            _deliveries(client, hook["id"])
+        )
+    )
     assert [(d["event"], d["status"], d["attempts"], d["last_status_code"]) for d in log] == [
-        ("alert.resolved", "delivered", 1, 200), ("alert.opened", "delivered", 1, 200)]
+        ("alert.resolved", "delivered", 1, 200),
+        ("alert.opened", "delivered", 1, 200),
+    ]
     assert log[1]["alert_id"] == alert["id"] and log[1]["delivered_at"] is not None and log[1]["body"] == got[0].json
     assert _deliveries(client, critical_only["id"]) == []  # a warning is not for it
 
@@ -125,7 +139,9 @@ def test_gives_up_after_the_last_attempt(client, receiver):
     hook = _hook(client, receiver.url)
     make_run(client)
     post_batches(client, "r", loss_curve(140, spikes=(139,)))
-    (d,) = wait_until(lambda: [d for d in _deliveries(client, hook["id"]) if d["status"] == "failed"], what="failed delivery")
+    (d,) = wait_until(
+        lambda: [d for d in _deliveries(client, hook["id"]) if d["status"] == "failed"], what="failed delivery"
+    )
     assert d["attempts"] == 4 and d["last_status_code"] == 500 and d["last_error"] == "HTTP 5xx"
     time.sleep(1.5)  # longer than the largest backoff: no fifth attempt
     assert len(receiver.requests) == 4
@@ -183,14 +199,21 @@ def test_restart_with_pending_deliveries(server_process, receiver, monkeypatch):
         alert = _spike(c)
         # "opened" failed once and waits for its retry (not mid-attempt); "resolved" waits
         # behind it (one alert's deliveries go in order), not yet tried.
-        wait_until(lambda: len([d for d in _deliveries(c, hook["id"]) if d["last_status_code"] == 500]) == 1
-                   and len(_deliveries(c, hook["id"])) == 2)
+        wait_until(
+            lambda: (
+                len([d for d in _deliveries(c, hook["id"]) if d["last_status_code"] == 500]) == 1
+                and len(_deliveries(c, hook["id"])) == 2
+            )
+        )
     sp.kill()
     receiver.default_status = 200
     sp2 = server_process().start()
-    got = receiver.wait_for(lambda rs: {r.json["event"] for r in rs if r.replied == 200} == {"alert.opened", "alert.resolved"}, timeout=60)
+    got = receiver.wait_for(
+        lambda rs: {r.json["event"] for r in rs if r.replied == 200} == {"alert.opened", "alert.resolved"}, timeout=60
+    )
     assert all(r.json["alert"]["id"] == alert["id"] and r.signature_ok(SECRET) for r in got)
     with httpx.Client(base_url=sp2.url + "/api/v1", timeout=30) as c:
+
         def all_delivered():
             log = _deliveries(c, hook["id"])
             return log if all(d["status"] == "delivered" for d in log) else None
@@ -201,17 +224,22 @@ def test_restart_with_pending_deliveries(server_process, receiver, monkeypatch):
 
 def test_two_outbox_workers_never_send_a_delivery_twice(settings, receiver):
     """Two workers (separate engines, as two server processes have) drain one outbox."""
-    from stethoscope_server.store import migrate
-    from stethoscope_server.store.db import make_engine
     from stethoscope_server.alerting.outbox import Outbox
-    from stethoscope_server.store import Store
+    from stethoscope_server.store import Store, migrate
     from stethoscope_server.store import webhooks as W
+    from stethoscope_server.store.db import make_engine
 
     migrate.upgrade(settings.database_url)
     stores = [Store(make_engine(settings)) for _ in range(2)]
     with stores[0].writing() as conn:
         hook = W.create(conn, "p", receiver.url, SECRET, ["warning"], "json", True)
-        W.enqueue(conn, [{"webhook_id": hook["id"], "alert_id": None, "payload": {"event": "test", "body": {"n": i}}} for i in range(40)])
+        W.enqueue(
+            conn,
+            [
+                {"webhook_id": hook["id"], "alert_id": None, "payload": {"event": "test", "body": {"n": i}}}
+                for i in range(40)
+            ],
+        )
     outboxes = [Outbox(s, settings) for s in stores]
 
     def drain(outbox):
@@ -241,8 +269,16 @@ class TestOneAlertsDeliveriesInOrder:
     @pytest.fixture
     def settings(self, db_url):
         # A retry 1-2 s after a failure: long after a later change of the alert is due.
-        return Settings(database_url=db_url, outbox_poll_s=0.2, stall_check_s=0.2, webhook_backoff_s=2.0,
-                        webhook_backoff_max_s=2.0, webhook_max_attempts=4, webhook_timeout_s=5, webhook_allow_private=True)
+        return Settings(
+            database_url=db_url,
+            outbox_poll_s=0.2,
+            stall_check_s=0.2,
+            webhook_backoff_s=2.0,
+            webhook_backoff_max_s=2.0,
+            webhook_max_attempts=4,
+            webhook_timeout_s=5,
+            webhook_allow_private=True,
+        )
 
     def test_a_receiver_that_fails_opened_once_still_gets_opened_before_resolved(self, client, receiver):
         receiver.statuses[:] = [500]  # the first delivery ("opened") fails once
@@ -254,11 +290,18 @@ class TestOneAlertsDeliveriesInOrder:
         post_batches(client, "r", values, first=140)  # resolves: "resolved" is due at once
         got = receiver.wait_for(lambda rs: len([r for r in rs if r.replied == 200]) >= 2)
         assert [(r.json["event"], r.replied) for r in got] == [
-            ("alert.opened", 500), ("alert.opened", 200), ("alert.resolved", 200)]
+            ("alert.opened", 500),
+            ("alert.opened", 200),
+            ("alert.resolved", 200),
+        ]
         assert [r.json["sequence"] for r in got] == [1, 1, 2]
         assert [r.headers["x-stethoscope-sequence"] for r in got] == ["1", "1", "2"]
         assert all(r.json["alert"]["id"] == alert["id"] for r in got)
-        log = wait_until(lambda: (lambda log: log if all(d["status"] == "delivered" for d in log) else None)(_deliveries(client, hook["id"])))
+        log = wait_until(
+            lambda: (lambda log: log if all(d["status"] == "delivered" for d in log) else None)(
+                _deliveries(client, hook["id"])
+            )
+        )
         assert [(d["event"], d["attempts"]) for d in log] == [("alert.resolved", 1), ("alert.opened", 2)]
 
     def test_claims_wait_for_the_earlier_delivery_of_the_same_alert(self, settings, db_url):
@@ -267,13 +310,12 @@ class TestOneAlertsDeliveriesInOrder:
         from datetime import timedelta
         from types import SimpleNamespace
 
-        from stethoscope_server.store import migrate
-        from stethoscope_server.store.db import make_engine
-        from stethoscope_server.store.models import utcnow
-        from stethoscope_server.store import Store
+        from stethoscope_server.store import Store, migrate
         from stethoscope_server.store import alerts as A
         from stethoscope_server.store import runs as R
         from stethoscope_server.store import webhooks as W
+        from stethoscope_server.store.db import make_engine
+        from stethoscope_server.store.models import utcnow
 
         migrate.upgrade(settings.database_url)
         store = Store(make_engine(settings))
@@ -282,13 +324,32 @@ class TestOneAlertsDeliveriesInOrder:
             with store.writing() as conn:
                 R.upsert_run(conn, "r", "p", None, None, None)
                 pid = R.ensure_project(conn, "p")
-                change = SimpleNamespace(detector="loss_spike", key="loss", severity="warning", start_step=1,
-                                         peak_step=1, end_step=1, message="m", evidence={})
-                a1, a2 = A.insert_alert(conn, "r", pid, change), A.insert_alert(conn, "r", pid, SimpleNamespace(**{**vars(change), "key": "x"}))
+                change = SimpleNamespace(
+                    detector="loss_spike",
+                    key="loss",
+                    severity="warning",
+                    start_step=1,
+                    peak_step=1,
+                    end_step=1,
+                    message="m",
+                    evidence={},
+                )
+                a1, a2 = (
+                    A.insert_alert(conn, "r", pid, change),
+                    A.insert_alert(conn, "r", pid, SimpleNamespace(**{**vars(change), "key": "x"})),
+                )
                 h1 = W.create(conn, "p", "http://127.0.0.1:9/a", SECRET, ["warning"], "json", True)["id"]
                 h2 = W.create(conn, "p", "http://127.0.0.1:9/b", SECRET, ["warning"], "json", True)["id"]
-                rows = [(h1, a1, "opened"), (h2, a1, "opened"), (h1, a2, "opened"), (h1, a1, "resolved"), (h2, a1, "resolved")]
-                ids = W.enqueue(conn, [{"webhook_id": h, "alert_id": a, "payload": {"event": e, "body": {}}} for h, a, e in rows])
+                rows = [
+                    (h1, a1, "opened"),
+                    (h2, a1, "opened"),
+                    (h1, a2, "opened"),
+                    (h1, a1, "resolved"),
+                    (h2, a1, "resolved"),
+                ]
+                ids = W.enqueue(
+                    conn, [{"webhook_id": h, "alert_id": a, "payload": {"event": e, "body": {}}} for h, a, e in rows]
+                )
             opened1, opened1_h2, opened2, resolved1, resolved1_h2 = ids
 
             def claim(at):

@@ -12,7 +12,6 @@ import struct
 import sys
 
 import httpx
-import pytest
 import orjson
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -23,8 +22,23 @@ from stethoscope_server.api.ingest_parse import parse_batch
 
 #: Floats of every kind; hypothesis draws NaN, +-inf, -0.0 and subnormals on its own, and
 #: these make sure each kind shows up in every run.
-EDGES = [math.nan, math.inf, -math.inf, 0.0, -0.0, 5e-324, -5e-324, 2.2250738585072009e-308,
-         sys.float_info.max, -sys.float_info.max, sys.float_info.min, 1.0 + 2**-52, 0.1, 1e300, -1e-300]
+EDGES = [
+    math.nan,
+    math.inf,
+    -math.inf,
+    0.0,
+    -0.0,
+    5e-324,
+    -5e-324,
+    2.2250738585072009e-308,
+    sys.float_info.max,
+    -sys.float_info.max,
+    sys.float_info.min,
+    1.0 + 2**-52,
+    0.1,
+    1e300,
+    -1e-300,
+]
 any_float = st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=True) | st.sampled_from(EDGES)
 
 
@@ -53,8 +67,9 @@ def test_encode_then_decode_is_the_identity(x):
 @settings(max_examples=500, deadline=None)
 @given(st.lists(any_float, max_size=50))
 def test_the_server_parses_what_the_hook_writes_and_replies_what_it_stored(xs):
-    body = json.dumps({"series": [{"name": "x", "steps": list(range(len(xs))), "values": encode_values(xs)}]},
-                      allow_nan=False).encode()
+    body = json.dumps(
+        {"series": [{"name": "x", "steps": list(range(len(xs))), "values": encode_values(xs)}]}, allow_nan=False
+    ).encode()
     if xs:  # an empty column is skipped
         (batch,) = parse_batch(body, 50_000)
         assert all(same(a, b) for a, b in zip(batch.values, xs, strict=True))
@@ -75,9 +90,12 @@ def test_every_float_round_trips_through_the_server_and_the_database(live_server
     transport = HttpTransport(live_server.url)  # the hook's own transport (gzip past 1 KiB)
     try:
         transport.request("PUT", f"/api/v1/runs/{run}", {"project": "wire"})
-        reply = transport.request("POST", f"/api/v1/runs/{run}/points",
-                                  {"series": [{"name": "x", "steps": list(range(len(xs))), "values": encode_values(xs)}]},
-                                  compress=True)
+        reply = transport.request(
+            "POST",
+            f"/api/v1/runs/{run}/points",
+            {"series": [{"name": "x", "steps": list(range(len(xs))), "values": encode_values(xs)}]},
+            compress=True,
+        )
     finally:
         transport.close()
     assert reply["inserted"] == len(xs)

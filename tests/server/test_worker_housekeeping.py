@@ -9,8 +9,8 @@ import sqlite3
 
 import httpx
 import pytest
-
 from live_servers import wait_until
+
 from stethoscope_server.store.db import WAL_AUTOCHECKPOINT_PAGES, checkpoint_wal, make_engine
 
 POINTS = 2_000
@@ -18,7 +18,12 @@ POINTS = 2_000
 
 def _ingest(base: str, run: str) -> None:
     assert httpx.put(f"{base}/api/v1/runs/{run}", json={"project": "p"}).status_code in (200, 201)
-    body = {"series": [{"name": f"m/{k}", "steps": list(range(200)), "values": [k + i / 7 for i in range(200)]} for k in range(POINTS // 200)]}
+    body = {
+        "series": [
+            {"name": f"m/{k}", "steps": list(range(200)), "values": [k + i / 7 for i in range(200)]}
+            for k in range(POINTS // 200)
+        ]
+    }
     r = httpx.post(f"{base}/api/v1/runs/{run}/points", json=body, timeout=30)
     assert r.status_code == 200 and r.json()["inserted"] == POINTS, r.text
 
@@ -41,7 +46,9 @@ def test_sqlite_wal_is_checkpointed_in_the_background(live_server, db_url):
     # Far below SQLite's own checkpoint mark (set high, as a backstop): only the worker's
     # checkpoint thread moves these points into the file.
     assert POINTS * 40 // 4096 < WAL_AUTOCHECKPOINT_PAGES
-    wait_until(lambda: _points_in_main_file(path) == POINTS, timeout=20, what="points checkpointed into the database file")
+    wait_until(
+        lambda: _points_in_main_file(path) == POINTS, timeout=20, what="points checkpointed into the database file"
+    )
     metrics = httpx.get(f"{live_server.url}/metrics").text
     assert 'stethoscope_background_errors_total{job="sqlite-checkpoint"} 0' in metrics
 
@@ -66,6 +73,7 @@ def test_checkpoint_wal_copies_every_committed_page(settings, db_url):
 
 def test_start_up_objects_are_frozen_while_the_worker_serves(settings):
     from live_servers import _ThreadServer, free_port
+
     from stethoscope_server.app import create_app
 
     assert gc.get_freeze_count() == 0

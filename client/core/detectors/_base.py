@@ -26,6 +26,7 @@ def severity_rank(severity: str | None) -> int:
     """
     return _RANK.get(severity, -1)  # type: ignore[arg-type]
 
+
 #: Actions an :class:`AlertChange` carries.
 OPEN, UPDATE, RESOLVE = "open", "update", "resolve"
 
@@ -168,8 +169,18 @@ class Detector:
         return log.changes
 
     # -- episode lifecycle -----------------------------------------------------------------
-    def hold(self, state: dict, log: ChangeLog, key: str, step: int, severity: str, score: float,
-             message: str, evidence: dict, start: int | None = None) -> None:
+    def hold(
+        self,
+        state: dict,
+        log: ChangeLog,
+        key: str,
+        step: int,
+        severity: str,
+        score: float,
+        message: str,
+        evidence: dict,
+        start: int | None = None,
+    ) -> None:
         """The condition for episode ``key`` holds at ``step``: open, escalate or extend it.
 
         ``start`` backdates a new episode to where its condition began (after a patience).
@@ -177,9 +188,16 @@ class Detector:
         eps = state.setdefault("episodes", {})
         ep = eps.get(key)
         if ep is None:
-            ep = eps[key] = {"severity": severity, "start": step if start is None else start, "peak": step, "end": step,
-                             "score": _json_score(score), "message": message,
-                             "evidence": json_safe(evidence), "clear": 0}
+            ep = eps[key] = {
+                "severity": severity,
+                "start": step if start is None else start,
+                "peak": step,
+                "end": step,
+                "score": _json_score(score),
+                "message": message,
+                "evidence": json_safe(evidence),
+                "clear": 0,
+            }
             log.add(self._change(OPEN, key, ep))
             return
         ep["end"] = step
@@ -188,8 +206,9 @@ class Detector:
         ep.pop("clear_step", None)
         worse = severity_rank(severity) > severity_rank(ep["severity"])
         if worse or (severity_rank(severity) == severity_rank(ep["severity"]) and _json_score(score) > ep["score"]):
-            ep.update(severity=severity, peak=step, score=_json_score(score), message=message,
-                      evidence=json_safe(evidence))
+            ep.update(
+                severity=severity, peak=step, score=_json_score(score), message=message, evidence=json_safe(evidence)
+            )
         log.add(self._change(UPDATE, key, ep))
 
     def clear(self, state: dict, log: ChangeLog, key: str, step: int, needed: int) -> None:
@@ -224,8 +243,9 @@ class Detector:
         return key in state.get("episodes", ())
 
     def _change(self, action: str, key: str, ep: dict) -> AlertChange:
-        return AlertChange(action, self.name, key, ep["severity"], ep["start"], ep["peak"], ep["end"],
-                           ep["message"], ep["evidence"])
+        return AlertChange(
+            action, self.name, key, ep["severity"], ep["start"], ep["peak"], ep["end"], ep["message"], ep["evidence"]
+        )
 
 
 def _json_score(x: float) -> float:

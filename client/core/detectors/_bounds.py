@@ -38,15 +38,37 @@ _CURVATURE = (MIN_CURVATURE_RATIO, MAX_CURVATURE_RATIO, "MIN_CURVATURE_RATIO..MA
 #: ``{setting: (min, max, reason)}``, inclusive, for every int and float setting of every
 #: detector (a test checks that none is missing).
 BOUNDS: dict[str, tuple[float, float, str]] = {
-    **{k: _POINTS for k in ("window", "warmup", "smooth_points", "level_points", "patience", "grad_window",
-                            "grad_smooth_points", "clear_points", "recover_points")},
+    **{
+        k: _POINTS
+        for k in (
+            "window",
+            "warmup",
+            "smooth_points",
+            "level_points",
+            "patience",
+            "grad_window",
+            "grad_smooth_points",
+            "clear_points",
+            "recover_points",
+        )
+    },
     "threshold": _SIGMAS,
     "recover_threshold": _SIGMAS,
     "runaway_ratio": _GROWTH,
     "grad_ratio": _GROWTH,
     "min_rise": (0.0, MAX_GROWTH_RATIO, "MAX_GROWTH_RATIO: a larger rise never fires"),
-    **{k: _FRACTION for k in ("runaway_progress", "recovering_fraction", "warn_fraction", "critical_fraction",
-                              "zero_loss_warn", "drop", "recover_tolerance")},
+    **{
+        k: _FRACTION
+        for k in (
+            "runaway_progress",
+            "recovering_fraction",
+            "warn_fraction",
+            "critical_fraction",
+            "zero_loss_warn",
+            "drop",
+            "recover_tolerance",
+        )
+    },
     **{k: _CURVATURE for k in ("near_ratio", "at_ratio", "trace_ratio")},
     "margin_warn": (MIN_MARGIN_NATS, MAX_MARGIN_NATS, "MIN_MARGIN_NATS..MAX_MARGIN_NATS: nats"),
     "timeout_s": (MIN_STALL_TIMEOUT_S, MAX_STALL_TIMEOUT_S, "MIN_STALL_TIMEOUT_S..MAX_STALL_TIMEOUT_S: seconds"),

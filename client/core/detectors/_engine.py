@@ -20,8 +20,14 @@ from .stalled import StalledRunDetector
 #: Every detector, by the name used in settings, states and alerts.
 DETECTORS: dict[str, type[Detector]] = {
     cls.name: cls
-    for cls in (DivergenceDetector, LossSpikeDetector, SoftmaxCollapseDetector,
-                EdgeOfStabilityDetector, StabilityGapDetector, StalledRunDetector)
+    for cls in (
+        DivergenceDetector,
+        LossSpikeDetector,
+        SoftmaxCollapseDetector,
+        EdgeOfStabilityDetector,
+        StabilityGapDetector,
+        StalledRunDetector,
+    )
 }
 
 #: One point: (series, step, value).
@@ -126,8 +132,9 @@ class DetectorSet:
             series.append((name, [p[1] for p in run], [p[2] for p in run]))
         return self.feed(state, self.route(series))
 
-    def check(self, state: dict, now: float, last_seen: float | None, status: str,
-              last_step: int | None = None) -> list[AlertChange]:
+    def check(
+        self, state: dict, now: float, last_seen: float | None, status: str, last_step: int | None = None
+    ) -> list[AlertChange]:
         """Run the time-based detectors (stalled run); see :class:`StalledRunDetector`."""
         changes: list[AlertChange] = []
         for d in self.detectors:

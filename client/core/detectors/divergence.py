@@ -47,7 +47,7 @@ class DivergenceParams:
 
     loss_series: str = "loss"
     grad_series: str = "grad/norm"
-    nonfinite_series: str = "grad/nonfinite"   #: count of non-finite gradient entries
+    nonfinite_series: str = "grad/nonfinite"  #: count of non-finite gradient entries
     runaway_ratio: float = RUNAWAY_RATIO
     runaway_progress: float = RUNAWAY_PROGRESS
     smooth_points: int = SMOOTH_POINTS
@@ -66,8 +66,9 @@ class DivergenceParams:
         if not 0 <= self.runaway_progress <= 1 or not 0 <= self.recovering_fraction < 1:
             raise ValueError("divergence: runaway_progress must be in [0, 1], recovering_fraction in [0, 1)")
         if min(self.smooth_points, self.level_points, self.grad_smooth_points, self.clear_points, self.patience) < 1:
-            raise ValueError("divergence: smooth_points, level_points, grad_smooth_points, patience and "
-                             "clear_points must be >= 1")
+            raise ValueError(
+                "divergence: smooth_points, level_points, grad_smooth_points, patience and clear_points must be >= 1"
+            )
         if self.grad_window < 4 or not 1 <= self.warmup <= self.grad_window:
             raise ValueError("divergence: need grad_window >= 4 and 1 <= warmup <= grad_window")
 
@@ -103,11 +104,21 @@ class DivergenceDetector(Detector):
         bad = state.setdefault("nonfinite", {})
         bad[series] = (value != 0.0) if series == p.nonfinite_series else not finite(value)
         if bad[series]:
-            what = (f"{fmt(value)} non-finite gradient entries" if series == p.nonfinite_series
-                    else f"{series} is {fmt(value)}")
-            self.hold(state, log, "nonfinite", step, "critical", 0.0,
-                      f"Training diverged at step {step}: {what}. Non-finite values do not come back by themselves.",
-                      {"series": series, "value": value})
+            what = (
+                f"{fmt(value)} non-finite gradient entries"
+                if series == p.nonfinite_series
+                else f"{series} is {fmt(value)}"
+            )
+            self.hold(
+                state,
+                log,
+                "nonfinite",
+                step,
+                "critical",
+                0.0,
+                f"Training diverged at step {step}: {what}. Non-finite values do not come back by themselves.",
+                {"series": series, "value": value},
+            )
         elif not any(bad.values()):
             self.clear(state, log, "nonfinite", step, p.clear_points)
         if series == p.nonfinite_series or not finite(value):
@@ -142,17 +153,28 @@ class DivergenceDetector(Detector):
                 evidence.update(e)
                 if "loss_ratio" in e:
                     plain.append("the loss is climbing far above its best")
-                    why.append(f"smoothed loss {fmt(e['loss_smoothed'])} is {fmt(e['loss_ratio'])}x "
-                               f"its running minimum {fmt(e['loss_min'])}")
+                    why.append(
+                        f"smoothed loss {fmt(e['loss_smoothed'])} is {fmt(e['loss_ratio'])}x "
+                        f"its running minimum {fmt(e['loss_min'])}"
+                    )
                 else:
                     plain.append("the gradient norm is exploding")
-                    why.append(f"gradient norm {fmt(e['grad_norm_smoothed'])} is {fmt(e['grad_ratio'])}x "
-                               f"its rolling median {fmt(e['grad_norm_median'])}")
+                    why.append(
+                        f"gradient norm {fmt(e['grad_norm_smoothed'])} is {fmt(e['grad_ratio'])}x "
+                        f"its rolling median {fmt(e['grad_norm_median'])}"
+                    )
             evidence["patience"] = p.patience
-            self.hold(state, log, "runaway", step, "warning", max(f["score"] for f in hot),
-                      f"Training may be diverging at step {step}: {' and '.join(plain)}. "
-                      + sentence("; ".join(why)) + ".", evidence,
-                      start=min(f["since"] for f in hot))
+            self.hold(
+                state,
+                log,
+                "runaway",
+                step,
+                "warning",
+                max(f["score"] for f in hot),
+                f"Training may be diverging at step {step}: {' and '.join(plain)}. " + sentence("; ".join(why)) + ".",
+                evidence,
+                start=min(f["since"] for f in hot),
+            )
         else:
             self.clear(state, log, "runaway", step, p.clear_points)
 
@@ -171,10 +193,19 @@ class DivergenceDetector(Detector):
         if t["n"] >= p.warmup and lo > 0:
             ratio = s / lo
             raw = ratio >= p.runaway_ratio and s - lo >= p.runaway_progress * max(ref - lo, 0.0)
-            result = {"raw": raw, "value": s, "score": ratio / p.runaway_ratio,
-                      "evidence": {"loss_smoothed": s, "loss_min": lo, "loss_start": ref,
-                                   "loss_ratio": ratio, "runaway_ratio": p.runaway_ratio,
-                                   "runaway_progress": p.runaway_progress}}
+            result = {
+                "raw": raw,
+                "value": s,
+                "score": ratio / p.runaway_ratio,
+                "evidence": {
+                    "loss_smoothed": s,
+                    "loss_min": lo,
+                    "loss_start": ref,
+                    "loss_ratio": ratio,
+                    "runaway_ratio": p.runaway_ratio,
+                    "runaway_progress": p.runaway_progress,
+                },
+            }
         if t["n"] >= p.level_points or t["n"] >= p.warmup:
             t["min"] = min(lo, level)
         return result
@@ -192,6 +223,14 @@ class DivergenceDetector(Detector):
             return None
         s = median(t["recent"])
         ratio = s / base
-        return {"raw": ratio >= p.grad_ratio, "value": s, "score": ratio / p.grad_ratio,
-                "evidence": {"grad_norm_smoothed": s, "grad_norm_median": base, "grad_ratio": ratio,
-                             "grad_ratio_threshold": p.grad_ratio}}
+        return {
+            "raw": ratio >= p.grad_ratio,
+            "value": s,
+            "score": ratio / p.grad_ratio,
+            "evidence": {
+                "grad_norm_smoothed": s,
+                "grad_norm_median": base,
+                "grad_ratio": ratio,
+                "grad_ratio_threshold": p.grad_ratio,
+            },
+        }

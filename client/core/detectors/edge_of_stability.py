@@ -31,7 +31,7 @@ class EdgeOfStabilityParams:
 
     near_ratio: float = EOS_NEAR_RATIO
     at_ratio: float = EOS_AT_RATIO
-    check_trace: bool = True     #: the tr(H) test holds for SGD; turn off for full-batch GD
+    check_trace: bool = True  #: the tr(H) test holds for SGD; turn off for full-batch GD
     trace_ratio: float = TRACE_RATIO
     clear_points: int = EOS_CLEAR_POINTS
 
@@ -57,8 +57,13 @@ class EdgeOfStabilityDetector(Detector):
     MAX_LR_GROUPS = 32
 
     def accepts(self, series: str) -> bool:
-        return (series == "hessian/lambda_max" or series == "hessian/trace" or series == "hessian/two_over_lr"
-                or series == "lr" or series.startswith("lr/"))
+        return (
+            series == "hessian/lambda_max"
+            or series == "hessian/trace"
+            or series == "hessian/two_over_lr"
+            or series == "lr"
+            or series.startswith("lr/")
+        )
 
     def feed(self, state: dict, points):
         # Within one step, take the bound (2/lr, lr) before the curvature measured at that step:
@@ -99,18 +104,32 @@ class EdgeOfStabilityDetector(Detector):
             if ratio >= p.near_ratio:
                 at = ratio >= p.at_ratio
                 what = "reached" if at else "is approaching"
-                self.hold(state, log, "lambda_max", step, "warning" if at else "info", ratio,
-                          f"Sharpness {what} the edge of stability at step {step}: the loss may oscillate or rise. "
-                          f"Hessian lambda_max {fmt(value)} is {fmt(ratio)}x 2/lr = {fmt(bound)}.",
-                          {**ev, "near_ratio": p.near_ratio, "at_ratio": p.at_ratio})
+                self.hold(
+                    state,
+                    log,
+                    "lambda_max",
+                    step,
+                    "warning" if at else "info",
+                    ratio,
+                    f"Sharpness {what} the edge of stability at step {step}: the loss may oscillate or rise. "
+                    f"Hessian lambda_max {fmt(value)} is {fmt(ratio)}x 2/lr = {fmt(bound)}.",
+                    {**ev, "near_ratio": p.near_ratio, "at_ratio": p.at_ratio},
+                )
             else:
                 self.clear(state, log, "lambda_max", step, p.clear_points)
         elif p.check_trace:
             if ratio > p.trace_ratio:
-                self.hold(state, log, "trace", step, "warning", ratio,
-                          f"The minimum is too sharp for SGD at step {step}: training may leave it. "
-                          f"Hessian trace {fmt(value)} is {fmt(ratio)}x 2/lr = {fmt(bound)}, "
-                          f"so it is not linearly stable for SGD.",
-                          {**ev, "trace_ratio": p.trace_ratio})
+                self.hold(
+                    state,
+                    log,
+                    "trace",
+                    step,
+                    "warning",
+                    ratio,
+                    f"The minimum is too sharp for SGD at step {step}: training may leave it. "
+                    f"Hessian trace {fmt(value)} is {fmt(ratio)}x 2/lr = {fmt(bound)}, "
+                    f"so it is not linearly stable for SGD.",
+                    {**ev, "trace_ratio": p.trace_ratio},
+                )
             else:
                 self.clear(state, log, "trace", step, p.clear_points)

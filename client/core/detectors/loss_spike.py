@@ -36,12 +36,12 @@ RECOVER_POINTS = 3
 class LossSpikeParams:
     """Settings of :class:`LossSpikeDetector` (names are the per-project setting keys)."""
 
-    series: tuple = ("loss",)          #: series to watch, each on its own
-    window: int = SPIKE_WINDOW         #: rolling window, in points
-    threshold: float = SPIKE_SIGMAS    #: robust sigmas above the median that make a spike
-    warmup: int = SPIKE_WARMUP         #: points seen before the first judgement
+    series: tuple = ("loss",)  #: series to watch, each on its own
+    window: int = SPIKE_WINDOW  #: rolling window, in points
+    threshold: float = SPIKE_SIGMAS  #: robust sigmas above the median that make a spike
+    warmup: int = SPIKE_WARMUP  #: points seen before the first judgement
     log_scale: bool = SPIKE_LOG_SCALE  #: judge log(value); turn off for losses that can be <= 0
-    min_rise: float = SPIKE_MIN_RISE   #: also needed: value >= median * (1 + min_rise)
+    min_rise: float = SPIKE_MIN_RISE  #: also needed: value >= median * (1 + min_rise)
     recover_threshold: float = RECOVER_SIGMAS
     recover_points: int = RECOVER_POINTS
 
@@ -59,8 +59,9 @@ class LossSpikeDetector(Detector):
 
     A point is a spike when it is more than ``threshold`` robust sigmas (1.4826 * MAD) above
     the median of the last ``window`` points, and at least ``min_rise`` above it in relative
-    terms; both on log(value) unless ``log_scale`` is off. Values enter the window clipped at that threshold, so a spike barely moves the
-    baseline while a lasting shift of level is learned within half a window. Downward moves
+    terms; both on log(value) unless ``log_scale`` is off. Values enter the window clipped at
+    that threshold, so a spike barely moves the baseline while a lasting shift of level is
+    learned within half a window. Downward moves
     (a falling loss, learning-rate warm-up) never count. Non-finite values are left to the
     divergence detector.
 
@@ -95,11 +96,26 @@ class LossSpikeDetector(Detector):
         if x > high and rose:
             scale = " on a log scale" if p.log_scale else ""
             jump = f" {fmt(value / median_value)}x" if median_value > 0 else ""
-            self.hold(state, log, series, step, "warning", z,
-                      sentence(f"{series} jumped{jump} at step {step} (from {fmt(median_value)} to {fmt(value)}). ")
-                      + f"{fmt(z)} robust sigmas above its rolling median{scale} (threshold {fmt(p.threshold)}).",
-                      {"value": value, "median": median_value, "sigma": sigma, "z": z, "threshold": p.threshold,
-                       "log_scale": p.log_scale, "min_rise": p.min_rise, "window": len(window)})
+            self.hold(
+                state,
+                log,
+                series,
+                step,
+                "warning",
+                z,
+                sentence(f"{series} jumped{jump} at step {step} (from {fmt(median_value)} to {fmt(value)}). ")
+                + f"{fmt(z)} robust sigmas above its rolling median{scale} (threshold {fmt(p.threshold)}).",
+                {
+                    "value": value,
+                    "median": median_value,
+                    "sigma": sigma,
+                    "z": z,
+                    "threshold": p.threshold,
+                    "log_scale": p.log_scale,
+                    "min_rise": p.min_rise,
+                    "window": len(window),
+                },
+            )
         elif self.is_open(state, series):
             if x <= med + p.recover_threshold * sigma:
                 self.clear(state, log, series, step, p.recover_points)

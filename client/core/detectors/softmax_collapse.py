@@ -34,7 +34,7 @@ class SoftmaxCollapseParams:
 
     warn_fraction: float = SC_WARN_FRACTION
     critical_fraction: float = SC_CRITICAL_FRACTION
-    margin_warn: float = SC_MARGIN_NATS - SC_MARGIN_HEADROOM   #: nats, median margin
+    margin_warn: float = SC_MARGIN_NATS - SC_MARGIN_HEADROOM  #: nats, median margin
     zero_loss_warn: float = ZERO_LOSS_WARN_FRACTION
     smooth_points: int = SC_SMOOTH_POINTS
     clear_points: int = SC_CLEAR_POINTS
@@ -46,8 +46,9 @@ class SoftmaxCollapseParams:
         if not 0 < self.warn_fraction <= self.critical_fraction <= 1:
             raise ValueError("softmax_collapse: need 0 < warn_fraction <= critical_fraction <= 1")
         if not 0 < self.zero_loss_warn <= 1 or self.margin_warn <= 0 or min(self.clear_points, self.smooth_points) < 1:
-            raise ValueError("softmax_collapse: need 0 < zero_loss_warn <= 1, margin_warn > 0, "
-                             "clear_points >= 1, smooth_points >= 1")
+            raise ValueError(
+                "softmax_collapse: need 0 < zero_loss_warn <= 1, margin_warn > 0, clear_points >= 1, smooth_points >= 1"
+            )
 
 
 class SoftmaxCollapseDetector(Detector):
@@ -56,7 +57,8 @@ class SoftmaxCollapseDetector(Detector):
     Warning when the SC fraction reaches ``warn_fraction``, the median margin
     z_y - logsumexp(z_others) reaches ``margin_warn`` (16.6 nats is the float32 bound), or the
     zero-loss fraction reaches ``zero_loss_warn``; critical at SC fraction
-    ``critical_fraction``. Each signal is the median of its last ``smooth_points`` readings. Resolves when all three are back below their warning levels.
+    ``critical_fraction``. Each signal is the median of its last ``smooth_points`` readings.
+    Resolves when all three are back below their warning levels.
 
         det = SoftmaxCollapseDetector(SoftmaxCollapseParams(critical_fraction=0.9))
     """
@@ -96,12 +98,26 @@ class SoftmaxCollapseDetector(Detector):
         else:
             head = f"Approaching Softmax Collapse at step {step}: the logits grow toward the float32 limit. "
         tail = "; those samples get zero loss and zero gradient" if sc > 0 or zero > 0 else ""
-        evidence = {"sc_fraction": sc, "warn_fraction": p.warn_fraction, "critical_fraction": p.critical_fraction,
-                    "zero_loss_fraction": zero, "zero_loss_warn": p.zero_loss_warn,
-                    "margin_bound": SC_MARGIN_NATS, "margin_warn": p.margin_warn}
+        evidence = {
+            "sc_fraction": sc,
+            "warn_fraction": p.warn_fraction,
+            "critical_fraction": p.critical_fraction,
+            "zero_loss_fraction": zero,
+            "zero_loss_warn": p.zero_loss_warn,
+            "margin_bound": SC_MARGIN_NATS,
+            "margin_warn": p.margin_warn,
+        }
         if finite(margin):
             evidence["median_margin"] = margin
         # The peak is the highest SC fraction; before any sample collapses, the widest margin.
         score = sc + 1e-3 * max(margin, 0.0) / SC_MARGIN_NATS
-        self.hold(state, log, self.KEY, step, "critical" if critical else "warning", score,
-                  head + sentence("; ".join(signs)) + tail + ".", evidence)
+        self.hold(
+            state,
+            log,
+            self.KEY,
+            step,
+            "critical" if critical else "warning",
+            score,
+            head + sentence("; ".join(signs)) + tail + ".",
+            evidence,
+        )

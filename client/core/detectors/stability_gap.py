@@ -42,9 +42,9 @@ MAX_TASKS = 256
 class StabilityGapParams:
     """Settings of :class:`StabilityGapDetector`."""
 
-    drop: float = GAP_DROP                            #: accuracy below the pre-switch level that opens an alert
-    recover_tolerance: float = RECOVER_TOLERANCE      #: back within this of the pre-switch level = recovered
-    recover_points: int = RECOVER_POINTS              #: evaluations in a row needed to call it recovered
+    drop: float = GAP_DROP  #: accuracy below the pre-switch level that opens an alert
+    recover_tolerance: float = RECOVER_TOLERANCE  #: back within this of the pre-switch level = recovered
+    recover_points: int = RECOVER_POINTS  #: evaluations in a row needed to call it recovered
     task_series: str = TASK_SERIES
     acc_prefix: str = ACC_PREFIX
 
@@ -89,7 +89,7 @@ class StabilityGapDetector(Detector):
             return
         if not finite(value):
             return
-        task = series[len(self.params.acc_prefix):]
+        task = series[len(self.params.acc_prefix) :]
         last = state.setdefault("last", {})
         prev = last.pop(task, None)  # re-inserted: the dict is ordered by last evaluation
         # The last two evaluations: a switch point may come after an evaluation of its own step
@@ -108,8 +108,14 @@ class StabilityGapDetector(Detector):
         for task, evals in state.get("last", {}).items():
             before = [e for e in evals if e[0] < step]
             if before and task not in eps:
-                watch[task] = {"switch": step, "to": value, "pre": before[0][1], "pre_step": before[0][0],
-                               "min": before[0][1], "min_step": before[0][0]}
+                watch[task] = {
+                    "switch": step,
+                    "to": value,
+                    "pre": before[0][1],
+                    "pre_step": before[0][0],
+                    "min": before[0][1],
+                    "min_step": before[0][0],
+                }
             if evals[0][0] >= step:  # an evaluation of the switch's own step, seen first
                 replay.append((task, evals[0][0], evals[0][1]))
         for task, s, v in replay:
@@ -125,13 +131,30 @@ class StabilityGapDetector(Detector):
         drop = w["pre"] - value
         if drop > p.drop:
             to = fmt(w["to"]) if finite(w["to"]) else "?"
-            self.hold(state, log, task, step, "warning", drop,
-                      f"Accuracy on task {task} dropped by {fmt(drop)} at step {step}, after the switch to task "
-                      f"{to} at step {w['switch']}. It fell to {fmt(value)} from {fmt(w['pre'])} before the switch: "
-                      f"a stability gap.",
-                      {"task": task, "switch_step": w["switch"], "to_task": w["to"], "pre_switch_acc": w["pre"],
-                       "pre_switch_step": w["pre_step"], "acc": value, "drop": drop, "gap": w["pre"] - w["min"],
-                       "min_acc": w["min"], "min_step": w["min_step"], "threshold": p.drop})
+            self.hold(
+                state,
+                log,
+                task,
+                step,
+                "warning",
+                drop,
+                f"Accuracy on task {task} dropped by {fmt(drop)} at step {step}, after the switch to task "
+                f"{to} at step {w['switch']}. It fell to {fmt(value)} from {fmt(w['pre'])} before the switch: "
+                f"a stability gap.",
+                {
+                    "task": task,
+                    "switch_step": w["switch"],
+                    "to_task": w["to"],
+                    "pre_switch_acc": w["pre"],
+                    "pre_switch_step": w["pre_step"],
+                    "acc": value,
+                    "drop": drop,
+                    "gap": w["pre"] - w["min"],
+                    "min_acc": w["min"],
+                    "min_step": w["min_step"],
+                    "threshold": p.drop,
+                },
+            )
             ev = state["episodes"][task]["evidence"]
             ev.pop("recovered_step", None)
             ev.pop("recovery_steps", None)
@@ -140,8 +163,13 @@ class StabilityGapDetector(Detector):
                 ep = state["episodes"][task]
                 if ep["clear"] == 0:
                     # Final numbers of the episode, in case this starts its recovery.
-                    ep["evidence"].update(recovered_step=step, recovery_steps=step - w["switch"],
-                                          gap=w["pre"] - w["min"], min_acc=w["min"], min_step=w["min_step"])
+                    ep["evidence"].update(
+                        recovered_step=step,
+                        recovery_steps=step - w["switch"],
+                        gap=w["pre"] - w["min"],
+                        min_acc=w["min"],
+                        min_step=w["min_step"],
+                    )
                 self.clear(state, log, task, step, p.recover_points)
             else:  # between the two thresholds: neither a new low nor recovered
                 self.keep(state, task)

@@ -43,19 +43,26 @@ class StalledRunDetector(Detector):
     def point(self, state, series, step, value, log) -> None:  # pragma: no cover - accepts nothing
         pass
 
-    def check(self, state: dict, now: float, last_seen: float | None, status: str,
-              last_step: int | None = None) -> list[AlertChange]:
+    def check(
+        self, state: dict, now: float, last_seen: float | None, status: str, last_step: int | None = None
+    ) -> list[AlertChange]:
         log = ChangeLog()
         silent = None if last_seen is None else now - last_seen
         stalled = status == "running" and silent is not None and silent > self.params.timeout_s
         if stalled:
             if not self.is_open(state, self.KEY):  # one open change, not one per check
                 since = f"since step {last_step}" if last_step is not None else "yet"
-                self.hold(state, log, self.KEY, last_step, "warning", silent,
-                          f"The run has sent no data {since}: nothing for {_duration(silent)} while it is "
-                          f"marked running. The timeout is {_duration(self.params.timeout_s)}.",
-                          {"silent_s": silent, "timeout_s": self.params.timeout_s, "last_seen": last_seen,
-                           "status": status})
+                self.hold(
+                    state,
+                    log,
+                    self.KEY,
+                    last_step,
+                    "warning",
+                    silent,
+                    f"The run has sent no data {since}: nothing for {_duration(silent)} while it is "
+                    f"marked running. The timeout is {_duration(self.params.timeout_s)}.",
+                    {"silent_s": silent, "timeout_s": self.params.timeout_s, "last_seen": last_seen, "status": status},
+                )
         elif self.is_open(state, self.KEY):
             self.clear(state, log, self.KEY, last_step, 1)
         return log.changes
