@@ -36,8 +36,13 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Two pytest workers (most tests wait on servers, browsers and trainings, not on the CPU), whole
+# files per worker; then the fault tests alone, since one of them restarts PostgreSQL.
+FAULTS := tests/e2e/test_faults.py
+
 test: install chromium lint
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -n 2 --dist loadfile --ignore=$(FAULTS)
+	$(BIN)/python -m pytest -q -ra $(FAULTS)
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
