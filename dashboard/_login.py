@@ -39,6 +39,11 @@ def login_page(request: Request, next: str = "/"):  # noqa: A002 - the query par
     return render(request, "login.html", next=safe_next(next), error=None, page="login")
 
 
+def _refused(request: Request, target: str, status: int, error: str):
+    """The login page again, with why the login was refused."""
+    return render(request, "login.html", status_code=status, next=target, page="login", error=error)
+
+
 @router.post("/login")
 async def login(request: Request):
     form = parse_qs((await request.body()).decode("utf-8", "replace"))
@@ -47,47 +52,29 @@ async def login(request: Request):
         return RedirectResponse(target, status_code=303)
     if not same_origin(request.headers) and request.headers.get("origin") is not None:
         # Login CSRF: another site must not log a visitor in with a token of its choosing.
-        return render(
-            request,
-            "login.html",
-            status_code=403,
-            next=target,
-            page="login",
-            error="This login form was sent from another site; log in from this page.",
-        )
+        return _refused(request, target, 403, "This login form was sent from another site; log in from this page.")
     token = form.get("token", [""])[0].strip()
     gate = request.state.gate
     address = request.client.host if request.client else None
     try:  # throttled per address like every other token check (STETHOSCOPE_AUTH_FAILURES_PER_S)
         principal = await run_in_threadpool(gate.attempt, request.app.state.store, token, address) if token else None
     except Denied as d:
-        resp = render(
+        resp = _refused(
             request,
-            "login.html",
-            status_code=d.status,
-            next=target,
-            page="login",
-            error=f"Too many failed logins from this address: try again in {d.headers['Retry-After']} s.",
+            target,
+            d.status,
+            f"Too many failed logins from this address: try again in {d.headers['Retry-After']} s.",
         )
         resp.headers.update(d.headers)
         return resp
     if principal is None:
-        return render(
-            request,
-            "login.html",
-            status_code=401,
-            next=target,
-            page="login",
-            error="That token is not valid: it is unknown or revoked.",
-        )
+        return _refused(request, target, 401, "That token is not valid: it is unknown or revoked.")
     if not principal.has_scope("read"):
-        return render(
+        return _refused(
             request,
-            "login.html",
-            status_code=403,
-            next=target,
-            page="login",
-            error=f"Token {principal.name!r} cannot read (scopes: {', '.join(sorted(principal.scopes))}); "
+            target,
+            403,
+            f"Token {principal.name!r} cannot read (scopes: {', '.join(sorted(principal.scopes))}); "
             f"the dashboard needs a token with the read or admin scope.",
         )
     resp = RedirectResponse(target, status_code=303)
