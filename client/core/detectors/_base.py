@@ -39,11 +39,18 @@ MAD_TO_SIGMA = 1.4826
 class AlertChange:
     """One change to one alert: ``open`` a new episode, ``update`` it, or ``resolve`` it.
 
-    ``(detector, key)`` names the episode; at most one is open at a time. ``start_step`` is
-    where the condition first held, ``peak_step`` where it was worst. ``end_step`` is the last
-    step at which it held while the alert is open, and the step at which it cleared once
-    resolved. ``evidence`` is JSON-safe (non-finite numbers encoded as in
-    :mod:`stethoscope.core.wire`).
+    ``(detector, key)`` names the episode; at most one is open at a time, and
+    ``(detector, key, start_step)`` names it for good: an ``open`` change for an episode that
+    was resolved moments ago (within the detector's ``rejoin_steps``) carries the old
+    ``start_step`` and continues it. ``start_step`` is where the condition first held,
+    ``peak_step`` where it was worst. ``end_step`` is the last step at which it held while the
+    alert is open, and the step at which it cleared once resolved. ``message``, ``severity``
+    and ``evidence`` are those of the peak; ``first`` keeps the first detection
+    (``{"step", "severity", "message", "evidence"}``: the step at which it was raised, what it
+    said then). ``cause`` names the root episode that explains this one
+    (``{"detector", "key", "start_step"}``), None for a root: a consequence belongs to its
+    root's incident and is not paged on its own. ``evidence`` is JSON-safe (non-finite
+    numbers encoded as in :mod:`stethoscope.core.wire`).
     """
 
     action: str
@@ -55,6 +62,8 @@ class AlertChange:
     end_step: int
     message: str
     evidence: dict
+    first: dict | None = None
+    cause: dict | None = None
 
     @property
     def status(self) -> str:
@@ -114,13 +123,26 @@ class ChangeLog:
     def __init__(self) -> None:
         self.changes: list[AlertChange] = []
         self._pending: dict[tuple[str, str], int] = {}
+        self._resolved: dict[tuple[str, str], int] = {}
 
     def add(self, change: AlertChange) -> None:
         k = (change.detector, change.key)
         i = self._pending.get(k)
         if change.action == RESOLVE:
             self._pending.pop(k, None)
+            self._resolved[k] = len(self.changes)
             self.changes.append(change)
+        elif change.action == OPEN and k in self._resolved:
+            # Resolved and re-opened in one batch: if it is the same episode continuing
+            # (``rejoin_steps``), the resolve never happened as far as anyone outside can tell.
+            j = self._resolved.pop(k)
+            old = self.changes[j]
+            if old.start_step == change.start_step:
+                self.changes[j] = dataclasses.replace(change, action=UPDATE)
+                self._pending[k] = j
+            else:
+                self._pending[k] = len(self.changes)
+                self.changes.append(change)
         elif i is not None and change.action == UPDATE:
             # Keep "open" if the episode opened in this same batch.
             self.changes[i] = dataclasses.replace(change, action=self.changes[i].action)
@@ -188,18 +210,29 @@ class Detector:
         eps = state.setdefault("episodes", {})
         ep = eps.get(key)
         if ep is None:
-            ep = eps[key] = {
-                "severity": severity,
-                "start": step if start is None else start,
-                "peak": step,
-                "end": step,
-                "score": _json_score(score),
-                "message": message,
-                "evidence": json_safe(evidence),
-                "clear": 0,
-            }
-            log.add(self._change(OPEN, key, ep))
-            return
+            closed = state.get("closed", {}).pop(key, None)
+            if closed is not None and step - closed["resolved"] <= self.rejoin_steps:
+                # Back within ``rejoin_steps`` of its resolution: the same episode goes on.
+                del closed["resolved"]
+                ep = eps[key] = closed
+            else:
+                evidence = json_safe(evidence)
+                ep = eps[key] = {
+                    "severity": severity,
+                    "start": step if start is None else start,
+                    "peak": step,
+                    "end": step,
+                    "score": _json_score(score),
+                    "message": message,
+                    "evidence": evidence,
+                    "clear": 0,
+                    "first": {"step": step, "severity": severity, "message": message, "evidence": evidence},
+                }
+                log.add(self._change(OPEN, key, ep))
+                return
+            action = OPEN
+        else:
+            action = UPDATE
         ep["end"] = step
         ep["clear"] = 0
         ep.pop("cleared_at", None)
@@ -209,7 +242,13 @@ class Detector:
             ep.update(
                 severity=severity, peak=step, score=_json_score(score), message=message, evidence=json_safe(evidence)
             )
-        log.add(self._change(UPDATE, key, ep))
+        log.add(self._change(action, key, ep))
+
+    @property
+    def rejoin_steps(self) -> int:
+        """Steps after a resolution within which the condition coming back continues the same
+        episode (the detector's ``rejoin_steps`` setting; 0 when it has none)."""
+        return getattr(self.params, "rejoin_steps", 0)
 
     def clear(self, state: dict, log: ChangeLog, key: str, step: int, needed: int) -> None:
         """The condition for ``key`` does not hold at ``step``; resolve after ``needed`` such steps.
@@ -231,6 +270,11 @@ class Detector:
             ep.pop("clear_step", None)
             del eps[key]
             log.add(self._change(RESOLVE, key, ep))
+            if self.rejoin_steps > 0:
+                # Kept (one per key) so that the condition coming back soon continues it.
+                ep["clear"] = 0
+                ep["resolved"] = step
+                state.setdefault("closed", {})[key] = ep
 
     def keep(self, state: dict, key: str) -> None:
         """Neither held nor cleared: restart the count of clear points without extending."""
@@ -243,9 +287,24 @@ class Detector:
         return key in state.get("episodes", ())
 
     def _change(self, action: str, key: str, ep: dict) -> AlertChange:
-        return AlertChange(
-            action, self.name, key, ep["severity"], ep["start"], ep["peak"], ep["end"], ep["message"], ep["evidence"]
-        )
+        return episode_change(action, self.name, key, ep)
+
+
+def episode_change(action: str, detector: str, key: str, ep: dict) -> AlertChange:
+    """The change ``action`` of episode ``key`` of ``detector``, as its state ``ep`` stands."""
+    return AlertChange(
+        action,
+        detector,
+        key,
+        ep["severity"],
+        ep["start"],
+        ep["peak"],
+        ep["end"],
+        ep["message"],
+        ep["evidence"],
+        ep.get("first"),
+        ep.get("cause"),
+    )
 
 
 def _json_score(x: float) -> float:

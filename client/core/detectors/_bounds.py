@@ -52,6 +52,7 @@ BOUNDS: dict[str, tuple[float, float, str]] = {
             "recover_points",
         )
     },
+    "rejoin_steps": (0, MAX_POINTS_SETTING, "MAX_POINTS_SETTING: steps"),
     "threshold": _SIGMAS,
     "recover_threshold": _SIGMAS,
     "runaway_ratio": _GROWTH,

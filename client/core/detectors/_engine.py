@@ -8,7 +8,7 @@ from itertools import groupby, repeat
 from operator import itemgetter
 from typing import Iterable, Sequence
 
-from ._base import AlertChange, Detector
+from ._base import OPEN, RESOLVE, UPDATE, AlertChange, Detector, episode_change
 from ._bounds import check_bounds
 from .divergence import DivergenceDetector
 from .edge_of_stability import EdgeOfStabilityDetector
@@ -35,6 +35,19 @@ Point = tuple[str, int, float]
 
 _series = itemgetter(0)
 _step = itemgetter(1)
+#: Incidents: which detectors' alerts another detector's episode explains, root causes in the
+#: order they are preferred. A run blowing up makes its loss jump, its logits grow one-hot and
+#: its sharpness rise; a loss spike can push samples into Softmax Collapse for a few steps.
+#: Those alerts are consequences: kept and shown under their root, never paged on their own.
+CAUSES: dict[str, tuple[str, ...]] = {
+    "loss_spike": ("divergence",),
+    "softmax_collapse": ("divergence", "loss_spike"),
+    "edge_of_stability": ("divergence",),
+}
+#: A root explains consequences that start up to this many steps after it resolved (a loss
+#: that settles after a spike can leave the logits one-hot for a few more readings).
+INCIDENT_GRACE_STEPS = 50
+
 #: Series names whose routing is cached; a run with more distinct names still works, it just
 #: recomputes routes after the cache is cleared.
 _ROUTE_CACHE = 4096
@@ -111,12 +124,19 @@ class DetectorSet:
         return out
 
     def feed(self, state: dict, routed: dict[str, list[Point]]) -> list[AlertChange]:
-        """Feed points as :meth:`route` gave them; return alert changes."""
+        """Feed points as :meth:`route` gave them; return alert changes.
+
+        Changes of an episode that another episode explains (:data:`CAUSES`) carry that root
+        in ``cause``; a root that opens after its consequences adopts them (one ``update``
+        each), so the incident ends up under its cause whichever alert came first.
+        """
         changes: list[AlertChange] = []
         for d in self.detectors:
             pts = routed.get(d.name)
             if pts:
                 changes += d.feed(state.setdefault(d.name, {}), pts)
+        if changes:
+            changes = attribute(state, changes)
         return changes
 
     def update(self, state: dict, points: Iterable[tuple[str, int, float]]) -> list[AlertChange]:
@@ -184,3 +204,61 @@ def _coerce(where: str, kind, value):
 
 def _as_json(params) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(params).items()}
+
+
+def _root_of(state: dict, name: str, step: int) -> dict | None:
+    """The episode that explains an alert of detector ``name`` at ``step``, as a ``cause``."""
+    for root in CAUSES.get(name, ()):
+        rs = state.get(root)
+        if not rs:
+            continue
+        live = [(ep["start"], key) for key, ep in rs.get("episodes", {}).items()]
+        live += [
+            (ep["start"], key)
+            for key, ep in rs.get("closed", {}).items()
+            if step - ep["resolved"] <= INCIDENT_GRACE_STEPS and ep["start"] <= step
+        ]
+        if live:
+            start, key = min(live)
+            return {"detector": root, "key": key, "start_step": start}
+    return None
+
+
+def _rank(cause: dict | None, name: str) -> int:
+    roots = CAUSES.get(name, ())
+    return len(roots) - roots.index(cause["detector"]) if cause and cause["detector"] in roots else 0
+
+
+def attribute(state: dict, changes: list[AlertChange]) -> list[AlertChange]:
+    """Give each change of a consequence its root (see :data:`CAUSES`), remembered in the
+    episode; roots opened in this batch adopt the open episodes they explain."""
+    out: list[AlertChange] = []
+    touched: set[tuple[str, str]] = set()
+    for c in changes:
+        if c.detector in CAUSES:
+            eps = state.get(c.detector, {})
+            ep = eps.get("episodes", {}).get(c.key)
+            if ep is None and c.action == RESOLVE:
+                ep = eps.get("closed", {}).get(c.key)
+            if ep is not None:
+                root = _root_of(state, c.detector, c.peak_step if c.action == RESOLVE else c.end_step)
+                if _rank(root, c.detector) > _rank(ep.get("cause"), c.detector):
+                    ep["cause"] = root
+                if ep.get("cause") != c.cause:
+                    c = dataclasses.replace(c, cause=ep.get("cause"))
+            touched.add((c.detector, c.key))
+        out.append(c)
+    # A root that opened now adopts the open episodes it explains that have no better cause.
+    opened = {c.detector for c in changes if c.action == OPEN and c.cause is None}
+    for name, roots in CAUSES.items():
+        if not opened.intersection(roots):
+            continue
+        eps = state.get(name, {}).get("episodes", {})
+        for key, ep in eps.items():
+            if (name, key) in touched:
+                continue
+            root = _root_of(state, name, ep["end"])
+            if _rank(root, name) > _rank(ep.get("cause"), name):
+                ep["cause"] = root
+                out.append(episode_change(UPDATE, name, key, ep))
+    return out

@@ -41,6 +41,10 @@ RECOVERING_FRACTION = 0.5
 CLEAR_POINTS = 5
 
 
+#: A divergence signal that comes back within 50 steps of clearing is the same episode going on.
+DIVERGENCE_REJOIN = 50
+
+
 @dataclasses.dataclass(frozen=True)
 class DivergenceParams:
     """Settings of :class:`DivergenceDetector`."""
@@ -59,6 +63,7 @@ class DivergenceParams:
     grad_smooth_points: int = GRAD_SMOOTH_POINTS
     warmup: int = DIVERGENCE_WARMUP
     clear_points: int = CLEAR_POINTS
+    rejoin_steps: int = DIVERGENCE_REJOIN  #: steps after a resolution within which the same episode resumes
 
     def __post_init__(self):
         if self.runaway_ratio <= 1 or self.grad_ratio <= 1:

@@ -25,6 +25,10 @@ def _bound_first(pt) -> tuple[int, int]:
     return pt[1], 0 if series == "hessian/two_over_lr" or series == "lr" or series.startswith("lr/") else 1
 
 
+#: Sharpness back at the edge within 100 steps of leaving it is the same episode (catapults).
+EOS_REJOIN = 100
+
+
 @dataclasses.dataclass(frozen=True)
 class EdgeOfStabilityParams:
     """Settings of :class:`EdgeOfStabilityDetector`."""
@@ -34,6 +38,7 @@ class EdgeOfStabilityParams:
     check_trace: bool = True  #: the tr(H) test holds for SGD; turn off for full-batch GD
     trace_ratio: float = TRACE_RATIO
     clear_points: int = EOS_CLEAR_POINTS
+    rejoin_steps: int = EOS_REJOIN  #: steps after a resolution within which the same episode resumes
 
     def __post_init__(self):
         if not 0 < self.near_ratio <= self.at_ratio or self.trace_ratio <= 0 or self.clear_points < 1:

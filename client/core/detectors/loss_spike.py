@@ -32,6 +32,10 @@ RECOVER_SIGMAS = 3.0
 RECOVER_POINTS = 3
 
 
+#: A spike within 10 steps of the last one's recovery is the same episode (a loss that bounces).
+SPIKE_REJOIN = 10
+
+
 @dataclasses.dataclass(frozen=True)
 class LossSpikeParams:
     """Settings of :class:`LossSpikeDetector` (names are the per-project setting keys)."""
@@ -44,6 +48,7 @@ class LossSpikeParams:
     min_rise: float = SPIKE_MIN_RISE  #: also needed: value >= median * (1 + min_rise)
     recover_threshold: float = RECOVER_SIGMAS
     recover_points: int = RECOVER_POINTS
+    rejoin_steps: int = SPIKE_REJOIN  #: steps after a resolution within which the same episode resumes
 
     def __post_init__(self):
         if self.window < 8 or not 2 <= self.warmup <= self.window:

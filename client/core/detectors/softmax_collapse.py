@@ -28,6 +28,11 @@ SC_SMOOTH_POINTS = 3
 SC_CLEAR_POINTS = 3
 
 
+#: Collapse signs back within 200 steps of clearing continue the episode: a run hovering at the
+#: warning level would otherwise open and close it again and again.
+SC_REJOIN = 200
+
+
 @dataclasses.dataclass(frozen=True)
 class SoftmaxCollapseParams:
     """Settings of :class:`SoftmaxCollapseDetector`."""
@@ -38,6 +43,7 @@ class SoftmaxCollapseParams:
     zero_loss_warn: float = ZERO_LOSS_WARN_FRACTION
     smooth_points: int = SC_SMOOTH_POINTS
     clear_points: int = SC_CLEAR_POINTS
+    rejoin_steps: int = SC_REJOIN  #: steps after a resolution within which the same episode resumes
     sc_series: str = "logits/sc_fraction"
     margin_series: str = "logits/median_margin"
     zero_loss_series: str = "logits/zero_loss_fraction"
