@@ -180,13 +180,17 @@ def test_softmax_collapse_escalates_within_one_alert():
     ds = DetectorSet()
     state = {}
     changes = []
-    for s, (sc, margin) in enumerate(
-        [(0, 8), (0, 10), (0, 13), (0, 13.5), (0, 14), (0.2, 15), (0.3, 16), (0.6, 17), (0.7, 17), (0.7, 17)]
-    ):
+    margins = [8, 10, 13, 13.5, 14, 15, 16, 17, 17, 17, 17, 17]
+    fractions = [0, 0, 0, 0, 0, 0.2, 0.3, 0.6, 0.7, 0.7, 0.8, 0.8]
+    for i, (sc, margin) in enumerate(zip(fractions, margins, strict=True)):
+        s = 10 * i  # the hook's default: logit statistics every 10 steps
         changes += ds.update(state, [("logits/sc_fraction", s, sc), ("logits/median_margin", s, margin)])
     assert [(c.action, c.severity) for c in changes][0] == ("open", "warning")
-    assert changes[0].start_step == 3  # the median of 3 margins crosses 12.6 nats
-    assert changes[-1].severity == "critical" and changes[-1].action == "update"
+    # The median of the margins crosses 12.6 nats at step 40; an alert once it held 30 steps.
+    assert changes[0].start_step == 40 and changes[0].first["step"] == 70
+    # Critical once the mean of the last 5 readings reaches 0.5 (sustained, not one batch).
+    crit = next(c for c in changes if c.severity == "critical")
+    assert crit.end_step == 90 and crit.action == "update"
     assert len([c for c in changes if c.action == "open"]) == 1
 
 
@@ -298,7 +302,8 @@ MESSAGE_CASES = {
     ),
     ("softmax_collapse", "logits"): lambda: [
         p
-        for s, (sc, m) in enumerate([(0, 13.5)] * 3 + [(0.7, 17)] * 3)
+        for i, (sc, m) in enumerate([(0, 13.5)] * 3 + [(0.7, 17)] * 6)
+        for s in (10 * i,)
         for p in (("logits/sc_fraction", s, sc), ("logits/median_margin", s, m))
     ],
     ("edge_of_stability", "lambda_max"): lambda: [("hessian/two_over_lr", 10, 20.0), ("hessian/lambda_max", 10, 21.0)],

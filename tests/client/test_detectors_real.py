@@ -67,12 +67,14 @@ def test_too_high_learning_rate_is_warned_before_the_first_nan(scenario):
     assert not math.isfinite(dict(sc.series("loss"))[bad]) or dict(sc.series("grad/nonfinite"))[bad] > 0
     assert all(math.isfinite(v) for s, v in sc.series("loss") if s < bad)
     changes, raised, _ = S.replay(sc, DetectorSet(sc.settings))
-    div = opened(changes, "divergence")
-    assert [c.key for c in div] == ["runaway", "nonfinite"]
-    runaway, nonfinite = div
-    assert runaway.severity == "warning" and raised[("divergence", "runaway", runaway.start_step)] < bad
-    assert nonfinite.severity == "critical" and nonfinite.start_step == bad
-    assert raised[("divergence", "nonfinite", bad)] == bad  # at once
+    # One incident, one alert: the early warning, escalated to critical, with the NaN as its peak.
+    assert [(c.detector, c.key) for c in opened(changes) if c.cause is None] == [("divergence", "runaway")]
+    (runaway,) = opened(changes, "divergence")
+    assert raised[("divergence", "runaway", runaway.start_step)] < bad
+    last = [c for c in changes if c.detector == "divergence" and c.end_step <= bad][-1]
+    assert last.severity == "critical" and last.peak_step == bad and last.start_step == runaway.start_step
+    assert last.message.startswith(f"Training diverged at step {bad}")
+    assert last.first["step"] < bad and "diverging at step" in last.first["message"]  # the first detection stays
 
 
 def test_full_batch_gd_reaches_the_edge_of_stability():

@@ -93,6 +93,10 @@ def finite(x: float) -> bool:
     return x - x == 0.0
 
 
+def mean(xs: list) -> float:
+    return sum(xs) / len(xs)
+
+
 def median(xs: list) -> float:
     s = sorted(xs)
     n = len(s)
@@ -226,11 +230,16 @@ class Detector:
                     "message": message,
                     "evidence": evidence,
                     "clear": 0,
-                    "first": {"step": step, "severity": severity, "message": message, "evidence": evidence},
                 }
-                log.add(self._change(OPEN, key, ep))
+                if step - ep["start"] < self.min_steps:
+                    ep["quiet"] = True  # not an alert until it has held for min_steps
+                else:
+                    ep["first"] = {"step": step, "severity": severity, "message": message, "evidence": evidence}
+                    log.add(self._change(OPEN, key, ep))
                 return
             action = OPEN
+        elif ep.get("quiet"):
+            action = OPEN if step - ep["start"] >= self.min_steps else None
         else:
             action = UPDATE
         ep["end"] = step
@@ -242,7 +251,18 @@ class Detector:
             ep.update(
                 severity=severity, peak=step, score=_json_score(score), message=message, evidence=json_safe(evidence)
             )
+        if action is None:
+            return
+        if ep.pop("quiet", False):
+            ep["first"] = {"step": step, "severity": severity, "message": message, "evidence": json_safe(evidence)}
         log.add(self._change(action, key, ep))
+
+    @property
+    def min_steps(self) -> int:
+        """Steps a condition must hold, from its start, before its episode is an alert (the
+        detector's ``min_steps`` setting; 0 when it has none). Until then the episode is quiet:
+        it emits nothing, and it is dropped without a trace if the condition clears."""
+        return getattr(self.params, "min_steps", 0)
 
     @property
     def rejoin_steps(self) -> int:
@@ -258,6 +278,9 @@ class Detector:
         eps = state.get("episodes")
         ep = eps.get(key) if eps else None
         if ep is None:
+            return
+        if ep.get("quiet"):  # never became an alert: nothing to resolve
+            del eps[key]
             return
         if ep["clear"] == 0:
             ep["cleared_at"] = step

@@ -212,7 +212,7 @@ def _root_of(state: dict, name: str, step: int) -> dict | None:
         rs = state.get(root)
         if not rs:
             continue
-        live = [(ep["start"], key) for key, ep in rs.get("episodes", {}).items()]
+        live = [(ep["start"], key) for key, ep in rs.get("episodes", {}).items() if not ep.get("quiet")]
         live += [
             (ep["start"], key)
             for key, ep in rs.get("closed", {}).items()
@@ -255,7 +255,7 @@ def attribute(state: dict, changes: list[AlertChange]) -> list[AlertChange]:
             continue
         eps = state.get(name, {}).get("episodes", {})
         for key, ep in eps.items():
-            if (name, key) in touched:
+            if (name, key) in touched or ep.get("quiet"):  # a quiet episode is no alert yet
                 continue
             root = _root_of(state, name, ep["end"])
             if _rank(root, name) > _rank(ep.get("cause"), name):
