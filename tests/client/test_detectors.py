@@ -94,7 +94,7 @@ def test_a_spike_is_one_episode_with_start_peak_and_recovery():
 
 
 def test_point_by_point_changes_are_open_update_resolve():
-    ds = DetectorSet()
+    ds = DetectorSet({"loss_spike": {"delay_steps": 0}})
     state = {}
     ds.update(state, flat_loss(100))
     seen = []
@@ -103,13 +103,24 @@ def test_point_by_point_changes_are_open_update_resolve():
     assert seen == [("open", 100, 100), ("update", 101, 101), ("resolve", 101, 102)]
 
 
+def test_a_spike_is_told_after_its_delay_even_when_it_has_cleared():
+    ds = DetectorSet()  # loss_spike.delay_steps = 2: a root cause may claim it first
+    state = {}
+    ds.update(state, flat_loss(100))
+    seen = []
+    for pt in [("loss", 100, 9.0)] + flat_loss(4, start=101):
+        seen += [(pt[1], c.action, c.start_step, c.first["step"]) for c in ds.update(state, [pt])]
+    assert seen == [(102, "open", 100, 100), (103, "resolve", 100, 100)]
+
+
 def test_feeding_the_same_points_twice_changes_nothing():
     ds = DetectorSet()
     state = {}
     pts = flat_loss(100) + [("loss", 100, 9.0), ("grad/norm", 100, math.nan)]
     first = ds.update(state, pts)
     snapshot = json.dumps(state, allow_nan=False)
-    assert {(c.detector, c.action) for c in first} == {("loss_spike", "open"), ("divergence", "open")}
+    # The spike waits its delay_steps: the divergence at the same step will claim it.
+    assert {(c.detector, c.action) for c in first} == {("divergence", "open")}
     assert ds.update(state, pts) == []
     assert ds.update(state, pts[50:]) == []
     assert json.dumps(state, allow_nan=False) == snapshot
@@ -294,7 +305,7 @@ def _gap():
 
 #: (detector, key) -> points that open its alert; the step the message must name is the peak.
 MESSAGE_CASES = {
-    ("loss_spike", "loss"): lambda: flat_loss(100) + [("loss", 100, 24.0)],
+    ("loss_spike", "loss"): lambda: flat_loss(100) + [("loss", 100, 24.0)] + flat_loss(2, start=101),
     ("divergence", "nonfinite"): lambda: flat_loss(10) + [("loss", 10, math.nan)],
     ("divergence", "runaway"): lambda: (
         [("grad/norm", s, 1.0 + 0.01 * (s % 3)) for s in range(40)]
@@ -333,7 +344,9 @@ def test_every_alert_message_starts_with_what_happened_and_the_step(case):
 
 def test_the_loss_spike_message_reads_as_the_issue_asks():
     ds = DetectorSet()
-    (c,) = ds.update({}, [("loss", s, 0.4) for s in range(100)] + [("loss", 100, 4.8)])
+    (c,) = ds.update(
+        {}, [("loss", s, 0.4) for s in range(100)] + [("loss", 100, 4.8), ("loss", 101, 0.4)] * 1 + [("loss", 102, 0.4)]
+    )
     assert c.message.startswith("Loss jumped 12x at step 100 (from 0.4 to 4.8). ")
     assert "robust sigmas above its rolling median on a log scale" in c.message
 

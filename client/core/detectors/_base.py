@@ -233,13 +233,18 @@ class Detector:
                 }
                 if step - ep["start"] < self.min_steps:
                     ep["quiet"] = True  # not an alert until it has held for min_steps
+                    return
+                ep["first"] = {"step": step, "severity": severity, "message": message, "evidence": evidence}
+                if self.delay_steps > 0:
+                    ep["held"] = step  # an alert, told once the delay has passed (see delay_steps)
                 else:
-                    ep["first"] = {"step": step, "severity": severity, "message": message, "evidence": evidence}
                     log.add(self._change(OPEN, key, ep))
                 return
             action = OPEN
         elif ep.get("quiet"):
             action = OPEN if step - ep["start"] >= self.min_steps else None
+        elif "held" in ep:
+            action = OPEN if self._release(ep, step) else None
         else:
             action = UPDATE
         ep["end"] = step
@@ -256,6 +261,21 @@ class Detector:
         if ep.pop("quiet", False):
             ep["first"] = {"step": step, "severity": severity, "message": message, "evidence": json_safe(evidence)}
         log.add(self._change(action, key, ep))
+
+    def _release(self, ep: dict, step: int) -> bool:
+        """Whether a held episode's delay is over at ``step`` (then it is held no more)."""
+        if step - ep["held"] < self.delay_steps:
+            return False
+        del ep["held"]
+        return True
+
+    @property
+    def delay_steps(self) -> int:
+        """Steps an alert waits after its first detection before it is told (the detector's
+        ``delay_steps`` setting; 0 when it has none): long enough for a root cause that shows
+        at the same time (a divergence behind a loss jump) to claim it as its consequence, so
+        the incident is paged once, by its cause. It is told even if it has cleared by then."""
+        return getattr(self.params, "delay_steps", 0)
 
     @property
     def min_steps(self) -> int:
@@ -282,13 +302,15 @@ class Detector:
         if ep.get("quiet"):  # never became an alert: nothing to resolve
             del eps[key]
             return
+        if "held" in ep and self._release(ep, step):
+            log.add(self._change(OPEN, key, ep))
         if ep["clear"] == 0:
             ep["cleared_at"] = step
         elif ep.get("clear_step") == step:
             return
         ep["clear_step"] = step
         ep["clear"] += 1
-        if ep["clear"] >= needed:
+        if ep["clear"] >= needed and "held" not in ep:  # resolving waits until it has been told
             ep["end"] = ep.pop("cleared_at")
             ep.pop("clear_step", None)
             del eps[key]
@@ -299,9 +321,12 @@ class Detector:
                 ep["resolved"] = step
                 state.setdefault("closed", {})[key] = ep
 
-    def keep(self, state: dict, key: str) -> None:
-        """Neither held nor cleared: restart the count of clear points without extending."""
+    def keep(self, state: dict, key: str, log: ChangeLog | None = None, step: int | None = None) -> None:
+        """Neither held nor cleared: restart the count of clear points without extending.
+        (With ``log`` and ``step``, an alert whose delay has passed is told now.)"""
         ep = state["episodes"][key]
+        if log is not None and "held" in ep and self._release(ep, step):
+            log.add(self._change(OPEN, key, ep))
         ep["clear"] = 0
         ep.pop("cleared_at", None)
         ep.pop("clear_step", None)

@@ -52,9 +52,11 @@ BOUNDS: dict[str, tuple[float, float, str]] = {
             "recover_points",
         )
     },
-    **{k: (0, MAX_POINTS_SETTING, "MAX_POINTS_SETTING: steps") for k in ("rejoin_steps", "min_steps")},
+    **{k: (0, MAX_POINTS_SETTING, "MAX_POINTS_SETTING: steps") for k in ("rejoin_steps", "min_steps", "delay_steps")},
     "threshold": _SIGMAS,
     "recover_threshold": _SIGMAS,
+    "ratio_sigmas": _SIGMAS,
+    "ratio": _GROWTH,
     "runaway_ratio": _GROWTH,
     "grad_ratio": _GROWTH,
     "critical_ratio": _GROWTH,

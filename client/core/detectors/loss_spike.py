@@ -26,6 +26,21 @@ LOG_FLOOR = 1e-30
 #: A spike must also be this far above the median, relative to it: when the loss is nearly
 #: flat the MAD collapses and a 1% wobble would count as "6 sigma".
 SPIKE_MIN_RISE = 0.1
+#: A jump by a ratio is a spike too, when it also stands clear of the noise: a 10x jump of a
+#: small-batch loss whose log wobbles by 0.4 is only ~5.8 sigmas, under the z threshold, yet
+#: plainly a spike (llm-foundry and Lightning's SpikeDetection judge ratios to a running mean).
+#: Healthy batch-4 losses reach 9x their median, but at most ~3 log-sigmas in our runs: the
+#: ratio rule needs 4 as well.
+SPIKE_RATIO = 5.0
+SPIKE_RATIO_SIGMAS = 4.0
+#: A spike is told 2 steps after it is seen: a run that is blowing up shows its loss jump
+#: first, and its divergence (a NaN, a loss a thousand times its best) within those steps
+#: then claims the jump as its consequence: one page, named by its cause.
+SPIKE_DELAY = 2
+#: An announced task switch (``continual/task``, sent by ``Monitor.task_switch``) changes the
+#: data: the loss jumps as expected, and its old level is no baseline. The windows restart and
+#: judge again after ``warmup`` points of the new task.
+TASK_SERIES = "continual/task"
 #: The episode ends when the loss is back within 3 robust sigmas of the median ...
 RECOVER_SIGMAS = 3.0
 #: ... for 3 points in a row, so a spike that bounces is one episode, not several.
@@ -46,6 +61,10 @@ class LossSpikeParams:
     warmup: int = SPIKE_WARMUP  #: points seen before the first judgement
     log_scale: bool = SPIKE_LOG_SCALE  #: judge log(value); turn off for losses that can be <= 0
     min_rise: float = SPIKE_MIN_RISE  #: also needed: value >= median * (1 + min_rise)
+    delay_steps: int = SPIKE_DELAY  #: steps before a spike is told (a root cause may claim it)
+    ratio: float = SPIKE_RATIO  #: value >= ratio * median is a spike if also ratio_sigmas above it
+    ratio_sigmas: float = SPIKE_RATIO_SIGMAS
+    task_series: str = TASK_SERIES  #: a point here is a task switch: the baselines restart
     recover_threshold: float = RECOVER_SIGMAS
     recover_points: int = RECOVER_POINTS
     rejoin_steps: int = SPIKE_REJOIN  #: steps after a resolution within which the same episode resumes
@@ -57,6 +76,8 @@ class LossSpikeParams:
             raise ValueError("loss_spike: need 0 < recover_threshold <= threshold")
         if self.recover_points < 1 or self.min_rise < 0:
             raise ValueError("loss_spike: need recover_points >= 1 and min_rise >= 0")
+        if self.ratio <= 1 or self.ratio_sigmas > self.threshold:
+            raise ValueError("loss_spike: need ratio > 1 and ratio_sigmas <= threshold")
 
 
 class LossSpikeDetector(Detector):
@@ -79,12 +100,16 @@ class LossSpikeDetector(Detector):
     Params = LossSpikeParams
 
     def accepts(self, series: str) -> bool:
-        return series in self.params.series
+        return series in self.params.series or series == self.params.task_series
 
     def point(self, state: dict, series: str, step: int, value: float, log: ChangeLog) -> None:
+        p = self.params
+        if series == p.task_series:
+            state.pop("windows", None)
+            state["switch"] = step
+            return
         if not finite(value):
             return
-        p = self.params
         x = math.log(max(value, LOG_FLOOR)) if p.log_scale else value
         window = state.setdefault("windows", {}).setdefault(series, [])
         if len(window) < p.warmup:
@@ -98,7 +123,10 @@ class LossSpikeDetector(Detector):
             rose, median_value = x - med >= math.log1p(p.min_rise), math.exp(med)
         else:
             rose, median_value = med <= 0 or x >= med * (1.0 + p.min_rise), med
-        if x > high and rose:
+        by_ratio = (
+            x - med >= math.log(p.ratio) if p.log_scale else med > 0 and x >= p.ratio * med
+        ) and x > med + p.ratio_sigmas * sigma
+        if (x > high or by_ratio) and rose:
             scale = " on a log scale" if p.log_scale else ""
             jump = f" {fmt(value / median_value)}x" if median_value > 0 else ""
             self.hold(
@@ -109,13 +137,17 @@ class LossSpikeDetector(Detector):
                 "warning",
                 z,
                 sentence(f"{series} jumped{jump} at step {step} (from {fmt(median_value)} to {fmt(value)}). ")
-                + f"{fmt(z)} robust sigmas above its rolling median{scale} (threshold {fmt(p.threshold)}).",
+                + f"{fmt(z)} robust sigmas above its rolling median{scale} (threshold {fmt(p.threshold)}"
+                + (f"; or {fmt(p.ratio)}x and {fmt(p.ratio_sigmas)} sigmas)." if x <= high else ")."),
                 {
                     "value": value,
                     "median": median_value,
                     "sigma": sigma,
                     "z": z,
                     "threshold": p.threshold,
+                    "ratio": value / median_value if median_value > 0 else math.inf,
+                    "ratio_threshold": p.ratio,
+                    "ratio_sigmas": p.ratio_sigmas,
                     "log_scale": p.log_scale,
                     "min_rise": p.min_rise,
                     "window": len(window),
@@ -125,5 +157,5 @@ class LossSpikeDetector(Detector):
             if x <= med + p.recover_threshold * sigma:
                 self.clear(state, log, series, step, p.recover_points)
             else:  # still elevated: the episode goes on, though this is no longer a spike
-                self.keep(state, series)
+                self.keep(state, series, log, step)
         push(window, min(x, high) if sigma > 0 else x, p.window)
