@@ -61,6 +61,7 @@ BOUNDS: dict[str, tuple[float, float, str]] = {
     "grad_ratio": _GROWTH,
     "critical_ratio": _GROWTH,
     "min_rise": (0.0, MAX_GROWTH_RATIO, "MAX_GROWTH_RATIO: a larger rise never fires"),
+    "min_rise_of_start": (0.0, MAX_GROWTH_RATIO, "MAX_GROWTH_RATIO: a larger rise never fires"),
     **{
         k: _FRACTION
         for k in (

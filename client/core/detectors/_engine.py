@@ -44,9 +44,12 @@ CAUSES: dict[str, tuple[str, ...]] = {
     "softmax_collapse": ("divergence", "loss_spike"),
     "edge_of_stability": ("divergence",),
 }
+#: Stability gaps of several tasks after one task switch are one incident (the switch), under
+#: the first task whose accuracy fell.
+SAME_SWITCH = "stability_gap"
 #: Alerts that wait while a root is suspected (its condition holds, its patience has not run
 #: out): a run blowing up makes its loss jump before its divergence is confirmed.
-SUSPECTED_BY = {"loss_spike": "divergence"}
+SUSPECTED_BY: dict[str, str] = {}
 #: A root explains consequences that start up to this many steps after it resolved (a loss
 #: that settles after a spike can leave the logits one-hot for a few more readings).
 INCIDENT_GRACE_STEPS = 50
@@ -209,6 +212,22 @@ def _as_json(params) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(params).items()}
 
 
+def _same_switch(state: dict, c: AlertChange) -> AlertChange:
+    """A stability gap opened by the same task switch as an open one is part of its incident."""
+    eps = state.get(SAME_SWITCH, {}).get("episodes", {})
+    switch = c.evidence.get("switch_step")
+    same = [
+        (ep["start"], key)
+        for key, ep in eps.items()
+        if key != c.key and ep["evidence"].get("switch_step") == switch and not ep.get("cause")
+    ]
+    if not same or c.key not in eps or min(same) > (c.start_step, c.key):
+        return c
+    start, key = min(same)
+    eps[c.key]["cause"] = cause = {"detector": SAME_SWITCH, "key": key, "start_step": start}
+    return dataclasses.replace(c, cause=cause)
+
+
 def _suspected(state: dict, root: str) -> bool:
     """Whether detector ``root`` sees its condition building without having opened yet."""
     return any(f.get("raw") and not f.get("hot") for f in state.get(root, {}).get("flags", {}).values())
@@ -250,6 +269,8 @@ def attribute(state: dict, changes: list[AlertChange]) -> list[AlertChange]:
                 # that it claims this alert instead of both paging. Told when it clears.
                 ep["held"] = c.end_step
                 continue
+        if c.detector == SAME_SWITCH and c.action == OPEN and c.cause is None:
+            c = _same_switch(state, c)
         if c.detector in CAUSES:
             eps = state.get(c.detector, {})
             ep = eps.get("episodes", {}).get(c.key)

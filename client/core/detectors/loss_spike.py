@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ._base import MAD_TO_SIGMA, ChangeLog, Detector, finite, fmt, median_mad, push, sentence
+from ._base import MAD_TO_SIGMA, ChangeLog, Detector, finite, fmt, median, median_mad, push, sentence
 
 #: OLMo-core's SkipStepOptimizer judges a step against the last 128 values
 #: (``rolling_interval_length=128``).
@@ -37,10 +37,16 @@ SPIKE_RATIO_SIGMAS = 4.0
 #: first, and its divergence (a NaN, a loss a thousand times its best) within those steps
 #: then claims the jump as its consequence: one page, named by its cause.
 SPIKE_DELAY = 2
+#: ... or up to 25 steps (past the divergence detector's patience of 20) while the loss still climbs.
+SPIKE_WAIT_MAX = 25
 #: An announced task switch (``continual/task``, sent by ``Monitor.task_switch``) changes the
 #: data: the loss jumps as expected, and its old level is no baseline. The windows restart and
 #: judge again after ``warmup`` points of the new task.
 TASK_SERIES = "continual/task"
+#: A jump must also rise by 5% of the loss's starting level (the median of its first
+#: ``warmup`` points): a converged loss moving from 1e-4 to 1e-3 is ten times higher and
+#: harmless; on a log scale, near zero, every wobble is large.
+SPIKE_MIN_RISE_OF_START = 0.05
 #: The episode ends when the loss is back within 3 robust sigmas of the median ...
 RECOVER_SIGMAS = 3.0
 #: ... for 3 points in a row, so a spike that bounces is one episode, not several.
@@ -62,6 +68,7 @@ class LossSpikeParams:
     log_scale: bool = SPIKE_LOG_SCALE  #: judge log(value); turn off for losses that can be <= 0
     min_rise: float = SPIKE_MIN_RISE  #: also needed: value >= median * (1 + min_rise)
     delay_steps: int = SPIKE_DELAY  #: steps before a spike is told (a root cause may claim it)
+    min_rise_of_start: float = SPIKE_MIN_RISE_OF_START  #: also needed: value - median >= this * start level
     ratio: float = SPIKE_RATIO  #: value >= ratio * median is a spike if also ratio_sigmas above it
     ratio_sigmas: float = SPIKE_RATIO_SIGMAS
     task_series: str = TASK_SERIES  #: a point here is a task switch: the baselines restart
@@ -110,10 +117,22 @@ class LossSpikeDetector(Detector):
             return
         if not finite(value):
             return
+        ep = state.get("episodes", {}).get(series)
+        if ep is not None and "held" in ep and step - ep["first"]["step"] < SPIKE_WAIT_MAX:
+            peak = ep["evidence"]["value"]
+            if isinstance(peak, float) and value >= peak:
+                # Still climbing when its delay ends: a loss that keeps going up is a run
+                # blowing up more often than a spike. Wait for it to turn (then it is told) or
+                # for the divergence to claim it.
+                ep["held"] = step - p.delay_steps + 1
         x = math.log(max(value, LOG_FLOOR)) if p.log_scale else value
         window = state.setdefault("windows", {}).setdefault(series, [])
         if len(window) < p.warmup:
             push(window, x, p.window)
+            if len(window) == p.warmup:
+                starts = state.setdefault("start", {})
+                if series not in starts:  # kept across task switches: the loss's scale
+                    starts[series] = math.exp(median(window)) if p.log_scale else median(window)
             return
         med, mad = median_mad(window)
         sigma = MAD_TO_SIGMA * mad
@@ -123,6 +142,9 @@ class LossSpikeDetector(Detector):
             rose, median_value = x - med >= math.log1p(p.min_rise), math.exp(med)
         else:
             rose, median_value = med <= 0 or x >= med * (1.0 + p.min_rise), med
+        start = state.get("start", {}).get(series)
+        if start is not None and value - median_value < p.min_rise_of_start * abs(start):
+            rose = False
         by_ratio = (
             x - med >= math.log(p.ratio) if p.log_scale else med > 0 and x >= p.ratio * med
         ) and x > med + p.ratio_sigmas * sigma
