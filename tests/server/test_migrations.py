@@ -193,7 +193,7 @@ def test_0005_numbers_existing_alerts_and_keeps_the_open_episode_index(db_url):
             )
             conn.execute(text(alert), [{"id": 1, "status": "resolved"}, {"id": 2, "status": "open"}])
         before = indexes()
-        migrate.upgrade(url)
+        migrate.upgrade(url, "0005")
         with engine.connect() as conn:
             assert conn.execute(text("SELECT id, change_seq FROM alerts ORDER BY id")).all() == [(1, 2), (2, 1)]
         assert indexes() == before | {"ix_deliveries_alert"}
