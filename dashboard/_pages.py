@@ -63,6 +63,15 @@ def _shown(alerts: list[dict]) -> list[dict]:
     return alerts
 
 
+def _incident_rows(incidents: list[dict]) -> list[dict]:
+    """A run's incidents as table rows: each root, then the alerts its cause explains."""
+    rows = []
+    for inc in incidents:
+        rows.append(inc)
+        rows += inc["consequences"]
+    return _shown(rows)
+
+
 @router.get("/")
 def runs_overview(request: Request, project: Filter = None, status: Filter = None, q: Filter = None):
     store = request.app.state.store
@@ -111,7 +120,7 @@ def run_page(run_id: str, request: Request):
         "run.html",
         run=run,
         config=config,
-        alerts=_shown(store.overview.alerts(run_id=run_id)),
+        alerts=_incident_rows(store.overview.incidents(run_id)),
         events=store.list_events(run_id),
         poll_ms=LIVE_POLL_MS,
         page="run",

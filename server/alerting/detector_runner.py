@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from types import SimpleNamespace
 from typing import Any, Callable
 
 from sqlalchemy import Connection
@@ -40,6 +39,17 @@ from .outbox import enqueue_for_alert, run_link
 log = logging.getLogger("stethoscope.server.detectors")
 
 STALLED = StalledRunDetector.name
+
+
+class _Row:
+    """What ``apply_changes`` keeps of an alert row it changes."""
+
+    __slots__ = ("id", "severity", "cause_alert_id")
+
+    def __init__(self, id: int, severity: str, cause_alert_id: int | None) -> None:
+        self.id = id
+        self.severity = severity
+        self.cause_alert_id = cause_alert_id
 
 
 class _ProjectDetectors:
@@ -144,42 +154,96 @@ class DetectorRunner:
 
     # -- alert rows and deliveries ---------------------------------------------------------
     def apply_changes(self, conn: Connection, run_id: str, project_id: int, changes: list[AlertChange]) -> list[dict]:
-        """Write alert changes as rows and enqueue webhook deliveries; returns the alerts opened."""
-        open_rows: dict[tuple[str, str], Any] = _alerts.open_alerts(conn, run_id)
+        """Write alert changes as rows (one per episode: one that comes back reopens its row),
+        link consequences to their root's row, and enqueue webhook deliveries for roots only.
+        Returns the alerts opened or reopened, each with its ``cause_alert_id``."""
+        open_rows = {k: _Row(r.id, r.severity, r.cause_alert_id) for k, r in _alerts.open_alerts(conn, run_id).items()}
+        written: dict[tuple[str, str, int], _Row] = {}  # episodes changed now, by (detector, key, start)
         opened: list[int] = []
-        events: list[tuple[str, int, int]] = []  # (event, alert id, its change number)
+        events: list[tuple[str, int]] = []  # (event, alert id), in the order the alerts changed
         for c in changes:
             k = (c.detector, c.key)
             row = open_rows.get(k)
             if c.action == RESOLVE:
-                if row is not None:
-                    _alerts.update_alert(conn, row.id, c, resolve=True)
-                    del open_rows[k]
-                    events.append(("alert.resolved", row.id, _alerts.next_change(conn, row.id)))
-            elif row is None:  # OPEN, or an UPDATE of an episode whose row is gone: one row per episode
-                aid = _alerts.insert_alert(conn, run_id, project_id, c)
-                open_rows[k] = SimpleNamespace(id=aid, severity=c.severity)
-                opened.append(aid)
-                events.append(("alert.opened", aid, 1))
+                if row is None:
+                    continue
+                _alerts.update_alert(conn, row.id, c, "resolved")
+                del open_rows[k]
+                events.append(("alert.resolved", row.id))
+            elif row is None:
+                # OPEN, or an UPDATE of an episode whose row is not open: one row per episode, so
+                # an episode that came back (``rejoin_steps``) reopens the row it resolved.
+                row = _alerts.find_episode(conn, run_id, c.detector, c.key, c.start_step)
+                if row is None:
+                    row = _Row(_alerts.insert_alert(conn, run_id, project_id, c), c.severity, None)
+                    events.append(("alert.opened", row.id))
+                else:
+                    _alerts.update_alert(conn, row.id, c, "open")
+                    events.append(("alert.reopened", row.id))
+                    if severity_rank(c.severity) > severity_rank(row.severity):
+                        events.append(("alert.escalated", row.id))
+                opened.append(row.id)
+                open_rows[k] = row = _Row(row.id, c.severity, row.cause_alert_id)
             else:
-                _alerts.update_alert(conn, row.id, c, resolve=False)
+                _alerts.update_alert(conn, row.id, c)
                 if severity_rank(c.severity) > severity_rank(row.severity):
-                    events.append(("alert.escalated", row.id, _alerts.next_change(conn, row.id)))
-                open_rows[k] = SimpleNamespace(id=row.id, severity=c.severity)
-        if not events:
+                    events.append(("alert.escalated", row.id))
+                row.severity = c.severity
+            written[(c.detector, c.key, c.start_step)] = row
+        consequences = self._link_causes(conn, run_id, changes, written)
+        # A consequence is not paged: it shows in its root's deliveries. Its resolution still
+        # reaches the webhooks that heard of it while it was a root (adopted later), and a
+        # reopening only those that heard of the alert before.
+        events = [(e, aid) for e, aid in events if aid not in consequences or e == "alert.resolved"]
+        ids = {aid for _, aid in events} | set(opened)
+        if not ids:
             return []
-        alerts = {a["id"]: a for a in _alerts.get_alerts(conn, {aid for _, aid, _ in events})}
+        alerts = {a["id"]: a for a in _alerts.get_alerts(conn, ids)}
+        # Numbered in order; "opened" is change 1, the insert's default.
+        numbered = [(e, aid, 1 if e == "alert.opened" else _alerts.next_change(conn, aid)) for e, aid in events]
         hooks = _webhooks.enabled_for_project(conn, project_id)
-        if hooks:
+        if hooks and numbered:
             run_info = _runs.run_ref(conn, run_id)
             link = run_link(self.base_url, run_id)
+            explained = _alerts.consequences_of(conn, run_id, {aid for _, aid, _ in numbered} - consequences)
             queued = []
-            for name, aid, seq in events:
-                notified = _webhooks.notified_for_alert(conn, aid) if name == "alert.resolved" else set()
-                queued += enqueue_for_alert(conn, hooks, notified, name, alerts[aid], run_info, link, seq)
+            for name, aid, seq in numbered:
+                to = hooks
+                notified: set[int] = set()
+                if name in ("alert.resolved", "alert.reopened"):
+                    notified = _webhooks.notified_for_alert(conn, aid)
+                    if name == "alert.reopened" or aid in consequences:
+                        to = [h for h in hooks if h.id in notified]
+                queued += enqueue_for_alert(
+                    conn, to, notified, name, alerts[aid], run_info, link, seq, explained.get(aid, [])
+                )
             if queued and self.wake_outbox is not None:
                 self.wake_outbox(conn)
-        return [alerts[aid] for aid in opened]
+        return [alerts[aid] for aid in dict.fromkeys(opened)]
+
+    @staticmethod
+    def _link_causes(
+        conn: Connection, run_id: str, changes: list[AlertChange], written: dict[tuple[str, str, int], _Row]
+    ) -> set[int]:
+        """Point each changed alert at the row of the root its change names (``cause``; None for
+        a root): written in this batch, or earlier. Returns the ids that are consequences."""
+        final: dict[int, int | None] = {}
+        for c in changes:
+            row = written.get((c.detector, c.key, c.start_step))
+            if row is None:  # a resolve of an episode with no open row
+                continue
+            cause = None
+            if c.cause is not None:
+                ck = (c.cause["detector"], c.cause["key"], c.cause["start_step"])
+                root = written.get(ck) or _alerts.find_episode(conn, run_id, *ck)
+                # A root with no row (its detector failed on that batch): the alert stays a root,
+                # and is paged as one rather than hidden under nothing.
+                cause = root.id if root is not None and root.id != row.id else None
+            final[row.id] = cause
+            if cause != row.cause_alert_id:
+                _alerts.set_cause(conn, row.id, cause)
+                row.cause_alert_id = cause
+        return {aid for aid, cause in final.items() if cause is not None}
 
     # -- stalled runs ----------------------------------------------------------------------
     def check_stalled(self, store: Store) -> int:

@@ -40,7 +40,7 @@ log = logging.getLogger("stethoscope.server.webhooks")
 SIGNATURE_HEADER = "X-Stethoscope-Signature"
 EVENT_HEADER = "X-Stethoscope-Event"
 DELIVERY_HEADER = "X-Stethoscope-Delivery"
-#: The alert's change number (1 when opened, then +1 per escalation and at resolution).
+#: The alert's change number (1 when opened, then +1 per escalation, reopening and resolution).
 SEQUENCE_HEADER = "X-Stethoscope-Sequence"
 FORMATS = ("json", "slack")
 
@@ -56,7 +56,15 @@ SLACK_TEXT_LIMIT = 2900
 _WAKE = "stethoscope_wake_outbox"
 
 _SEVERITY_MARK = {"info": ":information_source:", "warning": ":warning:", "critical": ":rotating_light:"}
-_EVENT_WORD = {"alert.opened": "opened", "alert.escalated": "escalated", "alert.resolved": "resolved", "test": "test"}
+_EVENT_WORD = {
+    "alert.opened": "opened",
+    "alert.escalated": "escalated",
+    "alert.reopened": "reopened",
+    "alert.resolved": "resolved",
+    "test": "test",
+}
+#: Consequences named one by one in a Slack message; the rest are counted.
+SLACK_CONSEQUENCES_NAMED = 5
 
 
 # -- payloads ----------------------------------------------------------------------------
@@ -68,16 +76,35 @@ def run_link(base_url: str, run_id: str) -> str:
     return f"{base_url.rstrip('/')}/runs/{run_id}"
 
 
-def body_for(fmt: str, event_name: str, alert: dict, run: dict, link: str, sequence: int | None = None) -> dict:
+def body_for(
+    fmt: str,
+    event_name: str,
+    alert: dict,
+    run: dict,
+    link: str,
+    sequence: int | None = None,
+    consequences: list[dict] | None = None,
+) -> dict:
     """The JSON object a webhook of format ``fmt`` receives for this alert event; ``sequence``
-    is the alert's change number, so a receiver can order one alert's deliveries itself."""
+    is the alert's change number, so a receiver can order one alert's deliveries itself.
+    ``consequences`` are the alerts of its incident known now (the alert is their root): the
+    JSON body lists them (``id``, ``detector``, ``key``, ``severity``, ``status``,
+    ``message``) when there are any; a Slack message names them. The alert's
+    ``first_detection`` (what it said when it was raised) comes with it."""
     alert = jsonable(alert)
+    brief = [_consequence(c) for c in consequences or ()]
     if fmt == "slack":
-        return _slack(event_name, alert, run, link)
+        return _slack(event_name, alert, run, link, brief)
     body = {"event": event_name, "alert": alert, "run": run, "link": link}
     if sequence is not None:
         body["sequence"] = sequence
+    if brief:
+        body["consequences"] = brief
     return body
+
+
+def _consequence(alert: dict) -> dict:
+    return {k: alert[k] for k in ("id", "detector", "key", "severity", "status", "message")}
 
 
 def sequence_header(payload: dict) -> dict[str, str]:
@@ -92,7 +119,7 @@ def plain_and_evidence(message: str) -> tuple[str, str]:
     return (first + "." if sep else first), rest
 
 
-def _slack(event_name: str, alert: dict, run: dict, link: str) -> dict:
+def _slack(event_name: str, alert: dict, run: dict, link: str, consequences: list[dict]) -> dict:
     word = _EVENT_WORD.get(event_name, event_name)
     sev = alert["severity"]
     steps = (
@@ -102,8 +129,10 @@ def _slack(event_name: str, alert: dict, run: dict, link: str) -> dict:
     )
     plain, detail = plain_and_evidence(alert["message"])
     head = f"[{sev.upper()}] {alert['detector']} {word} on run {run['name']} ({run['project']})"
+    # Its first detection and the alerts it explains, when there is something to say.
+    incident = _slack_incident(alert, consequences)
     # The plain sentence first (a notification shows the start of "text"), the rest after it.
-    text = f"{plain} {head}. {detail}".strip()[:SLACK_TEXT_LIMIT]
+    text = f"{plain} {head}. {detail} {incident.replace(chr(10), ' ')}".strip()[:SLACK_TEXT_LIMIT]
     evidence = ", ".join(f"{k}={v}" for k, v in (alert.get("evidence") or {}).items())
     return {
         "text": text,
@@ -112,7 +141,9 @@ def _slack(event_name: str, alert: dict, run: dict, link: str) -> dict:
                 "type": "section",
                 "text": {
                     "type": "mrkdwn",
-                    "text": f"{_SEVERITY_MARK.get(sev, '')} *{plain}*\n{detail}\n_{head}_"[:SLACK_TEXT_LIMIT],
+                    "text": f"{_SEVERITY_MARK.get(sev, '')} *{plain}*\n{detail}\n_{head}_\n{incident}".strip()[
+                        :SLACK_TEXT_LIMIT
+                    ],
                 },
             },
             {
@@ -127,6 +158,22 @@ def _slack(event_name: str, alert: dict, run: dict, link: str) -> dict:
             },
         ],
     }
+
+
+def _slack_incident(alert: dict, consequences: list[dict]) -> str:
+    """Lines of a Slack message about the alert's incident: its first detection, when it said
+    something else than the peak, and the consequences it explains."""
+    lines = []
+    first = alert.get("first_detection") or {}
+    if first and first.get("message") != alert["message"]:
+        said = plain_and_evidence(str(first.get("message", "")))[0]
+        lines.append(f"First detected at step {first.get('step')} ({first.get('severity')}): {said}")
+    if consequences:
+        named = ", ".join(f"{c['detector']} #{c['id']}" for c in consequences[:SLACK_CONSEQUENCES_NAMED])
+        more = len(consequences) - SLACK_CONSEQUENCES_NAMED
+        n = len(consequences)
+        lines.append(f"Also explains {n} alert{'s' if n > 1 else ''}: {named}{f' and {more} more' if more > 0 else ''}")
+    return "\n".join(lines)
 
 
 def encode_body(body: dict) -> bytes:
@@ -249,6 +296,8 @@ class Outbox:
                 "opened_at": now,
                 "resolved_at": None,
                 "acknowledged_at": None,
+                "first_detection": None,
+                "cause_alert_id": None,
             }
             run = {"id": "stethoscope-test", "name": "stethoscope-test", "project": hook["project"]}
             return {
@@ -271,9 +320,11 @@ def enqueue_for_alert(
     run: dict,
     link: str,
     sequence: int | None = None,
+    consequences: list[dict] | None = None,
 ) -> list[int]:
     """Outbox rows for one alert event, one per webhook that wants it (same transaction);
-    ``sequence`` is the alert's change number (``store.alerts.next_change``)."""
+    ``sequence`` is the alert's change number (``store.alerts.next_change``), ``consequences``
+    the alerts it is the root of (``store.alerts.consequences_of``)."""
     rows = []
     for h in hooks:
         wants = alert["severity"] in (h.severities or []) or h.id in notified
@@ -285,7 +336,7 @@ def enqueue_for_alert(
                     "payload": {
                         "event": event_name,
                         "sequence": sequence,
-                        "body": body_for(h.format, event_name, alert, run, link, sequence),
+                        "body": body_for(h.format, event_name, alert, run, link, sequence, consequences),
                     },
                 }
             )

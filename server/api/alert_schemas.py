@@ -24,6 +24,13 @@ DeliveryStatus = Literal[DELIVERY_STATUSES]  # type: ignore[valid-type]
 DEFAULT_WEBHOOK_SEVERITIES = ["warning", "critical"]
 
 
+class FirstDetection(BaseModel):
+    step: int = Field(description="the step at which the alert was raised")
+    severity: Severity
+    message: str
+    evidence: dict[str, Any] = Field(description="as in the alert's evidence")
+
+
 class AlertOut(BaseModel):
     id: int
     run_id: str
@@ -42,6 +49,22 @@ class AlertOut(BaseModel):
     opened_at: datetime
     resolved_at: datetime | None
     acknowledged_at: datetime | None
+    first_detection: FirstDetection | None = Field(
+        description="what the alert said when it was raised, kept beside its peak (null for alerts stored before "
+        "first detections were kept)"
+    )
+    cause_alert_id: int | None = Field(
+        description="the root alert of this alert's incident: a consequence is shown under it and not paged on "
+        "its own; null for a root"
+    )
+
+
+class IncidentOut(AlertOut):
+    """A root alert and the alerts its cause explains."""
+
+    consequences: list[AlertOut] = Field(
+        description="alerts whose chain of causes leads to this one, oldest first (each names its direct cause)"
+    )
 
 
 class WebhookCreate(Strict):
@@ -95,7 +118,10 @@ class DeliveryOut(BaseModel):
     id: int
     webhook_id: int
     alert_id: int | None
-    event: str | None = Field(description="alert.opened, alert.escalated, alert.resolved or test")
+    event: str | None = Field(
+        description="alert.opened, alert.escalated, alert.reopened, alert.resolved or test (a consequence of another "
+        "alert is never paged: its root's deliveries list it)"
+    )
     status: DeliveryStatus
     attempts: int
     next_attempt_at: datetime | None = Field(description="when the next attempt is due (pending only)")

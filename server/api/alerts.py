@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, HTTPException, Path, Query, Request
 
 from ..parsing import ALERT_ID_MAX, id_path
-from .alert_schemas import AlertOut, AlertStatus, Severity
+from .alert_schemas import AlertOut, AlertStatus, IncidentOut, Severity
 from .deps import StoreDep, StrictJSONRoute
 from .runs import RunId
 from .schemas import NO_NUL, JsonObject
@@ -24,6 +24,15 @@ _SETTINGS_EXAMPLE = {"loss_spike": {"threshold": 8.0, "window": 256}, "stalled":
 def run_alerts(run_id: RunId, store: StoreDep, status: AlertStatus | None = None):
     """The run's alerts, oldest first: one per episode, open or resolved."""
     return store.alerts.list_run(run_id, status)
+
+
+@router.get(
+    "/runs/{run_id}/incidents", response_model=list[IncidentOut], responses={404: {"description": "no such run"}}
+)
+def run_incidents(run_id: RunId, store: StoreDep, status: AlertStatus | None = None):
+    """The run's incidents, oldest first: each root alert (one with no cause) with the alerts
+    its cause explains (``consequences``); ``status`` filters by the root's status."""
+    return store.alerts.incidents(run_id, status)
 
 
 @router.get(

@@ -92,7 +92,11 @@ class IngestBatch(Strict):
 class IngestReply(BaseModel):
     points: int = Field(description="points received")
     inserted: int = Field(description="points stored now; a resend stores none")
-    alerts: list[dict[str, Any]] = Field(default_factory=list, description="alerts opened for this run by this batch")
+    alerts: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="alerts opened (or reopened: an episode that came back) for this run by this batch; one whose "
+        "cause_alert_id is set is a consequence of that alert, not a separate problem",
+    )
 
 
 class SeriesInfo(BaseModel):

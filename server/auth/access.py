@@ -87,6 +87,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", f"{API}/runs/{{run_id}}/continual"): Rule("read", RUN),
     # alerts and detector settings
     ("GET", f"{API}/runs/{{run_id}}/alerts"): Rule("read", RUN),
+    ("GET", f"{API}/runs/{{run_id}}/incidents"): Rule("read", RUN),
     ("GET", f"{API}/projects/{{project}}/alerts"): Rule("read", PROJECT),
     ("POST", f"{API}/alerts/{{alert_id}}/ack"): Rule("admin", ALERT),
     ("GET", f"{API}/projects/{{project}}/detectors"): Rule("read", PROJECT),

@@ -171,6 +171,14 @@ class Alert(Base):
     #: How many changes webhooks hear of the alert has had: 1 when opened, +1 at each
     #: escalation and at the resolution (migration 0005). Deliveries carry it as "sequence".
     change_seq: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))
+    #: The episode's first detection, kept beside its peak: ``{"step", "severity", "message",
+    #: "evidence"}`` (migration 0006; NULL for alerts stored before it).
+    first_detection: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    #: The root alert of this alert's incident, NULL for a root: a consequence is shown under
+    #: its root and never paged on its own (migration 0006).
+    cause_alert_id: Mapped[int | None] = mapped_column(
+        BigInteger, ForeignKey("alerts.id", ondelete="SET NULL"), nullable=True, index=True
+    )
     __table_args__ = (
         Index("ix_alerts_run_status", "run_id", "status"),
         Index("ix_alerts_project_opened", "project_id", "opened_at"),

@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from stethoscope.core.detectors import severity_rank
 
-from .alerts import alert_dict
+from .alerts import alert_dict, group_incidents
 from .models import Alert, Project, Run, Series
 from .sql import placeholder
 
@@ -59,6 +59,12 @@ class Overview:
         stmt = stmt.order_by(ALERTS.c.opened_at.desc(), ALERTS.c.id.desc()).limit(ALERT_LIMIT)
         with self._store.reading() as conn:
             return [{**alert_dict(r, r.project), "run_name": r.run_name} for r in conn.execute(stmt)]
+
+    def incidents(self, run_id: str) -> list[dict]:
+        """The run's alerts (at most ``ALERT_LIMIT``, the newest) as incidents, newest root first:
+        each root, as :meth:`alerts` has it, with ``consequences`` (oldest first)."""
+        alerts = sorted(self.alerts(run_id=run_id), key=lambda a: a["id"])
+        return group_incidents(alerts)[::-1]
 
     def run_health(self, run_ids: list[str]) -> dict[str, dict]:
         """Per run: the worst open alert's severity and how many alerts are open."""

@@ -109,6 +109,43 @@ def test_overview_filters(web):
     assert "second" not in web.get("/", params={"status": "finished"}).text
 
 
+def test_run_page_nests_consequences_under_their_root_with_first_detections(live_server):
+    """The loss goes NaN while the Softmax Collapse fraction is high: the run's alert table
+    lists the divergence, then the collapse under it ("consequence of #id"); each row shows its
+    first detection beside its peak."""
+    import html
+    import re
+
+    with httpx.Client(base_url=live_server.url, timeout=30) as c:
+        c.put("/api/v1/runs/inc", json={"project": "p"}).raise_for_status()
+        steps = list(range(80))
+        sc = [0.0 if s < 60 else 0.6 if s < 63 else 0.95 for s in steps]
+        loss = [1.0 / (1 + s * 0.01) if s < 65 else "NaN" for s in steps]
+        c.post(
+            "/api/v1/runs/inc/points",
+            json={
+                "series": [
+                    {"name": "loss", "steps": steps, "values": loss},
+                    {"name": "grad/norm", "steps": steps, "values": [1.0] * 80},
+                    {"name": "logits/sc_fraction", "steps": steps, "values": sc},
+                ]
+            },
+        ).raise_for_status()
+        (incident,) = c.get("/api/v1/runs/inc/incidents").json()
+        page = c.get("/runs/inc").text
+    (collapse,) = incident["consequences"]
+    assert (incident["detector"], collapse["detector"]) == ("divergence", "softmax_collapse")
+    assert collapse["first_detection"]["step"] == 61 and collapse["peak_step"] == 64
+    rows = re.findall(r'<tr class="alert-row( consequence)?" data-alert-id="(\d+)"', page)
+    assert rows == [("", str(incident["id"])), (" consequence", str(collapse["id"]))]
+    row = page.split(f'data-alert-id="{collapse["id"]}"')[1].split("</tr>")[0]
+    assert f"consequence of #{incident['id']}" in row
+    assert "step 61" in row and html.escape(collapse["first_detection"]["message"]) in row
+    assert html.escape(collapse["message"]) in row and "peak 64" in row
+    root = page.split(f'data-alert-id="{incident["id"]}"')[1].split("</tr>")[0]
+    assert "consequence of" not in root and "step 65" in root and "same as the peak" in root
+
+
 def test_continual_panel_shows_min_acc_and_wc_acc_computed_from_accuracies(live_server):
     """min-ACC and WC-ACC are not stored (computed on read): the panel still draws them."""
     with httpx.Client(base_url=live_server.url, timeout=30) as c:

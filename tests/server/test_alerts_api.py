@@ -67,9 +67,27 @@ def test_nonfinite_loss_is_critical_and_clears(client):
     post_batches(client, run, values, 60, 80)
     (alert,) = [a for a in _alerts(client) if a["detector"] == "divergence"]
     assert alert["status"] == "resolved" and alert["end_step"] == 42
-    # +inf in the gradient norm is the same episode kind, a new one.
+    # +inf in the gradient norm at step 81, within rejoin_steps of the resolution (5 finite
+    # steps after 42): the same episode goes on, so the same alert row is reopened (and the
+    # ingest reply says so), its first detection and NaN peak kept.
+    rejoin = DETECTORS["divergence"].Params().rejoin_steps
+    assert rejoin > 81 - 46, "the test assumes the default rejoin_steps"
     inf = post(client, run, 80, [1.0, math.inf], name="grad/norm")["alerts"]
-    assert [(a["key"], a["evidence"]["value"]) for a in inf] == [("nonfinite", "Infinity")]
+    assert [(a["id"], a["key"], a["status"], a["start_step"], a["end_step"]) for a in inf] == [
+        (alert["id"], "nonfinite", "open", 40, 81)
+    ]
+    (again,) = [a for a in _alerts(client) if a["detector"] == "divergence"]
+    assert again["id"] == alert["id"] and again["status"] == "open" and again["resolved_at"] is None
+    assert again["first_detection"]["step"] == 40 and again["first_detection"]["evidence"]["value"] == "NaN"
+    # Finite again for 5 steps: resolved at 86. Non-finite again more than rejoin_steps later:
+    # a new episode, a new alert.
+    late = 87 + rejoin
+    post(client, run, 82, [1.0] * (late - 82), name="grad/norm")
+    assert [(a["id"], a["status"]) for a in _alerts(client)] == [(alert["id"], "resolved")]
+    new = post(client, run, late, [math.inf], name="grad/norm")["alerts"]
+    assert [(a["key"], a["start_step"], a["evidence"]["value"]) for a in new] == [("nonfinite", late, "Infinity")]
+    assert new[0]["id"] != alert["id"] and new[0]["first_detection"]["step"] == late
+    assert [a["status"] for a in _alerts(client)] == ["resolved", "open"]
 
 
 def test_project_alerts_filter_and_acknowledge(client):

@@ -417,6 +417,7 @@ RUN_ROUTES = [
     ("GET", "/api/v1/runs/{r}/events", None),
     ("GET", "/api/v1/runs/{r}/continual", None),
     ("GET", "/api/v1/runs/{r}/alerts", None),
+    ("GET", "/api/v1/runs/{r}/incidents", None),
     ("GET", "/runs/{r}", None),
     ("GET", "/ui/api/runs/{r}/panels", None),
     ("GET", "/ui/api/runs/{r}/state", None),

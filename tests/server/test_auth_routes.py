@@ -56,6 +56,7 @@ def table(ids: dict) -> list[tuple]:
         ("GET", f"{api}/runs/{{run_id}}/events", f"{api}/runs/rp/events", None, "read", True, False),
         ("GET", f"{api}/runs/{{run_id}}/continual", f"{api}/runs/rp/continual", None, "read", True, False),
         ("GET", f"{api}/runs/{{run_id}}/alerts", f"{api}/runs/rp/alerts", None, "read", True, False),
+        ("GET", f"{api}/runs/{{run_id}}/incidents", f"{api}/runs/rp/incidents", None, "read", True, False),
         ("GET", f"{api}/projects/{{project}}/alerts", f"{api}/projects/P/alerts", None, "read", True, False),
         ("POST", f"{api}/alerts/{{alert_id}}/ack", f"{api}/alerts/{a}/ack", None, "admin", True, False),
         ("GET", f"{api}/projects/{{project}}/detectors", f"{api}/projects/P/detectors", None, "read", True, False),

@@ -193,7 +193,7 @@ def test_0005_numbers_existing_alerts_and_keeps_the_open_episode_index(db_url):
             )
             conn.execute(text(alert), [{"id": 1, "status": "resolved"}, {"id": 2, "status": "open"}])
         before = indexes()
-        migrate.upgrade(url)
+        migrate.upgrade(url, "0005")
         with engine.connect() as conn:
             assert conn.execute(text("SELECT id, change_seq FROM alerts ORDER BY id")).all() == [(1, 2), (2, 1)]
         assert indexes() == before | {"ix_deliveries_alert"}
@@ -202,5 +202,109 @@ def test_0005_numbers_existing_alerts_and_keeps_the_open_episode_index(db_url):
         assert "change_seq" not in {c["name"] for c in inspect(engine).get_columns("alerts")}
         with engine.begin() as conn, pytest.raises(IntegrityError):  # one open alert per episode, still
             conn.execute(text(alert), [{"id": 3, "status": "open"}])
+    finally:
+        engine.dispose()
+
+
+def test_0006_adds_first_detection_and_cause_keeping_alerts_deliveries_and_indexes(db_url):
+    """0006 adds alerts.first_detection and alerts.cause_alert_id (a foreign key to alerts, ON
+    DELETE SET NULL, indexed). SQLite rebuilds the table both ways: alert rows and ids, the
+    webhook deliveries that point at them, the other indexes and the one-open-alert-per-episode
+    rule all survive the upgrade and the downgrade."""
+    import json
+
+    from sqlalchemy import text
+    from sqlalchemy.exc import IntegrityError
+
+    url = Settings(database_url=db_url).database_url
+    migrate.upgrade(url, "0005")
+    engine = make_null_engine(url)
+    alert = (
+        "INSERT INTO alerts (id, run_id, project_id, detector, key, severity, status, message, evidence, opened_at, "
+        "change_seq) VALUES (:id, 'r', 1, :detector, 'loss', 'warning', :status, 'm', '{}', CURRENT_TIMESTAMP, :seq)"
+    )
+
+    def indexes():
+        return {i["name"] for i in inspect(engine).get_indexes("alerts")}
+
+    def rows():
+        with engine.connect() as conn:
+            alerts = conn.execute(text("SELECT id, detector, status, change_seq FROM alerts ORDER BY id")).all()
+            deliveries = conn.execute(text("SELECT id, alert_id FROM webhook_deliveries ORDER BY id")).all()
+            return alerts, deliveries
+
+    def enforcing(conn):
+        if conn.dialect.name == "sqlite":  # the server's connections turn foreign keys on; this one is plain
+            conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+        return conn
+
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO projects (id, name, created_at) VALUES (1, 'p', CURRENT_TIMESTAMP)"))
+            conn.execute(
+                text(
+                    "INSERT INTO runs (id, project_id, name, status, config, tags, created_at, updated_at) "
+                    "VALUES ('r', 1, 'r', 'running', '{}', '[]', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                )
+            )
+            conn.execute(
+                text(alert),
+                [
+                    {"id": 1, "detector": "divergence", "status": "resolved", "seq": 2},
+                    {"id": 2, "detector": "loss_spike", "status": "open", "seq": 1},
+                    {"id": 3, "detector": "softmax_collapse", "status": "open", "seq": 1},
+                ],
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO webhooks (id, project_id, url, secret, severities, format, enabled, created_at) "
+                    "VALUES (1, 1, 'http://127.0.0.1:9/h', 'secret', '[]', 'json', true, CURRENT_TIMESTAMP)"
+                )
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO webhook_deliveries (id, webhook_id, alert_id, payload, status, attempts, "
+                    "next_attempt_at, created_at) VALUES (:id, 1, :alert, '{}', 'delivered', 1, "
+                    "CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                ),
+                [{"id": 1, "alert": 1}, {"id": 2, "alert": 1}, {"id": 3, "alert": 2}],
+            )
+        before, before_rows = indexes(), rows()
+        migrate.upgrade(url, "0006")
+        assert rows() == before_rows
+        assert indexes() == before | {"ix_alerts_cause_alert_id"}
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT first_detection, cause_alert_id FROM alerts")).all() == [(None, None)] * 3
+        with enforcing(engine.connect()) as conn:
+            conn.execute(text("UPDATE alerts SET cause_alert_id = 1 WHERE id IN (2, 3)"))
+            conn.execute(text("UPDATE alerts SET first_detection = '{\"step\": 5}' WHERE id = 2"))
+            conn.commit()
+            with pytest.raises(IntegrityError):  # a cause must be an alert
+                conn.execute(text("UPDATE alerts SET cause_alert_id = 99 WHERE id = 3"))
+            conn.rollback()
+            conn.execute(text("DELETE FROM alerts WHERE id = 1"))  # a root goes: its consequences become roots
+            conn.commit()
+            assert conn.execute(text("SELECT id, cause_alert_id FROM alerts ORDER BY id")).all() == [
+                (2, None),
+                (3, None),
+            ]
+            first = conn.execute(text("SELECT first_detection FROM alerts WHERE id = 2")).scalar()
+            assert (json.loads(first) if isinstance(first, str) else first) == {"step": 5}  # text on SQLite
+            conn.execute(text("UPDATE alerts SET cause_alert_id = 2 WHERE id = 3"))
+            conn.commit()
+        with engine.begin() as conn, pytest.raises(IntegrityError):  # one open alert per episode, still
+            conn.execute(text(alert), [{"id": 4, "detector": "loss_spike", "status": "open", "seq": 1}])
+
+        kept = rows()
+        migrate.downgrade(url, "0005")
+        assert rows() == kept and len(kept[1]) == 1  # the deliveries of alert 1 went with it, the rest stayed
+        assert indexes() == before
+        assert {"first_detection", "cause_alert_id"}.isdisjoint(
+            c["name"] for c in inspect(engine).get_columns("alerts")
+        )
+        with engine.begin() as conn, pytest.raises(IntegrityError):
+            conn.execute(text(alert), [{"id": 4, "detector": "loss_spike", "status": "open", "seq": 1}])
+        migrate.upgrade(url)  # and up again
+        assert indexes() == before | {"ix_alerts_cause_alert_id"} and rows() == kept
     finally:
         engine.dispose()

@@ -333,6 +333,7 @@ class TestOneAlertsDeliveriesInOrder:
                     end_step=1,
                     message="m",
                     evidence={},
+                    first=None,
                 )
                 a1, a2 = (
                     A.insert_alert(conn, "r", pid, change),
