@@ -185,7 +185,7 @@ class Sender:
                     if kind == "flush":
                         flush_event = rec[1]
                     else:
-                        self._watch(batch.add(rec), batch)
+                        self._detect(batch.add(rec), batch)
             if batch.last_step is not None:
                 self._last_step = batch.last_step
             if (
@@ -215,7 +215,7 @@ class Sender:
                     self._finish(run_created)
                 return
 
-    def _watch(self, seen, batch: Batch) -> None:
+    def _detect(self, seen, batch: Batch) -> None:
         """The hook's detectors read a record's host values (``seen``: step, names, values)."""
         errors = self.watch.errors
         if seen is not None:
