@@ -13,12 +13,15 @@ lists for an episode the hook already delivered (same ``(detector, key, start_st
 delivered again. What ``on_alert`` hears of, from the hook and from the server alike, is one
 list of alert dicts per call:
 
-- an episode opening (``open`` changes, including one that comes back within the detector's
-  ``rejoin_steps`` and so continues its old episode),
+- an episode opening (an ``open`` change),
 - an escalation (an episode's severity rising above what was delivered for it),
 
 never an update that changes only the peak, nor a resolution (the server's alerts API and
-webhooks have those). A consequence (a loss spike or Softmax Collapse during a divergence) is
+webhooks have those). As resolutions are not delivered, an episode that comes back within its
+detector's ``rejoin_steps`` (an ``open`` change with its old ``start_step``) never ended for the
+callback, and is not delivered again unless it comes back worse. A consequence that opened
+before its root (a loss spike, then the divergence that adopts it) was delivered as a root:
+adoptions are updates, not delivered. A consequence (a loss spike or Softmax Collapse during a divergence) is
 delivered like any alert but carries its root in ``cause``, so a job can act on roots only::
 
     mon.on_alert(lambda alerts: stop.set() if any(a["cause"] is None and a["severity"] == "critical"
@@ -36,7 +39,7 @@ import logging
 from datetime import datetime, timezone
 
 from . import _errors
-from .core.detectors import OPEN, DetectorSet, severity_rank
+from .core.detectors import DetectorSet, severity_rank
 
 logger = logging.getLogger("stethoscope")
 
@@ -118,7 +121,7 @@ class Watch:
             k = (c.detector, c.key, c.start_step)
             rank = severity_rank(c.severity)
             before = self.delivered.get(k)
-            if c.status == "open" and (before is None or c.action == OPEN or rank > before):
+            if c.status == "open" and (before is None or rank > before):
                 self._remember(k, rank)
                 news.append(self._alert(c))
         if news:

@@ -19,7 +19,7 @@ from helpers import TinyNet, batch, spooled_points, train
 
 import stethoscope
 from stethoscope._watch import DETECTOR_ERRORS, Watch
-from stethoscope.core.detectors import OPEN, DetectorSet, severity_rank
+from stethoscope.core.detectors import DETECTORS, OPEN, DetectorSet, severity_rank
 
 JUMP_STEP = 40  # the learning rate jumps here; the next step's loss is NaN
 STEPS = 50
@@ -53,6 +53,18 @@ def blow_up(mon, model, opt, steps=STEPS, jump_lr=1e38, flush_each=False, seen_a
         if first_bad is None and not math.isfinite(loss.item()):
             first_bad = step
     return first_bad
+
+
+def opens_and_escalations(changes):
+    """What ``on_alert`` should hear of, given the detectors' changes in order: each episode
+    the first time it is open, and again each time its severity rises (stethoscope._watch)."""
+    worst, out = {}, []
+    for c in changes:
+        k = (c.detector, c.key, c.start_step)
+        if c.status == "open" and severity_rank(c.severity) > worst.get(k, -1):
+            worst[k] = severity_rank(c.severity)
+            out.append((*k, c.severity, c.cause))
+    return out
 
 
 def divergences(alerts):
@@ -138,28 +150,25 @@ def test_a_healthy_run_raises_no_hook_alert(tmp_path):
 
 def test_on_alert_hears_the_opens_and_escalations_the_detectors_give_on_the_runs_own_points(tmp_path):
     """An incident on a real training (a learning rate jumping to 1e20 with a tanh net: the loss
-    jumps and the logits go one-hot, no NaN). What ``on_alert`` heard is exactly the ``open``
-    changes and escalations of a ``DetectorSet`` fed the run's spooled points step by step, with
-    their causes: consequences are delivered, naming a root delivered before them."""
+    jumps by 1e19 and the logits go one-hot, no NaN). What ``on_alert`` heard is exactly the
+    openings and escalations of a ``DetectorSet`` fed the run's spooled points step by step,
+    with their causes: a consequence is delivered, naming a root delivered before it."""
     torch.manual_seed(0)
     model = TinyNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     got = []
     with stethoscope.attach(model, opt, server="offline", spool_dir=tmp_path) as mon:
         mon.on_alert(got.extend)
-        blow_up(mon, model, opt, steps=60, jump_lr=1e20)
+        blow_up(mon, model, opt, steps=JUMP_STEP + 60, jump_lr=1e20)
     by_step: dict = {}
     for name, col in spooled_points(tmp_path).items():
         for step, v in col.items():
             by_step.setdefault(step, []).append((name, step, v))
-    dset, state, expected, ranks = DetectorSet(), {}, [], {}
+    dset, state, changes = DetectorSet(), {}, []
     for step in sorted(by_step):
-        for c in dset.update(state, by_step[step]):
-            k = (c.detector, c.key, c.start_step)
-            if c.status == "open" and (c.action == OPEN or severity_rank(c.severity) > ranks.get(k, -1)):
-                ranks[k] = max(ranks.get(k, -1), severity_rank(c.severity))
-                expected.append((*k, c.severity, c.cause))
-    assert [(a["detector"], a["key"], a["start_step"], a["severity"], a["cause"]) for a in got] == expected
+        changes += dset.update(state, by_step[step])
+    delivered = [(a["detector"], a["key"], a["start_step"], a["severity"], a["cause"]) for a in got]
+    assert delivered == opens_and_escalations(changes)
     consequences = [a for a in got if a["cause"] is not None]
     assert consequences, "the incident has no consequence: the scenario no longer shows one"
     for a in consequences:
@@ -169,25 +178,30 @@ def test_on_alert_hears_the_opens_and_escalations_the_detectors_give_on_the_runs
         }
 
 
-def test_an_escalation_is_delivered_and_a_peak_or_a_resolution_is_not():
-    # The Watch on its own, fed host values step by step as the sender thread feeds it: an
-    # approach to Softmax Collapse that opens, escalates, peaks higher and clears.
+def test_an_escalation_is_delivered_and_a_peak_a_resolution_or_a_return_is_not():
+    """The Watch on its own, fed host values step by step as the sender thread feeds it: a loss
+    that runs away (a warning), then turns NaN (the same episode, escalated), stays NaN (updates),
+    recovers (resolved) and runs away again soon after (the same episode, continued)."""
+    only_divergence = {name: {"enabled": name == "divergence"} for name in DETECTORS}
     got = []
-    watch = Watch(DetectorSet(), "r", "p", [got.append])
-    reference, state, changes = DetectorSet(), {}, []
-    readings = [(0, 8), (0, 10), (0, 13), (0, 13.5), (0, 14), (0.2, 15), (0.3, 16), (0.6, 17), (0.7, 17)]
-    readings += [(0.8, 17.5), (0.9, 18)] + [(0.0, 5.0)] * 30
-    for step, (sc, margin) in enumerate(readings):
-        watch.points(step, ("logits/sc_fraction", "logits/median_margin", "loss/other"), (sc, margin, 1.0))
-        changes += reference.update(state, [("logits/sc_fraction", step, sc), ("logits/median_margin", step, margin)])
+    watch = Watch(DetectorSet(only_divergence), "r", "p", [got.append])
+    reference, state, changes = DetectorSet(only_divergence), {}, []
+    losses = [1.0 + 0.01 * (i % 3) for i in range(60)] + [3.0] * 40 + [math.nan] * 5
+    losses += [1.0] * 10 + [3.0] * 40
+    for step, loss in enumerate(losses):
+        watch.points(step, ("loss", "other/series"), (loss, 1.0))
+        changes += reference.update(state, [("loss", step, loss)])
     actions = [(c.action, c.severity) for c in changes]
-    # The scenario has each kind of change: an open, an escalation, updates that do not escalate, a resolve.
-    assert actions[0] == (OPEN, "warning") and ("update", "critical") in actions and actions[-1][0] == "resolve"
-    assert actions.count(("update", "critical")) > 1
-    assert [(a["severity"], a["status"], a["start_step"]) for call in got for a in call] == [
-        ("warning", "open", changes[0].start_step),
-        ("critical", "open", changes[0].start_step),
-    ]
+    # The scenario shows each kind of change, in the detectors as they are now.
+    assert (OPEN, "warning") in actions and ("update", "critical") in actions and ("resolve", "critical") in actions
+    assert actions.count(("update", "critical")) > 1 and actions.count((OPEN, "critical")) >= 1  # peaks; a return
+    assert len({c.start_step for c in changes}) == 1  # one episode throughout
+    expected = opens_and_escalations(changes)
+    assert [e[3] for e in expected] == ["warning", "critical"]
+    assert [(a["detector"], a["key"], a["start_step"], a["severity"], a["cause"]) for call in got for a in call] == (
+        expected
+    )
+    assert {a["status"] for call in got for a in call} == {"open"}
 
 
 def test_a_detector_failure_is_counted_and_never_raised(tmp_path, internal_errors):
