@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from sqlalchemy import Connection
 
-from stethoscope.core.detectors import RESOLVE, AlertChange, DetectorSet, severity_rank
+from stethoscope.core.detectors import CAUSES, RESOLVE, AlertChange, DetectorSet, severity_rank
 from stethoscope.core.detectors.stalled import StalledRunDetector
 
 from ..ops.observability import METRICS
@@ -143,6 +143,11 @@ class DetectorRunner:
             fed.add(STALLED)
         # Encoded before any write: a state that is not strict JSON fails here, and then
         # neither it nor the alerts are written (they commit together or not at all).
+        # A root that opens adopts the open episodes of other detectors (their state records
+        # the cause), and a held alert may be claimed: their states changed too.
+        fed |= {c.detector for c in changes}
+        if any(c.cause is None and c.action == "open" for c in changes):
+            fed |= set(CAUSES)
         states = _states.encode_states({d: state[d] for d in fed if d in state})
         opened: list[dict] = []
         if changes:

@@ -23,6 +23,7 @@ def test_public_names_are_pinned():
     assert sorted(D.__all__) == sorted(
         [
             "AlertChange",
+            "CAUSES",
             "DETECTORS",
             "Detector",
             "DetectorSet",

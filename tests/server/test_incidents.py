@@ -88,7 +88,7 @@ def test_an_incident_is_paged_once_by_its_root_and_nests_its_consequences(client
     hook = _hook(client, receiver.url)
     slack = _hook(client, receiver.url + "?slack", format="slack")
     make_run(client)
-    series = _run(loss_nan=range(206, 260), sc_high=range(200, 240), spikes=(203, 204))
+    series = _run(loss_nan=range(206, 260), sc_high=range(170, 240), spikes=(203, 204))
     replies = _post(client, series, 0, 220)
     assert replies[:-1] == [[]] * 10  # steps 0-199: healthy
     div, spike, sc = replies[-1]  # the reply of steps 200-219 lists the three, each with its cause
@@ -97,7 +97,8 @@ def test_an_incident_is_paged_once_by_its_root_and_nests_its_consequences(client
         ("loss_spike", "warning", div["id"]),
         ("softmax_collapse", "critical", div["id"]),
     ]
-    assert div["first_detection"]["step"] == 206 and sc["first_detection"]["step"] == 201
+    # Softmax Collapse shows from 170 and is an alert once it held 30 steps (min_steps).
+    assert div["first_detection"]["step"] == 206 and sc["first_detection"]["step"] == 200
 
     alerts = {a["id"]: a for a in _get(client, "/runs/r/alerts")}
     assert {i: a["cause_alert_id"] for i, a in alerts.items()} == {
@@ -150,7 +151,7 @@ def test_a_root_that_opens_later_adopts_an_alert_that_was_paged(client, receiver
     that heard of its opening, so nothing stays open there."""
     hook = _hook(client, receiver.url)
     make_run(client)
-    series = _run(loss_nan=range(225, 260), sc_high=range(200, 250))
+    series = _run(loss_nan=range(225, 260), sc_high=range(170, 250))  # an alert from 200 (min_steps)
     (sc,) = _post(client, series, 0, 220)[-1]
     assert (sc["detector"], sc["cause_alert_id"]) == ("softmax_collapse", None)
     (div,) = _post(client, series, 220, 240)[0]
@@ -202,19 +203,20 @@ def test_an_episode_that_comes_back_soon_reopens_its_alert(client, receiver):
 
 
 def test_an_alert_keeps_its_first_detection_while_its_peak_moves(client, receiver):
-    """A loss jump to 12 at step 137 opens the alert; a jump to 40 at step 140, in the same
+    """A loss jump to 12 at step 137 opens the alert (told 2 steps later: loss_spike.delay_steps);
+    a jump to 40 at step 140, in the same
     episode, moves its peak and message; the first detection stays, in the API and in the
     webhook payloads (Slack says it beside the peak)."""
     slack = _hook(client, receiver.url, format="slack")
     make_run(client)
     values = loss_curve(200)
     values[137], values[140] = 12.0, 40.0
-    (alert,) = post_batches(client, "r", values, 0, 138)
+    (alert,) = post_batches(client, "r", values, 0, 140)
     first = alert["first_detection"]
     assert first["step"] == 137 and first["severity"] == "warning" and first["message"] == alert["message"]
     assert first["evidence"]["value"] == 12.0 and alert["peak_step"] == 137
 
-    post_batches(client, "r", values, 138, 141)
+    post_batches(client, "r", values, 140, 141)
     (moved,) = _get(client, "/runs/r/alerts")
     assert moved["status"] == "open" and moved["peak_step"] == 140 and moved["evidence"]["value"] == 40.0
     assert "at step 140" in moved["message"] and moved["message"] != first["message"]

@@ -13,7 +13,7 @@ Standard library only: no torch, no numpy.
 """
 
 from ._base import OPEN, RESOLVE, SEVERITIES, UPDATE, AlertChange, Detector, severity_rank
-from ._engine import DETECTORS, DetectorSet
+from ._engine import CAUSES, DETECTORS, DetectorSet
 from .divergence import DivergenceDetector, DivergenceParams
 from .edge_of_stability import EdgeOfStabilityDetector, EdgeOfStabilityParams
 from .loss_spike import LossSpikeDetector, LossSpikeParams
@@ -23,6 +23,7 @@ from .stalled import StalledRunDetector, StalledRunParams
 
 __all__ = [
     "AlertChange",
+    "CAUSES",
     "DETECTORS",
     "Detector",
     "DetectorSet",
