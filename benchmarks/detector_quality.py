@@ -1,123 +1,114 @@
-"""Detector quality on the real tiny trainings of the tests, and the detector set's cost.
+"""Detector quality on a labelled corpus of real tiny trainings, and the detector set's cost.
 
-    python benchmarks/detector_quality.py [--seeds 3]
+    python benchmarks/detector_quality.py [--regen] [--runs] [--part tune|holdout] [--only SUBSTR]
 
-Prints JSON: per detector, precision (alerts that match a phenomenon / all alerts), recall
-(phenomena with an alert / all phenomena) and lead time in steps (phenomenon step minus the
-step at which the alert was raised; positive = early); then the per-point cost of the whole
-detector set in microseconds, fed in ingest-sized batches.
+The corpus (``benchmarks/_corpus.py``): 60 seeded CPU trainings -- SGD with and without
+momentum, Adam, AdamW; batch 4 to 256 and full batch; an MLP, a small CNN, a one-layer
+transformer -- showing gradual and sudden divergence, loss spikes of three causes, Softmax
+Collapse (and a run hovering below it), full-batch GD at the edge of stability, class-
+incremental training with replay, and healthy runs of every kind. Generated once (two
+processes, a few minutes) into ``.corpus-cache/`` and reused while the generating code is
+unchanged. Each run is labelled from its own series (``tests/client/_corpus_labels.py``).
 
-Ground truth per scenario (tests/client/_detector_scenarios.py): injected corrupted batches
-and LR bumps (loss_spike), the first non-finite step (divergence), the first step with SC
-fraction > 0.5 measured in float32 (softmax_collapse, added from the data in every run), the
-first measurement with lambda_max >= 2/lr (edge_of_stability). Every alert that matches no
-phenomenon is a false positive, including every alert in the healthy runs.
+Prints JSON: for the tuning part and the held-out part separately, per detector: recall,
+precision, lead time in steps (median and worst), false alerts per 10,000 healthy steps,
+episodes per detected event; loud alerts per incident; and the ``done_when`` criteria of the
+issue, each a boolean with its figure (definitions in ``benchmarks/_scoring.py``). Then the
+per-point cost of the whole detector set, fed in ingest-sized batches. ``--runs`` adds every
+run's events, episodes and notes.
+
+Detectors run with their default settings, as a new project gets them (``--scenario-settings``
+gives the GD runs ``check_trace: false``, as the scenario tests do).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import pathlib
-import statistics
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests" / "client"))
+import _corpus as C  # noqa: I001  (puts tests/client on sys.path)
+import _scoring as Q
+from _corpus_labels import label
 
-import _detector_scenarios as S  # noqa: E402
+from stethoscope.core.detectors import DetectorSet
 
-from stethoscope.core.detectors import DETECTORS, DetectorSet  # noqa: E402
-
-
-def with_sc_truth(sc):
-    """Add the Softmax Collapse ground truth measured in the run, wherever SC > 0.5 happened."""
-    if any(e.detector == "softmax_collapse" for e in sc.events):
-        return sc.events
-    hit = next((s for s, v in sc.series("logits/sc_fraction") if v > 0.5), None)
-    return sc.events + ([S.Event("softmax_collapse", hit, 0, hit + 30)] if hit is not None else [])
+GD_SETTINGS = {"edge_of_stability": {"check_trace": False}}
 
 
-def score(scenarios):
-    stats = {name: {"alerts": 0, "true_alerts": 0, "events": 0, "detected": 0, "leads": []} for name in DETECTORS}
-    per_run = []
-    for sc in scenarios:
-        events = with_sc_truth(sc)
-        changes, raised, _ = S.replay(sc, DetectorSet(sc.settings))
-        opens = [(c, raised[(c.detector, c.key, c.start_step)]) for c in changes if c.action == "open"]
-        for c, at in opens:
-            st = stats[c.detector]
-            st["alerts"] += 1
-            st["true_alerts"] += any(e.detector == c.detector and e.lo <= at <= e.hi for e in events)
-        for e in events:
-            st = stats[e.detector]
-            st["events"] += 1
-            hits = [at for c, at in opens if c.detector == e.detector and e.lo <= at <= e.hi]
-            if hits:
-                st["detected"] += 1
-                st["leads"].append(e.step - min(hits))
-        per_run.append(
-            {
-                "run": sc.name,
-                "events": [(e.detector, e.step) for e in events],
-                "alerts": [(c.detector, c.key, c.severity, at) for c, at in opens],
-            }
-        )
-    out = {}
-    for name, st in stats.items():
-        leads = st["leads"]
-        out[name] = {
-            "alerts": st["alerts"],
-            "events": st["events"],
-            "precision": round(st["true_alerts"] / st["alerts"], 3) if st["alerts"] else None,
-            "recall": round(st["detected"] / st["events"], 3) if st["events"] else None,
-            "lead_steps": {"min": min(leads), "median": statistics.median(leads), "max": max(leads)} if leads else None,
-        }
-    return out, per_run
-
-
-def cost(scenarios, batch=1000, repeat=3):
-    points = sum(len(sc.points) for sc in scenarios)
+def cost(runs_points, batch=1000, repeat=3):
+    points = sum(len(p) for p in runs_points)
     best = float("inf")
     for _ in range(repeat):
         t = time.perf_counter()
-        for sc in scenarios:
-            ds, state = DetectorSet(sc.settings), {}
-            for i in range(0, len(sc.points), batch):
-                ds.update(state, sc.points[i : i + batch])
+        for pts in runs_points:
+            ds, state = DetectorSet(), {}
+            for i in range(0, len(pts), batch):
+                ds.update(state, pts[i : i + batch])
         best = min(best, time.perf_counter() - t)
     return {"points": points, "batch": batch, "us_per_point": round(1e6 * best / points, 2)}
 
 
+def _jsonable(r):
+    eps = [
+        {
+            "detector": k[0],
+            "key": k[1],
+            "start": k[2],
+            "raised": ep["raised"],
+            "warned": ep["warned"],
+            "severity": ep["severity"],
+            "opens": ep["opens"],
+            "cause": ep["cause"] and ep["cause"]["detector"],
+            "loud": ep["loud"],
+            "true": ep["true"],
+        }
+        for k, ep in r["episodes"].items()
+    ]
+    events = [{k: v for k, v in ev.items() if k != "matched"} for ev in r["events"]]
+    return {**r, "events": events, "episodes": eps}
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seeds", type=int, default=3, help="seeds of the seeded minibatch scenarios")
+    ap.add_argument("--regen", action="store_true", help="regenerate every run, even if cached")
     ap.add_argument("--runs", action="store_true", help="also list every run's events and alerts")
+    ap.add_argument("--part", choices=["tune", "holdout"], help="only this part of the corpus")
+    ap.add_argument("--only", help="only runs whose name contains this")
+    ap.add_argument("--processes", type=int, default=2)
+    ap.add_argument("--scenario-settings", action="store_true", help="GD runs with check_trace false")
+    ap.add_argument("--no-cost", action="store_true", help="skip the per-point cost measurement")
     args = ap.parse_args()
-    seeds = range(args.seeds)
-    scenarios = [S.softmax_collapse_modular(), S.edge_of_stability_gd()] + [
-        S.healthy_gd_below_edge(s) for s in seeds[:1]
-    ]
-    for f in (
-        S.corrupted_batches,
-        S.lr_bumps,
-        S.divergence_lr_warmup,
-        S.divergence_constant_lr,
-        S.healthy_adam_warmup,
-        S.healthy_sgd_small_batch,
-    ):
-        scenarios += [f(seed=s) for s in seeds]
-    quality, runs = score(scenarios)
+    runs = [r for r in C.RUNS if (not args.part or r.part == args.part) and (not args.only or args.only in r.name)]
+    generation = C.ensure(runs, regen=args.regen, processes=args.processes)
+    t = time.perf_counter()
+    results, all_points = [], []
+    for run in runs:
+        points = C.load(run)
+        all_points.append(points)
+        settings = GD_SETTINGS if args.scenario_settings and run.gen == "gd" else None
+        labels = label(points, run.divergence)
+        results.append(Q.score_run(run, labels, Q.replay(points, settings)))
     report = {
-        "runs": len(scenarios),
-        "healthy_runs": sum(not sc.events for sc in scenarios),
-        "detectors": quality,
-        "cost": cost(scenarios),
+        "corpus": {
+            "runs": len(runs),
+            "families": len({r.family for r in runs}),
+            "steps": sum(r["steps"] for r in results),
+            "generation": generation,
+            "scoring_seconds": round(time.perf_counter() - t, 1),
+        },
     }
+    for part in ("tune", "holdout"):
+        rs = [r for r in results if r["part"] == part]
+        if rs:
+            report[part] = Q.summarize(rs)
+    if not args.no_cost:
+        report["cost"] = cost(all_points)
     if args.runs:
-        report["per_run"] = runs
-    print(json.dumps(report, indent=2))
+        report["per_run"] = [_jsonable(r) for r in results]
+    print(json.dumps(report, indent=1, default=str))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -14,6 +14,7 @@ from pathlib import Path
 from . import _spool
 from ._sender import Sender
 from ._transport import HttpTransport, check_server_url
+from ._watch import Watch, detector_set
 
 #: Run ids travel in URL paths: letters, digits, ``.``, ``_`` and ``-``.
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
@@ -41,6 +42,7 @@ def attach(
     spool_dir: str | os.PathLike | None = None,
     rank_zero_only: bool = True,
     sync_ranks: bool | None = None,
+    detectors: dict | bool | None = None,
 ):
     """Attach a training-health monitor to ``model`` and ``optimizer``; returns a ``Monitor``.
 
@@ -54,6 +56,12 @@ def attach(
     update-to-weight ratio needs. Under ``torch.distributed`` every rank must call ``attach``
     and ``log``; values are combined across ranks (``sync_ranks``, one small all-gather per
     logging step) and rank 0 sends (``rank_zero_only``).
+
+    The server's detectors also run in the hook, on each step's values as the background
+    thread takes them (``mon.on_alert`` hears of a NaN at its step, online and offline; the
+    server stays the record and an episode is delivered once). ``detectors`` sets them as
+    the server's per-project settings do (``{"loss_spike": {"threshold": 8.0}}``; checked
+    at once); ``detectors=False`` leaves detection to the server.
 
     ``STETHOSCOPE_DISABLED=1`` returns a monitor that does nothing.
 
@@ -82,6 +90,7 @@ def attach(
         raise ValueError(
             f"run must be 1-200 letters, digits, '.', '_' or '-' (it is the run's id in URLs), not {run!r}"
         )
+    dset = detector_set(detectors)
     if server is None:
         server = os.environ.get("STETHOSCOPE_SERVER") or "offline"
     server = server if server == "offline" else check_server_url(server)
@@ -107,7 +116,7 @@ def attach(
         }
         root = Path(spool_dir) if spool_dir is not None else _spool.default_root()
         transport = None if server == "offline" else HttpTransport(server)
-        sender = Sender(run_id, meta, root, transport, [], finish_values)
+        sender = Sender(run_id, meta, root, transport, Watch(dset, run_id, project, []), finish_values)
     mon = Monitor(
         model,
         optimizer,
@@ -201,6 +210,7 @@ class DisabledMonitor:
     url = None
     dropped = 0
     collector_errors = 0
+    detector_errors = 0
 
     def log(self, step=None, loss=None, logits=None, targets=None, **scalars) -> None:
         pass

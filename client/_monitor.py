@@ -69,7 +69,7 @@ class Monitor:
         self._collectors: list = []
         self._tasks: dict = {}  # task name -> index, for task_switch
         self.collector_errors = 0
-        self._alert_callbacks = sender.alert_callbacks if sender is not None else []
+        self._alert_callbacks = sender.watch.callbacks if sender is not None else []
         self._closed = False
         self._lock = threading.Lock()
         self._hooks = []
@@ -207,7 +207,10 @@ class Monitor:
         return curvature
 
     def on_alert(self, fn) -> None:
-        """Call ``fn(alerts)`` from the sender thread with alerts the server opens for this run."""
+        """Call ``fn(alerts)`` from the sender thread with this run's alerts (the server's dicts)
+        as they open or escalate: from the hook's detectors at the step that raised them
+        (``"source": "hook"``, offline too), else from the server's reply; each episode once,
+        a consequence with its root in ``cause`` (see ``stethoscope._watch``)."""
         if not callable(fn):
             raise ValueError("on_alert takes a callable fn(alerts)")
         self._alert_callbacks.append(fn)
@@ -225,6 +228,11 @@ class Monitor:
     def flush(self, timeout: float = 10.0) -> bool:
         """Block until what was logged so far is sent (or spooled); True if it finished in time."""
         return self._sender.flush(timeout) if self._sender is not None else True
+
+    @property
+    def detector_errors(self) -> int:
+        """Failures of the hook's detectors (bugs): logged once, counted, never raised."""
+        return self._sender.watch.errors if self._sender is not None else 0
 
     @property
     def dropped(self) -> int:

@@ -8,7 +8,9 @@ records into column batches about once a second, appends each batch to the spool
 write-ahead log) and then sends the spool in order; while the server is unreachable it
 retries with backoff and jitter and the spool grows; when the server is back the backlog
 goes first, so series arrive in order. Ingest is idempotent, so a batch resent after a
-crash or a timeout stores nothing twice.
+crash or a timeout stores nothing twice. Each record's host values also go through the
+hook's own detectors as the thread takes the record off the queue (``_watch``), so
+``on_alert`` hears of a blow-up at its step, not at the next batch.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import threading
 import time
 
 from . import _errors
+from ._batch import DROPPED, Batch, records_in, split_batch
 from ._resume import Resume
 from ._spool import Spool
 from ._transport import Backoff, HttpTransport, NotFound, Rejected, TryLater
-from .core.wire import MAX_POINTS_PER_BATCH, encode_values
+from ._watch import DETECTOR_ERRORS, Watch
 
 logger = logging.getLogger("stethoscope")
 
@@ -40,9 +43,6 @@ FIRST_FLUSH_SPREAD = 0.5
 FLUSH_JITTER = 0.1
 #: A batch is sent early past this many points (well under the server's 50,000).
 BATCH_POINTS = 10_000
-
-#: The series that counts records lost (the queue or the disk was full).
-DROPPED = "stethoscope/dropped"
 
 _STOP = object()
 
@@ -81,14 +81,15 @@ class Sender:
         run_meta: dict,
         spool_dir,
         transport: HttpTransport | None,
-        alert_callbacks: list,
+        watch: Watch,
         finish_values,
     ):
         self.run_id = run_id
         self.run_meta = run_meta
         self.spool_dir = spool_dir
         self.transport = transport
-        self.alert_callbacks = alert_callbacks
+        #: The hook's detectors, and the ``on_alert`` callbacks (``watch.callbacks``).
+        self.watch = watch
         self.finish_values = finish_values
         self.dropped = 0  # records the queue had no room for (counted by the training thread)
         self.spool_dropped = 0  # records lost with a full disk and a full memory fallback (sender thread)
@@ -118,6 +119,7 @@ class Sender:
     def after_fork(self) -> None:
         """In a forked child: the parent's thread and spool are not ours; start afresh."""
         self._reset()
+        self.watch.reset()
         if self.transport is not None:
             self.transport = HttpTransport(self.transport.base_url)
 
@@ -165,7 +167,7 @@ class Sender:
 
     # -- the thread ------------------------------------------------------------------
     def _run(self) -> None:
-        batch = _Batch(self.finish_values)
+        batch = Batch(self.finish_values)
         backoff = Backoff()
         next_try = 0.0
         run_created = False
@@ -183,7 +185,7 @@ class Sender:
                     if kind == "flush":
                         flush_event = rec[1]
                     else:
-                        batch.add(rec)
+                        self._detect(batch.add(rec), batch)
             if batch.last_step is not None:
                 self._last_step = batch.last_step
             if (
@@ -201,7 +203,7 @@ class Sender:
                 for kind, body in batch.take():
                     lost = spool.append(kind, body)
                     if lost is not None:  # disk and memory full: the oldest entry is gone
-                        self.spool_dropped += _records_in(*lost)
+                        self.spool_dropped += records_in(*lost)
                         self._link("dropping")
             if self.transport is not None and not self._abort and (time.monotonic() >= next_try or stop or flush_event):
                 with _errors.swallowed("sender.drain"):
@@ -213,7 +215,15 @@ class Sender:
                     self._finish(run_created)
                 return
 
-    def _report_drops(self, batch: "_Batch", step: int) -> None:
+    def _detect(self, seen, batch: Batch) -> None:
+        """The hook's detectors read a record's host values (``seen``: step, names, values)."""
+        errors = self.watch.errors
+        if seen is not None:
+            self.watch.points(*seen)
+        if self.watch.errors != errors:  # a detector failed: counted where the server shows it
+            batch.set_point(DETECTOR_ERRORS, seen[0], float(self.watch.errors))
+
+    def _report_drops(self, batch: Batch, step: int) -> None:
         # One value per step: ingest keeps the first point of a step and ignores a resend, so a
         # count at a step already sent waits for the next step (or close).
         self._reported_drops = self.dropped + self.spool_dropped
@@ -351,11 +361,7 @@ class Sender:
         if kind == "points":
             alerts = reply.get("alerts") if isinstance(reply, dict) else None
             if alerts:
-                for fn in list(self.alert_callbacks):
-                    try:
-                        fn(alerts)
-                    except Exception as exc:  # noqa: BLE001 - the user's callback, not our bug
-                        logger.warning("stethoscope: on_alert callback %r raised %r", fn, exc)
+                self.watch.server_alerts(alerts)  # those the hook delivered already are not repeated
         elif kind == "status":
             self.transport.request("PATCH", path, body)
 
@@ -371,10 +377,10 @@ class Sender:
             if kind == "status":
                 statuses.append((kind, body))
             else:
-                self.spool_dropped += _records_in(kind, body)
+                self.spool_dropped += records_in(kind, body)
         last = []
         if self.dropped + self.spool_dropped != self._reported_drops and self._last_step is not None:
-            batch = _Batch(self.finish_values)
+            batch = Batch(self.finish_values)
             step = self._last_step + (self._last_step == self._drop_step)  # a step not yet used
             self._report_drops(batch, step)
             last = list(batch.take())
@@ -393,101 +399,3 @@ class Sender:
         spool.close(remove_if_empty=self.transport is not None)
         if self.transport is not None:
             self.transport.close()
-
-
-def split_batch(kind: str, body: dict) -> tuple[dict, dict] | None:
-    """Two halves of a points or events body (for a 413); None when it is one item already."""
-    if kind == "events":
-        events = body["events"]
-        return (
-            None
-            if len(events) < 2
-            else ({"events": events[: len(events) // 2]}, {"events": events[len(events) // 2 :]})
-        )
-    series = body["series"]
-    if len(series) > 1:
-        return {"series": series[: len(series) // 2]}, {"series": series[len(series) // 2 :]}
-    if not series or len(series[0]["steps"]) < 2:
-        return None
-    s, half = series[0], len(series[0]["steps"]) // 2
-    cut = [{k: (v[:half] if i == 0 else v[half:]) if isinstance(v, list) else v for k, v in s.items()} for i in (0, 1)]
-    return {"series": [cut[0]]}, {"series": [cut[1]]}
-
-
-def _records_in(kind: str, body) -> int:
-    """How many ``put`` records a spool entry stood for: its steps, for points."""
-    if kind == "points":  # the drop count is our bookkeeping, not a record of the job's
-        return len({step for s in body["series"] if s["name"] != DROPPED for step in s["steps"]})
-    return len(body.get("events", ())) or 1
-
-
-class _Batch:
-    """Records gathered into per-series columns (steps, values, walls)."""
-
-    def __init__(self, finish_values):
-        self.finish_values = finish_values
-        self.series: dict[str, tuple[list, list, list]] = {}
-        self.events: list[dict] = []
-        self.statuses: list[str] = []
-        self.points = 0
-        self.last_step = None
-
-    def add(self, rec) -> None:
-        kind = rec[0]
-        if kind == "points":
-            _, step, wall, names, ops, packed, ready, host_names, host_values = rec
-            if packed is not None:
-                if ready is not None:
-                    ready.synchronize()  # the device-to-host copy was queued by the loop
-                values = self.finish_values(names, ops, packed)
-                for name, v in zip(names, values):
-                    self.add_point(name, step, v, wall)
-            for name, v in zip(host_names, host_values):
-                self.add_point(name, step, v, wall)
-            self.last_step = step
-        elif kind == "event":
-            self.events.append(rec[1])
-        elif kind == "status":
-            self.statuses.append(rec[1])
-
-    def set_point(self, name: str, step: int, value: float) -> None:
-        """``add_point``, replacing the value when the series' last point is at ``step``."""
-        col = self.series.get(name)
-        if col is not None and col[0] and col[0][-1] == step:
-            col[1][-1] = value
-        else:
-            self.add_point(name, step, value)
-
-    def add_point(self, name: str, step: int, value: float, wall: float | None = None) -> None:
-        col = self.series.get(name)
-        if col is None:
-            col = self.series[name] = ([], [], [])
-        col[0].append(step)
-        col[1].append(value)
-        col[2].append(wall if wall is not None else time.time())
-        self.points += 1
-
-    def take(self):
-        """Yield spool entries in the order they must reach the server, and empty the batch."""
-        if self.series:
-            chunk, n = [], 0
-            for name, (steps, values, walls) in self.series.items():
-                for i in range(0, len(steps), MAX_POINTS_PER_BATCH):
-                    s = {
-                        "name": name,
-                        "steps": steps[i : i + MAX_POINTS_PER_BATCH],
-                        "values": encode_values(values[i : i + MAX_POINTS_PER_BATCH]),
-                        "walls": walls[i : i + MAX_POINTS_PER_BATCH],
-                    }
-                    if n + len(s["steps"]) > MAX_POINTS_PER_BATCH and chunk:
-                        yield "points", {"series": chunk}
-                        chunk, n = [], 0
-                    chunk.append(s)
-                    n += len(s["steps"])
-            if chunk:
-                yield "points", {"series": chunk}
-        if self.events:
-            yield "events", {"events": self.events}
-        for status in self.statuses:
-            yield "status", {"status": status}
-        self.series, self.events, self.statuses, self.points = {}, [], [], 0

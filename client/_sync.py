@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from ._sender import split_batch
+from ._batch import split_batch
 from ._spool import Spool, find_spools
 from ._transport import Backoff, HttpTransport, NotFound, Rejected, TryLater
 

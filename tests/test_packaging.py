@@ -18,6 +18,8 @@ def test_import_stethoscope_pulls_in_no_server_dependency():
 
 HOOK_INTERNALS = (
     "stethoscope._sender",
+    "stethoscope._batch",
+    "stethoscope._watch",
     "stethoscope._spool",
     "stethoscope._transport",
     "stethoscope._monitor",

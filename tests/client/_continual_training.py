@@ -27,6 +27,7 @@ REPLAY = 16  # replayed samples per step (once a task has passed)
 BUFFER_PER_CLASS = 40
 HELD_OUT = 300  # held-out samples per task
 TRAIN_PER_CLASS = 400
+LR = 0.05
 
 
 @dataclasses.dataclass
@@ -61,14 +62,17 @@ def model_for(seed: int) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(DIM, 64), torch.nn.ReLU(), torch.nn.Linear(64, TASKS * CLASSES_PER_TASK))
 
 
-def class_incremental(seed: int = 0, mon=None, every: int | None = 1, steps_per_task: int = STEPS_PER_TASK) -> Result:
+def class_incremental(
+    seed: int = 0, mon=None, every: int | None = 1, steps_per_task: int = STEPS_PER_TASK, on_step=None
+) -> Result:
     """Train; with ``mon`` the evaluator is the monitor's collector (values go to the server),
-    without one it is called after each step here. Either way its values are returned."""
+    without one it is called after each step here. Either way its values are returned.
+    ``on_step(step, loss, model)``, if given, is called after each backward pass."""
     torch.set_num_threads(1)
     train, test = blobs(seed)
     model = model_for(seed)
     # Momentum makes the first steps on the new classes overshoot: a clear, short gap.
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     ev = stethoscope.ContinualEvaluator(model, every=every)
     acc: dict = {}
     loss_by_task: dict = {}
@@ -101,6 +105,8 @@ def class_incremental(seed: int = 0, mon=None, every: int | None = 1, steps_per_
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad()
             loss.backward()
+            if on_step is not None:
+                on_step(step, loss, model)
             opt.step()
             if mon is not None:
                 mon.log(step=step, loss=loss)

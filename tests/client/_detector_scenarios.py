@@ -30,6 +30,7 @@ class Event:
     step: int
     lo: int
     hi: int
+    tag: str = ""  # what kind of event (e.g. "gradual" or "sudden" divergence); labels only
 
 
 @dataclasses.dataclass
@@ -360,12 +361,13 @@ def alert_rows(changes) -> list:
     return sorted(rows, key=lambda r: (r["start_step"], r["detector"], r["key"]))
 
 
-def replay(scenario: Scenario, detector_set, batch_size=None, seed: int = 0):
+def replay(scenario: Scenario, detector_set, batch_size=None, seed: int = 0, log: list | None = None):
     """Feed a scenario the way ingest does; return (changes, {(detector, key, start): step raised}).
 
     ``batch_size=None`` feeds one step at a time, so the step at which each alert was raised is
     exact (that is what lead times are measured from). An int feeds random batches of up to
-    that many points, with series interleaved as the hook's columns would be.
+    that many points, with series interleaved as the hook's columns would be. ``log``, if
+    given, gets ``(step fed, change)`` for every change.
     """
     import random
 
@@ -388,6 +390,8 @@ def replay(scenario: Scenario, detector_set, batch_size=None, seed: int = 0):
     for step, batch in batches:
         for c in detector_set.update(state, batch):
             changes.append(c)
+            if log is not None:
+                log.append((step, c))
             if c.action == "open":
                 raised[(c.detector, c.key, c.start_step)] = step
     return changes, raised, state

@@ -94,7 +94,7 @@ def test_a_spike_is_one_episode_with_start_peak_and_recovery():
 
 
 def test_point_by_point_changes_are_open_update_resolve():
-    ds = DetectorSet()
+    ds = DetectorSet({"loss_spike": {"delay_steps": 0}})
     state = {}
     ds.update(state, flat_loss(100))
     seen = []
@@ -103,13 +103,24 @@ def test_point_by_point_changes_are_open_update_resolve():
     assert seen == [("open", 100, 100), ("update", 101, 101), ("resolve", 101, 102)]
 
 
+def test_a_spike_is_told_after_its_delay_even_when_it_has_cleared():
+    ds = DetectorSet()  # loss_spike.delay_steps = 2: a root cause may claim it first
+    state = {}
+    ds.update(state, flat_loss(100))
+    seen = []
+    for pt in [("loss", 100, 9.0)] + flat_loss(4, start=101):
+        seen += [(pt[1], c.action, c.start_step, c.first["step"]) for c in ds.update(state, [pt])]
+    assert seen == [(102, "open", 100, 100), (103, "resolve", 100, 100)]
+
+
 def test_feeding_the_same_points_twice_changes_nothing():
     ds = DetectorSet()
     state = {}
     pts = flat_loss(100) + [("loss", 100, 9.0), ("grad/norm", 100, math.nan)]
     first = ds.update(state, pts)
     snapshot = json.dumps(state, allow_nan=False)
-    assert {(c.detector, c.action) for c in first} == {("loss_spike", "open"), ("divergence", "open")}
+    # The spike waits its delay_steps: the divergence at the same step will claim it.
+    assert {(c.detector, c.action) for c in first} == {("divergence", "open")}
     assert ds.update(state, pts) == []
     assert ds.update(state, pts[50:]) == []
     assert json.dumps(state, allow_nan=False) == snapshot
@@ -180,13 +191,17 @@ def test_softmax_collapse_escalates_within_one_alert():
     ds = DetectorSet()
     state = {}
     changes = []
-    for s, (sc, margin) in enumerate(
-        [(0, 8), (0, 10), (0, 13), (0, 13.5), (0, 14), (0.2, 15), (0.3, 16), (0.6, 17), (0.7, 17), (0.7, 17)]
-    ):
+    margins = [8, 10, 13, 13.5, 14, 15, 16, 17, 17, 17, 17, 17]
+    fractions = [0, 0, 0, 0, 0, 0.2, 0.3, 0.6, 0.7, 0.7, 0.8, 0.8]
+    for i, (sc, margin) in enumerate(zip(fractions, margins, strict=True)):
+        s = 10 * i  # the hook's default: logit statistics every 10 steps
         changes += ds.update(state, [("logits/sc_fraction", s, sc), ("logits/median_margin", s, margin)])
     assert [(c.action, c.severity) for c in changes][0] == ("open", "warning")
-    assert changes[0].start_step == 3  # the median of 3 margins crosses 12.6 nats
-    assert changes[-1].severity == "critical" and changes[-1].action == "update"
+    # The median of the margins crosses 12.6 nats at step 40; an alert once it held 30 steps.
+    assert changes[0].start_step == 40 and changes[0].first["step"] == 70
+    # Critical once the mean of the last 5 readings reaches 0.5 (sustained, not one batch).
+    crit = next(c for c in changes if c.severity == "critical")
+    assert crit.end_step == 90 and crit.action == "update"
     assert len([c for c in changes if c.action == "open"]) == 1
 
 
@@ -290,7 +305,7 @@ def _gap():
 
 #: (detector, key) -> points that open its alert; the step the message must name is the peak.
 MESSAGE_CASES = {
-    ("loss_spike", "loss"): lambda: flat_loss(100) + [("loss", 100, 24.0)],
+    ("loss_spike", "loss"): lambda: flat_loss(100) + [("loss", 100, 24.0)] + flat_loss(2, start=101),
     ("divergence", "nonfinite"): lambda: flat_loss(10) + [("loss", 10, math.nan)],
     ("divergence", "runaway"): lambda: (
         [("grad/norm", s, 1.0 + 0.01 * (s % 3)) for s in range(40)]
@@ -298,7 +313,8 @@ MESSAGE_CASES = {
     ),
     ("softmax_collapse", "logits"): lambda: [
         p
-        for s, (sc, m) in enumerate([(0, 13.5)] * 3 + [(0.7, 17)] * 3)
+        for i, (sc, m) in enumerate([(0, 13.5)] * 3 + [(0.7, 17)] * 6)
+        for s in (10 * i,)
         for p in (("logits/sc_fraction", s, sc), ("logits/median_margin", s, m))
     ],
     ("edge_of_stability", "lambda_max"): lambda: [("hessian/two_over_lr", 10, 20.0), ("hessian/lambda_max", 10, 21.0)],
@@ -328,7 +344,9 @@ def test_every_alert_message_starts_with_what_happened_and_the_step(case):
 
 def test_the_loss_spike_message_reads_as_the_issue_asks():
     ds = DetectorSet()
-    (c,) = ds.update({}, [("loss", s, 0.4) for s in range(100)] + [("loss", 100, 4.8)])
+    (c,) = ds.update(
+        {}, [("loss", s, 0.4) for s in range(100)] + [("loss", 100, 4.8), ("loss", 101, 0.4)] * 1 + [("loss", 102, 0.4)]
+    )
     assert c.message.startswith("Loss jumped 12x at step 100 (from 0.4 to 4.8). ")
     assert "robust sigmas above its rolling median on a log scale" in c.message
 

@@ -67,12 +67,19 @@ def test_too_high_learning_rate_is_warned_before_the_first_nan(scenario):
     assert not math.isfinite(dict(sc.series("loss"))[bad]) or dict(sc.series("grad/nonfinite"))[bad] > 0
     assert all(math.isfinite(v) for s, v in sc.series("loss") if s < bad)
     changes, raised, _ = S.replay(sc, DetectorSet(sc.settings))
-    div = opened(changes, "divergence")
-    assert [c.key for c in div] == ["runaway", "nonfinite"]
-    runaway, nonfinite = div
-    assert runaway.severity == "warning" and raised[("divergence", "runaway", runaway.start_step)] < bad
-    assert nonfinite.severity == "critical" and nonfinite.start_step == bad
-    assert raised[("divergence", "nonfinite", bad)] == bad  # at once
+    # One incident under one root: the early warning, escalated to critical, with the NaN as its
+    # peak; everything else ends up as its consequence. (A loss jump at the start of a gradual
+    # divergence can still be paged before the divergence is confirmed: benchmarks/detector_quality.py
+    # counts those incidents.)
+    rows = S.alert_rows(changes)
+    assert [(r["detector"], r["key"]) for r in rows if r["cause"] is None] == [("divergence", "runaway")]
+    assert all(r["cause"]["detector"] == "divergence" for r in rows if r["detector"] != "divergence")
+    (runaway,) = opened(changes, "divergence")
+    assert raised[("divergence", "runaway", runaway.start_step)] < bad
+    last = [c for c in changes if c.detector == "divergence" and c.end_step <= bad][-1]
+    assert last.severity == "critical" and last.peak_step == bad and last.start_step == runaway.start_step
+    assert last.message.startswith(f"Training diverged at step {bad}")
+    assert last.first["step"] < bad and "diverging at step" in last.first["message"]  # the first detection stays
 
 
 def test_full_batch_gd_reaches_the_edge_of_stability():

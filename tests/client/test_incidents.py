@@ -73,7 +73,7 @@ def test_softmax_collapse_during_a_divergence_is_its_consequence():
     ds, state = DetectorSet(), {}
     # Steady, then the loss goes non-finite at 100 while the logits turn one-hot.
     changes = ds.update(
-        state, _points(130, loss=lambda s: 1.0 if s < 100 else math.nan, sc=lambda s: 0.0 if s < 100 else 0.9)
+        state, _points(160, loss=lambda s: 1.0 if s < 100 else math.nan, sc=lambda s: 0.0 if s < 100 else 0.9)
     )
     roots = {(c.detector, c.key) for c in changes if c.cause is None}
     assert roots == {("divergence", "nonfinite")}

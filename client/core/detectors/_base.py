@@ -93,6 +93,10 @@ def finite(x: float) -> bool:
     return x - x == 0.0
 
 
+def mean(xs: list) -> float:
+    return sum(xs) / len(xs)
+
+
 def median(xs: list) -> float:
     s = sorted(xs)
     n = len(s)
@@ -226,11 +230,21 @@ class Detector:
                     "message": message,
                     "evidence": evidence,
                     "clear": 0,
-                    "first": {"step": step, "severity": severity, "message": message, "evidence": evidence},
                 }
-                log.add(self._change(OPEN, key, ep))
+                if step - ep["start"] < self.min_steps:
+                    ep["quiet"] = True  # not an alert until it has held for min_steps
+                    return
+                ep["first"] = {"step": step, "severity": severity, "message": message, "evidence": evidence}
+                if self.delay_steps > 0:
+                    ep["held"] = step  # an alert, told once the delay has passed (see delay_steps)
+                else:
+                    log.add(self._change(OPEN, key, ep))
                 return
             action = OPEN
+        elif ep.get("quiet"):
+            action = OPEN if step - ep["start"] >= self.min_steps else None
+        elif "held" in ep:
+            action = OPEN if self._release(ep, step) else None
         else:
             action = UPDATE
         ep["end"] = step
@@ -242,7 +256,33 @@ class Detector:
             ep.update(
                 severity=severity, peak=step, score=_json_score(score), message=message, evidence=json_safe(evidence)
             )
+        if action is None:
+            return
+        if ep.pop("quiet", False):
+            ep["first"] = {"step": step, "severity": severity, "message": message, "evidence": json_safe(evidence)}
         log.add(self._change(action, key, ep))
+
+    def _release(self, ep: dict, step: int) -> bool:
+        """Whether a held episode's delay is over at ``step`` (then it is held no more)."""
+        if step - ep["held"] < self.delay_steps:
+            return False
+        del ep["held"]
+        return True
+
+    @property
+    def delay_steps(self) -> int:
+        """Steps an alert waits after its first detection before it is told (the detector's
+        ``delay_steps`` setting; 0 when it has none): long enough for a root cause that shows
+        at the same time (a divergence behind a loss jump) to claim it as its consequence, so
+        the incident is paged once, by its cause. It is told even if it has cleared by then."""
+        return getattr(self.params, "delay_steps", 0)
+
+    @property
+    def min_steps(self) -> int:
+        """Steps a condition must hold, from its start, before its episode is an alert (the
+        detector's ``min_steps`` setting; 0 when it has none). Until then the episode is quiet:
+        it emits nothing, and it is dropped without a trace if the condition clears."""
+        return getattr(self.params, "min_steps", 0)
 
     @property
     def rejoin_steps(self) -> int:
@@ -259,13 +299,18 @@ class Detector:
         ep = eps.get(key) if eps else None
         if ep is None:
             return
+        if ep.get("quiet"):  # never became an alert: nothing to resolve
+            del eps[key]
+            return
+        if "held" in ep and self._release(ep, step):
+            log.add(self._change(OPEN, key, ep))
         if ep["clear"] == 0:
             ep["cleared_at"] = step
         elif ep.get("clear_step") == step:
             return
         ep["clear_step"] = step
         ep["clear"] += 1
-        if ep["clear"] >= needed:
+        if ep["clear"] >= needed and "held" not in ep:  # resolving waits until it has been told
             ep["end"] = ep.pop("cleared_at")
             ep.pop("clear_step", None)
             del eps[key]
@@ -276,9 +321,12 @@ class Detector:
                 ep["resolved"] = step
                 state.setdefault("closed", {})[key] = ep
 
-    def keep(self, state: dict, key: str) -> None:
-        """Neither held nor cleared: restart the count of clear points without extending."""
+    def keep(self, state: dict, key: str, log: ChangeLog | None = None, step: int | None = None) -> None:
+        """Neither held nor cleared: restart the count of clear points without extending.
+        (With ``log`` and ``step``, an alert whose delay has passed is told now.)"""
         ep = state["episodes"][key]
+        if log is not None and "held" in ep and self._release(ep, step):
+            log.add(self._change(OPEN, key, ep))
         ep["clear"] = 0
         ep.pop("cleared_at", None)
         ep.pop("clear_step", None)

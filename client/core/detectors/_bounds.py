@@ -52,12 +52,16 @@ BOUNDS: dict[str, tuple[float, float, str]] = {
             "recover_points",
         )
     },
-    "rejoin_steps": (0, MAX_POINTS_SETTING, "MAX_POINTS_SETTING: steps"),
+    **{k: (0, MAX_POINTS_SETTING, "MAX_POINTS_SETTING: steps") for k in ("rejoin_steps", "min_steps", "delay_steps")},
     "threshold": _SIGMAS,
     "recover_threshold": _SIGMAS,
+    "ratio_sigmas": _SIGMAS,
+    "ratio": _GROWTH,
     "runaway_ratio": _GROWTH,
     "grad_ratio": _GROWTH,
+    "critical_ratio": _GROWTH,
     "min_rise": (0.0, MAX_GROWTH_RATIO, "MAX_GROWTH_RATIO: a larger rise never fires"),
+    "min_rise_of_start": (0.0, MAX_GROWTH_RATIO, "MAX_GROWTH_RATIO: a larger rise never fires"),
     **{
         k: _FRACTION
         for k in (

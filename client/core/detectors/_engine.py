@@ -44,6 +44,12 @@ CAUSES: dict[str, tuple[str, ...]] = {
     "softmax_collapse": ("divergence", "loss_spike"),
     "edge_of_stability": ("divergence",),
 }
+#: Stability gaps of several tasks after one task switch are one incident (the switch), under
+#: the first task whose accuracy fell.
+SAME_SWITCH = "stability_gap"
+#: Alerts that wait while a root is suspected (its condition holds, its patience has not run
+#: out): a run blowing up makes its loss jump before its divergence is confirmed.
+SUSPECTED_BY: dict[str, str] = {}
 #: A root explains consequences that start up to this many steps after it resolved (a loss
 #: that settles after a spike can leave the logits one-hot for a few more readings).
 INCIDENT_GRACE_STEPS = 50
@@ -206,13 +212,34 @@ def _as_json(params) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(params).items()}
 
 
+def _same_switch(state: dict, c: AlertChange) -> AlertChange:
+    """A stability gap opened by the same task switch as an open one is part of its incident."""
+    eps = state.get(SAME_SWITCH, {}).get("episodes", {})
+    switch = c.evidence.get("switch_step")
+    same = [
+        (ep["start"], key)
+        for key, ep in eps.items()
+        if key != c.key and ep["evidence"].get("switch_step") == switch and not ep.get("cause")
+    ]
+    if not same or c.key not in eps or min(same) > (c.start_step, c.key):
+        return c
+    start, key = min(same)
+    eps[c.key]["cause"] = cause = {"detector": SAME_SWITCH, "key": key, "start_step": start}
+    return dataclasses.replace(c, cause=cause)
+
+
+def _suspected(state: dict, root: str) -> bool:
+    """Whether detector ``root`` sees its condition building without having opened yet."""
+    return any(f.get("raw") and not f.get("hot") for f in state.get(root, {}).get("flags", {}).values())
+
+
 def _root_of(state: dict, name: str, step: int) -> dict | None:
     """The episode that explains an alert of detector ``name`` at ``step``, as a ``cause``."""
     for root in CAUSES.get(name, ()):
         rs = state.get(root)
         if not rs:
             continue
-        live = [(ep["start"], key) for key, ep in rs.get("episodes", {}).items()]
+        live = [(ep["start"], key) for key, ep in rs.get("episodes", {}).items() if not ep.get("quiet")]
         live += [
             (ep["start"], key)
             for key, ep in rs.get("closed", {}).items()
@@ -235,6 +262,15 @@ def attribute(state: dict, changes: list[AlertChange]) -> list[AlertChange]:
     out: list[AlertChange] = []
     touched: set[tuple[str, str]] = set()
     for c in changes:
+        if c.action == OPEN and c.cause is None and c.detector in SUSPECTED_BY:
+            ep = state.get(c.detector, {}).get("episodes", {}).get(c.key)
+            if ep is not None and _suspected(state, SUSPECTED_BY[c.detector]):
+                # A root is taking shape (its condition holds, its patience runs): wait, so
+                # that it claims this alert instead of both paging. Told when it clears.
+                ep["held"] = c.end_step
+                continue
+        if c.detector == SAME_SWITCH and c.action == OPEN and c.cause is None:
+            c = _same_switch(state, c)
         if c.detector in CAUSES:
             eps = state.get(c.detector, {})
             ep = eps.get("episodes", {}).get(c.key)
@@ -255,7 +291,10 @@ def attribute(state: dict, changes: list[AlertChange]) -> list[AlertChange]:
             continue
         eps = state.get(name, {}).get("episodes", {})
         for key, ep in eps.items():
-            if (name, key) in touched:
+            if (name, key) in touched or ep.get("quiet"):  # a quiet episode is no alert yet
+                continue
+            if "held" in ep:  # not told yet: it will be, with its cause
+                ep["cause"] = _root_of(state, name, ep["end"]) or ep.get("cause")
                 continue
             root = _root_of(state, name, ep["end"])
             if _rank(root, name) > _rank(ep.get("cause"), name):

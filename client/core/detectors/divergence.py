@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from ._base import ChangeLog, Detector, finite, fmt, median, push, sentence
 
@@ -37,6 +38,10 @@ RUNAWAY_PATIENCE = 20
 #: A signal that has fallen below half its peak since it crossed the threshold is healing,
 #: not running away: the patience count starts again. A divergence never falls back.
 RECOVERING_FRACTION = 0.5
+#: A loss (or gradient norm) a thousand times its running minimum (rolling median) has
+#: diverged by any measure, NaN or not: the warning escalates to critical. (A cross-entropy
+#: that fell to 0.5 and is now 500 no longer trains; a loss at 1e21 stayed a "warning" before.)
+CRITICAL_RATIO = 1000.0
 #: Steps in a row without the condition before an episode is resolved.
 CLEAR_POINTS = 5
 
@@ -61,6 +66,7 @@ class DivergenceParams:
     grad_window: int = GRAD_WINDOW
     grad_ratio: float = GRAD_RATIO
     grad_smooth_points: int = GRAD_SMOOTH_POINTS
+    critical_ratio: float = CRITICAL_RATIO  #: loss or gradient ratio at which the warning turns critical
     warmup: int = DIVERGENCE_WARMUP
     clear_points: int = CLEAR_POINTS
     rejoin_steps: int = DIVERGENCE_REJOIN  #: steps after a resolution within which the same episode resumes
@@ -68,6 +74,8 @@ class DivergenceParams:
     def __post_init__(self):
         if self.runaway_ratio <= 1 or self.grad_ratio <= 1:
             raise ValueError("divergence: runaway_ratio and grad_ratio must be > 1")
+        if self.critical_ratio < max(self.runaway_ratio, self.grad_ratio):
+            raise ValueError("divergence: critical_ratio must be at least runaway_ratio and grad_ratio")
         if not 0 <= self.runaway_progress <= 1 or not 0 <= self.recovering_fraction < 1:
             raise ValueError("divergence: runaway_progress must be in [0, 1], recovering_fraction in [0, 1)")
         if min(self.smooth_points, self.level_points, self.grad_smooth_points, self.clear_points, self.patience) < 1:
@@ -114,13 +122,15 @@ class DivergenceDetector(Detector):
                 if series == p.nonfinite_series
                 else f"{series} is {fmt(value)}"
             )
+            # A run already warned of as running away: its NaN is the same incident, escalated,
+            # not a second page.
             self.hold(
                 state,
                 log,
-                "nonfinite",
+                "runaway" if self.is_open(state, "runaway") and "nonfinite" not in state["episodes"] else "nonfinite",
                 step,
                 "critical",
-                0.0,
+                math.inf,  # the peak of its episode: what the alert must say first
                 f"Training diverged at step {step}: {what}. Non-finite values do not come back by themselves.",
                 {"series": series, "value": value},
             )
@@ -169,14 +179,18 @@ class DivergenceDetector(Detector):
                         f"its rolling median {fmt(e['grad_norm_median'])}"
                     )
             evidence["patience"] = p.patience
+            ratio = max(evidence.get("loss_ratio", 0.0), evidence.get("grad_ratio", 0.0))
+            critical = ratio >= p.critical_ratio
+            evidence["critical_ratio"] = p.critical_ratio
+            head = "Training is diverging" if critical else "Training may be diverging"
             self.hold(
                 state,
                 log,
                 "runaway",
                 step,
-                "warning",
+                "critical" if critical else "warning",
                 max(f["score"] for f in hot),
-                f"Training may be diverging at step {step}: {' and '.join(plain)}. " + sentence("; ".join(why)) + ".",
+                f"{head} at step {step}: {' and '.join(plain)}. " + sentence("; ".join(why)) + ".",
                 evidence,
                 start=min(f["since"] for f in hot),
             )

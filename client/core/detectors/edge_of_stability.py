@@ -35,7 +35,10 @@ class EdgeOfStabilityParams:
 
     near_ratio: float = EOS_NEAR_RATIO
     at_ratio: float = EOS_AT_RATIO
-    check_trace: bool = True  #: the tr(H) test holds for SGD; turn off for full-batch GD
+    #: The tr(H) > 2/lr test (Wu & Su 2023) is a statement about SGD noise at a stable minimum,
+    #: not a threshold for GD: on full-batch GD it fired at step 0 and stayed open. Off unless
+    #: the project says its runs are stochastic (turn it on for SGD if you trust the bound).
+    check_trace: bool = False
     trace_ratio: float = TRACE_RATIO
     clear_points: int = EOS_CLEAR_POINTS
     rejoin_steps: int = EOS_REJOIN  #: steps after a resolution within which the same episode resumes

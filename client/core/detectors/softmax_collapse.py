@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ._base import ChangeLog, Detector, finite, fmt, median, push, sentence
+from ._base import ChangeLog, Detector, finite, fmt, mean, median, push, sentence
 
 #: float32 absorbs x in 1 + x once x <= 2^-24 (half an ulp of 1.0). A sample whose softmax
 #: denominator sum_j exp(z_j - max z) rounds to exactly 1 has zero loss and zero gradient;
@@ -21,13 +21,21 @@ SC_CRITICAL_FRACTION = 0.5
 SC_WARN_FRACTION = 0.1
 #: A tenth of the batch with exactly zero loss is the same early sign from the loss side.
 ZERO_LOSS_WARN_FRACTION = 0.1
-#: Each signal is the median of its last 3 readings: one odd batch (a corrupted batch with
-#: huge inputs has a few one-hot samples) is not a collapse.
-SC_SMOOTH_POINTS = 3
-#: Steps in a row below every warning level before the episode resolves.
+#: Each signal is the mean of its last 5 readings (50 steps at the hook's default of a reading
+#: every 10 steps): a 64-sample batch measures a fraction with a standard error of up to 6
+#: points, and one odd batch (a corrupted batch, a learning-rate bump) is not a collapse. A
+#: median of 3 readings crossed 50% on a run whose fraction averaged 15%.
+SC_SMOOTH_POINTS = 5
+#: Hysteresis: once open, the episode resolves only when the fractions are below half their
+#: warning levels and the median margin is 1 nat below its warning level ...
+SC_CLEAR_FACTOR = 0.5
+SC_MARGIN_HYSTERESIS = 1.0
+#: ... for 3 readings in a row.
 SC_CLEAR_POINTS = 3
-
-
+#: The signs must hold for 30 steps before they are an alert: a learning-rate bump or a
+#: corrupted batch saturates the logits for a few readings, and a run blowing up shows them
+#: while its divergence is still being confirmed (the divergence then explains them).
+SC_MIN_STEPS = 30
 #: Collapse signs back within 200 steps of clearing continue the episode: a run hovering at the
 #: warning level would otherwise open and close it again and again.
 SC_REJOIN = 200
@@ -43,6 +51,7 @@ class SoftmaxCollapseParams:
     zero_loss_warn: float = ZERO_LOSS_WARN_FRACTION
     smooth_points: int = SC_SMOOTH_POINTS
     clear_points: int = SC_CLEAR_POINTS
+    min_steps: int = SC_MIN_STEPS  #: steps the signs must hold before they are an alert
     rejoin_steps: int = SC_REJOIN  #: steps after a resolution within which the same episode resumes
     sc_series: str = "logits/sc_fraction"
     margin_series: str = "logits/median_margin"
@@ -62,9 +71,14 @@ class SoftmaxCollapseDetector(Detector):
 
     Warning when the SC fraction reaches ``warn_fraction``, the median margin
     z_y - logsumexp(z_others) reaches ``margin_warn`` (16.6 nats is the float32 bound), or the
-    zero-loss fraction reaches ``zero_loss_warn``; critical at SC fraction
-    ``critical_fraction``. Each signal is the median of its last ``smooth_points`` readings.
-    Resolves when all three are back below their warning levels.
+    zero-loss fraction reaches ``zero_loss_warn``; critical when the collapsed fraction reaches
+    ``critical_fraction``. Fractions are the mean of their last ``smooth_points`` readings
+    (sustained, not one batch), the margin their median. With targets (a zero-loss series),
+    the collapsed samples are those with exactly zero loss, and the SC fraction counts only as
+    far as it is made of them: samples one-hot on a wrong class are logits blowing up, which
+    the divergence detector reads. Hysteresis: the episode resolves when every signal is below
+    half its warning level (the margin 1 nat below) for ``clear_points`` readings, and signs
+    that come back within ``rejoin_steps`` continue it.
 
         det = SoftmaxCollapseDetector(SoftmaxCollapseParams(critical_fraction=0.9))
     """
@@ -83,29 +97,39 @@ class SoftmaxCollapseDetector(Detector):
         p = self.params
         recent = state.setdefault("recent", {})
         push(recent.setdefault(series, []), value, p.smooth_points)
-        sc = median(recent[p.sc_series]) if p.sc_series in recent else 0.0
+        sc = mean(recent[p.sc_series]) if p.sc_series in recent else 0.0
         margin = median(recent[p.margin_series]) if p.margin_series in recent else -math.inf
-        zero = median(recent[p.zero_loss_series]) if p.zero_loss_series in recent else 0.0
+        has_zero = p.zero_loss_series in recent
+        zero = mean(recent[p.zero_loss_series]) if has_zero else 0.0
+        # The samples that stopped learning: with targets, those with exactly zero loss (one-hot
+        # on their own class). A one-hot softmax on a wrong class has a huge loss and gradient:
+        # that is logits blowing up (divergence), not Softmax Collapse.
+        collapsed = min(sc, zero) if has_zero else sc
+        is_open = self.is_open(state, self.KEY)
+        k = SC_CLEAR_FACTOR if is_open else 1.0
+        m = SC_MARGIN_HYSTERESIS if is_open else 0.0
         signs = []
-        if sc >= p.warn_fraction:
+        if (sc if not has_zero else min(sc, zero)) >= k * p.warn_fraction:
             signs.append(f"{fmt(100 * sc)}% of samples have an exactly one-hot float32 softmax")
-        if margin >= p.margin_warn:
+        if margin >= p.margin_warn - m:
             signs.append(f"median margin {fmt(margin)} nats (float32 bound {fmt(SC_MARGIN_NATS)})")
-        if zero >= p.zero_loss_warn:
+        if has_zero and zero >= k * p.zero_loss_warn:
             signs.append(f"{fmt(100 * zero)}% of samples have zero loss")
         if not signs:
             self.clear(state, log, self.KEY, step, p.clear_points)
             return
-        critical = sc >= p.critical_fraction
+        critical = collapsed >= p.critical_fraction
         if critical:
-            head = f"Softmax Collapse at step {step}: {fmt(100 * sc)}% of samples have stopped learning. "
-        elif sc > 0 or zero > 0:
+            head = f"Softmax Collapse at step {step}: {fmt(100 * collapsed)}% of samples have stopped learning. "
+        elif collapsed > 0:
             head = f"Approaching Softmax Collapse at step {step}: some samples have stopped learning. "
         else:
             head = f"Approaching Softmax Collapse at step {step}: the logits grow toward the float32 limit. "
-        tail = "; those samples get zero loss and zero gradient" if sc > 0 or zero > 0 else ""
+        tail = "; those samples get zero loss and zero gradient" if collapsed > 0 else ""
         evidence = {
             "sc_fraction": sc,
+            "collapsed_fraction": collapsed,
+            "readings": len(recent.get(p.zero_loss_series if has_zero else p.sc_series, ())),
             "warn_fraction": p.warn_fraction,
             "critical_fraction": p.critical_fraction,
             "zero_loss_fraction": zero,
@@ -115,8 +139,8 @@ class SoftmaxCollapseDetector(Detector):
         }
         if finite(margin):
             evidence["median_margin"] = margin
-        # The peak is the highest SC fraction; before any sample collapses, the widest margin.
-        score = sc + 1e-3 * max(margin, 0.0) / SC_MARGIN_NATS
+        # The peak is the highest collapsed fraction; before any sample collapses, the widest margin.
+        score = collapsed + 1e-3 * max(margin, 0.0) / SC_MARGIN_NATS
         self.hold(
             state,
             log,

@@ -1,0 +1,175 @@
+"""Ground truth for a corpus run, read from the run's own recorded series.
+
+What a scenario meant to do does not decide its labels; what the series show does:
+
+- divergence: the first step whose loss or gradient norm is non-finite or whose gradient has a
+  non-finite entry (tagged ``gradual`` or ``sudden`` by the scenario that made it).
+- loss_spike: a loss at least ``SPIKE_RATIO`` times its robust baseline (the median of the
+  previous ``SPIKE_BASELINE`` finite losses) that also stands out of the loss's own noise: at
+  least ``SPIKE_NOISE_RATIO`` times the 90th percentile of the previous ``SPIKE_NOISE_POINTS``.
+  (A batch-4 loss is 5x its median every hundred steps or so with nothing wrong; in this corpus
+  such healthy excursions reach 3.6x the 90th percentile, injected spikes 5.7x to 15x.)
+  Jumping steps less than ``SPIKE_MERGE`` steps apart are one event, at the first. Two kinds
+  of jump are not spike events: one that never comes back below the threshold before the run
+  goes non-finite, or that comes while the loss of a run that goes non-finite is already above
+  its starting level (it is the divergence itself, kept in ``notes``), and one within
+  ``SWITCH_STEPS`` of an announced task switch (expected, kept in ``notes``).
+  A jump must also rise by ``SPIKE_MIN_RISE`` of the run's starting loss: a converged loss
+  moving from 0.001 to 0.005 is no spike.
+- softmax_collapse: the first logit reading at which the SC fraction averaged over the last
+  ``SC_READINGS`` readings exceeds ``SC_LEVEL``; the peak of that average is kept in ``notes``
+  (runs that hover below the level have no event but a peak of, say, 0.15). In a run that
+  goes non-finite, a collapse while the loss is above its starting level is the divergence's
+  doing, not an event of its own (kept in ``notes``).
+- edge_of_stability: the first measurement with ``hessian/lambda_max >= hessian/two_over_lr``.
+- stability_gap: each task switch after which some previous task's accuracy falls more than
+  ``GAP_DROP`` below its last value before the switch (before the next switch).
+
+An alert of the event's detector raised at a step in ``[lo, hi]`` detects it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+
+from _detector_scenarios import Event
+
+SPIKE_RATIO = 5.0
+SPIKE_BASELINE = 32
+SPIKE_MIN_POINTS = 16  # losses before the baseline is trusted
+SPIKE_NOISE_RATIO = 4.0
+SPIKE_NOISE_POINTS = 64
+SPIKE_NOISE_QUANTILE = 0.9
+SPIKE_MERGE = 10
+SPIKE_MIN_RISE = 0.05
+SPIKE_WINDOW = 10  # an alert raised up to this many steps after the jump detects it
+SWITCH_STEPS = 2
+SC_READINGS = 3
+SC_LEVEL = 0.5
+SC_WINDOW = 30
+EOS_WINDOW = 200
+GAP_DROP = 0.10
+DIVERGENCE_WINDOW = 5  # the runs stop 5 steps after the first non-finite value
+
+
+@dataclasses.dataclass
+class Labels:
+    events: list  # [Event]
+    steps: int  # training steps recorded
+    notes: dict  # what else the series show (sc_peak, jumps in a divergence, expected jumps)
+
+
+def _series(points, name):
+    return [(s, v) for n, s, v in points if n == name]
+
+
+def first_nonfinite(points) -> int | None:
+    for n, s, v in points:
+        if (n in ("loss", "grad/norm") and not math.isfinite(v)) or (n == "grad/nonfinite" and v != 0):
+            return s
+    return None
+
+
+def loss_jumps(points) -> list[int]:
+    """Steps where a loss jump starts (``SPIKE_RATIO`` x its baseline), one per jump."""
+    losses = [(s, v) for s, v in _series(points, "loss") if math.isfinite(v)]
+    if len(losses) <= SPIKE_MIN_POINTS:
+        return []
+    start = statistics.median(v for _, v in losses[:SPIKE_MIN_POINTS])
+    out, last = [], None
+    for i in range(SPIKE_MIN_POINTS, len(losses)):
+        s, v = losses[i]
+        base = statistics.median(v for _, v in losses[max(0, i - SPIKE_BASELINE) : i])
+        noise = sorted(v for _, v in losses[max(0, i - SPIKE_NOISE_POINTS) : i])
+        high = noise[int(SPIKE_NOISE_QUANTILE * (len(noise) - 1))]
+        if v >= SPIKE_RATIO * base and v >= SPIKE_NOISE_RATIO * high and v - base >= SPIKE_MIN_RISE * start:
+            if last is None or s - last >= SPIKE_MERGE:
+                out.append(s)
+            last = s
+    return out
+
+
+def _recovers(points, step, bad) -> bool:
+    """Whether the loss comes back below the jump's threshold between ``step`` and ``bad``."""
+    losses = _series(points, "loss")
+    before = [v for s, v in losses if s < step and math.isfinite(v)][-SPIKE_BASELINE:]
+    level = SPIKE_RATIO * statistics.median(before)
+    return any(v < level for s, v in losses if step < s < bad)
+
+
+def _running_away(points, step) -> bool:
+    """Whether the loss (median of the last 8) is above its starting level at ``step``."""
+    losses = [v for s, v in _series(points, "loss") if math.isfinite(v)]
+    upto = [v for s, v in _series(points, "loss") if s <= step and math.isfinite(v)]
+    return statistics.median(upto[-8:]) > statistics.median(losses[:SPIKE_MIN_POINTS])
+
+
+def sc_collapse(points) -> tuple[int | None, float]:
+    """(first step the SC fraction averaged over ``SC_READINGS`` readings exceeds ``SC_LEVEL``,
+    peak of that average)."""
+    sc = [(s, v) for s, v in _series(points, "logits/sc_fraction") if math.isfinite(v)]
+    first, peak = None, 0.0
+    for i in range(SC_READINGS - 1, len(sc)):
+        avg = sum(v for _, v in sc[i - SC_READINGS + 1 : i + 1]) / SC_READINGS
+        peak = max(peak, avg)
+        if first is None and avg > SC_LEVEL:
+            first = sc[i][0]
+    return first, peak
+
+
+def eos_crossing(points) -> int | None:
+    two = dict(_series(points, "hessian/two_over_lr"))
+    return next((s for s, v in _series(points, "hessian/lambda_max") if s in two and v >= two[s]), None)
+
+
+def stability_gaps(points) -> list[tuple[int, int, list]]:
+    """[(switch step, next switch step or end, [tasks whose accuracy fell > GAP_DROP])]."""
+    switches = [s for s, _ in _series(points, "continual/task")]
+    end = max(s for _, s, _ in points) + 1
+    acc: dict = {}
+    for n, s, v in points:
+        if n.startswith("eval/acc/") and math.isfinite(v):
+            acc.setdefault(n[len("eval/acc/") :], []).append((s, v))
+    out = []
+    for i, sw in enumerate(switches):
+        nxt = switches[i + 1] if i + 1 < len(switches) else end
+        fell = []
+        for task, series in acc.items():
+            before = [v for s, v in series if s < sw]
+            after = [v for s, v in series if sw <= s < nxt]
+            if before and after and before[-1] - min(after) > GAP_DROP:
+                fell.append(task)
+        if fell:
+            out.append((sw, nxt, sorted(fell)))
+    return out
+
+
+def label(points, divergence_tag: str = "gradual") -> Labels:
+    steps = len({s for n, s, _ in points if n == "loss"})
+    events, notes = [], {}
+    bad = first_nonfinite(points)
+    if bad is not None:
+        events.append(Event("divergence", bad, 0, bad + DIVERGENCE_WINDOW, divergence_tag))
+    switches = [s for s, _ in _series(points, "continual/task")]
+    for s in loss_jumps(points):
+        if bad is not None and s < bad and (not _recovers(points, s, bad) or _running_away(points, s - 1)):
+            notes.setdefault("jumps_in_divergence", []).append(s)
+        elif any(0 <= s - sw <= SWITCH_STEPS for sw in switches):
+            notes.setdefault("jumps_at_task_switch", []).append(s)
+        elif bad is None or s < bad:
+            events.append(Event("loss_spike", s, s, s + SPIKE_WINDOW))
+    collapse, peak = sc_collapse(points)
+    if peak:
+        notes["sc_peak"] = round(peak, 3)
+    if collapse is not None and bad is not None and _running_away(points, collapse):
+        notes["sc_in_divergence"] = collapse  # logits one-hot because the run is blowing up
+    elif collapse is not None:
+        events.append(Event("softmax_collapse", collapse, 0, collapse + SC_WINDOW))
+    crossed = eos_crossing(points)
+    if crossed is not None:
+        events.append(Event("edge_of_stability", crossed, 0, crossed + EOS_WINDOW))
+    for sw, nxt, tasks in stability_gaps(points):
+        events.append(Event("stability_gap", sw, sw, nxt - 1, ",".join(tasks)))
+    return Labels(sorted(events, key=lambda e: (e.step, e.detector)), steps, notes)

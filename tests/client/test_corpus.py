@@ -1,0 +1,112 @@
+"""The corpus's scenario generators, at a reduced size: each run shows what it is for, as read
+from its own series by the labelling rules (so a broken generator or rule is caught here, not
+by a benchmark that quietly scores the wrong thing)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+
+pytest.importorskip("torch")
+
+import _corpus_labels as L  # noqa: E402  (tests/client is on sys.path under pytest)
+import _corpus_runs as R  # noqa: E402
+import _detector_scenarios as S  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+WARMUP_TOO_HIGH = {"lr": 0.05, "warmup": 300, "peak": 3.0}
+
+
+def kinds(labels):
+    return [(e.detector, e.tag) for e in labels.events]
+
+
+def steps_of(labels, detector):
+    return [e.step for e in labels.events if e.detector == detector]
+
+
+def test_gradual_divergence_goes_non_finite_and_its_runaway_is_no_spike():
+    pts = R.minibatch(arch="mlp", opt="sgdm", batch=64, steps=600, schedule=WARMUP_TOO_HIGH)
+    labels = L.label(pts, "gradual")
+    assert kinds(labels) == [("divergence", "gradual")]
+    bad = labels.events[0].step
+    loss = dict((s, v) for n, s, v in pts if n == "loss")
+    assert all(math.isfinite(v) for s, v in loss.items() if s < bad)
+    assert not math.isfinite(loss[bad]) or dict((s, v) for n, s, v in pts if n == "grad/nonfinite")[bad]
+    assert pts[-1][1] <= bad + L.DIVERGENCE_WINDOW  # the run stops soon after
+    # the loss ran away long before the NaN, and one-hot logits came with it: both noted
+    assert labels.notes["jumps_in_divergence"][0] < bad - 30
+    assert labels.notes["sc_in_divergence"] < bad
+    assert any(n.startswith("update_ratio/") for n, _, _ in pts)
+
+
+def test_learning_rate_jump_diverges_within_steps_of_the_jump():
+    pts = R.minibatch(arch="mlp", opt="sgd", batch=32, steps=300, schedule={"lr": 0.05, "jump": [150, 10.0]})
+    labels = L.label(pts, "sudden")
+    assert kinds(labels) == [("divergence", "sudden")]
+    assert 150 <= labels.events[0].step <= 190  # tens of steps, not hundreds
+
+
+@pytest.mark.parametrize(
+    "params, lo, hi",
+    [
+        (dict(arch="mlp", steps=300, corrupt=(200,)), 200, 200),
+        (dict(arch="cnn", opt="adam", steps=300, schedule={"lr": 1e-3}, corrupt=(200,)), 200, 200),
+        (dict(arch="mlp", steps=300, schedule={"lr": 0.05, "bumps": [[200, 2, 50.0]]}), 200, 203),
+        (dict(arch="mlp", batch=8, steps=700, schedule={"lr": 0.02}, scale=[[600, 3, 10.0]]), 600, 602),
+        (
+            dict(arch="transformer", opt="adamw", batch=16, steps=300, schedule={"lr": 2e-3}, scale=[[200, 3, 20.0]]),
+            200,
+            202,
+        ),
+    ],
+)
+def test_each_kind_of_spike_gives_one_loss_jump_where_it_was_made(params, lo, hi):
+    labels = L.label(R.minibatch(**params))
+    assert [d for d, _ in kinds(labels)] == ["loss_spike"]
+    assert lo <= labels.events[0].step <= hi
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(arch="mlp", batch=4, steps=1500, schedule={"lr": 0.02}),  # the noisiest loss
+        dict(arch="mlp", steps=800, flip=0.3),  # label noise
+        dict(arch="cnn", opt="adamw", steps=300, schedule={"lr": 3e-3, "warmup": 100, "cosine": True}),
+        dict(arch="transformer", opt="adamw", steps=300, schedule={"lr": 3e-3, "warmup": 100, "cosine": True}),
+    ],
+)
+def test_healthy_runs_have_no_labelled_event(params):
+    pts = R.minibatch(**params)
+    labels = L.label(pts)
+    assert labels.events == [] and labels.steps == params["steps"]
+    loss = [v for n, _, v in pts if n == "loss"]
+    assert statistics.median(loss[-50:]) < 0.9 * statistics.median(loss[:20])  # it does learn
+
+
+def test_long_constant_lr_sgd_hovers_below_softmax_collapse():
+    params = dict(arch="mlp", batch=64, steps=1000, schedule={"lr": 0.15}, noise=0.5, flip=0.0, n=512)
+    labels = L.label(R.minibatch(**params))
+    assert labels.events == []
+    assert 0.05 < labels.notes["sc_peak"] < L.SC_LEVEL
+
+
+def test_class_incremental_run_labels_a_gap_at_each_switch():
+    pts = R.continual(seed=0, steps_per_task=60)
+    switches = [s for n, s, _ in pts if n == "continual/task"]
+    assert switches == [0, 60, 120, 180]
+    labels = L.label(pts)
+    assert steps_of(labels, "stability_gap") == [60, 120, 180]
+    assert {e.detector for e in labels.events} == {"stability_gap"}
+
+
+def test_full_batch_gd_crosses_two_over_lr_and_below_the_edge_it_does_not():
+    pts, crossed = S._gd(0.3, 400, 2)
+    labels = L.label(pts)
+    assert kinds(labels)[0] == ("edge_of_stability", "") and labels.events[0].step == crossed
+    # past the edge the loss may catapult (Lewkowycz et al. 2020): a real jump, after the crossing
+    assert all(e.detector == "loss_spike" and e.step > crossed for e in labels.events[1:])
+    assert L.label(S._gd(0.05, 300, 2)[0]).events == []
