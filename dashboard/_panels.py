@@ -172,8 +172,11 @@ def run_version(run: dict, alerts: list[dict], n_events: int) -> dict:
         "last_step": run["last_step"],
         "alerts": len(alerts),
         "open_alerts": sum(a["status"] == "open" for a in alerts),
-        # Grows when an alert opens (new id) or resolves: a cheap fingerprint of the list.
-        "alert_version": max((a["id"] for a in alerts), default=0) + sum(a["status"] != "open" for a in alerts),
+        # Changes when an alert opens (new id), resolves or reopens, or joins an incident as a
+        # consequence: a cheap fingerprint of the list.
+        "alert_version": max((a["id"] for a in alerts), default=0)
+        + sum(a["status"] != "open" for a in alerts)
+        + sum(a["cause_alert_id"] is not None for a in alerts),
         "events": n_events,
     }
 

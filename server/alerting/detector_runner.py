@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from sqlalchemy import Connection
@@ -41,15 +42,13 @@ log = logging.getLogger("stethoscope.server.detectors")
 STALLED = StalledRunDetector.name
 
 
+@dataclass(slots=True)
 class _Row:
     """What ``apply_changes`` keeps of an alert row it changes."""
 
-    __slots__ = ("id", "severity", "cause_alert_id")
-
-    def __init__(self, id: int, severity: str, cause_alert_id: int | None) -> None:
-        self.id = id
-        self.severity = severity
-        self.cause_alert_id = cause_alert_id
+    id: int
+    severity: str
+    cause_alert_id: int | None
 
 
 class _ProjectDetectors:

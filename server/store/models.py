@@ -169,7 +169,7 @@ class Alert(Base):
     resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     acknowledged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     #: How many changes webhooks hear of the alert has had: 1 when opened, +1 at each
-    #: escalation and at the resolution (migration 0005). Deliveries carry it as "sequence".
+    #: escalation, reopening and resolution (migration 0005). Deliveries carry it as "sequence".
     change_seq: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))
     #: The episode's first detection, kept beside its peak: ``{"step", "severity", "message",
     #: "evidence"}`` (migration 0006; NULL for alerts stored before it).
