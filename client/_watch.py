@@ -19,18 +19,25 @@ list of alert dicts per call:
 never an update that changes only the peak, nor a resolution (the server's alerts API and
 webhooks have those). As resolutions are not delivered, an episode that comes back within its
 detector's ``rejoin_steps`` (an ``open`` change with its old ``start_step``) never ended for the
-callback, and is not delivered again unless it comes back worse. A consequence that opened
-before its root (a loss spike, then the divergence that adopts it) was delivered as a root:
-adoptions are updates, not delivered. A consequence (a loss spike or Softmax Collapse during a divergence) is
-delivered like any alert but carries its root in ``cause``, so a job can act on roots only::
+callback, and is not delivered again unless it comes back worse.
+
+A consequence (a loss spike or Softmax Collapse during a divergence) is delivered like any
+alert but names its root in ``cause`` (``{"detector", "key", "start_step"}``; None for a root),
+so a job can act on roots only::
 
     mon.on_alert(lambda alerts: stop.set() if any(a["cause"] is None and a["severity"] == "critical"
                                                   for a in alerts) else None)
 
-A hook alert has the keys of a server alert with ``"id": None`` and ``"source": "hook"``; an
-alert from the ingest reply gets ``"source": "server"``. A bug in a detector is logged once,
-counted (``mon.detector_errors``, the series ``stethoscope/detector_errors``) and never raised
-into training; sending goes on.
+A consequence that opened before its root (a loss spike, then the divergence that adopts it)
+was delivered as a root: an adoption is an update, not delivered.
+
+A hook alert has the keys of a server alert, with ``"id": None``, ``"cause_alert_id": None``
+and ``"source": "hook"``. An alert from the ingest reply gets ``"source": "server"`` and a
+``cause`` made from its ``cause_alert_id`` (the root's episode, from the replies seen so far,
+with ``"alert_id"``; only ``"alert_id"`` is known of a root this process never heard of).
+
+A bug in a detector is logged once, counted (``mon.detector_errors``, the series
+``stethoscope/detector_errors``) and never raised into training; sending goes on.
 """
 
 from __future__ import annotations
@@ -91,6 +98,7 @@ class Watch:
         #: (detector, key, start_step) -> rank of the severity delivered for that episode.
         self.delivered: dict[tuple, int] = {}
         self._wanted: dict[str, bool] = {}  # series name -> whether any detector reads it
+        self._episodes: dict[int, tuple] = {}  # server alert id -> its (detector, key, start_step)
 
     # -- the hook's own detection ----------------------------------------------------------
     def points(self, step: int, names, values) -> None:
@@ -144,6 +152,7 @@ class Watch:
             "evidence": c.evidence,
             "first_detection": c.first,
             "cause": c.cause,
+            "cause_alert_id": None,
             "opened_at": datetime.now(timezone.utc).isoformat(),
             "resolved_at": None,
             "acknowledged_at": None,
@@ -153,15 +162,23 @@ class Watch:
     # -- the server's alerts -----------------------------------------------------------------
     def server_alerts(self, alerts: list) -> None:
         """The alerts an ingest reply lists: deliver those of episodes not delivered yet."""
+        alerts = [a for a in alerts if isinstance(a, dict)]
+        for a in alerts:  # first: a root may come in the same reply as its consequence
+            if a.get("id") is not None:
+                self._episodes[a["id"]] = (a.get("detector"), a.get("key"), a.get("start_step"))
+                if len(self._episodes) > MAX_REMEMBERED:
+                    del self._episodes[next(iter(self._episodes))]
         news = []
         for a in alerts:
-            if not isinstance(a, dict):
-                continue
             k = (a.get("detector"), a.get("key"), a.get("start_step"))
             if k in self.delivered:
                 continue  # the hook's detectors delivered this episode already
             self._remember(k, severity_rank(a.get("severity")))
             a.setdefault("source", "server")
+            if "cause" not in a:
+                root = a.get("cause_alert_id")
+                ep = self._episodes.get(root, (None, None, None))
+                a["cause"] = None if root is None else dict(zip(("detector", "key", "start_step"), ep), alert_id=root)
             news.append(a)
         if news:
             self._notify(news)

@@ -25,6 +25,30 @@ JUMP_STEP = 40  # the learning rate jumps here; the next step's loss is NaN
 STEPS = 50
 
 
+#: The keys of an alert ``on_alert`` receives, from the hook or from the server's reply.
+ALERT_KEYS = {
+    "id",
+    "run_id",
+    "project",
+    "detector",
+    "key",
+    "severity",
+    "status",
+    "start_step",
+    "peak_step",
+    "end_step",
+    "message",
+    "evidence",
+    "first_detection",
+    "cause",
+    "cause_alert_id",
+    "opened_at",
+    "resolved_at",
+    "acknowledged_at",
+    "source",
+}
+
+
 def relu_net():
     # ReLU (not tanh) lets the weights' infinities through to the loss as NaN.
     torch.manual_seed(0)
@@ -83,7 +107,7 @@ def test_offline_a_nan_reaches_on_alert_at_its_step(tmp_path):
     assert alert["severity"] == "critical" and alert["status"] == "open"
     assert alert["start_step"] == nan_step and alert["first_detection"]["step"] == nan_step
     assert (alert["source"], alert["id"], alert["cause"], alert["run_id"]) == ("hook", None, None, "hook-nan")
-    assert "diverged" in alert["message"]
+    assert "diverged" in alert["message"] and set(alert) == ALERT_KEYS
     # Heard of before the loop logged step NaN + 2 (in fact at the NaN's own step).
     heard = min(s for s, alerts in seen_at.items() if divergences(alerts))
     assert heard <= nan_step + 1
@@ -123,6 +147,33 @@ def test_server_alerts_the_hook_did_not_see_are_delivered(live_server, tmp_path)
         assert mon.flush(10)
     (alert,) = divergences(got)
     assert alert["source"] == "server" and isinstance(alert["id"], int) and alert["start_step"] == 3
+    assert set(alert) == ALERT_KEYS and alert["cause"] is None
+
+
+def test_server_consequences_name_their_root_as_hook_alerts_do(live_server, tmp_path):
+    """With the hook's detectors off, the server's alerts of an incident (a learning rate
+    jumping to 1e20: the loss jumps, the logits go one-hot) reach the job with ``cause`` made
+    from ``cause_alert_id``: the root's episode, as a hook alert names it."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    got = []
+    with stethoscope.attach(model, opt, server=live_server.url, spool_dir=tmp_path, detectors=False) as mon:
+        mon.on_alert(got.extend)
+        blow_up(mon, model, opt, steps=JUMP_STEP + 60, jump_lr=1e20)
+    assert got and {a["source"] for a in got} == {"server"}
+    by_id = {a["id"]: a for a in got}
+    consequences = [a for a in got if a["cause_alert_id"] is not None]
+    assert consequences, "the incident has no consequence: the scenario no longer shows one"
+    for a in consequences:
+        root = by_id[a["cause_alert_id"]]
+        assert a["cause"] == {
+            "detector": root["detector"],
+            "key": root["key"],
+            "start_step": root["start_step"],
+            "alert_id": root["id"],
+        }
+    assert all(a["cause"] is None for a in got if a["cause_alert_id"] is None)
 
 
 def test_detectors_false_leaves_an_offline_run_without_alerts(tmp_path):
