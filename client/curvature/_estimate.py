@@ -52,15 +52,20 @@ class CurvatureEstimate:
     hvps: int
     seconds: float
     backend: str
+    #: What was estimated: ``"full"`` (Lanczos, then the trace), ``"sharpness"`` (lambda_max
+    #: alone, perhaps refined from an earlier top eigenvector) or ``"trace"``.
+    kind: str = "full"
 
     def as_series(self, lr: float | None = None) -> dict[str, float]:
-        out = {
+        """The ``hessian/*`` series of this estimate; a quantity it did not estimate is left out."""
+        values = {
             "hessian/trace": self.trace,
             "hessian/trace_stderr": self.trace_stderr,
             "hessian/lambda_max": self.lambda_max,
-            "hessian/hvps": float(self.hvps),
-            "hessian/seconds": self.seconds,
         }
+        out = {name: v for name, v in values.items() if not math.isnan(v)}
+        out["hessian/hvps"] = float(self.hvps)
+        out["hessian/seconds"] = self.seconds
         if lr is not None:
             out["hessian/two_over_lr"] = 2.0 / lr if lr > 0 else math.inf
         return out
@@ -85,8 +90,21 @@ def _estimate(
     deflate=True,
     min_probes=MIN_PROBES,
     block=PROBE_BLOCK,
+    start=None,
 ):
+    """One estimate on ``op``; returns ``(CurvatureEstimate, top Ritz vector or None)``.
+
+    ``start``: a flat vector to warm-start Lanczos from (the top vector an earlier estimate
+    returned); then lambda_max alone is estimated, stopping as soon as the residual bound is
+    within ``tol`` (one product when the vector is still an eigenvector), and ``lambda_min``
+    is not reported (a Krylov space of a few vectors says little about it).
+    """
     t0 = time.perf_counter()
+    warm = start is not None and start.numel() == op.n
+    if not warm:
+        start = None
+    else:
+        trace = deflate = False
     gen = _probe_generator(op.device, seed)
     common = dict(generator=gen, device=op.device, dtype=op.dtype)
     lam_max = lam_min = math.nan
@@ -97,10 +115,14 @@ def _estimate(
             op.n,
             tol=tol,
             max_iter=min(max_iter, max(1, max_hvps - 2)),
+            min_iter=1 if warm else min(3, max_iter),
+            # From a warm start the Ritz value barely moves while still off: trust the bound.
+            stop_when_steady=not warm,
             keep_basis=deflate and trace,
+            start=start,
             **common,
         )
-        lam_max, lam_min = res.lambda_max, res.lambda_min
+        lam_max, lam_min = res.lambda_max, math.nan if warm else res.lambda_min
         if deflate and trace:
             basis, base = res.deflation(DEFLATION_RANK)
     tr = se = math.nan
@@ -121,7 +143,9 @@ def _estimate(
             )
             tr, se = out.trace, out.stderr
     name = op._products.name if op._products is not None else op.backend
-    return CurvatureEstimate(tr, se, lam_max, lam_min, op.hvps, time.perf_counter() - t0, name)
+    kind = "full" if trace and eig else "trace" if trace else "sharpness"
+    est = CurvatureEstimate(tr, se, lam_max, lam_min, op.hvps, time.perf_counter() - t0, name, kind)
+    return est, (res.top_vector if eig or deflate else None)
 
 
 def _check_tolerances(rel_tol, tol, max_iter, max_hvps):

@@ -55,6 +55,7 @@ class LanczosResult:
     iterations: int
     ritz_values: torch.Tensor  # [m] eigenvalues of T = Q^T H Q, ascending (float64, CPU)
     ritz_vectors: torch.Tensor  # [m, m] their eigenvectors in the basis Q (columns)
+    top_vector: torch.Tensor  # [n] the Ritz vector of lambda_max, unit norm: the next warm start
 
     def deflation(self, rank):
         """The ``rank`` Ritz vectors of largest |value| (``[rank, n]``, orthonormal rows) and
@@ -76,9 +77,24 @@ def _ritz(alphas, betas):
 
 
 def lanczos(
-    matvec, n, *, generator, device, dtype, tol=LANCZOS_TOL, max_iter=LANCZOS_MAX_ITER, min_iter=3, keep_basis=True
+    matvec,
+    n,
+    *,
+    generator,
+    device,
+    dtype,
+    tol=LANCZOS_TOL,
+    max_iter=LANCZOS_MAX_ITER,
+    min_iter=3,
+    keep_basis=True,
+    start=None,
+    stop_when_steady=True,
 ):
-    """Lanczos with full reorthogonalisation from a normalised Rademacher start vector.
+    """Lanczos with full reorthogonalisation from ``start`` (a flat vector, such as the
+    ``top_vector`` of an earlier run: a warm start) or else a normalised Rademacher vector.
+
+    From a warm start that is still close to the top eigenvector the residual bound is small
+    after one or two products, so with ``min_iter=1`` the run stops there.
 
     Memory: the basis, one vector per step (``max_iter * n`` numbers at most); lower
     ``max_iter`` for a model whose parameters barely fit.
@@ -87,7 +103,14 @@ def lanczos(
     # The basis grows by doubling: memory follows the steps taken, not max_iter, and the
     # reorthogonalisation stays two matrix-vector products over one contiguous block.
     Q = torch.empty(min(max_iter, 8), n, device=device, dtype=dtype)
-    Q[0] = rademacher(1, n, generator, device, dtype)[0] / math.sqrt(n)
+    norm = 0.0
+    if start is not None:
+        start = start.reshape(-1).to(device=device, dtype=dtype)
+        norm = float(torch.linalg.vector_norm(start)) if start.numel() == n else 0.0
+    if math.isfinite(norm) and norm > 0:
+        torch.div(start, norm, out=Q[0])
+    else:
+        Q[0] = rademacher(1, n, generator, device, dtype)[0] / math.sqrt(n)
     alphas, betas, thetas = [], [], []
     lam_max = lam_min = 0.0
     m = 0
@@ -123,8 +146,10 @@ def lanczos(
             break  # invariant subspace: these Ritz values are eigenvalues
         if m >= min_iter:
             bound = beta * abs(float(evecs[-1, -1]))  # |theta - lambda| <= bound for some eigenvalue
-            steady = len(thetas) >= 3 and all(
-                abs(thetas[-i] - thetas[-i - 1]) <= tol * max(abs(lam_max), 1e-30) for i in (1, 2)
+            steady = (
+                stop_when_steady
+                and len(thetas) >= 3
+                and all(abs(thetas[-i] - thetas[-i - 1]) <= tol * max(abs(lam_max), 1e-30) for i in (1, 2))
             )
             if bound <= tol * max(abs(lam_max), 1e-30) or steady:
                 break
@@ -136,7 +161,8 @@ def lanczos(
             Q = grown
         betas.append(beta)
         torch.div(w, beta, out=Q[m])
-    return LanczosResult(lam_max, lam_min, Q[:m] if keep_basis else None, float(sum(alphas)), m, evals, evecs)
+    top = evecs[:, -1].to(device=device, dtype=dtype) @ Q[:m]
+    return LanczosResult(lam_max, lam_min, Q[:m] if keep_basis else None, float(sum(alphas)), m, evals, evecs, top)
 
 
 @dataclass

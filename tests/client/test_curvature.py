@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 
 import pytest
 import torch
@@ -278,6 +279,20 @@ def test_misuse_raises_value_error_at_once():
         CurvatureMonitor(model, loss_fn, batch, budget=1.5)
     with pytest.raises(ValueError, match="every"):
         CurvatureMonitor(model, loss_fn, batch, every=0)
+    with pytest.raises(ValueError, match="sharpness_every"):
+        CurvatureMonitor(model, loss_fn, batch, sharpness_every=0)
+    with pytest.raises(ValueError, match="trace_every"):
+        CurvatureMonitor(model, loss_fn, batch, trace_every=2.5)
+    with pytest.raises(ValueError, match="do not combine"):
+        CurvatureMonitor(model, loss_fn, batch, every=10, trace_every=100)
+    with pytest.raises(ValueError, match="do not combine"):
+        CurvatureMonitor(model, loss_fn, batch, every=10, budget=0.05)
+    with pytest.raises(ValueError, match="sharpness_tol"):
+        CurvatureMonitor(model, loss_fn, batch, sharpness_tol=1.0)
+    with pytest.raises(ValueError, match="clock"):
+        CurvatureMonitor(model, loss_fn, batch, clock=0.0)
+    with pytest.raises(ValueError, match="kind"):
+        CurvatureMonitor(model, loss_fn, batch).estimate("trace")
     with pytest.raises(ValueError, match="backend"):
         CurvatureMonitor(model, loss_fn, batch, backend="jax")
     with pytest.raises(ValueError, match="rel_tol"):
@@ -298,40 +313,81 @@ class FakeClock:
         return self.t
 
 
-def simulate(schedule, clock, steps, step_seconds, cost):
+def simulate(schedule, clock, steps, step_seconds, cost, hvps=lambda step, kind: None):
+    """[(step, kind)] of the estimates the schedule ran; ``cost(step, kind)`` seconds each."""
     ran = []
     for step in range(steps):
         clock.t += step_seconds(step)
-        if schedule.due(step):
+        kind = schedule.due(step)
+        if kind:
             started = clock()
-            clock.t += cost(step)
-            schedule.ran(step, started)
-            ran.append(step)
+            clock.t += cost(step, kind)
+            schedule.ran(step, started, kind, hvps(step, kind))
+            ran.append((step, kind))
     return ran
+
+
+# A warm lambda_max estimate: 2 products, 0.5 s; a full one (Lanczos and trace): 17, 3 s; the
+# first (no vector to start from): 4, 0.8 s. Products cost the same in each, as they do.
+COSTS = {"sharpness": (0.5, 2), "full": (3.0, 17)}
+
+
+def cost(step, kind):
+    return COSTS[kind][0] if step else 0.8
+
+
+def products(step, kind):
+    return COSTS[kind][1] if step else 4
 
 
 def test_every_n_steps():
     clock = FakeClock()
     s = CurvatureSchedule(every=3, clock=clock)
-    assert simulate(s, clock, 10, lambda i: 1.0, lambda i: 5.0) == [0, 3, 6, 9]
+    assert simulate(s, clock, 10, lambda i: 1.0, lambda i, k: 5.0) == [(i, "full") for i in (0, 3, 6, 9)]
 
 
-def test_budget_keeps_the_share_and_adapts_to_the_cost():
+def test_lambda_max_every_50_steps_and_the_trace_every_200_when_the_budget_allows():
+    clock = FakeClock()
+    s = CurvatureSchedule(clock=clock)  # the defaults: 5%, 50 and 200 steps
+    ran = simulate(s, clock, 2000, lambda i: 1.0, cost, products)
+    assert [step for step, _ in ran] == list(range(0, 2000, 50))
+    # a trace takes the place of a lambda_max estimate (both give lambda_max)
+    assert [step for step, kind in ran if kind == "full"] == list(range(200, 2000, 200))
+    assert s.share <= 0.05
+
+
+def test_a_short_budget_spaces_lambda_max_by_its_measured_cost():
     clock = FakeClock()
     s = CurvatureSchedule(budget=0.05, clock=clock)
-    ran = simulate(s, clock, 2000, lambda i: 0.1, lambda i: 0.5 if i < 1000 else 1.0)
-    assert ran[0] == 0
+    # 0.1 s steps: a 0.5 s estimate needs 9.5 s of training at 5%; while a trace waits, 10%
+    # of the budget is put aside for it, so 10.6 s (106 steps). A cost of 1 s needs twice that.
+    ran = simulate(s, clock, 30000, lambda i: 0.1, lambda i, k: cost(i, k) * (2 if i >= 15000 else 1), products)
     assert 0.045 <= s.share <= 0.05
-    early = [r for r in ran if r < 1000]
-    late = [r for r in ran if r >= 1000]
-    # 0.5 s per estimate at 5% needs ~9.5 s (95 steps) of training between estimates;
-    # a cost of 1 s needs twice that.
-    assert 9 <= len(early) <= 12
-    assert 4 <= len(late) <= 6
+    steps = [step for step, _ in ran]
+    gaps = {b: b - a for a, b in zip(steps, steps[1:])}
+    early = sorted(g for b, g in gaps.items() if 1000 < b < 15000)
+    late = sorted(g for b, g in gaps.items() if b > 16000)
+    assert 105 <= statistics.median(early) <= 106 and 210 <= statistics.median(late) <= 212
+    # ... and the trace still runs, from what was put aside, without making lambda_max late
+    fulls = [step for step, kind in ran if kind == "full"]
+    assert len(fulls) == 2 and fulls[0] < 15000 < fulls[1]
+    for f in fulls:
+        assert gaps[f] <= 212 and gaps[steps[steps.index(f) + 1]] <= 212
+
+
+def test_the_first_cost_is_paid_back_then_estimates_follow_the_budget():
+    clock = FakeClock()
+    s = CurvatureSchedule(budget=0.05, sharpness_every=1, clock=clock)
+    ran = simulate(s, clock, 2000, lambda i: 0.1, lambda i, k: 0.5 if i < 1000 else 1.0)  # no product counts
+    early = [r for r, _ in ran if r < 1000]
+    late = [r for r, _ in ran if r >= 1000]
+    assert ran[0] == (0, "sharpness")
+    assert 0.045 <= s.share <= 0.05
+    # 0.5 s per estimate at 5% needs ~9.5 s (95 steps) of training between estimates
+    assert 9 <= len(early) <= 12 and 4 <= len(late) <= 6
     gaps = [b - a for a, b in zip(late, late[1:])]
     # the first estimate at the new cost overran its prediction; the next gap pays it back
     assert gaps[0] > 195
-    assert all(185 <= g <= 195 for g in gaps[1:]), gaps
 
 
 def test_monitor_returns_the_series_on_schedule():
@@ -372,7 +428,61 @@ def test_an_internal_failure_is_reported_not_raised(internal_errors, monkeypatch
     assert not math.isnan(curv.schedule.curvature_seconds)
 
 
+def test_sharpness_estimates_refine_the_last_top_vector():
+    """Without training in between, each warm-started estimate continues Lanczos from the
+    last top Ritz vector: a few products each, converging on the exact lambda_max, and no
+    trace in the series (it was not estimated)."""
+    model, loss_fn, batch = regression()
+    top = float(torch.linalg.eigvalsh(exact_hessian(model, loss_fn, batch))[-1])
+    opt = torch.optim.SGD(model.parameters(), lr=0.04)
+    curv = CurvatureMonitor(model, loss_fn, batch=batch, optimizer=opt)
+    ests = [curv.estimate("sharpness") for _ in range(5)]
+    assert [e.kind for e in ests] == ["sharpness"] * 5
+    assert ests[0].hvps == 4 and all(1 <= e.hvps <= 3 for e in ests[1:]), [e.hvps for e in ests]
+    errors = [(top - e.lambda_max) / top for e in ests]
+    assert all(err >= -1e-9 for err in errors)  # Ritz values: lower bounds
+    assert errors[-1] <= 0.01 and errors[-1] < errors[0], errors
+    assert math.isnan(ests[-1].lambda_min) and math.isnan(ests[-1].trace)
+    assert set(ests[-1].as_series(0.04)) == {
+        "hessian/lambda_max",
+        "hessian/two_over_lr",
+        "hessian/hvps",
+        "hessian/seconds",
+    }
+    # a full estimate starts afresh and leaves its top vector for the next warm one
+    full = curv.estimate()
+    assert full.kind == "full" and abs(full.lambda_max - top) <= 0.01 * top
+    assert curv.estimate("sharpness").hvps <= 2
+
+
 # -- the linear algebra alone, on explicit matrices ------------------------------------------
+def test_lanczos_from_a_warm_start():
+    from stethoscope.curvature._linalg import lanczos
+
+    g = torch.Generator().manual_seed(0)
+    n = 200
+    U, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    evals = torch.cat([torch.tensor([10.0, 9.0, 7.0], dtype=torch.float64), torch.rand(n - 3, generator=g) * 3])
+    A = U @ torch.diag(evals) @ U.T
+
+    def run(start, **kw):
+        return lanczos(lambda V: V @ A, n, generator=g, device="cpu", dtype=torch.float64, start=start, **kw)
+
+    cold = run(None, tol=1e-4)
+    assert cold.lambda_max == pytest.approx(10.0, rel=1e-4)
+    assert cold.top_vector.norm() == pytest.approx(1.0) and abs(float(cold.top_vector @ U[:, 0])) > 0.999
+    # from the top eigenvector itself the residual is nil: one product
+    exact = run(U[:, 0] * 3.0, tol=1e-4, min_iter=1, stop_when_steady=False)
+    assert exact.iterations == 1 and exact.lambda_max == pytest.approx(10.0, rel=1e-12)
+    # from a nearby vector (the top direction has turned a little), a few
+    near = U[:, 0] + 0.05 * U[:, 1] + 0.02 * torch.randn(n, generator=g, dtype=torch.float64) / math.sqrt(n)
+    warm = run(near, tol=1e-4, min_iter=1, stop_when_steady=False)
+    assert warm.lambda_max == pytest.approx(10.0, rel=1e-4) and warm.iterations < cold.iterations
+    # a start vector of the wrong size or not finite is ignored: a random start
+    assert run(torch.ones(n + 1), tol=1e-4).lambda_max == pytest.approx(10.0, rel=1e-4)
+    assert run(torch.full((n,), math.nan), tol=1e-4).lambda_max == pytest.approx(10.0, rel=1e-4)
+
+
 def test_lanczos_and_deflated_trace_on_an_explicit_matrix():
     from stethoscope.curvature._linalg import deflated_hutchinson, lanczos
 
