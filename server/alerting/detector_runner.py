@@ -42,6 +42,19 @@ log = logging.getLogger("stethoscope.server.detectors")
 STALLED = StalledRunDetector.name
 
 
+def _as_left_by(c: AlertChange) -> dict:
+    """What an open, reopen or escalation showed of its alert when it happened."""
+    return {
+        "status": "open",
+        "resolved_at": None,
+        "severity": c.severity,
+        "peak_step": c.peak_step,
+        "end_step": c.end_step,
+        "message": c.message,
+        "evidence": c.evidence,
+    }
+
+
 @dataclass(slots=True)
 class _Row:
     """What ``apply_changes`` keeps of an alert row it changes."""
@@ -164,8 +177,12 @@ class DetectorRunner:
         open_rows = {k: _Row(r.id, r.severity, r.cause_alert_id) for k, r in _alerts.open_alerts(conn, run_id).items()}
         written: dict[tuple[str, str, int], _Row] = {}  # episodes changed now, by (detector, key, start)
         opened: list[int] = []
-        events: list[tuple[str, int]] = []  # (event, alert id), in the order the alerts changed
+        # (event, alert id, the alert as that change left it), in the order the alerts changed:
+        # an episode opened and resolved within one batch is delivered as "opened" with the
+        # status, severity and peak it had then, not as the resolved row it is by the end.
+        events: list[tuple[str, int, dict]] = []
         for c in changes:
+            then = _as_left_by(c)
             k = (c.detector, c.key)
             row = open_rows.get(k)
             if c.action == RESOLVE:
@@ -173,45 +190,47 @@ class DetectorRunner:
                     continue
                 _alerts.update_alert(conn, row.id, c, "resolved")
                 del open_rows[k]
-                events.append(("alert.resolved", row.id))
+                events.append(("alert.resolved", row.id, {}))
             elif row is None:
                 # OPEN, or an UPDATE of an episode whose row is not open: one row per episode, so
                 # an episode that came back (``rejoin_steps``) reopens the row it resolved.
                 row = _alerts.find_episode(conn, run_id, c.detector, c.key, c.start_step)
                 if row is None:
                     row = _Row(_alerts.insert_alert(conn, run_id, project_id, c), c.severity, None)
-                    events.append(("alert.opened", row.id))
+                    events.append(("alert.opened", row.id, then))
                 else:
                     _alerts.update_alert(conn, row.id, c, "open")
-                    events.append(("alert.reopened", row.id))
+                    events.append(("alert.reopened", row.id, then))
                     if severity_rank(c.severity) > severity_rank(row.severity):
-                        events.append(("alert.escalated", row.id))
+                        events.append(("alert.escalated", row.id, then))
                 opened.append(row.id)
                 open_rows[k] = row = _Row(row.id, c.severity, row.cause_alert_id)
             else:
                 _alerts.update_alert(conn, row.id, c)
                 if severity_rank(c.severity) > severity_rank(row.severity):
-                    events.append(("alert.escalated", row.id))
+                    events.append(("alert.escalated", row.id, then))
                 row.severity = c.severity
             written[(c.detector, c.key, c.start_step)] = row
         consequences = self._link_causes(conn, run_id, changes, written)
         # A consequence is not paged: it shows in its root's deliveries. Its resolution still
         # reaches the webhooks that heard of it while it was a root (adopted later), and a
         # reopening only those that heard of the alert before.
-        events = [(e, aid) for e, aid in events if aid not in consequences or e == "alert.resolved"]
-        ids = {aid for _, aid in events} | set(opened)
+        events = [(e, aid, then) for e, aid, then in events if aid not in consequences or e == "alert.resolved"]
+        ids = {aid for _, aid, _ in events} | set(opened)
         if not ids:
             return []
         alerts = {a["id"]: a for a in _alerts.get_alerts(conn, ids)}
         # Numbered in order; "opened" is change 1, the insert's default.
-        numbered = [(e, aid, 1 if e == "alert.opened" else _alerts.next_change(conn, aid)) for e, aid in events]
+        numbered = [
+            (e, aid, then, 1 if e == "alert.opened" else _alerts.next_change(conn, aid)) for e, aid, then in events
+        ]
         hooks = _webhooks.enabled_for_project(conn, project_id)
         if hooks and numbered:
             run_info = _runs.run_ref(conn, run_id)
             link = run_link(self.base_url, run_id)
-            explained = _alerts.consequences_of(conn, run_id, {aid for _, aid, _ in numbered} - consequences)
+            explained = _alerts.consequences_of(conn, run_id, {aid for _, aid, _, _ in numbered} - consequences)
             queued = []
-            for name, aid, seq in numbered:
+            for name, aid, then, seq in numbered:
                 to = hooks
                 notified: set[int] = set()
                 if name in ("alert.resolved", "alert.reopened"):
@@ -219,7 +238,7 @@ class DetectorRunner:
                     if name == "alert.reopened" or aid in consequences:
                         to = [h for h in hooks if h.id in notified]
                 queued += enqueue_for_alert(
-                    conn, to, notified, name, alerts[aid], run_info, link, seq, explained.get(aid, [])
+                    conn, to, notified, name, {**alerts[aid], **then}, run_info, link, seq, explained.get(aid, [])
                 )
             if queued and self.wake_outbox is not None:
                 self.wake_outbox(conn)

@@ -29,13 +29,14 @@ def _alerts(client, run_id="r", **params):
 
 def test_loss_spikes_open_and_resolve_one_alert_per_episode(client):
     run = make_run(client)
-    # Two episodes: a three-point spike ending a batch (so the alert is still open in the
-    # reply), and a one-point spike later. Batches of 20 steps.
-    values = loss_curve(240, spikes=(137, 138, 139, 200))
+    # Two episodes: a three-point spike two steps before the end of a batch (a spike is told
+    # two steps after it is seen, so the alert is open in the reply), and a one-point spike
+    # later. Batches of 20 steps.
+    values = loss_curve(240, spikes=(135, 136, 137, 200))
     opened = post_batches(client, run, values, 0, 140)
     assert [(a["detector"], a["key"], a["status"]) for a in opened] == [("loss_spike", "loss", "open")]
     first = opened[0]
-    assert first["start_step"] == 137 and first["end_step"] == 139 and first["peak_step"] in (137, 138, 139)
+    assert first["start_step"] == 135 and first["end_step"] == 137 and first["peak_step"] in (135, 136, 137)
     assert first["severity"] == "warning" and first["run_id"] == run and first["project"] == "p"
     assert re.match(
         rf"Loss jumped [\d.]+x at step {first['peak_step']} \(from [\d.]+ to 40\)\. \S", first["message"]
@@ -48,7 +49,7 @@ def test_loss_spikes_open_and_resolve_one_alert_per_episode(client):
 
     alerts = _alerts(client)
     assert [(a["id"], a["status"]) for a in alerts] == [(first["id"], "resolved"), (opened[1]["id"], "resolved")]
-    assert alerts[0]["start_step"] == 137 and 139 < alerts[0]["end_step"] < 150  # cleared after 3 calm points
+    assert alerts[0]["start_step"] == 135 and 137 < alerts[0]["end_step"] < 150  # cleared after 3 calm points
     assert alerts[0]["resolved_at"] is not None and alerts[1]["start_step"] == 200
     assert _alerts(client, status="open") == []
 
@@ -93,7 +94,7 @@ def test_nonfinite_loss_is_critical_and_clears(client):
 def test_project_alerts_filter_and_acknowledge(client):
     run = make_run(client, "a")
     make_run(client, "b")
-    post_batches(client, run, loss_curve(140, spikes=(139,)))
+    post_batches(client, run, loss_curve(140, spikes=(137,)))
     r = client.get("/projects/p/alerts", params={"status": "open"})
     assert r.status_code == 200
     (alert,) = r.json()
@@ -151,10 +152,11 @@ def test_detector_settings_defaults_validation_and_effect(client):
     )
 
     # Disabled: the spike that alerts by default alerts no more.
-    assert post_batches(client, "r", loss_curve(140, spikes=(139,))) == []
-    # Enabled with a threshold above the spike's ~42 sigmas: still none; at 6 it would alert.
-    client.put("/projects/p/detectors", json={"loss_spike": {"threshold": 60.0}})
-    assert post_batches(client, "r", loss_curve(300, spikes=(279,)), 140, 300) == []
+    assert post_batches(client, "r", loss_curve(140, spikes=(137,))) == []
+    # Enabled with a threshold above the spike's ~42 sigmas and a ratio above its ~20x: still
+    # none; at the defaults (6 sigmas, or 5x and 4 sigmas) it would alert.
+    client.put("/projects/p/detectors", json={"loss_spike": {"threshold": 60.0, "ratio": 1000.0}})
+    assert post_batches(client, "r", loss_curve(300, spikes=(277,)), 140, 300) == []
     assert _alerts(client) == []
     # Settings for a project with no run yet create it: webhooks and settings come first.
     assert client.put("/projects/fresh/detectors", json={"stalled": {"timeout_s": 120}}).status_code == 200
@@ -191,7 +193,7 @@ def test_stalled_run_opens_once_and_resolves(client):
 def test_restart_neither_forgets_nor_doubles_an_alert(server_process):
     """Kill the server while a spike episode is open, start a fresh one on the same database,
     resend the last batch and go on: one alert, resolved (the state survived the restart)."""
-    values = loss_curve(200, spikes=(137, 138, 139))
+    values = loss_curve(200, spikes=(135, 136, 137))
     sp = server_process().start()
     with httpx.Client(base_url=sp.url + "/api/v1", timeout=30) as c:
         run = make_run(c)
@@ -203,7 +205,7 @@ def test_restart_neither_forgets_nor_doubles_an_alert(server_process):
         assert post_batches(c, run, values, 120, 140) == []  # the resent batch: nothing new
         assert post_batches(c, run, values, 140, 200) == []
         alerts = _alerts(c)
-        assert [(a["detector"], a["status"], a["start_step"]) for a in alerts] == [("loss_spike", "resolved", 137)]
+        assert [(a["detector"], a["status"], a["start_step"]) for a in alerts] == [("loss_spike", "resolved", 135)]
         assert alerts[0]["id"] == opened[0]["id"]
 
 

@@ -50,7 +50,7 @@ def _hook(client, url, **body):
 def _spike(client, run="r"):
     """A spike episode that opens and resolves: two alert events."""
     make_run(client, run)
-    (alert,) = post_batches(client, run, loss_curve(160, spikes=(139,)))
+    (alert,) = post_batches(client, run, loss_curve(160, spikes=(137,)))
     return alert
 
 
@@ -110,7 +110,7 @@ def test_slack_format(client, live_server, receiver):
     body = first.json
     assert set(body) == {"text", "blocks"}
     # What happened, in plain words and with the step, comes first; then who and the evidence.
-    plain = re.match(r"Loss jumped [\d.]+x at step 139 \(from [\d.]+ to 40\)\.", body["text"]).group(0)
+    plain = re.match(r"Loss jumped [\d.]+x at step 137 \(from [\d.]+ to 40\)\.", body["text"]).group(0)
     assert body["text"].startswith(plain + " [WARNING] loss_spike opened on run r (p). ")
     assert "robust sigmas" in body["text"]
     section = body["blocks"][0]
@@ -122,11 +122,27 @@ def test_slack_format(client, live_server, receiver):
     assert _deliveries(client, hook["id"])[-1]["event"] == "alert.opened"
 
 
+def test_an_episode_opened_and_resolved_in_one_batch_is_delivered_as_each_change_left_it(client, receiver):
+    """A spike told and cleared within one ingest batch: the "opened" delivery shows the alert
+    open (as it was when it opened), not the resolved row it is by the end of the batch."""
+    _hook(client, receiver.url)
+    make_run(client)
+    (alert,) = post_batches(client, "r", loss_curve(160, spikes=(120,)), size=160)
+    assert alert["status"] == "resolved"  # the reply: the row as the batch left it
+    got = receiver.wait_for(lambda rs: len(rs) >= 2)
+    opened, resolved = (r.json for r in got)
+    assert (opened["event"], resolved["event"]) == ("alert.opened", "alert.resolved")
+    assert opened["alert"]["status"] == "open" and opened["alert"]["resolved_at"] is None
+    assert opened["alert"]["end_step"] < resolved["alert"]["end_step"] == alert["end_step"]
+    assert resolved["alert"]["status"] == "resolved" and resolved["alert"]["resolved_at"] is not None
+    assert opened["alert"]["id"] == resolved["alert"]["id"] == alert["id"]
+
+
 def test_receiver_that_fails_then_recovers(client, receiver):
     receiver.statuses[:] = [500, 503]
     hook = _hook(client, receiver.url)
     make_run(client)
-    post_batches(client, "r", loss_curve(140, spikes=(139,)))  # opens; stays open
+    post_batches(client, "r", loss_curve(140, spikes=(137,)))  # opens; stays open
     got = receiver.wait_for(lambda rs: len(rs) >= 3)
     assert [r.replied for r in got] == [500, 503, 200]
     assert len({r.body for r in got}) == 1 and len({r.headers["x-stethoscope-delivery"] for r in got}) == 1
@@ -138,7 +154,7 @@ def test_gives_up_after_the_last_attempt(client, receiver):
     receiver.default_status = 500
     hook = _hook(client, receiver.url)
     make_run(client)
-    post_batches(client, "r", loss_curve(140, spikes=(139,)))
+    post_batches(client, "r", loss_curve(140, spikes=(137,)))
     (d,) = wait_until(
         lambda: [d for d in _deliveries(client, hook["id"]) if d["status"] == "failed"], what="failed delivery"
     )
@@ -284,7 +300,7 @@ class TestOneAlertsDeliveriesInOrder:
         receiver.statuses[:] = [500]  # the first delivery ("opened") fails once
         hook = _hook(client, receiver.url)
         make_run(client)
-        values = loss_curve(160, spikes=(139,))
+        values = loss_curve(160, spikes=(137,))
         (alert,) = post_batches(client, "r", values, last=140)  # opens
         receiver.wait_for(lambda rs: len(rs) >= 1)  # "opened" failed; its retry is 1-2 s away
         post_batches(client, "r", values, first=140)  # resolves: "resolved" is due at once
