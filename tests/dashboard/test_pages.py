@@ -112,21 +112,22 @@ def test_overview_filters(web):
 def test_run_page_nests_consequences_under_their_root_with_first_detections(live_server):
     """The loss goes NaN while the Softmax Collapse fraction is high: the run's alert table
     lists the divergence, then the collapse under it ("consequence of #id"); each row shows its
-    first detection beside its peak."""
+    first detection beside its peak. The collapse is told once it has held 30 steps (a warning
+    at 51), peaks critical at 64, and the NaN at 100 claims it (within the 50-step grace)."""
     import html
     import re
 
     with httpx.Client(base_url=live_server.url, timeout=30) as c:
         c.put("/api/v1/runs/inc", json={"project": "p"}).raise_for_status()
-        steps = list(range(80))
-        sc = [0.0 if s < 60 else 0.6 if s < 63 else 0.95 for s in steps]
-        loss = [1.0 / (1 + s * 0.01) if s < 65 else "NaN" for s in steps]
+        steps = list(range(110))
+        sc = [0.0 if s < 20 else 0.3 if s < 60 else 0.95 for s in steps]
+        loss = [1.0 / (1 + s * 0.01) if s < 100 else "NaN" for s in steps]
         c.post(
             "/api/v1/runs/inc/points",
             json={
                 "series": [
                     {"name": "loss", "steps": steps, "values": loss},
-                    {"name": "grad/norm", "steps": steps, "values": [1.0] * 80},
+                    {"name": "grad/norm", "steps": steps, "values": [1.0] * 110},
                     {"name": "logits/sc_fraction", "steps": steps, "values": sc},
                 ]
             },
@@ -135,15 +136,15 @@ def test_run_page_nests_consequences_under_their_root_with_first_detections(live
         page = c.get("/runs/inc").text
     (collapse,) = incident["consequences"]
     assert (incident["detector"], collapse["detector"]) == ("divergence", "softmax_collapse")
-    assert collapse["first_detection"]["step"] == 61 and collapse["peak_step"] == 64
+    assert collapse["first_detection"]["step"] == 51 and collapse["peak_step"] == 64
     rows = re.findall(r'<tr class="alert-row( consequence)?" data-alert-id="(\d+)"', page)
     assert rows == [("", str(incident["id"])), (" consequence", str(collapse["id"]))]
     row = page.split(f'data-alert-id="{collapse["id"]}"')[1].split("</tr>")[0]
     assert f"consequence of #{incident['id']}" in row
-    assert "step 61" in row and html.escape(collapse["first_detection"]["message"]) in row
+    assert "step 51" in row and html.escape(collapse["first_detection"]["message"]) in row
     assert html.escape(collapse["message"]) in row and "peak 64" in row
     root = page.split(f'data-alert-id="{incident["id"]}"')[1].split("</tr>")[0]
-    assert "consequence of" not in root and "step 65" in root and "same as the peak" in root
+    assert "consequence of" not in root and "step 100" in root and "same as the peak" in root
 
 
 def test_continual_panel_shows_min_acc_and_wc_acc_computed_from_accuracies(live_server):
