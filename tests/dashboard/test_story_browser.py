@@ -188,7 +188,8 @@ def test_alert_rows_explain_themselves_and_zoom_the_charts(live_server, api, pag
     box, (start, end, _) = page.evaluate(
         """() => { const gd = document.getElementById('plot-loss');
                    const i = gd.data.findIndex(t => t.meta && t.meta.alerts);
-                   const r = gd.querySelectorAll('.scatterlayer .trace')[i].querySelector('path.point').getBoundingClientRect();
+                   const pt = gd.querySelectorAll('.scatterlayer .trace')[i].querySelector('path.point');
+                   const r = pt.getBoundingClientRect();
                    return [[r.left + r.width / 2, r.top + r.height / 2], gd.data[i].customdata[0]]; }"""
     )
     page.mouse.click(*box)
@@ -312,7 +313,8 @@ def test_compare_draws_several_metrics_with_smoothing_and_sharpness_has_its_own_
     raw = traces(page, "compare")
     # Smoothing: an EMA line over each run's faint raw line, and kept for the next page.
     page.evaluate(
-        "() => { const s = document.getElementById('smoothing'); s.value = '0.9'; s.dispatchEvent(new Event('input')); }"
+        "() => { const s = document.getElementById('smoothing'); s.value = '0.9';"
+        " s.dispatchEvent(new Event('input')); }"
     )
     page.wait_for_function("() => document.getElementById('plot-compare').data.some(t => /\\(raw\\)$/.test(t.name))")
     ys = page.evaluate(
