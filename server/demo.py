@@ -32,6 +32,11 @@ DEFAULT_PORT = 8765
 DEFAULT_PACE_S = 75.0
 
 
+#: The divergence demo's loss turns NaN near step 243 (seeded; the lr ramps to 3.0 by step
+#: 300) and the run stops 5 steps later: its pace is spread over these steps, not 2000.
+DIVERGENCE_ENDS_NEAR = 250
+
+
 class Pacer:
     """Spreads ``steps`` over ``seconds`` of wall time: ``wait(step)`` sleeps until the step is due."""
 
@@ -112,8 +117,17 @@ def _blobs(seed: int):
 
 
 def classifier(
-    server: str, name: str, steps: int, lr_at, corrupt=(), tags=(), pace: float = 0.0, run: str | None = None
+    server: str,
+    name: str,
+    steps: int,
+    lr_at,
+    corrupt=(),
+    tags=(),
+    pace: float = 0.0,
+    run: str | None = None,
+    paced_steps: int | None = None,
 ) -> str:
+    """``paced_steps``: the steps ``pace`` is spread over (a run that diverges stops early)."""
     import torch
     import torch.nn.functional as F
 
@@ -124,7 +138,7 @@ def classifier(
     model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
     opt = torch.optim.SGD(model.parameters(), lr=lr_at(0), momentum=0.9)
     run = run or _run_id(name)
-    pacer = Pacer(steps, pace)
+    pacer = Pacer(paced_steps or steps, pace)
     with stethoscope.attach(
         model, opt, run=run, project="demo", server=server, config={"lr": lr_at(0), "batch": 32}, tags=list(tags)
     ) as mon:
@@ -275,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                     tags=["divergence"],
                     pace=pace,
                     run=runs["divergence"],
+                    paced_steps=DIVERGENCE_ENDS_NEAR,
                 ),
             ),
             (
