@@ -269,7 +269,7 @@ def test_runs_list_is_ready_for_triage_and_selected_runs_compare(live_server, ap
     assert order() == ["base", "ok", "div"]  # by name: "baseline" < "lr 0.1" < "lr 3.0"
     page.click("#runs-table th:has-text('Run')")
     assert order() == ["div", "ok", "base"]
-    screenshot(page, "runs")
+    screenshot(page, "runs-triage")
     # The tag filter.
     page.select_option("#tag-filter", "baseline")
     page.click("form.filters button[type=submit]")
@@ -353,7 +353,7 @@ def test_settings_are_in_the_navigation_explain_each_parameter_and_manage_webhoo
         assert "rolling window, in points" in row.inner_text() and "Default: 128." in row.inner_text()
         assert row.locator(".unit").inner_text() == " (points)"
         assert page.locator(".detector[data-detector=softmax_collapse] .todo").inner_text() != ""
-        screenshot(page, "settings")
+        screenshot(page, "settings-explained")
         cells = page.locator(f"#webhooks tr[data-webhook-id='{hook['id']}']")
         assert cells.locator("td.enabled").inner_text() == "yes"
         cells.locator("button.toggle").click()
