@@ -3,7 +3,7 @@
 Each output bucket keeps its minimum, its maximum and its first NaN (``extremes.Extremes``, the
 bucket every downsampler shares; +-inf are the extremes themselves), so a spike, a dip or a
 non-finite point is never averaged away. Long ranges are read from the rollups written at
-ingest (``points.ROLLUP_LEVELS``), aligned so that every output bucket is a whole number of
+ingest (``rollups.ROLLUP_LEVELS``), aligned so that every output bucket is a whole number of
 rollup buckets: the extremes are exact, not approximate.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from sqlalchemy import Connection
 
 from .extremes import Extremes, emit_all
-from .points import ROLLUP_LEVELS
+from .rollups import ROLLUP_LEVELS
 from .sql import placeholder
 
 #: Points each output bucket may contribute: its min, its max and its first NaN.
