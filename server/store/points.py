@@ -5,8 +5,9 @@ the database says it stored decides what is new (for the reply, the rollups and 
 detectors): no read of the points comes before the write, whatever the table's size. A
 resend or an overlap is the rare case and takes a slower, exact path:
 
-- PostgreSQL: one statement for the whole batch (arrays through ``unnest``); its
-  ``RETURNING`` names the rows it stored, so a point another worker stored first is not new.
+- PostgreSQL: one statement for the whole batch (arrays through ``unnest``); it counts the
+  rows it stored and, when they are fewer than the rows sent, names them (``RETURNING``), so
+  a point another worker stored first is not new.
 - SQLite: one writer at a time (BEGIN IMMEDIATE). The batch goes in inside a savepoint; if
   the rows stored are fewer than the rows sent, the savepoint is rolled back, the steps
   already stored are read for the batch's range and only the others are inserted.
@@ -128,10 +129,14 @@ class PointWriter:
         if self.postgres:
             # One statement per table for the whole batch: arrays travel as a few parameters
             # (psycopg prepares a statement it has run a few times on a connection).
+            # The rows it stored come back only when they are fewer than the rows sent (a
+            # resend): in the common case one row, the count, instead of a row per point.
             self._insert_sql = (
-                "INSERT INTO points (series_id, step, value, wall) "
+                "WITH stored AS (INSERT INTO points (series_id, step, value, wall) "
                 "SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::float8[], %s::float8[]) "
-                "ON CONFLICT DO NOTHING RETURNING series_id, step"
+                "ON CONFLICT DO NOTHING RETURNING series_id, step) "
+                "SELECT count(*), CASE WHEN count(*) < %s THEN array_agg(series_id) END, "
+                "CASE WHEN count(*) < %s THEN array_agg(step) END FROM stored"
             )
             casts = ", ".join(f"%s::{t}[]" for t in _rollups.PG_TYPES)
             self._rollup_sql = (
@@ -177,13 +182,14 @@ class PointWriter:
             steps.extend(sb.steps)
             values.extend(sb.values)
             walls.extend(sb.walls)
-        stored = conn.exec_driver_sql(
-            self._insert_sql, (_pg_array(sids), _pg_array(steps), _pg_float_array(values), _pg_array(walls))
-        ).fetchall()
-        if len(stored) == len(steps):
+        n = len(steps)
+        count, stored_sids, stored_steps = conn.exec_driver_sql(
+            self._insert_sql, (_pg_array(sids), _pg_array(steps), _pg_float_array(values), _pg_array(walls), n, n)
+        ).one()
+        if count == n:
             return items
         # Some were stored already (a resend, an overlap, another worker first): not new.
-        return _only(items, set(map(tuple, stored)))
+        return _only(items, set(zip(stored_sids or (), stored_steps or ())))
 
     def _write_sqlite(self, raw, items: list[tuple[int, SeriesBatch]]) -> list[tuple[int, SeriesBatch]]:
         flat = _point_params(items)
