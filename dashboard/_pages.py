@@ -179,6 +179,8 @@ def run_live(store, run_id: str) -> tuple[dict, dict[str, Markup], str]:
 def run_page(run_id: str, request: Request):
     store = request.app.state.store
     try:
+        if not visible_runs(request, [run_id]):  # another project's: answered as a missing one
+            raise NotFound(run_id)
         run = store.get_run(run_id)
     except NotFound:
         return not_found(request, f"There is no run {run_id!r}.", "It may have been deleted, or the link is wrong.")
