@@ -105,6 +105,8 @@ class OscillationDetector(Detector):
         if len(s) < p.window + 2 + OSC_LOOKBACK // 2:
             return
         past, s = s[: -p.window - 2], s[-p.window - 2 :]
+        if not self.is_open(state, series) and _alternation(s) < p.alternating_fraction:
+            return  # the usual case, minibatch noise or a smooth descent: nothing more to compute
         scale = max(abs(v) for v in s)
         if scale <= 0:
             return
