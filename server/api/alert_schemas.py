@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, StrictBool, field_validator
 
 from stethoscope.core.detectors import SEVERITIES
 
@@ -80,7 +80,7 @@ class WebhookCreate(Strict):
     format: Literal[FORMATS] = Field(  # type: ignore[valid-type]
         default="json", description="json: the alert as an object; slack: {text, blocks} for a Slack incoming webhook"
     )
-    enabled: bool = True
+    enabled: StrictBool = True  # "no" or 0 is a 422, not a quiet False
 
     @field_validator("url")
     @classmethod
@@ -101,7 +101,7 @@ class WebhookCreate(Strict):
 
 
 class WebhookUpdate(Strict):
-    enabled: bool = Field(description="false pauses the webhook: it is kept but gets no new deliveries")
+    enabled: StrictBool = Field(description="false pauses the webhook: it is kept but gets no new deliveries")
 
 
 class WebhookOut(BaseModel):

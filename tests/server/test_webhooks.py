@@ -199,6 +199,34 @@ def test_webhook_validation_delete_and_test_send(client, receiver):
     assert [h["id"] for h in client.get("/projects/p/webhooks").json()] == [generated["id"]]
 
 
+def test_a_disabled_webhook_gets_nothing_until_enabled_again(client, receiver):
+    """PATCH /webhooks/{id} pauses a webhook (kept, with its secret and log) and resumes it."""
+    quiet = _hook(client, receiver.url + "?quiet")
+    loud = _hook(client, receiver.url + "?loud")
+    r = client.patch(f"/webhooks/{quiet['id']}", json={"enabled": False})
+    assert r.status_code == 200 and r.json()["enabled"] is False and "secret" not in r.json()
+    assert {h["id"]: h["enabled"] for h in client.get("/projects/p/webhooks").json()} == {
+        quiet["id"]: False,
+        loud["id"]: True,
+    }
+    # Only a JSON boolean: "no" and 0 were read as False (pydantic's lax mode), quietly.
+    for bad in ({"enabled": "no"}, {"enabled": 0}, {}, {"enabled": False, "url": "http://x"}):
+        assert client.patch(f"/webhooks/{quiet['id']}", json=bad).status_code == 422, bad
+    assert client.post("/projects/p/webhooks", json={"url": receiver.url, "enabled": "yes"}).status_code == 422
+    assert client.patch("/webhooks/987654", json={"enabled": True}).status_code == 404
+
+    make_run(client)
+    post_batches(client, "r", loss_curve(140, spikes=(137,)))  # one alert opens
+    receiver.wait_for(lambda rs: len(rs) >= 1)
+    assert [r.path for r in receiver.requests] == ["/hook?loud"] and _deliveries(client, quiet["id"]) == []
+
+    assert client.patch(f"/webhooks/{quiet['id']}", json={"enabled": True}).json()["enabled"] is True
+    post(client, "r", 140, [float("nan")])  # a critical alert: both hear of it now
+    got = receiver.wait_for(lambda rs: len(rs) >= 3)
+    assert sorted(r.path for r in got[1:]) == ["/hook?loud", "/hook?quiet"]
+    assert all(r.json["alert"]["detector"] == "divergence" for r in got[1:])
+
+
 @pytest.mark.slow
 def test_restart_with_pending_deliveries(server_process, receiver, monkeypatch):
     """The receiver is down while the server is killed and started again: the deliveries
