@@ -10,11 +10,12 @@ retries with backoff and jitter and the spool grows; when the server is back the
 goes first, so series arrive in order. Ingest is idempotent, so a batch resent after a
 crash or a timeout stores nothing twice. Each record's host values also go through the
 hook's own detectors as the thread takes the record off the queue (``_watch``), so
-``on_alert`` hears of a blow-up at its step, not at the next batch.
+``on_alert`` hears of a blow-up at its step (within ``POLL_INTERVAL_S``), not at the next batch.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import queue
@@ -43,8 +44,61 @@ FIRST_FLUSH_SPREAD = 0.5
 FLUSH_JITTER = 0.1
 #: A batch is sent early past this many points (well under the server's 50,000).
 BATCH_POINTS = 10_000
+#: Seconds the thread sleeps between looks at the queue. A record does not wake it: waking a
+#: thread on every step cost a ~1 ms training step more than the record itself (the wake-up,
+#: then the training thread waiting for the GIL while the sender held it). So the hook's
+#: detectors see each step within this long of its ``log`` (flush, events and close wake it).
+POLL_INTERVAL_S = 0.02
 
 _STOP = object()
+
+
+class RecordQueue:
+    """The bounded queue between the training loop and the sender thread.
+
+    ``put_nowait`` never blocks and never wakes the consumer (a deque append, atomic under the
+    GIL): the consumer polls every ``POLL_INTERVAL_S``, and ``urgent`` records (anything but a
+    step's points: a flush, an event, the final status) wake it at once. Between two records
+    ``get`` yields the GIL (``time.sleep(0)``), so that a training thread waiting for it does
+    not wait for a whole backlog.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self._items: collections.deque = collections.deque()
+        self._maxsize = maxsize
+        self._wake = threading.Event()
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def put_nowait(self, item, urgent: bool = False) -> None:
+        if len(self._items) >= self._maxsize:
+            raise queue.Full
+        self._items.append(item)
+        if urgent:
+            self._wake.set()
+
+    def put(self, item, timeout: float) -> None:
+        """Wait (up to ``timeout`` s) for room, then put ``item`` and wake the consumer."""
+        deadline = time.monotonic() + timeout
+        while len(self._items) >= self._maxsize:
+            if time.monotonic() >= deadline:
+                raise queue.Full
+            self._wake.set()
+            time.sleep(0.01)
+        self.put_nowait(item, urgent=True)
+
+    def get(self, timeout: float):
+        items = self._items
+        if items:
+            time.sleep(0)  # let a waiting training thread have the GIL between records
+            return items.popleft()
+        self._wake.wait(min(timeout, POLL_INTERVAL_S))
+        self._wake.clear()  # an urgent put sets it after appending: its item is seen below
+        try:
+            return items.popleft()
+        except IndexError:
+            raise queue.Empty from None
 
 
 class ShipSchedule:
@@ -97,7 +151,7 @@ class Sender:
 
     def _reset(self) -> None:
         self._pid = os.getpid()
-        self._queue: queue.Queue = queue.Queue(QUEUE_SIZE)
+        self._queue = RecordQueue(QUEUE_SIZE)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._spool: Spool | None = None
@@ -129,7 +183,7 @@ class Sender:
         if self._thread is None:
             self._start()
         try:
-            self._queue.put_nowait(record)
+            self._queue.put_nowait(record, urgent=record[0] != "points")
         except queue.Full:
             self.dropped += 1
 
