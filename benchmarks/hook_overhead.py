@@ -7,7 +7,8 @@ Two workloads, each trained by several identical copies ("arms") in one process:
 
 Arms: ``bare`` (no monitoring), ``stethoscope`` (``attach`` with its defaults: the cost
 budget where this version has one), ``stethoscope_every1`` (every metric every step, the old
-behaviour), and ``hand`` (the same metrics computed in the loop with ``.item()`` calls and
+behaviour), ``baseline`` (with ``--baseline DIR``: another commit's hook, its defaults), and
+``hand`` (the same metrics computed in the loop with ``.item()`` calls and
 appended to a local JSON-lines file: what a wandb or TensorBoard user writes by hand, the
 anchor). Every arm logs every step.
 
@@ -30,6 +31,7 @@ hits all arms alike. Per arm it prints, as one JSON line per workload:
 
     python benchmarks/hook_overhead.py                 # both workloads, ~2 minutes
     python benchmarks/hook_overhead.py --workloads mlp --rounds 30
+    git worktree add /tmp/base main && python benchmarks/hook_overhead.py --baseline /tmp/base
 """
 
 from __future__ import annotations
@@ -50,6 +52,25 @@ import torch.nn.functional as F
 import stethoscope
 
 ARMS = ("bare", "stethoscope", "stethoscope_every1", "hand")
+#: An older version of the hook (``--baseline DIR``), imported under this name.
+BASELINE = None
+
+
+def load_baseline(src: str):
+    """Import the ``client`` package found under ``src`` (a checkout of another commit, e.g.
+    ``git worktree add /tmp/main main``) as a second, independent copy of the hook, so that
+    before and after run interleaved in one process."""
+    import importlib.util
+    import sys
+
+    root = os.path.join(src, "client")
+    spec = importlib.util.spec_from_file_location(
+        "stethoscope_baseline", os.path.join(root, "__init__.py"), submodule_search_locations=[root]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["stethoscope_baseline"] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 class TinyLM(torch.nn.Module):
@@ -160,14 +181,13 @@ class Arm:
         self.hook_s = 0.0  # time spent in the monitor's optimizer hooks this step
         if name == "hand":
             self.hand = HandLogger(model, self.opt, os.path.join(spool, "hand.jsonl"))
-        elif name.startswith("stethoscope"):
+        elif name.startswith(("stethoscope", "baseline")):
             # Benchmark hooks registered before and after attach's bracket the monitor's own.
             self.opt.register_step_pre_hook(self._mark)
             self.opt.register_step_post_hook(self._mark)
-            kwargs = {"every": 1} if name == "stethoscope_every1" else {}
-            self.mon = stethoscope.attach(
-                model, self.opt, run=f"bench-{name}", server="offline", spool_dir=spool, **kwargs
-            )
+            kwargs = {"every": 1} if name.endswith("_every1") else {}
+            hook = BASELINE if name.startswith("baseline") else stethoscope
+            self.mon = hook.attach(model, self.opt, run=f"bench-{name}", server="offline", spool_dir=spool, **kwargs)
             self.opt.register_step_pre_hook(self._unmark)
             self.opt.register_step_post_hook(self._unmark)
         self.step_i = 0
@@ -229,7 +249,8 @@ def run_workload(name, args, spool, budget_supported):
     torch.manual_seed(0)
     base = make_model()
     batches = make_batches()
-    arms = [Arm(a, copy.deepcopy(base), spool) for a in ARMS]
+    names = ARMS + (("baseline",) if BASELINE is not None else ())
+    arms = [Arm(a, copy.deepcopy(base), spool) for a in names]
     rng = random.Random(0)
     block = args.block if args.block else (20 if name == "lm" else 100)
     rounds = args.rounds if args.rounds else (10 if name == "lm" else 30)
@@ -274,9 +295,11 @@ def run_workload(name, args, spool, budget_supported):
         }
         if arm.mon is not None:
             row["dropped"] = arm.mon.dropped
-            stats = getattr(arm.mon, "cost", None)
-            if stats is not None:
-                row["monitor_cost"] = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in stats().items()}
+            budget = getattr(arm.mon, "_budget", None)
+            if budget is not None:
+                row["monitor_cost"] = {
+                    k: (round(v, 5) if isinstance(v, float) else v) for k, v in budget.stats().items()
+                }
         out["arms"][arm.name] = row
     return out
 
@@ -287,8 +310,16 @@ def main():
     ap.add_argument("--rounds", type=int, default=0, help="counted rounds, one more warms up (default: 10 lm, 30 mlp)")
     ap.add_argument("--block", type=int, default=0, help="steps per block (default: 20 lm, 100 mlp)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared: 1)")
+    ap.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="also run the hook found in DIR/client (another commit's checkout) as the arm 'baseline'",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    global BASELINE
+    if args.baseline:
+        BASELINE = load_baseline(args.baseline)
     budget_supported = "budget" in inspect.signature(stethoscope.attach).parameters
     with tempfile.TemporaryDirectory() as spool:
         for name in args.workloads:
