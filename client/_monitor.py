@@ -423,14 +423,15 @@ class Monitor:
         if side is not None:
             side.wait_stream(torch.cuda.current_stream(side.device))
             for t in tensors:
-                t.record_stream(side)
+                if t.is_cuda:
+                    t.record_stream(side)
         with torch.cuda.stream(side) if side is not None else _NO_STREAM:
             if logit_job is not None:
                 logits, targets, full = logit_job
                 values, lnames, lops = self._logits(logits, targets, full)
                 if side is not None:
                     logits.record_stream(side)
-                    if targets is not None:
+                    if targets is not None and targets.is_cuda:
                         targets.record_stream(side)
                 tensors.append(values)
                 names.append(lnames)
