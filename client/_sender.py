@@ -44,10 +44,11 @@ FIRST_FLUSH_SPREAD = 0.5
 FLUSH_JITTER = 0.1
 #: A batch is sent early past this many points (well under the server's 50,000).
 BATCH_POINTS = 10_000
-#: Seconds the thread sleeps between looks at the queue. A record does not wake it: waking a
-#: thread on every step cost a ~1 ms training step more than the record itself (the wake-up,
-#: then the training thread waiting for the GIL while the sender held it). So the hook's
-#: detectors see each step within this long of its ``log`` (flush, events and close wake it).
+#: While records flow, the thread looks at the queue this often instead of being woken by each
+#: one: waking a thread on every step cost a ~1 ms training step more than the record itself
+#: (the wake-up, then the training thread waiting for the GIL the sender held). A record that
+#: finds the thread idle (no record in the last look) wakes it, so slow steps are seen at once
+#: and fast ones within this long; flush, events and close always wake it.
 POLL_INTERVAL_S = 0.02
 
 _STOP = object()
@@ -56,16 +57,19 @@ _STOP = object()
 class RecordQueue:
     """The bounded queue between the training loop and the sender thread.
 
-    ``put_nowait`` never blocks and never wakes the consumer (a deque append, atomic under the
-    GIL): the consumer polls every ``POLL_INTERVAL_S``, and ``urgent`` records (anything but a
-    step's points: a flush, an event, the final status) wake it at once. (Yielding the GIL
-    between records, ``time.sleep(0)``, was tried: it cost the ~1 ms step more than it saved.)
+    ``put_nowait`` never blocks (a deque append, atomic under the GIL). It wakes the consumer
+    only when the consumer is idle (its last look found no record) or the record is ``urgent``
+    (anything but a step's points: a flush, an event, the final status); while records flow
+    the consumer looks every ``POLL_INTERVAL_S`` and takes what came. (Yielding the GIL between
+    records, ``time.sleep(0)``, was tried: it cost the ~1 ms step more than it saved.)
     """
 
     def __init__(self, maxsize: int) -> None:
         self._items: collections.deque = collections.deque()
         self._maxsize = maxsize
         self._wake = threading.Event()
+        self._idle = False  # the consumer waits without polling: a record must wake it
+        self._flowing = False  # the consumer took records since it last waited
 
     def qsize(self) -> int:
         return len(self._items)
@@ -74,7 +78,7 @@ class RecordQueue:
         if len(self._items) >= self._maxsize:
             raise queue.Full
         self._items.append(item)
-        if urgent:
+        if urgent or self._idle:  # read after the append: see get()
             self._wake.set()
 
     def put(self, item, timeout: float) -> None:
@@ -90,9 +94,19 @@ class RecordQueue:
     def get(self, timeout: float):
         items = self._items
         if items:
+            self._flowing = True
             return items.popleft()
-        self._wake.wait(min(timeout, POLL_INTERVAL_S))
-        self._wake.clear()  # an urgent put sets it after appending: its item is seen below
+        if self._flowing:  # records are coming: poll, do not be woken by each
+            self._flowing = False
+            self._wake.wait(min(timeout, POLL_INTERVAL_S))
+        else:
+            # Idle: the next record wakes us. _idle is set before the queue is looked at again,
+            # and a put reads it after its append, so a record is either seen here or wakes us.
+            self._idle = True
+            if not items:
+                self._wake.wait(timeout)
+            self._idle = False
+        self._wake.clear()  # a put sets it after appending: its item is seen below
         try:
             return items.popleft()
         except IndexError:
