@@ -24,6 +24,10 @@ import time
 from .process import start_server_process, stop_process
 
 DEFAULT_PORT = 8765
+#: The demo's trainings are tiny CPU models (a step of a few ms), where the hook's default cost
+#: budget would leave the expensive series (per-module norms, the logit statistics the
+#: Softmax-Collapse detector reads) to every 100th step: the demo measures everything.
+DEMO_EVERY = 1
 
 
 def _port_free(port: int) -> bool:
@@ -63,6 +67,7 @@ def modular_softmax_collapse(server: str, steps: int) -> str:
         project="demo",
         server=server,
         config={"task": "(a+b) mod 23", "lr": 0.05, "optimizer": "Adam", "dtype": "float32"},
+        every=DEMO_EVERY,
         tags=["softmax-collapse"],
     ) as mon:
         for step in range(steps):
@@ -97,7 +102,14 @@ def classifier(server: str, name: str, steps: int, lr_at, corrupt=(), tags=()) -
     opt = torch.optim.SGD(model.parameters(), lr=lr_at(0), momentum=0.9)
     run = f"{name}-{int(time.time())}"
     with stethoscope.attach(
-        model, opt, run=run, project="demo", server=server, config={"lr": lr_at(0), "batch": 32}, tags=list(tags)
+        model,
+        opt,
+        run=run,
+        project="demo",
+        server=server,
+        config={"lr": lr_at(0), "batch": 32},
+        tags=list(tags),
+        every=DEMO_EVERY,
     ) as mon:
         bad_since = None
         for step in range(steps):
@@ -136,7 +148,14 @@ def sharpening(server: str, steps: int) -> str:
     loss_fn = torch.nn.MSELoss()
     run = f"edge-of-stability-{int(time.time())}"
     with stethoscope.attach(
-        model, opt, run=run, project="demo", server=server, config={"lr": lr, "full_batch": True}, tags=["curvature"]
+        model,
+        opt,
+        run=run,
+        project="demo",
+        server=server,
+        config={"lr": lr, "full_batch": True},
+        tags=["curvature"],
+        every=DEMO_EVERY,
     ) as mon:
         mon.watch_curvature(model, loss_fn, batch=(x, y), every=10)
         for step in range(steps):
