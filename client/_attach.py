@@ -45,7 +45,7 @@ def attach(
     rank_zero_only: bool = True,
     sync_ranks: bool | None = None,
     detectors: dict | bool | None = None,
-    clock=time.perf_counter,
+    clock=None,
 ):
     """Attach a training-health monitor to ``model`` and ``optimizer``; returns a ``Monitor``.
 
@@ -58,10 +58,12 @@ def attach(
     gradient norm, non-finite gradient and logit counts, max |logit|): divergence and
     non-finite checks see every step. The expensive ones (per-module gradient, weight and
     update norms, the softmax statistics of the logits, the attention max) are spaced so that
-    the hook's own work on the training thread stays within ``budget`` of the step time
+    the hook's own work (on the training thread, and its background thread's CPU time) stays
+    within ``budget`` of the step time
     (default 2%; the time between ``log`` calls is the step), and come at least every 100
     steps. ``every=N`` measures everything every N steps instead (``every=1``: every step, at
-    whatever it costs). ``clock`` (seconds, for tests) times the hook.
+    whatever it costs). ``clock`` (seconds, for tests) times the hook instead of the real clock;
+    the background thread's CPU time, which it cannot measure, is then left out of the budget.
 
     ``module_depth`` groups per-module series at that many name components (default: leaf
     modules, coarser past 64 series). ``update_ratio=False`` saves the copy of the weights the
@@ -93,7 +95,7 @@ def attach(
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise ValueError(f"optimizer must be a torch.optim.Optimizer or None, not {type(optimizer).__name__}")
     check_budget(budget, every)
-    if not callable(clock):
+    if clock is not None and not callable(clock):
         raise ValueError("clock must be a callable returning seconds, like time.perf_counter")
     if not isinstance(project, str) or not RUN_ID_RE.match(project):
         raise ValueError(f"project must be a short name of letters, digits, '.', '_' or '-', not {project!r}")
@@ -141,7 +143,8 @@ def attach(
         module_depth=module_depth,
         update_ratio=update_ratio,
         dist=(dist, world) if sync_ranks and world > 1 else None,
-        clock=clock,
+        clock=clock if clock is not None else time.perf_counter,
+        charge_sender=clock is None,
     )
     if sends and generated:
         where = url or f"offline (spooled under {root}; upload with `stethoscope sync`)"

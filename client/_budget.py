@@ -5,10 +5,11 @@ counts, the logits' max |z|): divergence and non-finite checks see every step. T
 ones (per-module gradient, weight and update norms, the softmax statistics of the logits, the
 attention max) cost a training step from a fraction of a percent (a large model) to several
 times over (a tiny MLP, where the hook's fixed costs dominate), so they are spaced: the hook
-times its own work on the training thread (``log`` and its optimizer-step hooks) against the
-step it rides on (the time between consecutive ``log`` calls) and takes the expensive set
-only when the time it has saved pays for it, keeping its total within ``budget`` of the step
-time. ``every=N`` fixes the spacing instead.
+times its own work (``log`` and its optimizer-step hooks on the training thread, and the CPU
+time of its background thread) against the step it rides on (the time between consecutive
+``log`` calls) and takes the expensive set only when the time it has saved pays for it,
+keeping its total within ``budget`` of the step time. ``every=N`` fixes the spacing instead.
+(On CUDA the time measured is the host's: kernels queued on the device are not waited for.)
 
 The bookkeeping is a credit account (a token bucket): each step earns ``budget`` times its
 length and pays what the hook spent on it; the expensive set runs when the credit covers its
@@ -89,7 +90,7 @@ class CostBudget:
         self.elapsed_s = 0.0
 
     def charge(self, seconds: float) -> None:
-        """Hook work on the training thread outside ``log`` (the optimizer-step hooks)."""
+        """Hook work outside ``log``: the optimizer-step hooks, the background thread's CPU."""
         self._pending += seconds
 
     def step_done(self, start: float, end: float, full: bool, exclude: float = 0.0) -> None:

@@ -51,6 +51,7 @@ class Monitor:
         update_ratio: bool = True,
         dist=None,
         clock=time.perf_counter,
+        charge_sender: bool = False,
     ):
         self.run_id = run_id
         #: The run's dashboard page, or None offline.
@@ -81,6 +82,8 @@ class Monitor:
         self._tasks: dict = {}  # task name -> index, for task_switch
         self.collector_errors = 0
         self._in_collectors = 0.0  # seconds collectors took in the log() in progress
+        self._sender_cpu = 0.0  # the sender thread's CPU seconds already charged to the budget
+        self._charge_sender = charge_sender and sender is not None
         self._alert_callbacks = sender.watch.callbacks if sender is not None else []
         self._closed = False
         self._lock = threading.Lock()
@@ -134,6 +137,13 @@ class Monitor:
         with _errors.swallowed("log"):
             self._record(step, loss, logits, targets, scalars, full)
         with _errors.swallowed("cost budget"):
+            sender = self._sender
+            if self._charge_sender and sender.cpu_s != self._sender_cpu:
+                # The background thread's CPU is the hook's too: it takes a core, and the GIL.
+                cpu = sender.cpu_s
+                if cpu > self._sender_cpu:
+                    budget.charge(cpu - self._sender_cpu)
+                self._sender_cpu = cpu
             budget.step_done(start, self._clock(), full, self._in_collectors)
         _attention.set_active(budget.full)
 
@@ -246,9 +256,10 @@ class Monitor:
 
     @property
     def overhead(self) -> float:
-        """Share of the step time (between ``log`` calls) the hook spent on the training
-        thread so far: ``log`` and its optimizer-step hooks, not collectors (curvature and
-        continual evaluation keep budgets of their own), not the background thread."""
+        """Share of the step time (between ``log`` calls) the hook has spent so far: ``log``
+        and its optimizer-step hooks on the training thread, and the CPU time of its background
+        thread (detectors, batching, the spool); not collectors (curvature and continual
+        evaluation keep budgets of their own)."""
         return self._budget.overhead
 
     @property

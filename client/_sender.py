@@ -159,6 +159,8 @@ class Sender:
         self.finish_values = finish_values
         self.dropped = 0  # records the queue had no room for (counted by the training thread)
         self.spool_dropped = 0  # records lost with a full disk and a full memory fallback (sender thread)
+        #: CPU seconds the thread has used (this process's thread), which the cost budget charges.
+        self.cpu_s = 0.0
         self._reset()
 
     def _reset(self) -> None:
@@ -184,6 +186,7 @@ class Sender:
 
     def after_fork(self) -> None:
         """In a forked child: the parent's thread and spool are not ours; start afresh."""
+        self.cpu_s = 0.0
         self._reset()
         self.watch.reset()
         if self.transport is not None:
@@ -239,6 +242,7 @@ class Sender:
         run_created = False
         schedule = ShipSchedule(random.Random())  # its own generator: the user's seeds stay untouched
         while True:
+            self.cpu_s = time.thread_time()  # a float store: the training thread reads it
             try:
                 rec = self._queue.get(timeout=max(0.05, schedule.wait()))
             except queue.Empty:
