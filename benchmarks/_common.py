@@ -6,9 +6,11 @@ import os
 import socket
 import statistics
 import subprocess
+import tarfile
 import tempfile
 import uuid
 from contextlib import contextmanager
+from pathlib import Path
 
 PG_URL = os.environ.get("STETHOSCOPE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -61,14 +63,48 @@ class Server:
 
 
 @contextmanager
-def server(db_url: str, workers: int = 1):
+def server(db_url: str, workers: int = 1, code: str | None = None):
+    """A server process on ``db_url``; ``code`` (from ``baseline_code``) runs another
+    version of the packages than the installed one."""
     from stethoscope_server.process import start_server_process, stop_process
 
-    proc, url = start_server_process(db_url, free_port(), workers=workers, stdout=subprocess.DEVNULL)
+    env = None
+    if code is not None:
+        env = {**os.environ, "PYTHONPATH": code + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc, url = start_server_process(db_url, free_port(), workers=workers, stdout=subprocess.DEVNULL, env=env)
     try:
         yield Server(url, proc)
     finally:
         stop_process(proc)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def baseline_code(ref: str):
+    """The packages as they were at git ``ref``, importable from the yielded folder (put it on
+    PYTHONPATH: it comes before the editable install's finder). The A/B benchmarks run the old
+    implementation from here, so it is never a second code path of the server itself."""
+    with tempfile.TemporaryDirectory(prefix="stethoscope-baseline-") as d:
+        tar_path = Path(d) / "tree.tar"
+        with open(tar_path, "wb") as f:
+            subprocess.run(
+                ["git", "-C", str(REPO), "archive", ref, "server", "client", "dashboard", "migrations"],
+                stdout=f,
+                check=True,
+            )
+        tree = Path(d) / "tree"
+        with tarfile.open(tar_path) as t:
+            t.extractall(tree, filter="data")
+        pkgs = Path(d) / "pkgs"
+        pkgs.mkdir()
+        # The layout pyproject.toml's package-dir mapping gives the installed packages.
+        (tree / "migrations").rename(tree / "server" / "migrations")
+        (tree / "server").rename(pkgs / "stethoscope_server")
+        (tree / "client").rename(pkgs / "stethoscope")
+        (tree / "dashboard").rename(pkgs / "stethoscope_dashboard")
+        yield str(pkgs)
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -81,3 +117,8 @@ def percentile(xs: list[float], q: float) -> float:
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
+
+
+def machine_load() -> dict:
+    """How busy the shared machine was: the load averages against its cores."""
+    return {"cores": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2)}

@@ -1,11 +1,25 @@
-"""Ingest throughput and downsampled-read latency against a real server, SQLite and PostgreSQL.
+"""Ingest throughput and server CPU per point, old path against new, SQLite and PostgreSQL.
 
-Several sender processes (each a "training job" with its own run) POST batches of 1,000
-points (20 series x 50 steps, like a job logging 20 metrics) over keep-alive HTTP for
---seconds; every reply is checked (2xx, all points inserted). Then a 1,000,000-point series is
-read downsampled to 2,000 points. Prints one JSON line per database.
+Two real servers run side by side on fresh databases of the same kind: the baseline (the
+packages as they were at git ``--baseline``, run from an exported copy: never a second code
+path of the server) and this tree. Several sender processes (each a "training job" with its
+own run) POST batches of 1,000 points (20 series x 50 steps, like a job logging 20 metrics)
+over keep-alive HTTP to 127.0.0.1; every reply is checked (2xx, all points inserted). The two
+arms take turns in short rounds (ABBA order), so the load other work puts on a shared
+machine falls on both alike; each figure is the median over rounds and is given as a ratio
+to the baseline measured in the same run.
 
-    python benchmarks/ingest.py [--seconds 20] [--senders 4] [--db sqlite,postgres]
+Server CPU is the server process's own (user + system, and its worker processes'), from
+/proc, over each round. PostgreSQL's own backends are not in it (they are not the server's
+processes); ``--workers-scan`` measures how throughput grows with uvicorn workers there.
+
+Then a 200,000-point series is read downsampled, on both arms: the points returned for
+``max_points`` 1,500 and 2,000 (at most that many, and close to it) and the read's latency.
+
+    python benchmarks/ingest.py [--rounds 4] [--seconds 4] [--senders 4] [--db sqlite,postgres]
+    python benchmarks/ingest.py --db postgres --workers-scan 1,2,4   # new path only
+
+Prints one JSON line per database (and one for the worker scan).
 """
 
 from __future__ import annotations
@@ -16,14 +30,19 @@ import json
 import multiprocessing as mp
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import fresh_database, median, percentile, server  # noqa: E402
+from _common import baseline_code, fresh_database, machine_load, median, percentile, server  # noqa: E402
 
 SERIES = 20
 STEPS_PER_BATCH = 50  # 20 x 50 = 1,000 points a batch
-READ_POINTS = 1_000_000
+READ_POINTS = 200_000
+#: The commit before the bulk ingest path (issue 18): what "today" measured.
+BASELINE_REF = "386ce5a"
+#: Steps between rounds: each round's batches are new points of the same runs.
+ROUND_STEPS = 10_000_000
 
 
 def _conn(url: str) -> http.client.HTTPConnection:
@@ -40,13 +59,13 @@ def _request(conn, method, path, body=None):
     return json.loads(data)
 
 
-def _sender(url: str, run_id: str, seconds: float, out: "mp.Queue") -> None:
+def _sender(url: str, run_id: str, first_step: int, seconds: float, out: "mp.Queue") -> None:
     import orjson
 
     conn = _conn(url)
     _request(conn, "PUT", f"/api/v1/runs/{run_id}", json.dumps({"project": "bench"}).encode())
     names = [f"metric/{i}" for i in range(SERIES)]
-    latencies, points, errors, step = [], 0, 0, 0
+    latencies, points, errors, step = [], 0, 0, first_step
     t_end = time.monotonic() + seconds
     wall = time.time()
     while time.monotonic() < t_end:
@@ -79,11 +98,11 @@ def _sender(url: str, run_id: str, seconds: float, out: "mp.Queue") -> None:
     out.put((points, errors, latencies))
 
 
-def measure_ingest(srv, senders: int, seconds: float) -> dict:
+def measure_ingest(srv, senders: int, seconds: float, first_step: int = 0) -> dict:
     url = srv.url
-    cpu0 = srv.cpu()
     q: mp.Queue = mp.Queue()
-    procs = [mp.Process(target=_sender, args=(url, f"bench-{i}", seconds, q)) for i in range(senders)]
+    procs = [mp.Process(target=_sender, args=(url, f"bench-{i}", first_step, seconds, q)) for i in range(senders)]
+    cpu0 = srv.cpu()
     t0 = time.perf_counter()
     for p in procs:
         p.start()
@@ -100,16 +119,14 @@ def measure_ingest(srv, senders: int, seconds: float) -> dict:
         "errors": sum(r[1] for r in results),
         "p50_ms": round(percentile(lat, 50) * 1e3, 2),
         "p99_ms": round(percentile(lat, 99) * 1e3, 2),
-        "senders": senders,
-        # What bounds it: the server's own CPU per point, and what one core would sustain.
+        # What bounds it: the server's own CPU per point, and how much of a core it used.
         "server_cpu_us_per_point": round(server_cpu / max(points, 1) * 1e6, 2),
         "server_cpu_share": round(server_cpu / elapsed, 2),
-        "points_per_server_cpu_s": round(points / max(server_cpu, 1e-9)),
         "seconds": round(elapsed, 1),
     }
 
 
-def measure_read(url: str, repeats: int = 15) -> dict:
+def measure_read(url: str, repeats: int = 9) -> dict:
     import orjson
 
     conn = _conn(url)
@@ -120,45 +137,104 @@ def measure_read(url: str, repeats: int = 15) -> dict:
         steps = list(range(k, k + chunk))
         body = orjson.dumps({"series": [{"name": "loss", "steps": steps, "values": [1.0 / (1 + s) for s in steps]}]})
         _request(conn, "POST", f"/api/v1/runs/{run}/points", body)
-    times, n = [], 0
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        d = _request(conn, "GET", f"/api/v1/runs/{run}/series/loss?max_points=2000")
-        times.append(time.perf_counter() - t0)
-        n = len(d["steps"])
-    zoom = []
-    for i in range(repeats):  # a zoomed read: 5% of the run, somewhere in the middle
-        a = 100_000 + i * 37_000
-        t0 = time.perf_counter()
-        _request(conn, "GET", f"/api/v1/runs/{run}/series/loss?max_points=2000&start={a}&end={a + 50_000}")
-        zoom.append(time.perf_counter() - t0)
+    out = {}
+    for asked in (1500, 2000):
+        times, n = [], 0
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            d = _request(conn, "GET", f"/api/v1/runs/{run}/series/loss?max_points={asked}")
+            times.append(time.perf_counter() - t0)
+            n = len(d["steps"])
+        out[f"read_{asked}_returned"] = n
+        out[f"read_{asked}_ms"] = round(median(times) * 1e3, 1)
+    return out
+
+
+def _summary(rounds: list[dict]) -> dict:
+    keys = ("points_per_s", "server_cpu_us_per_point", "server_cpu_share", "p50_ms", "p99_ms")
+    out = {k: median([r[k] for r in rounds]) for k in keys}
+    out["errors"] = sum(r["errors"] for r in rounds)
+    out["rounds_points_per_s"] = [r["points_per_s"] for r in rounds]
+    out["rounds_cpu_us_per_point"] = [r["server_cpu_us_per_point"] for r in rounds]
+    return out
+
+
+def ab(kind: str, ref: str, rounds: int, seconds: float, senders: int, workers: int) -> dict:
+    with ExitStack() as stack:
+        old_code = stack.enter_context(baseline_code(ref))
+        arms = {
+            "baseline": stack.enter_context(server(stack.enter_context(fresh_database(kind)), workers, old_code)),
+            "new": stack.enter_context(server(stack.enter_context(fresh_database(kind)), workers)),
+        }
+        got: dict[str, list[dict]] = {a: [] for a in arms}
+        for r in range(rounds):
+            order = ["baseline", "new"] if r % 2 == 0 else ["new", "baseline"]  # ABBA: drift falls on both
+            for arm in order:
+                got[arm].append(measure_ingest(arms[arm], senders, seconds, first_step=r * ROUND_STEPS))
+        reads = {arm: measure_read(srv.url) for arm, srv in arms.items()}
+    base, new = _summary(got["baseline"]), _summary(got["new"])
     return {
-        "read_1m_to_2000_ms": round(median(times) * 1e3, 1),
-        "read_points_returned": n,
-        "read_zoom_50k_ms": round(median(zoom) * 1e3, 1),
+        "benchmark": "ingest",
+        "database": kind,
+        "workers": workers,
+        "senders": senders,
+        "batch_points": SERIES * STEPS_PER_BATCH,
+        "baseline_ref": ref,
+        "rounds": rounds,
+        "seconds_per_round": seconds,
+        "ratio_points_per_s_new_over_baseline": round(new["points_per_s"] / base["points_per_s"], 2),
+        "ratio_cpu_per_point_baseline_over_new": round(
+            base["server_cpu_us_per_point"] / new["server_cpu_us_per_point"], 2
+        ),
+        # Points one core of the server sustains: throughput per worker, free of the machine's
+        # other load (the senders, PostgreSQL and other people's work share the two cores).
+        "points_per_server_cpu_s_new": round(1e6 / new["server_cpu_us_per_point"]),
+        "points_per_server_cpu_s_baseline": round(1e6 / base["server_cpu_us_per_point"]),
+        "new": new,
+        "baseline": base,
+        "reads": reads,
+        "target_cpu_us_per_point": 4.0 if kind == "sqlite" else None,
+        "target_ratio": 4.0 if kind == "sqlite" else 3.0,
+        "machine": machine_load(),
+    }
+
+
+def workers_scan(kind: str, counts: list[int], seconds: float, senders: int) -> dict:
+    """Throughput of the new path with 1, 2, ... uvicorn workers, each on a fresh database."""
+    got = {}
+    for w in counts:
+        with fresh_database(kind) as db, server(db, w) as srv:
+            measure_ingest(srv, senders, min(2.0, seconds))  # warm: runs and series exist, pools full
+            got[w] = measure_ingest(srv, senders, seconds, first_step=ROUND_STEPS)
+    one = got[counts[0]]["points_per_s"]
+    return {
+        "benchmark": "ingest_workers",
+        "database": kind,
+        "senders": senders,
+        "by_workers": {str(w): r for w, r in got.items()},
+        "ratio_points_per_s_over_first": {str(w): round(r["points_per_s"] / one, 2) for w, r in got.items()},
+        "machine": machine_load(),
     }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=float, default=20)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--seconds", type=float, default=4, help="seconds of sending per round and arm")
     ap.add_argument("--senders", type=int, default=4)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--db", default="sqlite,postgres")
+    ap.add_argument("--baseline", default=BASELINE_REF, help="git ref of the baseline arm")
+    ap.add_argument("--workers-scan", default="", help="e.g. 1,2,4: worker scaling of the new path only")
     args = ap.parse_args()
     for kind in args.db.split(","):
-        with fresh_database(kind) as db_url, server(db_url, args.workers) as srv:
-            result = {
-                "benchmark": "ingest",
-                "database": kind,
-                "workers": args.workers,
-                "batch_points": SERIES * STEPS_PER_BATCH,
-            }
-            result.update(measure_ingest(srv, args.senders, args.seconds))
-            result.update(measure_read(srv.url))
-            result["target_points_per_s"] = 250_000 if kind == "sqlite" else 150_000
-            result["target_read_ms"] = 150
-            print(json.dumps(result), flush=True)
+        if args.workers_scan:
+            counts = [int(w) for w in args.workers_scan.split(",")]
+            print(json.dumps(workers_scan(kind, counts, args.seconds, args.senders)), flush=True)
+        else:
+            print(
+                json.dumps(ab(kind, args.baseline, args.rounds, args.seconds, args.senders, args.workers)), flush=True
+            )
 
 
 if __name__ == "__main__":

@@ -218,8 +218,10 @@ class Monitor:
 
     def watch_curvature(self, model, loss_fn=None, batch=None, **options):
         """Send ``hessian/*`` series (trace, its standard error, lambda_max, 2/lr, HVPs,
-        seconds) from estimates on a fixed ``batch=(inputs, targets)`` or ``closure=``,
-        within 5% of training time by default; ``options`` go to
+        seconds) from estimates on a fixed ``batch=(inputs, targets)`` or ``closure=``, charged
+        within 5% of the wall time by default (their own time and the slowdown after them; the
+        first estimate and, near 2/lr, an overdraft of up to six estimates come on top until
+        repaid; see the README for the measured cost); ``options`` go to
         ``stethoscope.curvature.CurvatureMonitor``, which this returns.
 
         >>> mon.watch_curvature(model, F.cross_entropy, batch=(x_fixed, y_fixed))

@@ -8,9 +8,10 @@ import orjson
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from stethoscope_server.auth import visible_runs
+from stethoscope.core.wire import RUN_STATUSES
+from stethoscope_server.auth import visible_project, visible_runs
 
-from . import _panels
+from . import _pages, _panels
 
 router = APIRouter(prefix="/ui/api", include_in_schema=False)
 
@@ -50,9 +51,56 @@ def run_state(run_id: str, request: Request):
 @router.get("/compare")
 def compare(
     request: Request,
-    metric: Annotated[str, Query(min_length=1, max_length=200)],
+    metric: Annotated[list[str], Query(min_length=1, max_length=50)],
     run: Annotated[list[str] | None, Query(max_length=50)] = None,
     start: Step = None,
     end: Step = None,
 ):
-    return _json(_panels.compare_figure(request.app.state.store, visible_runs(request, run or []), metric, start, end))
+    metrics = [m for m in metric if 0 < len(m) <= 200]
+    return _json(_panels.compare_figure(request.app.state.store, visible_runs(request, run or []), metrics, start, end))
+
+
+# ---- the one poll of each page ----------------------------------------------------------
+# A page sends the fingerprint of what it shows (``v``); the reply holds the page's regions
+# only when they changed, so an idle page costs one small reply per poll.
+
+Version = Annotated[str | None, Query(max_length=64)]
+Filter = Annotated[str | None, Query(max_length=200)]
+
+
+def _live(version: str, seen: str | None, regions: dict, **extra) -> Response:
+    out = {"v": version, **extra}
+    if version != seen:
+        out["regions"] = {k: str(v) for k, v in regions.items()}
+    return _json(out)
+
+
+@router.get("/live/runs/{run_id}")
+def live_run(run_id: str, request: Request, v: Version = None):
+    """A run page's poll: the charts' state (a change re-fetches the panels) and, when they
+    changed, its alerts and events tables."""
+    state, regions, version = _pages.run_live(request.app.state.store, run_id)
+    return _live(version, v, regions, state=state)
+
+
+@router.get("/live/overview")
+def live_overview(
+    request: Request,
+    project: Filter = None,
+    status: Filter = None,
+    q: Filter = None,
+    tag: Filter = None,
+    v: Version = None,
+):
+    status = status if status in RUN_STATUSES else None
+    project = visible_project(request, project or None)
+    _, regions, version = _pages.overview_live(request.app.state.store, project or None, status, q or None, tag or None)
+    return _live(version, v, regions)
+
+
+@router.get("/live/alerts")
+def live_alerts(request: Request, project: Filter = None, status: Filter = None, v: Version = None):
+    status = status if status in ("open", "resolved") else None
+    project = visible_project(request, project or None)
+    regions, version = _pages.alerts_live(request.app.state.store, project or None, status)
+    return _live(version, v, regions)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import html
 import math
+import zlib
 from typing import Iterable
 
 import plotly.graph_objects as go
@@ -25,6 +26,18 @@ TOP, BOTTOM = 0.93, 0.04
 #: Where alert flags sit on the overlay axis: on the top edge, above the non-finite markers.
 ALERT_Y = 1.0
 PLOT_HEIGHT = 300
+#: A panel whose positive values span more than this many decades is drawn on a log y axis
+#: (until the user chooses): a loss going from 1 to 1e10 before its NaN, or falling from 3 to
+#: 6e-8, is a flat line on a linear axis. Three decades is where a linear axis stops showing
+#: the smallest tenth of the data at all (it sits within one pixel row of a 300 px plot).
+LOG_DECADES = 3.0
+#: One colour per run, the same on every page: 24 colours that stay apart (plotly's Dark24,
+#: https://plotly.com/python/discrete-color/), so ~20 runs on one chart do not repeat.
+RUN_PALETTE = (
+    "#2E91E5", "#E15F99", "#1CA71C", "#FB0D0D", "#DA16FF", "#222A2A", "#B68100", "#750D86",
+    "#EB663B", "#511CFB", "#00A08B", "#FB00D1", "#FC0080", "#B2828D", "#6C7C32", "#778AAE",
+    "#862A16", "#A777F1", "#620042", "#1616A7", "#DA60CA", "#6C4516", "#0D2A63", "#AF0038",
+)  # fmt: skip
 
 
 def esc(s: object) -> str:
@@ -37,6 +50,56 @@ def fmt(v: float) -> str:
     if v in (math.inf, -math.inf):
         return "+inf" if v > 0 else "-inf"
     return f"{v:.6g}"
+
+
+def spans_decades(values: Iterable[float], decades: float = LOG_DECADES) -> bool:
+    """True when the finite values are all positive and max/min exceeds 10**decades: the
+    panel should start on a log axis. Any value <= 0 keeps it linear (log cannot show it)."""
+    lo, hi = math.inf, 0.0
+    for v in values:
+        if v is None or v - v != 0.0:  # gaps and non-finite values are markers, not the scale
+            continue
+        if v <= 0.0:
+            return False
+        lo, hi = min(lo, v), max(hi, v)
+    return hi > 0.0 and hi / lo > 10.0**decades
+
+
+def run_colour(run_id: str, taken: set[str] | None = None) -> str:
+    """The run's colour: a slot of ``RUN_PALETTE`` chosen by a stable hash of its id (crc32,
+    not Python's salted ``hash``), so the run keeps it on every page and after restarts.
+    ``taken``: colours already given on this chart; on a clash the next free slot is used,
+    so up to 24 runs on one chart never share one (the clash makes it move on that chart only)."""
+    i = zlib.crc32(run_id.encode("utf-8", "surrogatepass")) % len(RUN_PALETTE)
+    for k in range(len(RUN_PALETTE)):
+        colour = RUN_PALETTE[(i + k) % len(RUN_PALETTE)]
+        if not taken or colour not in taken:
+            return colour
+    return RUN_PALETTE[i]
+
+
+#: plotly's default line colours, given explicitly because figures go out without their
+#: template (``figure_json``).
+COLORWAY = [
+    "#636efa",
+    "#EF553B",
+    "#00cc96",
+    "#ab63fa",
+    "#FFA15A",
+    "#19d3f3",
+    "#FF6692",
+    "#B6E880",
+    "#FF97FF",
+    "#FECB52",
+]
+
+
+def figure_json(fig: go.Figure) -> dict:
+    """The figure as JSON without plotly.py's default template: ~7 KB per chart that every
+    reply carried and plotly.js merged again on each redraw; the layout sets what we use of it."""
+    out = fig.to_plotly_json()
+    out.get("layout", {}).pop("template", None)
+    return out
 
 
 def base_layout(title: str, y_title: str = "", log_y: bool = False) -> dict:
@@ -52,6 +115,7 @@ def base_layout(title: str, y_title: str = "", log_y: bool = False) -> dict:
         "hovermode": "closest",
         "legend": {"orientation": "h", "y": -0.12, "yanchor": "top", "uirevision": "keep"},
         "plot_bgcolor": "#fff",
+        "colorway": COLORWAY,
         "shapes": [],
         "annotations": [],
     }
@@ -176,18 +240,32 @@ def event_label(e: dict) -> str:
     return f"{label}: {e['message']}" if e.get("message") else label
 
 
-def add_alerts(fig: go.Figure, layout: dict, alerts: list[dict], last_step: int | None) -> None:
-    """Alert ranges shaded, and a flag per alert at its peak step with the message on hover."""
-    xs, text, colours = [], [], []
+def alert_range(a: dict) -> tuple[int, int] | None:
+    """The steps an alert's episode covers as detected: start..end (for an open alert, the
+    last step that still showed it), never the rest of the run."""
+    start = a["start_step"] if a["start_step"] is not None else a["peak_step"]
+    if start is None:
+        return None
+    end = max(x for x in (a["end_step"], a["peak_step"], start) if x is not None)
+    return start, end
+
+
+def first_step(a: dict) -> int | None:
+    """Where the alert was first detected (its first detection), else where it starts."""
+    first = a.get("first_detection") or {}
+    step = first.get("step")
+    return step if isinstance(step, int) else (a["start_step"] if a["start_step"] is not None else a["peak_step"])
+
+
+def add_alerts(fig: go.Figure, layout: dict, alerts: list[dict]) -> None:
+    """The detected range of each alert shaded, and a flag at its first detection with that
+    message (and the peak's) on hover; a click on a flag zooms to the range (its customdata)."""
+    xs, text, colours, ranges = [], [], [], []
     for a in alerts:
-        start = a["start_step"] if a["start_step"] is not None else a["peak_step"]
-        if start is None:
+        span = alert_range(a)
+        if span is None:
             continue
-        end = (
-            a["end_step"]
-            if a["status"] != "open" and a["end_step"] is not None
-            else max(start, last_step or start, a["end_step"] or start)
-        )
+        start, end = span
         colour = SEVERITY_COLOURS.get(a["severity"], "#888")
         layout["shapes"].append(
             {
@@ -204,11 +282,20 @@ def add_alerts(fig: go.Figure, layout: dict, alerts: list[dict], last_step: int 
                 "layer": "below",
             }
         )
-        xs.append(a["peak_step"] if a["peak_step"] is not None else start)
+        first = a.get("first_detection") or {}
+        at = first_step(a)
+        xs.append(at)
         colours.append(colour)
+        ranges.append([start, end, a["id"]])
+        said = first.get("message") or a["message"]
+        peak = (
+            f"<br>peak at step {a['peak_step']}: {esc(a['message'])}"
+            if a["peak_step"] is not None and (a["peak_step"] != at or said != a["message"])
+            else ""
+        )
         text.append(
-            f"{esc(a['severity'])} · {esc(a['detector'])} ({esc(a['status'])})<br>{esc(a['message'])}"
-            f"<br>steps {start}–{end}"
+            f"{esc(a['severity'])} · {esc(a['detector'])} ({esc(a['status'])})<br>"
+            f"first detected at step {at}: {esc(said)}{peak}<br>steps {start}–{end} (click to zoom)"
         )
     if xs:
         fig.add_trace(
@@ -221,6 +308,7 @@ def add_alerts(fig: go.Figure, layout: dict, alerts: list[dict], last_step: int 
                 cliponaxis=False,
                 marker={"symbol": "triangle-down", "size": 13, "color": colours, "line": {"width": 1, "color": "#000"}},
                 text=text,
+                customdata=ranges,
                 hoverinfo="text",
                 meta={"alerts": True},
             )

@@ -14,6 +14,7 @@ left out so the page can offer the filter. The series drawn are read in a few st
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import plotly.graph_objects as go
@@ -47,6 +48,9 @@ class PanelSpec:
     prefix: str | None = None
     y_title: str = ""
     dashed: tuple[str, ...] = ()
+    #: Series drawn against a second y axis on the right (``y3``; ``y2`` holds the markers).
+    right: tuple[str, ...] = ()
+    right_title: str = ""
     hlines: tuple[tuple[float, str], ...] = ()
     alerts: bool = False
     heatmap: bool = False
@@ -79,11 +83,17 @@ def run_panel_specs() -> list[PanelSpec]:
             y_title="nats",
             hlines=((SC_MARGIN_BOUND, f"SC bound {SC_MARGIN_BOUND:.1f} nats"),),
         ),
+        # lambda_max against 2/lr decides GD's stability (Cohen et al. 2021): they share the
+        # left axis. tr(H) sums every eigenvalue (often 10x lambda_max): on the same axis it
+        # flattened the two that matter, so it has its own axis on the right.
         PanelSpec(
             "hessian",
-            "Sharpness: Hessian trace, λmax and 2/lr",
-            ("hessian/trace", "hessian/lambda_max", "hessian/two_over_lr"),
+            "Sharpness: λmax against 2/lr (tr(H) on the right axis)",
+            ("hessian/lambda_max", "hessian/two_over_lr", "hessian/trace"),
+            y_title="λmax, 2/lr",
             dashed=("hessian/two_over_lr",),
+            right=("hessian/trace",),
+            right_title="tr(H)",
         ),
         PanelSpec(
             "continual",
@@ -118,8 +128,7 @@ def run_panels(store: Store, run_id: str, start: int | None, end: int | None, ma
     alerts = store.overview.alerts(run_id=run_id)
     specs = run_panel_specs()
     other = _assign(specs, names)
-    if other:
-        specs.append(PanelSpec("other", "Other series", taken=other))
+    specs += _other_panels(other)
     for spec in specs:
         _keep_first(spec, match)
     derived = _continual_series(store, run_id, specs, start, end)
@@ -134,16 +143,18 @@ def run_panels(store: Store, run_id: str, start: int | None, end: int | None, ma
         if spec.heatmap:
             fig = _heatmap_panel(reads, spec, shown)
         else:
-            fig = _line_panel(reads, spec, start, end, shown, alerts, run["last_step"], derived)
+            fig = _line_panel(reads, spec, start, end, shown, alerts, derived)
         if fig is not None:
             panels.append(
                 {
                     "id": spec.id,
                     "title": spec.title,
                     "log_toggle": not spec.heatmap,
+                    # Positive values over more than LOG_DECADES decades: start on a log axis.
+                    "auto_log": not spec.heatmap and _spans_decades(reads, derived, spec),
                     "hidden": spec.hidden,
                     "note": _note(spec.hidden, match),
-                    "figure": fig.to_plotly_json(),
+                    "figure": F.figure_json(fig),
                 }
             )
     hidden = sum(p.hidden for p in specs)
@@ -155,6 +166,7 @@ def run_panels(store: Store, run_id: str, start: int | None, end: int | None, ma
             {
                 "id": a["id"],
                 "start_step": a["start_step"],
+                "first_step": F.first_step(a),
                 "peak_step": a["peak_step"],
                 "end_step": a["end_step"],
                 "severity": a["severity"],
@@ -179,6 +191,39 @@ def run_version(run: dict, alerts: list[dict], n_events: int) -> dict:
         + sum(a["cause_alert_id"] is not None for a in alerts),
         "events": n_events,
     }
+
+
+def _other_panels(names: list[str]) -> list[PanelSpec]:
+    """Series no panel takes, one panel per family (the name's first path part: ``act/rms/x``
+    is family ``act``), so unrelated scales and a long legend do not share one chart."""
+    families: dict[str, list[str]] = {}
+    for n in names:
+        families.setdefault(n.split("/", 1)[0] if "/" in n else "", []).append(n)
+    out = []
+    for fam, members in sorted(families.items()):
+        pid = "other-" + (re.sub(r"[^A-Za-z0-9_-]+", "_", fam) or "_") if fam else "other"
+        title = f"Other series: {fam}/…" if fam else "Other series"
+        out.append(PanelSpec(pid, title, prefix=f"{fam}/" if fam else None, taken=members))
+    # Two families whose names differ only in characters the id drops would share an id.
+    seen: dict[str, int] = {}
+    for spec in out:
+        k = seen[spec.id] = seen.get(spec.id, 0) + 1
+        if k > 1:
+            spec.id = f"{spec.id}-{k}"
+    return out
+
+
+def _spans_decades(reads: dict, derived: dict, spec: PanelSpec) -> bool:
+    """Whether the panel's left-axis series, together, span more than ``LOG_DECADES``."""
+    values: list[float] = []
+    for name in spec.taken:
+        if name in spec.right:
+            continue
+        if derived and name in derived:
+            values += derived[name][1]
+        elif name in reads:
+            values += reads[name].values
+    return F.spans_decades(values)
 
 
 def _keep_first(spec: PanelSpec, match: str | None) -> None:
@@ -227,7 +272,7 @@ def _read(store: Store, run_id: str, name: str, start, end, max_points: int):
     return r.steps, r.values
 
 
-def _line_panel(reads: dict, spec: PanelSpec, start, end, events, alerts, last_step, derived=None) -> go.Figure | None:
+def _line_panel(reads: dict, spec: PanelSpec, start, end, events, alerts, derived=None) -> go.Figure | None:
     layout = F.base_layout(spec.title, spec.y_title)
     if spec.to_zero:
         layout["yaxis"]["rangemode"] = "tozero"
@@ -244,13 +289,25 @@ def _line_panel(reads: dict, spec: PanelSpec, start, end, events, alerts, last_s
         line = {"dash": "dash"} if name in spec.dashed else {}
         label = name[len(spec.prefix) :] if spec.prefix and name.startswith(spec.prefix) else name
         label = f"task {label}" if spec.prefix == "eval/acc/" and name.startswith(spec.prefix) else label
-        fig.add_traces(F.line_traces(label, steps, values, **line))
+        traces = F.line_traces(label, steps, values, **line)
+        if name in spec.right:
+            traces[0].update(yaxis="y3", name=F.esc(f"{label} (right axis)"))
+        fig.add_traces(traces)
     if not any_points:
         return None
+    if spec.right:
+        layout["yaxis3"] = {
+            "title": {"text": F.esc(spec.right_title)},
+            "overlaying": "y",
+            "side": "right",
+            "showgrid": False,
+            "exponentformat": "power",
+        }
+        layout["margin"]["r"] = 60
     for y, label in spec.hlines:
         F.hline(layout, y, label)
     if spec.alerts:
-        F.add_alerts(fig, layout, [a for a in alerts if _overlaps(a, start, end)], last_step)
+        F.add_alerts(fig, layout, [a for a in alerts if _overlaps(a, start, end)])
     if spec.id in ("loss", "continual"):
         ev = F.event_trace(events)
         if ev is not None:
@@ -261,9 +318,11 @@ def _line_panel(reads: dict, spec: PanelSpec, start, end, events, alerts, last_s
 
 
 def _overlaps(a: dict, start, end) -> bool:
-    lo = a["start_step"] if a["start_step"] is not None else a["peak_step"]
-    hi = a["end_step"] if a["end_step"] is not None and a["status"] != "open" else None
-    return (end is None or lo is None or lo <= end) and (start is None or hi is None or hi >= start)
+    span = F.alert_range(a)
+    if span is None:
+        return False
+    lo, hi = span
+    return (end is None or lo <= end) and (start is None or hi >= start)
 
 
 def _heatmap_panel(reads: dict, spec: PanelSpec, events) -> go.Figure | None:
@@ -275,22 +334,50 @@ def _heatmap_panel(reads: dict, spec: PanelSpec, events) -> go.Figure | None:
     return F.heatmap(spec.title, rows, HEATMAP_BINS, events)
 
 
-def compare_figure(store: Store, run_ids: list[str], metric: str, start: int | None, end: int | None) -> dict:
-    """One metric of several runs overlaid; the legend names each run."""
-    layout = F.base_layout(f"{metric} across runs")
-    layout["height"] = 480
-    fig = go.Figure()
+#: Most metrics the compare page draws at once (one chart each).
+MAX_COMPARE_METRICS = 8
+
+
+def compare_figure(store: Store, run_ids: list[str], metrics: list[str], start: int | None, end: int | None) -> dict:
+    """Each metric a chart, the runs overlaid; every run has its own colour
+    (``_figures.run_colour``), the same on every chart and page, and the legend names it."""
+    runs = []
+    taken: set[str] = set()
     for rid in run_ids:
         try:
             run = store.get_run(rid)
         except NotFound:
             continue
-        steps, values = _read(store, rid, metric, start, end, MAX_POINTS)
-        if steps:
-            fig.add_traces(F.line_traces(f"{run['name']} ({rid})" if run["name"] != rid else rid, steps, values))
-    fig.update_layout(layout)
+        colour = F.run_colour(rid, taken)
+        taken.add(colour)
+        runs.append((run, colour))
+    panels = []
+    for metric in metrics[:MAX_COMPARE_METRICS]:
+        layout = F.base_layout(f"{metric} across runs")
+        layout["height"] = 420
+        fig = go.Figure()
+        values: list[float] = []
+        for run, colour in runs:
+            rid = run["id"]
+            steps, vals = _read(store, rid, metric, start, end, MAX_POINTS)
+            if steps:
+                label = f"{run['name']} ({rid})" if run["name"] != rid else rid
+                fig.add_traces(F.line_traces(label, steps, vals, color=colour))
+                values += vals
+        fig.update_layout(layout)
+        pid = "compare" if len(panels) == 0 else f"compare-{len(panels)}"
+        panels.append(
+            {
+                "id": pid,
+                "title": metric,
+                "log_toggle": True,
+                "auto_log": F.spans_decades(values),
+                "figure": F.figure_json(fig),
+            }
+        )
     return {
-        "panels": [{"id": "compare", "title": metric, "log_toggle": True, "figure": fig.to_plotly_json()}],
+        "panels": panels,
         "run": None,
         "alerts": [],
+        "colours": {run["id"]: colour for run, colour in runs},
     }

@@ -3,6 +3,10 @@ streaming into it live through the hook, each showing a phenomenon Stethoscope f
 
     python -m stethoscope_server.demo [--db URL] [--port 8765] [--exit]
 
+They run at the same time, each paced to last at least ``--pace`` seconds (75 by default,
+``STETHOSCOPE_DEMO_PACE`` too), so a person watching the dashboard sees the curves grow and the
+alerts open live; ``--pace 0`` runs them as fast as the CPU allows (the tests do).
+
 1. modular arithmetic, (a + b) mod 23, full batch, Adam, float32: memorises the training set,
    then grows its logits until float32 softmax turns one-hot: Softmax Collapse;
 2. a classifier on noisy blobs whose batches are corrupted three times: loss spikes that recover;
@@ -28,6 +32,27 @@ DEFAULT_PORT = 8765
 #: budget would leave the expensive series (per-module norms, the logit statistics the
 #: Softmax-Collapse detector reads) to every 100th step: the demo measures everything.
 DEMO_EVERY = 1
+#: Seconds each training lasts at least: long enough to open its page and watch it happen.
+DEFAULT_PACE_S = 75.0
+
+
+#: The divergence demo's loss turns NaN near step 243 (seeded; the lr ramps to 3.0 by step
+#: 300) and the run stops 5 steps later: its pace is spread over these steps, not 2000.
+DIVERGENCE_ENDS_NEAR = 250
+
+
+class Pacer:
+    """Spreads ``steps`` over ``seconds`` of wall time: ``wait(step)`` sleeps until the step is due."""
+
+    def __init__(self, steps: int, seconds: float) -> None:
+        self.t0 = time.monotonic()
+        self.per_step = max(0.0, seconds) / max(1, steps)
+
+    def wait(self, step: int) -> None:
+        if self.per_step:
+            delay = self.t0 + step * self.per_step - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
 
 
 def _port_free(port: int) -> bool:
@@ -39,7 +64,11 @@ def _port_free(port: int) -> bool:
             return False
 
 
-def modular_softmax_collapse(server: str, steps: int) -> str:
+def _run_id(name: str) -> str:
+    return f"{name}-{int(time.time())}"
+
+
+def modular_softmax_collapse(server: str, steps: int, pace: float = 0.0, run: str | None = None) -> str:
     import torch
     import torch.nn.functional as F
 
@@ -59,7 +88,8 @@ def modular_softmax_collapse(server: str, steps: int) -> str:
         }
     )
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    run = f"modular-sc-{int(time.time())}"
+    run = run or _run_id("modular-sc")
+    pacer = Pacer(steps, pace)
     with stethoscope.attach(
         model,
         opt,
@@ -71,6 +101,7 @@ def modular_softmax_collapse(server: str, steps: int) -> str:
         tags=["softmax-collapse"],
     ) as mon:
         for step in range(steps):
+            pacer.wait(step)
             z = model["mlp"](torch.cat([model["emb"](a), model["emb"](b)], 1))
             loss = F.cross_entropy(z, y)
             opt.zero_grad()
@@ -90,7 +121,18 @@ def _blobs(seed: int):
     return x, y, g
 
 
-def classifier(server: str, name: str, steps: int, lr_at, corrupt=(), tags=()) -> str:
+def classifier(
+    server: str,
+    name: str,
+    steps: int,
+    lr_at,
+    corrupt=(),
+    tags=(),
+    pace: float = 0.0,
+    run: str | None = None,
+    paced_steps: int | None = None,
+) -> str:
+    """``paced_steps``: the steps ``pace`` is spread over (a run that diverges stops early)."""
     import torch
     import torch.nn.functional as F
 
@@ -100,7 +142,8 @@ def classifier(server: str, name: str, steps: int, lr_at, corrupt=(), tags=()) -
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
     opt = torch.optim.SGD(model.parameters(), lr=lr_at(0), momentum=0.9)
-    run = f"{name}-{int(time.time())}"
+    run = run or _run_id(name)
+    pacer = Pacer(paced_steps or steps, pace)
     with stethoscope.attach(
         model,
         opt,
@@ -113,6 +156,7 @@ def classifier(server: str, name: str, steps: int, lr_at, corrupt=(), tags=()) -
     ) as mon:
         bad_since = None
         for step in range(steps):
+            pacer.wait(step)
             i = torch.randint(0, len(x), (32,), generator=g)
             xb, yb = x[i], y[i]
             if step in corrupt:
@@ -134,7 +178,7 @@ def classifier(server: str, name: str, steps: int, lr_at, corrupt=(), tags=()) -
     return run
 
 
-def sharpening(server: str, steps: int) -> str:
+def sharpening(server: str, steps: int, pace: float = 0.0, run: str | None = None) -> str:
     import torch
 
     import stethoscope
@@ -146,7 +190,8 @@ def sharpening(server: str, steps: int) -> str:
     lr = 0.2  # 2/lr = 10: progressive sharpening carries lambda_max up to it
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     loss_fn = torch.nn.MSELoss()
-    run = f"edge-of-stability-{int(time.time())}"
+    run = run or _run_id("edge-of-stability")
+    pacer = Pacer(steps, pace)
     with stethoscope.attach(
         model,
         opt,
@@ -159,6 +204,7 @@ def sharpening(server: str, steps: int) -> str:
     ) as mon:
         mon.watch_curvature(model, loss_fn, batch=(x, y), every=10)
         for step in range(steps):
+            pacer.wait(step)
             loss = loss_fn(model(x), y)
             opt.zero_grad()
             loss.backward()
@@ -167,9 +213,38 @@ def sharpening(server: str, steps: int) -> str:
     return run
 
 
+def _run_together(trainings, url: str, pace: float) -> list[str]:
+    """Start every training in its own thread; wait for all; return what failed."""
+    import threading
+
+    failures: list[str] = []
+    watch = f" (each takes about {pace:g} s or more: watch them live)" if pace else ""
+    print(f"training {len(trainings)} runs at the same time{watch}:", flush=True)
+
+    def one(title: str, run: str, train) -> None:
+        t0 = time.time()
+        try:
+            train()
+        except Exception as e:  # one failed training must not hide the others
+            failures.append(f"{title}: {type(e).__name__}: {e}")
+            return
+        print(f"  done in {time.time() - t0:.1f} s: {title}", flush=True)
+
+    threads = []
+    for title, run, train in trainings:
+        print(f"  {title}: {url}/runs/{run}", flush=True)
+        t = threading.Thread(target=one, args=(title, run, train), name=f"demo-{run}", daemon=True)
+        t.start()
+        threads.append(t)
+    for t in threads:
+        while t.is_alive():  # join with a timeout, so Ctrl-C is heard
+            t.join(0.5)
+    return failures
+
+
 def closing_message(url: str) -> str:
     """The last words of the demo: the pages to open (the dashboard, not the JSON API)."""
-    return f"\nAll runs: {url}/   alerts: {url}/alerts?project=demo"
+    return f"\nAll runs: {url}/\nOpen the alerts page: {url}/alerts?project=demo"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,6 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--db", default=os.environ.get("STETHOSCOPE_DATABASE_URL", "sqlite:///stethoscope.db"))
     ap.add_argument("--port", type=int, default=DEFAULT_PORT)
     ap.add_argument("--exit", action="store_true", help="stop the server when the trainings are done")
+    ap.add_argument(
+        "--pace",
+        type=float,
+        default=float(os.environ.get("STETHOSCOPE_DEMO_PACE", DEFAULT_PACE_S)),
+        help=f"seconds each training lasts at least (default {DEFAULT_PACE_S:g}; 0: as fast as possible)",
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -192,37 +273,65 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:
         raise SystemExit(f"demo: {e}") from None
     print(f"\nStethoscope is running: open {url}/  (database {args.db})\n", flush=True)
+    status = 0
     try:
+        pace = args.pace
+        runs = {k: _run_id(k) for k in ("modular-sc", "loss-spikes", "divergence", "edge-of-stability")}
         trainings = [
-            ("Softmax Collapse (modular arithmetic)", lambda: modular_softmax_collapse(url, 3000)),
+            (
+                "Softmax Collapse (modular arithmetic)",
+                runs["modular-sc"],
+                lambda: modular_softmax_collapse(url, 3000, pace, runs["modular-sc"]),
+            ),
             (
                 "loss spikes (corrupted batches)",
+                runs["loss-spikes"],
                 lambda: classifier(
-                    url, "loss-spikes", 1000, lambda s: 0.05, corrupt=(300, 500, 700), tags=["loss-spike"]
+                    url,
+                    "loss-spikes",
+                    1000,
+                    lambda s: 0.05,
+                    corrupt=(300, 500, 700),
+                    tags=["loss-spike"],
+                    pace=pace,
+                    run=runs["loss-spikes"],
                 ),
             ),
             (
                 "divergence (learning rate too high)",
+                runs["divergence"],
                 lambda: classifier(
-                    url, "divergence", 2000, lambda s: 0.05 + 2.95 * min(1.0, s / 300), tags=["divergence"]
+                    url,
+                    "divergence",
+                    2000,
+                    lambda s: 0.05 + 2.95 * min(1.0, s / 300),
+                    tags=["divergence"],
+                    pace=pace,
+                    run=runs["divergence"],
+                    paced_steps=DIVERGENCE_ENDS_NEAR,
                 ),
             ),
-            ("edge of stability (full-batch GD)", lambda: sharpening(url, 1200)),
+            (
+                "edge of stability (full-batch GD)",
+                runs["edge-of-stability"],
+                lambda: sharpening(url, 1200, pace, runs["edge-of-stability"]),
+            ),
         ]
-        for title, train in trainings:
-            t0 = time.time()
-            print(f"training: {title} ...", flush=True)
-            run = train()
-            print(f"  done in {time.time() - t0:.1f} s: {url}/runs/{run}", flush=True)
-        print(closing_message(url), flush=True)
+        # All four at once, as a team's runs are: the runs page and the alerts page fill live.
+        failures = _run_together(trainings, url, pace)
+        if failures:
+            print(f"demo: {len(failures)} training(s) failed: {'; '.join(failures)}", file=sys.stderr, flush=True)
+            status = 1
         if not args.exit:
-            print("The server keeps running; Ctrl-C stops it.", flush=True)
+            print("\nThe server keeps running; Ctrl-C stops it.", flush=True)
+        print(closing_message(url), flush=True)  # last: the page to open
+        if not args.exit:
             proc.wait()
     except KeyboardInterrupt:
         pass
     finally:
         stop_process(proc)
-    return 0
+    return status
 
 
 if __name__ == "__main__":

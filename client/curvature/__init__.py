@@ -21,9 +21,10 @@ benchmark MLP it needs 57-77 to be as accurate); its Krylov basis then deflates 
 Hutchinson trace estimate, whose Rademacher probes are drawn in vmapped blocks until the
 standard error is below ``rel_tol`` of the estimate. The monitor refines lambda_max from the
 last top eigenvector (restarted Lanczos: 2-3 products instead of 8-15 from a random vector)
-every 50 steps and runs the trace every 200 steps, each later when the time budget is short
-(``CurvatureSchedule``). Nothing of the training state changes: parameters, ``.grad``,
-optimizer, RNG, BatchNorm statistics, train/eval mode.
+every 50 steps and runs the trace every 200 steps, each later when the time budget is short,
+and lambda_max sooner when it nears or trends toward 2/lr (``CurvatureSchedule``). Nothing of
+the training state changes: parameters, ``.grad``, optimizer, RNG, BatchNorm statistics,
+train/eval mode.
 
 The curvature is that of the training loss as the training step sees it: BatchNorm layers in
 training mode normalise with the batch's statistics (their running statistics are left alone),

@@ -4,6 +4,14 @@
 "use strict";
 window.StethoscopeSettings = function (root, { el, getJSON }) {
   const api = root.dataset.api;
+  // Per detector: its summary, a "what to do" line and each setting's meaning, unit and
+  // default, read by the server from the detectors' source (stethoscope_dashboard._detector_help).
+  let docs = {};
+  try { docs = JSON.parse(root.dataset.docs || "{}"); } catch (_) { docs = {}; }
+
+  function fmtDefault(v) {
+    return typeof v === "string" ? v : JSON.stringify(v);
+  }
 
   function say(id, text, ok) {
     const node = document.getElementById(id);
@@ -48,10 +56,25 @@ window.StethoscopeSettings = function (root, { el, getJSON }) {
     for (const [name, cfg] of Object.entries(settings)) {
       const enabled = el("input", { type: "checkbox", checked: cfg.enabled !== false, name: "enabled" });
       enabled.dataset.kind = "bool";
-      const rows = Object.entries(cfg).filter(([k]) => k !== "enabled")
-        .map(([k, v]) => el("label", {}, [el("span", { textContent: k }), paramInput(k, v)]));
-      const card = el("div", { className: "detector" }, [
-        el("h3", {}, [el("span", { textContent: name }), el("label", {}, [enabled, " enabled"])]), ...rows]);
+      const doc = docs[name] || { params: {} };
+      const rows = Object.entries(cfg).filter(([k]) => k !== "enabled").map(([k, v]) => {
+        const p = (doc.params || {})[k] || {};
+        const input = paramInput(k, v);
+        const label = el("label", { className: "param" }, [
+          el("span", { className: "pname" }, [el("span", { textContent: k }),
+            p.unit ? el("span", { className: "unit", textContent: " (" + p.unit + ")" }) : ""]), input]);
+        label.title = p.description || "";
+        const about = [];
+        if (p.description) about.push(el("span", { className: "desc", textContent: p.description }));
+        if ("default" in p) about.push(el("span", { className: "default", textContent: " Default: " + fmtDefault(p.default) + "." }));
+        const row = el("div", { className: "param-row" }, [label, el("div", { className: "muted about" }, about)]);
+        row.dataset.param = k;
+        return row;
+      });
+      const head = [el("h3", {}, [el("span", { textContent: name }), el("label", {}, [enabled, " enabled"])])];
+      if (doc.summary) head.push(el("p", { className: "muted summary", textContent: doc.summary }));
+      if (doc.advice) head.push(el("p", { className: "todo", textContent: doc.advice }));
+      const card = el("div", { className: "detector" }, [...head, ...rows]);
       card.dataset.detector = name;
       cards.push(card);
     }
@@ -112,13 +135,41 @@ window.StethoscopeSettings = function (root, { el, getJSON }) {
           test.disabled = false;
         }
       });
-      return el("tr", {}, [
+      // Disable keeps the webhook (and its secret) but sends nothing; delete removes it.
+      const toggle = el("button", { type: "button", className: "toggle", textContent: h.enabled ? "Disable" : "Enable" });
+      toggle.addEventListener("click", async () => {
+        toggle.disabled = true;
+        try {
+          await getJSON(`/api/v1/webhooks/${encodeURIComponent(h.id)}`, { method: "PATCH", body: JSON.stringify({ enabled: !h.enabled }) });
+          loadWebhooks();
+        } catch (e) {
+          toggle.disabled = false;
+          result.textContent = "not changed: " + e.message;
+          result.className = "msg err";
+        }
+      });
+      const remove = el("button", { type: "button", className: "delete", textContent: "Delete" });
+      remove.addEventListener("click", async () => {
+        if (!window.confirm("Delete this webhook and its delivery log?")) return;
+        remove.disabled = true;
+        try {
+          await getJSON(`/api/v1/webhooks/${encodeURIComponent(h.id)}`, { method: "DELETE" });
+          loadWebhooks();
+        } catch (e) {
+          remove.disabled = false;
+          result.textContent = "not deleted: " + e.message;
+          result.className = "msg err";
+        }
+      });
+      const row = el("tr", {}, [
         el("td", {}, [el("code", { textContent: h.url })]),
         el("td", { textContent: h.format }),
         el("td", { textContent: (h.severities || []).join(", ") || "all" }),
-        el("td", { textContent: h.enabled ? "yes" : "no" }),
-        el("td", {}, [test, " ", result]),
+        el("td", { className: "enabled", textContent: h.enabled ? "yes" : "no" }),
+        el("td", {}, [test, " ", toggle, " ", remove, " ", result]),
       ]);
+      row.dataset.webhookId = String(h.id);
+      return row;
     }));
   }
 

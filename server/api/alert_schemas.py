@@ -100,6 +100,10 @@ class WebhookCreate(Strict):
         return [s for s in SEVERITIES if s in v]
 
 
+class WebhookUpdate(Strict):
+    enabled: bool = Field(description="false pauses the webhook: it is kept but gets no new deliveries")
+
+
 class WebhookOut(BaseModel):
     id: int
     project: str

@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response
 
 from ..alerting.webhook_targets import creation_error
 from ..parsing import WEBHOOK_ID_MAX, id_path
-from .alert_schemas import DeliveryOut, DeliveryStatus, WebhookCreate, WebhookCreated, WebhookOut
+from .alert_schemas import DeliveryOut, DeliveryStatus, WebhookCreate, WebhookCreated, WebhookOut, WebhookUpdate
 from .alerts import ProjectName
 from .deps import SettingsDep, StoreDep, StrictJSONRoute
 
@@ -55,6 +55,12 @@ def delete_webhook(webhook_id: WebhookId, store: StoreDep):
     """Remove a webhook and its delivery log (pending deliveries are dropped)."""
     store.webhooks.delete(webhook_id)
     return Response(status_code=204)
+
+
+@router.patch("/webhooks/{webhook_id}", response_model=WebhookOut, responses={404: {"description": "no such webhook"}})
+def update_webhook(webhook_id: WebhookId, body: WebhookUpdate, store: StoreDep):
+    """Disable (or enable again) a webhook; a disabled one keeps its secret and delivery log."""
+    return store.webhooks.set_enabled(webhook_id, body.enabled)
 
 
 @router.post(

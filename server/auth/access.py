@@ -96,6 +96,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", f"{API}/projects/{{project}}/webhooks"): Rule("admin", PROJECT),
     ("POST", f"{API}/projects/{{project}}/webhooks"): Rule("admin", PROJECT),
     ("DELETE", f"{API}/webhooks/{{webhook_id}}"): Rule("admin", WEBHOOK),
+    ("PATCH", f"{API}/webhooks/{{webhook_id}}"): Rule("admin", WEBHOOK),
     ("POST", f"{API}/webhooks/{{webhook_id}}/test"): Rule("admin", WEBHOOK),
     ("GET", f"{API}/webhooks/{{webhook_id}}/deliveries"): Rule("admin", WEBHOOK),
     # tokens
@@ -111,6 +112,11 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/ui/api/runs/{run_id}/panels"): Rule("read", RUN),
     ("GET", "/ui/api/runs/{run_id}/state"): Rule("read", RUN),
     ("GET", "/ui/api/compare"): Rule("read", COMPARE),
+    ("GET", "/settings"): Rule("read", QUERY, page=True),
+    # the one poll of each page: its tables and lists, and a run's chart state
+    ("GET", "/ui/api/live/runs/{run_id}"): Rule("read", RUN),
+    ("GET", "/ui/api/live/overview"): Rule("read", QUERY),
+    ("GET", "/ui/api/live/alerts"): Rule("read", QUERY),
 }
 
 

@@ -252,6 +252,11 @@ def authorize(principal: Principal, targets, rule: access.Rule, method: str, rou
                 f"run id {name!r} is taken by a run of another project: run ids are shared by every "
                 f"project, so choose another",
             )
+        if rule.page and kind == access.RUN:
+            # A page answers a missing run with its own HTML 404: it answers this one with
+            # that very page (``visible_runs``), so the two replies are the same bytes.
+            hidden.add(name)
+            continue
         raise Denied(404, access.not_found(kind, name, method, route_path))
     return hidden
 
@@ -274,8 +279,8 @@ def visible_projects(request: Request, projects: list[dict]) -> list[dict]:
 
 
 def visible_runs(request: Request, runs: list[str]) -> list[str]:
-    """The runs a comparison may show: those the gate found in another project are left out,
-    exactly as runs that do not exist are (a 403 would tell that the run exists)."""
+    """The runs a comparison or a page may show: those the gate found in another project are
+    left out, exactly as runs that do not exist are (a 403 would tell that the run exists)."""
     hidden = getattr(request.state, "hidden_runs", ())
     return [r for r in runs if r and r not in hidden]
 

@@ -60,7 +60,7 @@ class IngestResult:
     alerts: list[dict] = field(default_factory=list)
     #: Newly stored points per series name, for the detector runner: [(name, steps, values)].
     new_points: list[tuple[str, list[int], list[float]]] = field(default_factory=list)
-    #: What the store remembers once the transaction committed (series ids, largest steps).
+    #: What the store remembers once the transaction committed (the series ids it created).
     _commit_info: tuple = field(default=(), repr=False)
 
 
@@ -158,11 +158,11 @@ class Store:
         # PostgreSQL: concurrent transactions, each its own; the server commits them in
         # parallel (and groups their WAL flushes itself).
         with self._begin_write() as conn:
-            result = self._ingest_in(conn, {}, run_id, batches)
+            result = self._ingest_in(conn, run_id, batches)
         self._after_ingest_commit(result)
         return result
 
-    def _ingest_in(self, conn: Connection, overlay: dict, run_id: str, batches: list[SeriesBatch]) -> IngestResult:
+    def _ingest_in(self, conn: Connection, run_id: str, batches: list[SeriesBatch]) -> IngestResult:
         total = sum(len(b.steps) for b in batches)
         batches = [b for b in batches if b.steps]
         last_step = max((max(b.steps) for b in batches), default=None)
@@ -181,7 +181,7 @@ class Store:
         if project_id is None:
             raise NotFound(f"run {run_id!r} does not exist: create it first with PUT /api/v1/runs/{run_id}")
         ids, created = self._resolve_series(conn, run_id, [b.name for b in batches])
-        new, maxes = self._writer.write(conn, [(ids[b.name], b) for b in batches], overlay)
+        new = self._writer.write(conn, [(ids[b.name], b) for b in batches])
         new_points = [(sb.name, sb.steps, sb.values) for _, sb in new]
         alerts: list[dict] = []
         if self.on_points is not None and new_points:
@@ -190,13 +190,12 @@ class Store:
             alerts = self.on_points(conn, run_id, project_id, new_points)
         inserted = sum(len(sb.steps) for _, sb in new)
         result = IngestResult(total, inserted, alerts=alerts, new_points=new_points)
-        result._commit_info = (run_id, created, maxes)
+        result._commit_info = (run_id, created)
         return result
 
     def _after_ingest_commit(self, result: IngestResult) -> None:
-        run_id, created, maxes = result._commit_info
+        run_id, created = result._commit_info
         self._remember(run_id, created)
-        self._writer.remember(maxes)
 
     def _resolve_series(self, conn: Connection, run_id: str, names: list[str]) -> tuple[dict[str, int], dict[str, int]]:
         ids: dict[str, int] = {}

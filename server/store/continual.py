@@ -39,7 +39,7 @@ from collections import deque
 
 from stethoscope.core.detectors.stability_gap import ACC_PREFIX, RECOVER_POINTS, RECOVER_TOLERANCE, TASK_SERIES
 
-from .extremes import Extremes, emit_all
+from .extremes import Extremes, bucket_of, emit_all
 
 __all__ = [
     "ACC_PREFIX",
@@ -329,14 +329,14 @@ def downsample(steps: list[int], values: list[float], max_points: int) -> tuple[
     # The summary's series are finite (non-finite accuracies are skipped), so a bucket gives at
     # most two points, its minimum and maximum; a NaN would add a third.
     per_bucket = 3 if any(v != v for v in values) else 2
-    width = -(-n // max(1, max_points // per_bucket))
-    buckets = []
-    for a in range(0, n, width):
-        ex = Extremes()
-        for i in range(a, min(a + width, n)):
-            ex.add_point(steps[i], values[i])
-        buckets.append(ex)
-    out_s, out_v = emit_all(buckets)
+    n_buckets = max(1, max_points // per_bucket)
+    buckets: dict[int, Extremes] = {}
+    for i in range(n):
+        ex = buckets.get(b := bucket_of(i, n, n_buckets))
+        if ex is None:
+            ex = buckets[b] = Extremes()
+        ex.add_point(steps[i], values[i])
+    out_s, out_v = emit_all(buckets.values())
     return out_s, out_v, True
 
 

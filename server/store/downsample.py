@@ -3,7 +3,7 @@
 Each output bucket keeps its minimum, its maximum and its first NaN (``extremes.Extremes``, the
 bucket every downsampler shares; +-inf are the extremes themselves), so a spike, a dip or a
 non-finite point is never averaged away. Long ranges are read from the rollups written at
-ingest (``points.ROLLUP_LEVELS``), aligned so that every output bucket is a whole number of
+ingest (``rollups.ROLLUP_LEVELS``), aligned so that every output bucket is a whole number of
 rollup buckets: the extremes are exact, not approximate.
 """
 
@@ -14,12 +14,14 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection
 
-from .extremes import Extremes, emit_all
-from .points import ROLLUP_LEVELS
+from .extremes import Extremes, bucket_of, emit_all
+from .rollups import ROLLUP_LEVELS
 from .sql import placeholder
 
 #: Points each output bucket may contribute: its min, its max and its first NaN.
 POINTS_PER_BUCKET = 3
+#: ... and where the range holds no NaN: its min and its max.
+FINITE_POINTS_PER_BUCKET = 2
 
 #: Series whose bounds one statement reads in ``read_many``: two scalar subqueries and four
 #: parameters each, well inside SQLite's 2,000 result columns and old 999-parameter limit.
@@ -69,18 +71,29 @@ class SeriesReader:
         return self._read_range(conn, series_id, lo, hi, max_points)
 
     def _read_range(self, conn: Connection, series_id: int, lo: int, hi: int, max_points: int) -> SeriesRead:
-        """``read`` once the first and last stored steps of the range are known."""
+        """``read`` once the first and last stored steps of the range are known.
+
+        A bucket shows two points (its min and max) unless it holds a NaN (then three): the
+        range is cut into ``max_points // 2`` buckets, or ``// 3`` where a NaN is about, so the
+        reply has at most ``max_points`` points and, for a series that moves, close to that."""
         width = hi - lo + 1
-        n_buckets = max(1, max_points // POINTS_PER_BUCKET)
-        bucket_width = -(-width // n_buckets)
-        levels = [lv for lv in ROLLUP_LEVELS if (1 << lv) <= bucket_width]
-        if width <= max_points or not levels:
-            return self._read_raw(conn, series_id, lo, hi, max_points, n_buckets)
+        if width <= max_points:
+            return self._read_raw(conn, series_id, lo, hi, max_points)
         # A sparse range (few points over many steps) fits as it is: downsampling it would
         # drop points for nothing (two equal values in one bucket leave one).
         if conn.exec_driver_sql(self._fits_sql, (series_id, lo, hi, max_points + 1)).scalar() <= max_points:
-            return self._read_raw(conn, series_id, lo, hi, max_points, n_buckets)
-        return self._read_rollups(conn, series_id, lo, hi, levels[-1], n_buckets)
+            return self._read_raw(conn, series_id, lo, hi, max_points)
+        for per_bucket in (FINITE_POINTS_PER_BUCKET, POINTS_PER_BUCKET):
+            n_buckets = max(1, max_points // per_bucket)
+            # The coarsest rollup level with at least one rollup bucket per output bucket.
+            levels = [lv for lv in ROLLUP_LEVELS if (1 << lv) <= width // n_buckets]
+            if not levels:
+                return self._read_raw(conn, series_id, lo, hi, max_points)
+            level = levels[-1]
+            rows = conn.exec_driver_sql(self._rollup_sql, (series_id, level, lo >> level, hi >> level)).fetchall()
+            if per_bucket == POINTS_PER_BUCKET or all(r[5] is None for r in rows):  # r[5]: the first NaN
+                return self._from_rollups(conn, series_id, lo, hi, level, rows, n_buckets)
+        raise AssertionError("unreachable")
 
     def read_many(
         self, conn: Connection, series_ids: list[int], start: int | None, end: int | None, max_points: int
@@ -121,30 +134,33 @@ class SeriesReader:
             out[sid] = self._read_range(conn, sid, lo, hi, max_points)
         return out
 
-    def _read_raw(self, conn, series_id, lo, hi, max_points, n_buckets) -> SeriesRead:
+    def _read_raw(self, conn, series_id, lo, hi, max_points) -> SeriesRead:
         rows = conn.exec_driver_sql(self._raw_sql, (series_id, lo, hi)).fetchall()
         if len(rows) <= max_points:
             return SeriesRead([r[0] for r in rows], [math.nan if r[1] is None else r[1] for r in rows], False)
+        per_bucket = POINTS_PER_BUCKET if any(r[1] is None for r in rows) else FINITE_POINTS_PER_BUCKET
+        n_buckets = max(1, max_points // per_bucket)
         width = hi - lo + 1
-        bucket_width = -(-width // n_buckets)
         buckets: dict[int, Extremes] = {}
         for s, v in rows:
-            b = (s - lo) // bucket_width
+            b = bucket_of(s - lo, width, n_buckets)
             ex = buckets.get(b)
             if ex is None:
                 ex = buckets[b] = Extremes()
             ex.add_point(s, v)
         return _finish(buckets)
 
-    def _read_rollups(self, conn, series_id, lo, hi, level, n_buckets) -> SeriesRead:
+    def _from_rollups(self, conn, series_id, lo, hi, level, rows, n_buckets) -> SeriesRead:
+        """Output buckets of whole rollup buckets: rollup bucket ``b`` goes to output bucket
+        ``bucket_of(b - blo, count, n_buckets)``, so the extremes are exact."""
         blo, bhi = lo >> level, hi >> level
-        group = -(-(bhi - blo + 1) // n_buckets)
+        count = bhi - blo + 1
         buckets: dict[int, Extremes] = {}
-        rows = conn.exec_driver_sql(self._rollup_sql, (series_id, level, blo, bhi)).fetchall()
         for b, min_v, min_s, max_v, max_s, nan_s, first, last in rows:
-            ex = buckets.get((b - blo) // group)
+            k = bucket_of(b - blo, count, n_buckets)
+            ex = buckets.get(k)
             if ex is None:
-                ex = buckets[(b - blo) // group] = Extremes()
+                ex = buckets[k] = Extremes()
             if first >= lo and last <= hi:
                 ex.merge(min_v, min_s, max_v, max_s, nan_s)
             else:  # an edge bucket that the range cuts: its extremes may lie outside, read it

@@ -27,10 +27,9 @@ class _Job:
 
 
 class GroupCommitter:
-    """Runs ``work(conn, overlay, *args)`` for each job, grouped into shared transactions.
+    """Runs ``work(conn, *args)`` for each job, grouped into shared transactions.
 
     ``begin()`` opens the write transaction (a context manager yielding a connection);
-    ``overlay`` is a dict shared by the jobs of one transaction (see ``PointWriter.write``);
     ``after_commit(result)`` runs for each successful job once its transaction committed.
     """
 
@@ -62,11 +61,10 @@ class GroupCommitter:
     def _run(self, group: list[_Job]) -> None:
         try:
             with self._begin() as conn:
-                overlay: dict = {}
                 for job in group:
                     try:
                         with conn.begin_nested():
-                            job.result = self._work(conn, overlay, *job.args)
+                            job.result = self._work(conn, *job.args)
                     except Exception as e:  # this job's own failure (a missing run, ...)
                         job.error = e
         except BaseException as e:  # the commit itself failed: no job of the group is stored

@@ -85,6 +85,13 @@ def delete_webhook(conn: Connection, webhook_id: int) -> None:
         raise NotFound(f"webhook {webhook_id} does not exist")
 
 
+def set_enabled(conn: Connection, webhook_id: int, enabled: bool) -> dict:
+    """Pause (or resume) a webhook: a disabled one is kept, with its secret, but gets no new deliveries."""
+    if conn.execute(update(W).where(W.c.id == webhook_id).values(enabled=enabled)).rowcount == 0:
+        raise NotFound(f"webhook {webhook_id} does not exist")
+    return get(conn, webhook_id)
+
+
 def enabled_for_project(conn: Connection, project_id: int) -> list[Any]:
     """(id, severities, format) of the project's enabled webhooks."""
     return conn.execute(
@@ -258,6 +265,10 @@ class WebhookStore:
     def delete(self, webhook_id: int) -> None:
         with self._store.writing() as conn:
             delete_webhook(conn, webhook_id)
+
+    def set_enabled(self, webhook_id: int, enabled: bool) -> dict:
+        with self._store.writing() as conn:
+            return set_enabled(conn, webhook_id, enabled)
 
     def deliveries(self, webhook_id: int, status: str | None = None, limit: int = 100) -> list[dict]:
         with self._store.reading() as conn:

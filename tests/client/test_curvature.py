@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
 
 import pytest
 import torch
@@ -15,7 +14,6 @@ from torch.func import functional_call
 from stethoscope.curvature import CurvatureMonitor, estimate_curvature, hessian_trace, hvp, lambda_max
 from stethoscope.curvature import _hvp as _curvature_hvp
 from stethoscope.curvature._hvp import HessianOperator
-from stethoscope.curvature._monitor import CurvatureSchedule
 
 BACKENDS = ["func", "autograd"]
 
@@ -302,92 +300,6 @@ def test_misuse_raises_value_error_at_once():
     frozen = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="requires_grad"):
         lambda_max(frozen, loss_fn, (torch.randn(3, 2), torch.randn(3, 2)))
-
-
-# -- the schedule (a fake clock: logic, not timings) -------------------------------------
-class FakeClock:
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self):
-        return self.t
-
-
-def simulate(schedule, clock, steps, step_seconds, cost, hvps=lambda step, kind: None):
-    """[(step, kind)] of the estimates the schedule ran; ``cost(step, kind)`` seconds each."""
-    ran = []
-    for step in range(steps):
-        clock.t += step_seconds(step)
-        kind = schedule.due(step)
-        if kind:
-            started = clock()
-            clock.t += cost(step, kind)
-            schedule.ran(step, started, kind, hvps(step, kind))
-            ran.append((step, kind))
-    return ran
-
-
-# A warm lambda_max estimate: 2 products, 0.5 s; a full one (Lanczos and trace): 17, 3 s; the
-# first (no vector to start from): 4, 0.8 s. Products cost the same in each, as they do.
-COSTS = {"sharpness": (0.5, 2), "full": (3.0, 17)}
-
-
-def cost(step, kind):
-    return COSTS[kind][0] if step else 0.8
-
-
-def products(step, kind):
-    return COSTS[kind][1] if step else 4
-
-
-def test_every_n_steps():
-    clock = FakeClock()
-    s = CurvatureSchedule(every=3, clock=clock)
-    assert simulate(s, clock, 10, lambda i: 1.0, lambda i, k: 5.0) == [(i, "full") for i in (0, 3, 6, 9)]
-
-
-def test_lambda_max_every_50_steps_and_the_trace_every_200_when_the_budget_allows():
-    clock = FakeClock()
-    s = CurvatureSchedule(clock=clock)  # the defaults: 5%, 50 and 200 steps
-    ran = simulate(s, clock, 2000, lambda i: 1.0, cost, products)
-    assert [step for step, _ in ran] == list(range(0, 2000, 50))
-    # a trace takes the place of a lambda_max estimate (both give lambda_max)
-    assert [step for step, kind in ran if kind == "full"] == list(range(200, 2000, 200))
-    assert s.share <= 0.05
-
-
-def test_a_short_budget_spaces_lambda_max_by_its_measured_cost():
-    clock = FakeClock()
-    s = CurvatureSchedule(budget=0.05, clock=clock)
-    # 0.1 s steps: a 0.5 s estimate needs 9.5 s of training at 5%; while a trace waits, 10%
-    # of the budget is put aside for it, so 10.6 s (106 steps). A cost of 1 s needs twice that.
-    ran = simulate(s, clock, 30000, lambda i: 0.1, lambda i, k: cost(i, k) * (2 if i >= 15000 else 1), products)
-    assert 0.045 <= s.share <= 0.05
-    steps = [step for step, _ in ran]
-    gaps = {b: b - a for a, b in zip(steps, steps[1:])}
-    early = sorted(g for b, g in gaps.items() if 1000 < b < 15000)
-    late = sorted(g for b, g in gaps.items() if b > 16000)
-    assert 105 <= statistics.median(early) <= 106 and 210 <= statistics.median(late) <= 212
-    # ... and the trace still runs, from what was put aside, without making lambda_max late
-    fulls = [step for step, kind in ran if kind == "full"]
-    assert len(fulls) == 2 and fulls[0] < 15000 < fulls[1]
-    for f in fulls:
-        assert gaps[f] <= 212 and gaps[steps[steps.index(f) + 1]] <= 212
-
-
-def test_the_first_cost_is_paid_back_then_estimates_follow_the_budget():
-    clock = FakeClock()
-    s = CurvatureSchedule(budget=0.05, sharpness_every=1, clock=clock)
-    ran = simulate(s, clock, 2000, lambda i: 0.1, lambda i, k: 0.5 if i < 1000 else 1.0)  # no product counts
-    early = [r for r, _ in ran if r < 1000]
-    late = [r for r, _ in ran if r >= 1000]
-    assert ran[0] == (0, "sharpness")
-    assert 0.045 <= s.share <= 0.05
-    # 0.5 s per estimate at 5% needs ~9.5 s (95 steps) of training between estimates
-    assert 9 <= len(early) <= 12 and 4 <= len(late) <= 6
-    gaps = [b - a for a, b in zip(late, late[1:])]
-    # the first estimate at the new cost overran its prediction; the next gap pays it back
-    assert gaps[0] > 195
 
 
 def test_monitor_returns_the_series_on_schedule():

@@ -103,7 +103,9 @@ def test_run_page_plots_alerts_and_nonfinite_markers(live_server, training, page
     # Loss panel: the alert flags sit at the alerts' peak steps, on screen where those steps are.
     loss = traces(page, "loss")
     flags = [t for t in loss if t["meta"] and t["meta"].get("alerts")]
-    assert len(flags) == 1 and sorted(flags[0]["x"]) == sorted(a["peak_step"] for a in alerts)
+    # Flags sit at each alert's first detection (issue 14), not at its latest peak.
+    first = [(a["first_detection"] or {}).get("step", a["start_step"]) for a in alerts]
+    assert len(flags) == 1 and sorted(flags[0]["x"]) == sorted(first)
     pixel = page.evaluate(
         """() => {
           const gd = document.getElementById('plot-loss');
@@ -119,11 +121,11 @@ def test_run_page_plots_alerts_and_nonfinite_markers(live_server, training, page
     assert len(pixel) == len(alerts)
     for p in pixel:
         assert abs(p["want"] - p["got"]) < 2, pixel
-    # Shaded ranges: one rectangle per alert, spanning its steps.
+    # Shaded ranges: one rectangle per alert, spanning its detected steps only.
     rects = page.evaluate(
         "() => document.getElementById('plot-loss').layout.shapes.filter(s => s.type === 'rect').map(s => [s.x0, s.x1])"
     )
-    assert sorted(rects) == sorted([a["start_step"], a["end_step"]] for a in alerts)
+    assert sorted(rects) == sorted([a["start_step"], max(a["end_step"], a["peak_step"])] for a in alerts)
     # The NaN of step NAN_STEP is an explicit marker, in the loss and the gradient panels.
     for p in ("loss", "grad"):
         bad = [t for t in traces(page, p) if t["meta"] and t["meta"].get("nonfinite")]
@@ -138,7 +140,7 @@ def test_run_page_plots_alerts_and_nonfinite_markers(live_server, training, page
     # Alerts listed under the charts.
     assert page.locator("tr.alert-row").count() == len(alerts)
     for a in alerts:
-        assert page.locator(f"tr[data-alert-id='{a['id']}'] td.msg").inner_text() == a["message"]
+        assert page.locator(f"tr[data-alert-id='{a['id']}'] .alert-msg").inner_text() == a["message"]
     screenshot(page, "run")
 
 
@@ -199,7 +201,7 @@ def test_html_in_user_text_is_shown_as_text(live_server, training, page):
     page.goto(live_server.url + "/runs/evil")
     assert page.inner_text("#run-title") == EVIL
     assert json.dumps(EVIL) in page.inner_text("table.config")  # config values are shown as JSON
-    assert page.locator("tr.alert-row td.msg").inner_text() == EVIL
+    assert page.locator("tr.alert-row .alert-msg").inner_text() == EVIL
     page.goto(live_server.url + "/")
     assert page.locator("tr[data-run-id='evil'] .run-name a").inner_text() == EVIL
 

@@ -48,40 +48,83 @@ def test_user_text_is_escaped_in_names_and_hover():
                 "severity": "warning",
                 "detector": "loss_spike",
                 "message": "<script>x</script>",
+                "id": 1,
+                "first_detection": {"step": 3, "message": "<b>first</b>"},
             }
         ],
-        10,
     )
     assert "<script>" not in fig.data[0].text[0] and "&lt;script&gt;" in fig.data[0].text[0]
+    assert "<b>" not in fig.data[0].text[0] and "&lt;b&gt;first" in fig.data[0].text[0]
 
 
-def test_alerts_are_shaded_ranges_and_flags_at_peak_steps():
+def test_alerts_shade_their_detected_range_and_flag_their_first_detection():
+    """Issue 14: the flag and its message sit where the detector first saw the episode (not its
+    latest peak), and an open alert shades only what was detected (start..end), not the rest
+    of the run; each flag carries its range for click-to-zoom."""
     fig = go.Figure()
     layout = F.base_layout("loss")
     alerts = [
         {
+            "id": 7,
             "start_step": 10,
             "peak_step": 12,
             "end_step": 20,
             "status": "resolved",
             "severity": "warning",
             "detector": "d",
-            "message": "m",
+            "message": "peak message",
+            "first_detection": {"step": 11, "message": "first message"},
         },
         {
-            "start_step": 50,
-            "peak_step": 55,
-            "end_step": 60,
+            "id": 8,
+            "start_step": 31,
+            "peak_step": 242,
+            "end_step": 250,
             "status": "open",
             "severity": "critical",
+            "detector": "divergence",
+            "message": "divergence at its peak",
+            "first_detection": {"step": 31, "message": "loss 10x its minimum"},
+        },
+        {  # an alert from before first detections were kept: its start stands in
+            "id": 9,
+            "start_step": 400,
+            "peak_step": 405,
+            "end_step": None,
+            "status": "open",
+            "severity": "info",
             "detector": "d",
             "message": "m",
+            "first_detection": None,
         },
     ]
-    F.add_alerts(fig, layout, alerts, last_step=90)
+    F.add_alerts(fig, layout, alerts)
     rects = [(s["x0"], s["x1"]) for s in layout["shapes"] if s["type"] == "rect"]
-    assert rects == [(10, 20), (50, 90)]  # an open alert runs to the last step
-    assert list(fig.data[0].x) == [12, 55] and fig.data[0].meta == {"alerts": True}
+    assert rects == [(10, 20), (31, 250), (400, 405)]
+    flags = fig.data[0]
+    assert list(flags.x) == [11, 31, 400] and flags.meta == {"alerts": True}
+    assert "first detected at step 31: loss 10x its minimum" in flags.text[1]
+    assert "peak at step 242: divergence at its peak" in flags.text[1]
+    assert [list(c) for c in flags.customdata] == [[10, 20, 7], [31, 250, 8], [400, 405, 9]]
+
+
+def test_log_scale_is_chosen_when_positive_values_span_more_than_three_decades():
+    assert F.spans_decades([3.0, 1.0, 6e-8])  # a loss falling from 3 to 6e-8
+    assert F.spans_decades([1.0, 10.0, 1e10, NAN, INF, None])  # before its NaN; markers aside
+    assert not F.spans_decades([1.0, 2.0, 900.0])  # under three decades
+    assert not F.spans_decades([-1.0, 1e6, 1e-3])  # a value <= 0 cannot be drawn on log
+    assert not F.spans_decades([0.0, 1e5])
+    assert not F.spans_decades([NAN, NAN]) and not F.spans_decades([])
+
+
+def test_run_colours_are_stable_and_apart_for_twenty_runs():
+    ids = [f"run-{i}" for i in range(20)]
+    assert [F.run_colour(i) for i in ids] == [F.run_colour(i) for i in ids]  # a stable hash, not hash()
+    taken: set[str] = set()
+    for rid in ids:
+        taken.add(F.run_colour(rid, taken))
+    assert len(taken) == 20 and len(F.RUN_PALETTE) >= 20
+    assert F.run_colour("run-3", set()) == F.run_colour("run-3")  # nothing taken: its own slot
 
 
 def test_heatmap_bins_modules_and_marks_non_finite_cells():

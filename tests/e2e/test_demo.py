@@ -17,13 +17,18 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_demo_streams_every_phenomenon(db_url, server_process):
     out = subprocess.run(
-        [sys.executable, "-m", "stethoscope_server.demo", "--db", db_url, "--port", "0", "--exit"],
+        # --pace 0: as fast as the CPU allows (make demo paces each training over a minute or more).
+        [sys.executable, "-m", "stethoscope_server.demo", "--db", db_url, "--port", "0", "--exit", "--pace", "0"],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Stethoscope is running: open http://127.0.0.1:" in out.stdout
+    assert "training 4 runs at the same time" in out.stdout
+    # It ends with the page to open: the alerts page, not a JSON URL.
+    last = out.stdout.strip().splitlines()[-1]
+    assert last.startswith("Open the alerts page: http://127.0.0.1:") and last.endswith("/alerts?project=demo")
     # read the stored runs back through a fresh server on the same file
     sp = server_process().start()
     try:

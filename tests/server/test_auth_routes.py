@@ -80,6 +80,7 @@ def table(ids: dict) -> list[tuple]:
             False,
         ),
         ("DELETE", f"{api}/webhooks/{{webhook_id}}", f"{api}/webhooks/{victim_hook}", None, "admin", True, False),
+        ("PATCH", f"{api}/webhooks/{{webhook_id}}", f"{api}/webhooks/{hook}", {"enabled": True}, "admin", True, False),
         ("POST", f"{api}/webhooks/{{webhook_id}}/test", f"{api}/webhooks/{hook}/test", None, "admin", True, False),
         (
             "GET",
@@ -110,6 +111,10 @@ def table(ids: dict) -> list[tuple]:
         ("GET", "/ui/api/runs/{run_id}/panels", "/ui/api/runs/rp/panels", None, "read", True, False),
         ("GET", "/ui/api/runs/{run_id}/state", "/ui/api/runs/rp/state", None, "read", True, False),
         ("GET", "/ui/api/compare", "/ui/api/compare?metric=loss&run=rp", None, "read", True, False),
+        ("GET", "/settings", "/settings?project=P", None, "read", True, True),
+        ("GET", "/ui/api/live/runs/{run_id}", "/ui/api/live/runs/rp", None, "read", True, False),
+        ("GET", "/ui/api/live/overview", "/ui/api/live/overview?project=P", None, "read", True, False),
+        ("GET", "/ui/api/live/alerts", "/ui/api/live/alerts?project=P", None, "read", True, False),
     ]
 
 

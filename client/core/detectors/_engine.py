@@ -39,17 +39,25 @@ _step = itemgetter(1)
 #: order they are preferred. A run blowing up makes its loss jump, its logits grow one-hot and
 #: its sharpness rise; a loss spike can push samples into Softmax Collapse for a few steps.
 #: Those alerts are consequences: kept and shown under their root, never paged on their own.
+#: Past the edge of stability (sharpness above 2/lr) the loss of gradient descent rises and
+#: catapults back: those jumps are the edge's own signature, part of its incident.
 CAUSES: dict[str, tuple[str, ...]] = {
-    "loss_spike": ("divergence",),
+    "loss_spike": ("divergence", "edge_of_stability"),
     "softmax_collapse": ("divergence", "loss_spike"),
     "edge_of_stability": ("divergence",),
 }
 #: Stability gaps of several tasks after one task switch are one incident (the switch), under
 #: the first task whose accuracy fell.
 SAME_SWITCH = "stability_gap"
-#: Alerts that wait while a root is suspected (its condition holds, its patience has not run
-#: out): a run blowing up makes its loss jump before its divergence is confirmed.
-SUSPECTED_BY: dict[str, str] = {}
+#: Alerts that wait while a root is suspected: its condition has held since before the alert
+#: began (``SUSPECT_LEAD`` steps or more) and its patience has not run out. A run blowing up
+#: gradually makes its loss jump before its divergence is confirmed (on the corpus's warm-up
+#: divergences the smoothed loss had been running away for 13-16 steps when the loss jumped,
+#: and the divergence opened 4-6 steps after the jump was told: two pages for one incident).
+#: A jump that itself starts the root's condition (a spike lifts the smoothed loss) is told
+#: after its own delay: waiting for the divergence's patience there would make every spike late.
+SUSPECTED_BY: dict[str, str] = {"loss_spike": "divergence"}
+SUSPECT_LEAD = 3
 #: A root explains consequences that start up to this many steps after it resolved (a loss
 #: that settles after a spike can leave the logits one-hot for a few more readings).
 INCIDENT_GRACE_STEPS = 50
@@ -228,9 +236,13 @@ def _same_switch(state: dict, c: AlertChange) -> AlertChange:
     return dataclasses.replace(c, cause=cause)
 
 
-def _suspected(state: dict, root: str) -> bool:
-    """Whether detector ``root`` sees its condition building without having opened yet."""
-    return any(f.get("raw") and not f.get("hot") for f in state.get(root, {}).get("flags", {}).values())
+def _suspected(state: dict, root: str, before: int) -> bool:
+    """Whether detector ``root`` sees its condition building without having opened yet, and
+    has since ``before`` or earlier."""
+    return any(
+        f.get("raw") and not f.get("hot") and f.get("since") is not None and f["since"] <= before
+        for f in state.get(root, {}).get("flags", {}).values()
+    )
 
 
 def _root_of(state: dict, name: str, step: int) -> dict | None:
@@ -264,7 +276,7 @@ def attribute(state: dict, changes: list[AlertChange]) -> list[AlertChange]:
     for c in changes:
         if c.action == OPEN and c.cause is None and c.detector in SUSPECTED_BY:
             ep = state.get(c.detector, {}).get("episodes", {}).get(c.key)
-            if ep is not None and _suspected(state, SUSPECTED_BY[c.detector]):
+            if ep is not None and _suspected(state, SUSPECTED_BY[c.detector], c.start_step - SUSPECT_LEAD):
                 # A root is taking shape (its condition holds, its patience runs): wait, so
                 # that it claims this alert instead of both paging. Told when it clears.
                 ep["held"] = c.end_step
@@ -274,8 +286,12 @@ def attribute(state: dict, changes: list[AlertChange]) -> list[AlertChange]:
         if c.detector in CAUSES:
             eps = state.get(c.detector, {})
             ep = eps.get("episodes", {}).get(c.key)
-            if ep is None and c.action == RESOLVE:
+            if ep is None:
+                # Resolved by now: a held alert told and cleared in one batch opens and
+                # resolves here, and both changes must name its root.
                 ep = eps.get("closed", {}).get(c.key)
+                if ep is not None and ep["start"] != c.start_step:
+                    ep = None
             if ep is not None:
                 root = _root_of(state, c.detector, c.peak_step if c.action == RESOLVE else c.end_step)
                 if _rank(root, c.detector) > _rank(ep.get("cause"), c.detector):

@@ -37,8 +37,13 @@ SPIKE_RATIO_SIGMAS = 4.0
 #: first, and its divergence (a NaN, a loss a thousand times its best) within those steps
 #: then claims the jump as its consequence: one page, named by its cause.
 SPIKE_DELAY = 2
-#: ... or up to 25 steps (past the divergence detector's patience of 20) while the loss still climbs.
+#: ... or up to 25 steps (past the divergence detector's patience of 20) while the loss still
+#: climbs: each step at least ``SPIKE_CLIMB`` times the highest value of the spike so far. A
+#: run blowing up grows by orders of magnitude a step (the corpus's sudden divergences: x14 to
+#: x10^7 per step before the NaN); a learning-rate bump or a badly scaled batch lifts the loss
+#: by 1.1-1.5x a step after its jump (one step of x2.4), and must be told within 2 steps.
 SPIKE_WAIT_MAX = 25
+SPIKE_CLIMB = 2.0
 #: An announced task switch (``continual/task``, sent by ``Monitor.task_switch``) changes the
 #: data: the loss jumps as expected, and its old level is no baseline. The windows restart and
 #: judge again after ``warmup`` points of the new task.
@@ -120,7 +125,7 @@ class LossSpikeDetector(Detector):
         ep = state.get("episodes", {}).get(series)
         if ep is not None and "held" in ep and step - ep["first"]["step"] < SPIKE_WAIT_MAX:
             peak = ep["evidence"]["value"]
-            if isinstance(peak, float) and value >= peak:
+            if isinstance(peak, float) and value >= SPIKE_CLIMB * peak:
                 # Still climbing when its delay ends: a loss that keeps going up is a run
                 # blowing up more often than a spike. Wait for it to turn (then it is told) or
                 # for the divergence to claim it.

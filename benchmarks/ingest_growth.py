@@ -1,0 +1,111 @@
+"""Ingest throughput as an SQLite points table grows from 0.2M to 4M rows, old path against new.
+
+Two real servers (the baseline exported from git ``--baseline``, and this tree) run side by
+side on fresh SQLite files. At each size the table is first topped up with filler rows
+(other series, written straight into the file in SQL while the servers are idle), then 4
+senders POST 1,000-point batches to each server in turn (the order alternates between
+sizes) for ``--seconds``. Each figure is given against the same arm's figure at the first
+size (flat = 1.0), and the new arm against the baseline at each size.
+
+    python benchmarks/ingest_growth.py [--sizes 200000,1000000,2000000,4000000] [--seconds 5]
+
+Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import baseline_code, fresh_database, machine_load, server  # noqa: E402
+from ingest import BASELINE_REF, ROUND_STEPS, measure_ingest  # noqa: E402
+
+#: Filler rows per filler series, and where their ids start (no real series has such an id).
+FILLER_PER_SERIES = 100_000
+FILLER_FIRST_ID = 1_000_000
+
+
+def _rows(path: str) -> int:
+    with sqlite3.connect(path, timeout=60) as c:
+        return c.execute("SELECT count(*) FROM points").fetchone()[0]
+
+
+def _fill(path: str, have: int, want: int) -> float:
+    """Add filler rows until the file holds ``want`` rows of filler; returns the seconds it took."""
+    t0 = time.perf_counter()
+    c = sqlite3.connect(path, timeout=60, isolation_level=None)
+    try:
+        c.execute("BEGIN IMMEDIATE")
+        c.execute(
+            "WITH RECURSIVE k(x) AS (SELECT ? UNION ALL SELECT x + 1 FROM k WHERE x + 1 < ?) "
+            "INSERT INTO points (series_id, step, value, wall) "
+            "SELECT ? + x / ?, x % ?, (x % 997) * 1e-3, 1.7e9 FROM k",
+            (have, want, FILLER_FIRST_ID, FILLER_PER_SERIES, FILLER_PER_SERIES),
+        )
+        c.execute("COMMIT")
+        c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        c.close()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="200000,1000000,2000000,4000000", help="filler rows at each step")
+    ap.add_argument("--seconds", type=float, default=5)
+    ap.add_argument("--senders", type=int, default=4)
+    ap.add_argument("--baseline", default=BASELINE_REF)
+    args = ap.parse_args()
+    sizes = [int(x) for x in args.sizes.split(",")]
+    got: dict[str, list[dict]] = {"baseline": [], "new": []}
+    with ExitStack() as stack:
+        old_code = stack.enter_context(baseline_code(args.baseline))
+        urls = {
+            "baseline": stack.enter_context(fresh_database("sqlite")),
+            "new": stack.enter_context(fresh_database("sqlite")),
+        }
+        arms = {
+            "baseline": stack.enter_context(server(urls["baseline"], 1, old_code)),
+            "new": stack.enter_context(server(urls["new"], 1)),
+        }
+        filled = dict.fromkeys(arms, 0)
+        for i, size in enumerate(sizes):
+            fill_s = {}
+            for arm in arms:
+                fill_s[arm] = _fill(urls[arm].removeprefix("sqlite:///"), filled[arm], size)
+                filled[arm] = size
+            order = ["baseline", "new"] if i % 2 == 0 else ["new", "baseline"]
+            for arm in order:
+                r = measure_ingest(arms[arm], args.senders, args.seconds, first_step=i * ROUND_STEPS)
+                r["rows_after"] = _rows(urls[arm].removeprefix("sqlite:///"))
+                r["fill_s"] = round(fill_s[arm], 1)
+                got[arm].append(r)
+    out = {"benchmark": "ingest_growth", "database": "sqlite", "sizes": sizes, "baseline_ref": args.baseline}
+    for arm, rs in got.items():
+        first = rs[0]
+        out[arm] = {
+            "rows_after": [r["rows_after"] for r in rs],
+            "points_per_s": [r["points_per_s"] for r in rs],
+            "server_cpu_us_per_point": [r["server_cpu_us_per_point"] for r in rs],
+            "errors": sum(r["errors"] for r in rs),
+            # Against the same arm at the first size: 1.0 is flat.
+            "ratio_points_per_s_vs_first": [round(r["points_per_s"] / first["points_per_s"], 2) for r in rs],
+            "ratio_cpu_per_point_vs_first": [
+                round(r["server_cpu_us_per_point"] / first["server_cpu_us_per_point"], 2) for r in rs
+            ],
+        }
+    out["ratio_points_per_s_new_over_baseline"] = [
+        round(n["points_per_s"] / b["points_per_s"], 2) for n, b in zip(got["new"], got["baseline"])
+    ]
+    out["machine"] = machine_load()
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
