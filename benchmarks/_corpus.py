@@ -24,13 +24,17 @@ CACHE = ROOT / ".corpus-cache"
 SOURCES = [
     ROOT / "tests" / "client" / f for f in ("_detector_scenarios.py", "_corpus_runs.py", "_continual_training.py")
 ]
+#: ... and, for the runs of these generators only, this code too (so that a change to a new
+#: generator regenerates its own runs, not the whole corpus).
+PLATEAU_SOURCES = [ROOT / "tests" / "client" / "_corpus_runs_plateau.py"]
+GEN_SOURCES = {"stuck": PLATEAU_SOURCES, "edge": PLATEAU_SOURCES, "held_out": PLATEAU_SOURCES}
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
     name: str
     family: str  # what it is for; "healthy_*" families are expected to raise nothing
-    gen: str  # minibatch | continual | gd | modular
+    gen: str  # minibatch | continual | gd | modular | stuck | edge | held_out
     params: dict
     part: str = "tune"
     divergence: str = "gradual"  # the tag a non-finite step gets: gradual or sudden
@@ -53,6 +57,40 @@ HOLD2 = {0: "holdout", 1: "holdout"}
 
 WARMUP_TOO_HIGH = {"lr": 0.05, "warmup": 300, "peak": 3.0}
 HEALTHY_WARMUP_COSINE = {"lr": 3e-3, "warmup": 100, "cosine": True}
+
+
+def _runs(gen, family, part_by_seed, **params):
+    return [
+        Run(f"{family}_s{seed}", family, gen, {**params, "seed": seed}, part) for seed, part in part_by_seed.items()
+    ]
+
+
+TUNE2_HOLD2 = {0: "tune", 1: "tune", 2: "holdout", 3: "holdout"}
+EDGE_SWITCH = {"before": 30, "steps": 400}
+
+
+def _issue17() -> list[Run]:
+    """Stuck runs (a plateau at the starting loss), softmax regressions pushed past the edge of
+    stability (the loss alternating with a growing swing; with curvature sent, under its edge
+    alert), small training sets that overfit a held-out set, and their healthy counterparts."""
+    return [
+        *_runs("stuck", "plateau_lr_too_low_sgdm_mlp_b32", TUNE1_HOLD1, kind="lr_low", lr=1e-5),
+        *_runs("stuck", "plateau_dead_relu_sgdm_mlp_b32", TUNE1_HOLD1, kind="dead"),
+        *_runs("stuck", "plateau_vanishing_init_sgdm_tanh_b32", TUNE1_HOLD1, kind="saddle"),
+        *_runs("edge", "osc_gd_past_edge_softmax", TUNE2_HOLD2, factor=1.2, **EDGE_SWITCH),
+        *_runs("edge", "osc_gd_far_past_edge_softmax", TUNE1_HOLD1, factor=1.5, **EDGE_SWITCH),
+        *_runs("edge", "osc_gd_past_edge_curvature_softmax", TUNE1_HOLD1, factor=1.2, curvature=True, **EDGE_SWITCH),
+        *_runs("held_out", "overfit_small_train_adam_mlp", TUNE2_HOLD1, n_train=200, flip=0.2),
+        *_runs("held_out", "overfit_small_train_noisy_adam_mlp", TUNE1_HOLD1, n_train=300, flip=0.3),
+        *_runs("held_out", "overfit_small_train_sgdm_mlp", HOLD2, n_train=200, opt="sgdm", lr=0.05),
+        *_runs("edge", "healthy_gd_below_edge_softmax", TUNE1_HOLD1, factor=0.9, **EDGE_SWITCH),
+        *_runs(
+            "edge", "healthy_gd_momentum_below_edge_softmax", {0: "holdout"}, factor=0.9, momentum=0.5, **EDGE_SWITCH
+        ),
+        *_runs("held_out", "healthy_held_out_adam_mlp", TUNE1_HOLD1, n_train=4000, flip=0.2),
+        *_runs("held_out", "healthy_held_out_sgdm_mlp", {0: "holdout"}, n_train=20000, opt="sgdm", lr=0.05, width=64),
+    ]
+
 
 RUNS: list[Run] = [
     # gradual divergence: warm-up to a learning rate far too high
@@ -221,6 +259,8 @@ RUNS: list[Run] = [
         steps=800,
         schedule=HEALTHY_WARMUP_COSINE,
     ),
+    # issue 17: plateau, oscillation, overfitting
+    *_issue17(),
 ]
 
 
@@ -237,12 +277,16 @@ def generate(run: Run) -> list:
         return S._gd(**run.params)[0]
     if run.gen == "modular":
         return S.softmax_collapse_modular(**run.params).points
+    if run.gen in GEN_SOURCES:
+        import _corpus_runs_plateau as P
+
+        return getattr(P, run.gen)(**run.params)
     raise ValueError(run.gen)
 
 
 def key(run: Run) -> str:
     h = hashlib.sha256()
-    for f in SOURCES:
+    for f in SOURCES + GEN_SOURCES.get(run.gen, []):
         h.update(f.read_bytes())
     h.update(json.dumps([run.gen, run.params], sort_keys=True).encode())
     return h.hexdigest()[:16]

@@ -2,11 +2,13 @@
 
     python benchmarks/detector_quality.py [--regen] [--runs] [--part tune|holdout] [--only SUBSTR]
 
-The corpus (``benchmarks/_corpus.py``): 60 seeded CPU trainings -- SGD with and without
+The corpus (``benchmarks/_corpus.py``): 90 seeded CPU trainings -- SGD with and without
 momentum, Adam, AdamW; batch 4 to 256 and full batch; an MLP, a small CNN, a one-layer
-transformer -- showing gradual and sudden divergence, loss spikes of three causes, Softmax
-Collapse (and a run hovering below it), full-batch GD at the edge of stability, class-
-incremental training with replay, and healthy runs of every kind. Generated once (two
+transformer, softmax regression -- showing gradual and sudden divergence, loss spikes of three
+causes, Softmax Collapse (and a run hovering below it), full-batch GD at the edge of
+stability, class-incremental training with replay, runs stuck at their starting loss, GD past
+the edge oscillating, small training sets overfitting a held-out set, and healthy runs of
+every kind. Generated once (two
 processes, a few minutes) into ``.corpus-cache/`` and reused while the generating code is
 unchanged. Each run is labelled from its own series (``tests/client/_corpus_labels.py``).
 

@@ -33,6 +33,12 @@ ADVICE = {
     "the learning rate around switches; watch whether it recovers.",
     "stalled": "No new points: check that the job is alive (crashed, hung, or lost its network; the hook "
     "spools to disk and sends later).",
+    "plateau": "The run is not learning: raise the learning rate (try 10x), check for dead units or a too-small "
+    "initialisation, and that the labels and loss match the inputs.",
+    "oscillation": "The learning rate is past the edge of stability: lower it (halve it), or add warm-up or "
+    "gradient clipping; with momentum, lower the momentum too.",
+    "overfitting": "Keep the checkpoint of the best evaluation (in the evidence); stop early, or add data, "
+    "augmentation, weight decay or dropout.",
 }
 GENERIC_ADVICE = "Open the run and look at the first detected step."
 
@@ -44,17 +50,17 @@ def advice(detector: str) -> str:
 def _unit(name: str, text: str) -> str:
     """The unit a setting is in, from its name (``_s``, ``_steps``...) or its words."""
     low = text.lower()
-    if name.endswith(("_series", "_prefix")) or name == "series":
+    if name.endswith(("_series", "_prefix", "_prefixes")) or name == "series":
         return "series name"
-    if name in ("drop", "recover_tolerance"):
+    if name in ("drop", "recover_tolerance", "acc_drop"):
         return "accuracy (0–1)"
     if name.endswith("_s"):
         return "seconds"
-    if name.endswith("_steps") or name == "patience":
+    if name.endswith("_steps") or name == "patience" or "in steps" in low:
         return "steps"
     if name.endswith("_points") or name in ("window", "warmup", "grad_window") or "in points" in low:
         return "points"
-    if "fraction" in name:
+    if "fraction" in name or " share " in f" {low} ":
         return "fraction (0–1)"
     if "nats" in low or "margin" in name:
         return "nats"

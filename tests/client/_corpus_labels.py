@@ -24,6 +24,21 @@ What a scenario meant to do does not decide its labels; what the series show doe
 - edge_of_stability: the first measurement with ``hessian/lambda_max >= hessian/two_over_lr``.
 - stability_gap: each task switch after which some previous task's accuracy falls more than
   ``GAP_DROP`` below its last value before the switch (before the next switch).
+- plateau: a stretch of at least ``PLATEAU_STEPS`` steps in which the loss (geometric mean of
+  the last ``PLATEAU_SMOOTH`` points) stays within ``PLATEAU_BAND`` of its starting level (the
+  median of its first ``SPIKE_MIN_POINTS``) while the learning rate is at least
+  ``PLATEAU_LR_FLOOR`` of its largest value: the run is not learning. The event is
+  ``PLATEAU_FROM`` steps into the stretch (the shortest window that can tell), detected by an
+  alert raised inside the stretch.
+- oscillation: a stretch of at least ``OSC_ALTERNATIONS`` consecutive loss differences that
+  change sign at every step, each at least ``OSC_AMPLITUDE`` of the loss (minibatch noise in
+  this corpus alternates for at most 19 steps in a row). The event is the stretch's first
+  step; an alert up to ``OSC_WINDOW`` steps later detects it.
+- overfitting: per held-out loss series (``eval/loss``...), smoothed by a median of 3: it ends
+  the run at least ``OVERFIT_END_RISE`` above its minimum, reached before the end, while the
+  training loss (median of 50 points) at the end is at most ``OVERFIT_TRAIN`` of its value at
+  the minimum. The event is the first evaluation after the minimum that is ``OVERFIT_RISE``
+  above it; an alert from the minimum to the end detects it.
 
 An alert of the event's detector raised at a step in ``[lo, hi]`` detects it.
 """
@@ -52,6 +67,19 @@ SC_WINDOW = 30
 EOS_WINDOW = 200
 GAP_DROP = 0.10
 DIVERGENCE_WINDOW = 5  # the runs stop 5 steps after the first non-finite value
+PLATEAU_SMOOTH = 50
+PLATEAU_BAND = 0.05
+PLATEAU_STEPS = 400
+PLATEAU_FROM = 200
+PLATEAU_LR_FLOOR = 0.1
+OSC_ALTERNATIONS = 24
+OSC_AMPLITUDE = 1e-3
+OSC_WINDOW = 100
+OVERFIT_SMOOTH = 3
+OVERFIT_END_RISE = 0.2
+OVERFIT_RISE = 0.1
+OVERFIT_TRAIN = 0.9
+OVERFIT_TRAIN_POINTS = 50
 
 
 @dataclasses.dataclass
@@ -146,6 +174,73 @@ def stability_gaps(points) -> list[tuple[int, int, list]]:
     return out
 
 
+def plateaus(points) -> list[tuple[int, int, int]]:
+    """[(event step, first step, last step)] of each stretch where the loss sits at its start."""
+    losses = [(s, v) for s, v in _series(points, "loss") if math.isfinite(v) and v > 0]
+    if len(losses) <= PLATEAU_SMOOTH:
+        return []
+    lr = dict(_series(points, "lr"))
+    lr_max = max((v for v in lr.values() if math.isfinite(v)), default=None)
+    start = statistics.median(v for _, v in losses[:SPIKE_MIN_POINTS])
+    logs = [math.log(v) for _, v in losses]
+    out, since = [], None
+    for i in range(PLATEAU_SMOOTH - 1, len(losses) + 1):
+        s = losses[i][0] if i < len(losses) else None
+        flat = False
+        if s is not None:
+            level = math.exp(statistics.fmean(logs[i - PLATEAU_SMOOTH + 1 : i + 1]))
+            up = lr_max is None or lr.get(s, lr_max) >= PLATEAU_LR_FLOOR * lr_max
+            flat = abs(level / start - 1) <= PLATEAU_BAND and up
+        if flat and since is None:
+            since = losses[i - PLATEAU_SMOOTH + 1][0]
+        elif not flat and since is not None:
+            last = losses[i - 1][0]
+            if last - since >= PLATEAU_STEPS:
+                out.append((since + PLATEAU_FROM, since, last))
+            since = None
+    return out
+
+
+def oscillations(points) -> list[int]:
+    """First steps of stretches where the loss goes up and down at every step."""
+    losses = [(s, v) for s, v in _series(points, "loss") if math.isfinite(v)]
+    out, run = [], 0
+    for i in range(2, len(losses)):
+        (_, a), (_, b), (_, c) = losses[i - 2 : i + 1]
+        big = min(abs(b - a), abs(c - b)) >= OSC_AMPLITUDE * max(abs(a), abs(b), abs(c))
+        run = run + 1 if (b - a) * (c - b) < 0 and big else 0
+        if run == OSC_ALTERNATIONS:
+            out.append(losses[i - OSC_ALTERNATIONS][0])
+    return out
+
+
+def overfits(points) -> list[tuple[int, int, int, str]]:
+    """[(event step, step of the minimum, last step, series)] per held-out loss that overfits."""
+    train = [(s, v) for s, v in _series(points, "loss") if math.isfinite(v)]
+    names = sorted(
+        {n for n, _, _ in points if n in ("eval/loss", "val/loss") or n.startswith(("eval/loss/", "val/loss/"))}
+    )
+    out = []
+    for name in names:
+        ev = [(s, v) for s, v in _series(points, name) if math.isfinite(v)]
+        sm = [
+            (ev[i][0], statistics.median(v for _, v in ev[max(0, i - OVERFIT_SMOOTH + 1) : i + 1]))
+            for i in range(len(ev))
+        ]
+        if len(sm) < 2 * OVERFIT_SMOOTH:
+            continue
+        b, m = min(sm, key=lambda x: x[1])
+        if b >= sm[-1][0] or sm[-1][1] < (1 + OVERFIT_END_RISE) * m:
+            continue
+        at_min = statistics.median([v for s, v in train if s <= b][-OVERFIT_TRAIN_POINTS:])
+        at_end = statistics.median(v for _, v in train[-OVERFIT_TRAIN_POINTS:])
+        if at_end > OVERFIT_TRAIN * at_min:
+            continue
+        rise = next(s for s, v in sm if s > b and v >= (1 + OVERFIT_RISE) * m)
+        out.append((rise, b, max(s for _, s, _ in points), name))
+    return out
+
+
 def label(points, divergence_tag: str = "gradual") -> Labels:
     steps = len({s for n, s, _ in points if n == "loss"})
     events, notes = [], {}
@@ -172,4 +267,10 @@ def label(points, divergence_tag: str = "gradual") -> Labels:
         events.append(Event("edge_of_stability", crossed, 0, crossed + EOS_WINDOW))
     for sw, nxt, tasks in stability_gaps(points):
         events.append(Event("stability_gap", sw, sw, nxt - 1, ",".join(tasks)))
+    for step, lo, hi in plateaus(points):
+        events.append(Event("plateau", step, lo, hi))
+    for step in oscillations(points):
+        events.append(Event("oscillation", step, step, step + OSC_WINDOW))
+    for step, lo, hi, name in overfits(points):
+        events.append(Event("overfitting", step, lo, hi, name))
     return Labels(sorted(events, key=lambda e: (e.step, e.detector)), steps, notes)

@@ -110,3 +110,18 @@ def test_full_batch_gd_crosses_two_over_lr_and_below_the_edge_it_does_not():
     # past the edge the loss may catapult (Lewkowycz et al. 2020): a real jump, after the crossing
     assert all(e.detector == "loss_spike" and e.step > crossed for e in labels.events[1:])
     assert L.label(S._gd(0.05, 300, 2)[0]).events == []
+
+
+def test_issue17_runs_show_what_they_are_for_and_their_twins_do_not():
+    import _corpus_runs_plateau as P
+
+    stuck = L.label(P.stuck("dead", steps=700))
+    assert [(e.detector, e.lo, e.step) for e in stuck.events] == [("plateau", 0, L.PLATEAU_FROM)]
+    assert stuck.events[0].hi >= 650  # stuck to the end
+    assert L.label(P.stuck("lr_low", steps=700, lr=0.05)).events == []  # the same net, learning
+    edge = L.label(P.edge(factor=1.2, before=30, steps=250))
+    assert [e.detector for e in edge.events] == ["oscillation"] and edge.events[0].step > 30
+    assert L.label(P.edge(factor=0.9, before=30, steps=250)).events == []
+    over = L.label(P.held_out(n_train=200, steps=500))
+    assert [(e.detector, e.tag) for e in over.events] == [("overfitting", "eval/loss")]
+    assert L.label(P.held_out(n_train=4000, steps=500)).events == []

@@ -34,6 +34,12 @@ def test_public_names_are_pinned():
             "LossSpikeDetector",
             "LossSpikeParams",
             "OPEN",
+            "OscillationDetector",
+            "OscillationParams",
+            "OverfittingDetector",
+            "OverfittingParams",
+            "PlateauDetector",
+            "PlateauParams",
             "RESOLVE",
             "SC_MARGIN_NATS",
             "SEVERITIES",
@@ -55,6 +61,9 @@ def test_public_names_are_pinned():
         "edge_of_stability",
         "stability_gap",
         "stalled",
+        "plateau",
+        "oscillation",
+        "overfitting",
     }
 
 
@@ -247,6 +256,9 @@ def test_settings_round_trip_and_disable():
         "softmax_collapse",
         "edge_of_stability",
         "stability_gap",
+        "plateau",
+        "oscillation",
+        "overfitting",
     ]
     state = {}
     assert ds.check(state, now=1e9, last_seen=0.0, status="running") == []
@@ -261,7 +273,8 @@ def test_state_stays_small_on_a_long_run():
         batch = []
         for s in range(start, start + 1000):
             batch += [
-                ("loss", s, 2.0 + 0.1 * math.sin(s)),
+                # a learning run (a flat loss at its start would be a plateau, rightly)
+                ("loss", s, 0.5 + 1.5 * math.exp(-s / 300) + 0.1 * math.sin(s)),
                 ("grad/norm", s, 1.0 + 0.1 * math.cos(s)),
                 ("grad/nonfinite", s, 0.0),
                 ("lr", s, 0.01),
@@ -321,6 +334,16 @@ MESSAGE_CASES = {
     ("edge_of_stability", "lambda_max"): lambda: [("hessian/two_over_lr", 10, 20.0), ("hessian/lambda_max", 10, 21.0)],
     ("edge_of_stability", "trace"): lambda: [("hessian/two_over_lr", 10, 20.0), ("hessian/trace", 10, 90.0)],
     ("stability_gap", "a"): _gap,
+    ("plateau", "loss"): lambda: [("lr", 0, 0.1)] + flat_loss(400),
+    ("oscillation", "loss"): lambda: (
+        [("loss", s, 1.0 - 0.001 * s) for s in range(40)]
+        + [("loss", 40 + i, 0.96 + 0.001 * 1.08**i * (-1) ** i) for i in range(40)]
+    ),
+    ("overfitting", "eval/loss"): lambda: [
+        p
+        for s in range(0, 600, 10)
+        for p in (("loss", s, 2.0 * 0.997**s), ("eval/loss", s, 1.0 + (0.002 * (s - 200) if s > 200 else 0.0)))
+    ],
 }
 
 

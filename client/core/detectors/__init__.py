@@ -17,6 +17,9 @@ from ._engine import CAUSES, DETECTORS, DetectorSet
 from .divergence import DivergenceDetector, DivergenceParams
 from .edge_of_stability import EdgeOfStabilityDetector, EdgeOfStabilityParams
 from .loss_spike import LossSpikeDetector, LossSpikeParams
+from .oscillation import OscillationDetector, OscillationParams
+from .overfitting import OverfittingDetector, OverfittingParams
+from .plateau import PlateauDetector, PlateauParams
 from .softmax_collapse import SC_MARGIN_NATS, SoftmaxCollapseDetector, SoftmaxCollapseParams
 from .stability_gap import StabilityGapDetector, StabilityGapParams
 from .stalled import StalledRunDetector, StalledRunParams
@@ -34,6 +37,12 @@ __all__ = [
     "LossSpikeDetector",
     "LossSpikeParams",
     "OPEN",
+    "OscillationDetector",
+    "OscillationParams",
+    "OverfittingDetector",
+    "OverfittingParams",
+    "PlateauDetector",
+    "PlateauParams",
     "RESOLVE",
     "SC_MARGIN_NATS",
     "SEVERITIES",

@@ -29,6 +29,10 @@ MIN_MARGIN_NATS, MAX_MARGIN_NATS = 0.1, 1000.0
 #: two sends of the hook is a stall; a run silent for 30 days is over, not stalled.
 MIN_STALL_TIMEOUT_S, MAX_STALL_TIMEOUT_S = 0.1, 30 * 24 * 3600.0
 
+#: The plateau's shortest window, in steps: it keeps block sums, not points, so a long window
+#: costs no state; a million steps is longer than any run needs before its first judgement.
+MAX_WINDOW_STEPS = 1_000_000
+
 _POINTS = (1, MAX_POINTS_SETTING, "MAX_POINTS_SETTING: values kept per series in the state saved with every batch")
 _SIGMAS = (MIN_SIGMAS, MAX_SIGMAS, "MIN_SIGMAS..MAX_SIGMAS: robust sigmas")
 _GROWTH = (1.0, MAX_GROWTH_RATIO, "MAX_GROWTH_RATIO: a larger ratio never fires")
@@ -50,9 +54,13 @@ BOUNDS: dict[str, tuple[float, float, str]] = {
             "grad_smooth_points",
             "clear_points",
             "recover_points",
+            "train_smooth_points",
+            "eval_patience",
         )
     },
     **{k: (0, MAX_POINTS_SETTING, "MAX_POINTS_SETTING: steps") for k in ("rejoin_steps", "min_steps", "delay_steps")},
+    "min_window": (2, MAX_WINDOW_STEPS, "MAX_WINDOW_STEPS: steps; the window grows with the run past it anyway"),
+    "growth_ratio": _GROWTH,
     "threshold": _SIGMAS,
     "recover_threshold": _SIGMAS,
     "ratio_sigmas": _SIGMAS,
@@ -72,6 +80,15 @@ BOUNDS: dict[str, tuple[float, float, str]] = {
             "zero_loss_warn",
             "drop",
             "recover_tolerance",
+            "window_fraction",
+            "min_change",
+            "progress_fraction",
+            "lr_floor",
+            "alternating_fraction",
+            "period2_ratio",
+            "min_amplitude",
+            "acc_drop",
+            "train_improvement",
         )
     },
     **{k: _CURVATURE for k in ("near_ratio", "at_ratio", "trace_ratio")},

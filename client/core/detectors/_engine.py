@@ -13,6 +13,9 @@ from ._bounds import check_bounds
 from .divergence import DivergenceDetector
 from .edge_of_stability import EdgeOfStabilityDetector
 from .loss_spike import LossSpikeDetector
+from .oscillation import OscillationDetector
+from .overfitting import OverfittingDetector
+from .plateau import PlateauDetector
 from .softmax_collapse import SoftmaxCollapseDetector
 from .stability_gap import StabilityGapDetector
 from .stalled import StalledRunDetector
@@ -27,6 +30,9 @@ DETECTORS: dict[str, type[Detector]] = {
         EdgeOfStabilityDetector,
         StabilityGapDetector,
         StalledRunDetector,
+        PlateauDetector,
+        OscillationDetector,
+        OverfittingDetector,
     )
 }
 
@@ -41,10 +47,15 @@ _step = itemgetter(1)
 #: Those alerts are consequences: kept and shown under their root, never paged on their own.
 #: Past the edge of stability (sharpness above 2/lr) the loss of gradient descent rises and
 #: catapults back: those jumps are the edge's own signature, part of its incident.
+#: A loss swinging up and down every step is gradient descent past that edge (or a run
+#: blowing up); a run that stops making progress while it diverges, oscillates or sits past
+#: the edge is stalled by that, not by a learning rate too low.
 CAUSES: dict[str, tuple[str, ...]] = {
     "loss_spike": ("divergence", "edge_of_stability"),
     "softmax_collapse": ("divergence", "loss_spike"),
     "edge_of_stability": ("divergence",),
+    "oscillation": ("divergence", "edge_of_stability"),
+    "plateau": ("divergence", "oscillation", "edge_of_stability"),
 }
 #: Stability gaps of several tasks after one task switch are one incident (the switch), under
 #: the first task whose accuracy fell.
