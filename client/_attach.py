@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from . import _spool
+from ._budget import DEFAULT_BUDGET, check_budget
 from ._sender import Sender
 from ._transport import HttpTransport, check_server_url
 from ._watch import Watch, detector_set
@@ -34,8 +35,9 @@ def attach(
     project: str = "default",
     server: str | None = None,
     config: dict | None = None,
-    every: int = 1,
+    every: int | None = None,
     *,
+    budget: float = DEFAULT_BUDGET,
     tags=(),
     module_depth: int | None = None,
     update_ratio: bool = True,
@@ -43,13 +45,25 @@ def attach(
     rank_zero_only: bool = True,
     sync_ranks: bool | None = None,
     detectors: dict | bool | None = None,
+    clock=None,
 ):
     """Attach a training-health monitor to ``model`` and ``optimizer``; returns a ``Monitor``.
 
     ``run`` names the run (and is its id; a new one is generated when None), ``project``
     groups runs, ``server`` is a URL, ``"offline"`` (spool to disk; upload later with
     ``stethoscope sync``) or None (``$STETHOSCOPE_SERVER``, else offline). ``config`` is the
-    run's hyperparameters (stored with the run). Metrics are measured every ``every`` steps.
+    run's hyperparameters (stored with the run).
+
+    Every ``log`` sends the cheap signals (loss, learning rates, your scalars, the global
+    gradient norm, non-finite gradient and logit counts, max |logit|): divergence and
+    non-finite checks see every step. The expensive ones (per-module gradient, weight and
+    update norms, the softmax statistics of the logits, the attention max) are spaced so that
+    the hook's own work (on the training thread, and its background thread's CPU time) stays
+    within ``budget`` of the step time
+    (default 2%; the time between ``log`` calls is the step), and come at least every 100
+    steps. ``every=N`` measures everything every N steps instead (``every=1``: every step, at
+    whatever it costs). ``clock`` (seconds, for tests) times the hook instead of the real clock;
+    the background thread's CPU time, which it cannot measure, is then left out of the budget.
 
     ``module_depth`` groups per-module series at that many name components (default: leaf
     modules, coarser past 64 series). ``update_ratio=False`` saves the copy of the weights the
@@ -80,8 +94,9 @@ def attach(
         raise ValueError(f"attach() needs the torch.nn.Module you train, not {type(model).__name__}")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise ValueError(f"optimizer must be a torch.optim.Optimizer or None, not {type(optimizer).__name__}")
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"every must be a positive int (log every N steps), not {every!r}")
+    check_budget(budget, every)
+    if clock is not None and not callable(clock):
+        raise ValueError("clock must be a callable returning seconds, like time.perf_counter")
     if not isinstance(project, str) or not RUN_ID_RE.match(project):
         raise ValueError(f"project must be a short name of letters, digits, '.', '_' or '-', not {project!r}")
     if config is not None and not isinstance(config, dict):
@@ -123,10 +138,13 @@ def attach(
         run_id=run_id,
         url=url,
         every=every,
+        budget=budget,
         sender=sender,
         module_depth=module_depth,
         update_ratio=update_ratio,
         dist=(dist, world) if sync_ranks and world > 1 else None,
+        clock=clock if clock is not None else time.perf_counter,
+        charge_sender=clock is None,
     )
     if sends and generated:
         where = url or f"offline (spooled under {root}; upload with `stethoscope sync`)"
@@ -211,6 +229,7 @@ class DisabledMonitor:
     dropped = 0
     collector_errors = 0
     detector_errors = 0
+    overhead = 0.0
 
     def log(self, step=None, loss=None, logits=None, targets=None, **scalars) -> None:
         pass

@@ -76,6 +76,9 @@ class ParamLayout:
         g = self.groups
         self.grad_names = ("grad/norm",) + tuple(f"grad/norm/{m}" for m in g) + ("grad/nonfinite",)
         self.grad_ops = (red,) * (len(g) + 1) + (SUM if self.sharded else MEAN,)
+        #: What a step without the expensive set carries: the global norm and the count.
+        self.grad_total_names = ("grad/norm", "grad/nonfinite")
+        self.grad_total_ops = (red, SUM if self.sharded else MEAN)
         self.update_names = tuple(f"weight/norm/{m}" for m in g) + tuple(f"update_ratio/{m}" for m in g)
         self.update_ops = (red,) * (2 * len(g))
 
@@ -87,8 +90,19 @@ class ParamLayout:
     def _group_sum(self, sq: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return torch.zeros(len(self.groups), dtype=torch.float32, device=self.device).index_add_(0, index, sq)
 
-    def grad_stats(self) -> torch.Tensor | None:
-        """[total sum of squares, per-module sums of squares..., non-finite count]."""
+    def grad_stats(self, per_module: bool = True) -> torch.Tensor | None:
+        """[total sum of squares, per-module sums of squares..., non-finite count], or with
+        ``per_module=False`` only [total sum of squares, non-finite count] (the same norms,
+        fewer kernels and series: what every step carries)."""
+        if not per_module:
+            grads = [_local(p.grad) for p in self.params if p.grad is not None]
+            if not grads:
+                return None
+            norms = self._norms(grads)
+            if self._multi_device:
+                norms = [n.to(self.device) for n in norms]
+            total = torch.stack(norms).square_().sum().view(1)
+            return torch.cat([total, count_nonfinite(grads, total)])
         present = [i for i, p in enumerate(self.params) if p.grad is not None]
         if not present:
             return None
@@ -106,6 +120,18 @@ class ParamLayout:
         per = self._group_sum(sq, index)
         total = per.sum().view(1)
         return torch.cat([total, per, count_nonfinite(grads, total)])
+
+    def grad_total_host(self) -> tuple[float, float] | None:
+        """(global gradient norm, non-finite entries) as host floats: the cheap signals on a
+        CPU model, where reading a value costs no stall and a float needs no packing."""
+        grads = [_local(p.grad) for p in self.params if p.grad is not None]
+        if not grads:
+            return None
+        s = torch.stack(self._norms(grads))
+        total_sq = float(torch.dot(s, s))
+        if math.isfinite(total_sq):
+            return math.sqrt(total_sq), 0.0
+        return math.sqrt(total_sq), float(sum(int((~torch.isfinite(g)).sum()) for g in grads))
 
     def _norms(self, tensors: list) -> list:
         if self._float64:
@@ -166,13 +192,25 @@ LOGIT_OPS = LOGIT_OPS_NO_TARGETS + (MEAN, MEAN)
 
 
 def logit_stats(logits: torch.Tensor, targets: torch.Tensor | None, ignore_index: int = -100) -> torch.Tensor:
-    """Softmax-health statistics of a batch of logits, in float32 with softmax's own ops.
+    """Softmax-health statistics of a batch of logits over every row, in float32 with
+    softmax's own ops (the monitor samples rows of large logits: see ``_logits``).
 
     ``logits`` is [..., classes] ([batch, classes] or [batch, seq, vocab]); ``targets`` has
     the leading shape and class indices; entries equal to ``ignore_index`` are left out.
     Returns the values named by ``LOGIT_NAMES`` (or ``LOGIT_NAMES_NO_TARGETS``).
     """
     z = logits.detach().reshape(-1, logits.shape[-1]).float()
+    y = None if targets is None else targets.detach().reshape(-1)
+    mx, mn = z.aminmax()
+    max_abs = torch.maximum(mx.abs(), mn.abs()).view(1)
+    values, _ = softmax_row_stats(z, y, ignore_index)
+    return torch.cat([max_abs, values])
+
+
+def softmax_row_stats(z: torch.Tensor, y: torch.Tensor | None, ignore_index: int = -100):
+    """Over the rows of ``z`` ([rows, classes], float32): [mean log Z, SC fraction, entropy]
+    and with class indices ``y`` ([rows]) also [zero-loss fraction, median margin], as one
+    tensor; and the number of rows counted (``ignore_index`` left out), a 1-element tensor."""
     # torch's own log_softmax, the kernel cross_entropy runs: its rounding decides which
     # samples have exactly zero loss and an exactly one-hot softmax, so we use it, not a copy.
     logp = torch.log_softmax(z, dim=-1)
@@ -181,15 +219,15 @@ def logit_stats(logits: torch.Tensor, targets: torch.Tensor | None, ignore_index
     lse = z.amax(dim=-1) - top  # log Z
     p = torch.softmax(z, dim=-1)  # cheaper on the CPU than logp.exp()
     ent = -(p * logp).sum(dim=-1)
-    mx, mn = z.aminmax()
-    max_abs = torch.maximum(mx.abs(), mn.abs()).view(1)
-    if targets is None:
-        return torch.cat([max_abs, lse.mean().view(1), collapsed.mean().view(1), ent.mean().view(1)])
-    y = targets.detach().reshape(-1, 1)
+    if y is None:
+        n = torch.full((1,), float(z.shape[0]), device=z.device)
+        return torch.cat([lse.mean().view(1), collapsed.mean().view(1), ent.mean().view(1)]), n
+    y = y.reshape(-1, 1)
     valid = y != ignore_index
     y = torch.where(valid, y, torch.zeros_like(y))
     valid = valid.squeeze(-1).float()
-    n = valid.sum().clamp_min(1.0)
+    count = valid.sum().view(1)
+    n = count.clamp_min(1.0)
     logp_y = logp.gather(-1, y).squeeze(-1)
     zero_loss = (logp_y == 0).float()
     # Margin z_y - logsumexp(z_others) = log p_y - log(sum of the others' p), the others'
@@ -201,16 +239,8 @@ def logit_stats(logits: torch.Tensor, targets: torch.Tensor | None, ignore_index
     def vmean(x):
         return ((x * valid).sum() / n).view(1)
 
-    return torch.cat(
-        [
-            max_abs,
-            vmean(lse),
-            vmean(collapsed),
-            vmean(ent),
-            vmean(zero_loss),
-            margin.nanmedian().view(1),
-        ]
-    )
+    values = torch.cat([vmean(lse), vmean(collapsed), vmean(ent), vmean(zero_loss), margin.nanmedian().view(1)])
+    return values, count
 
 
 def finish(names: tuple, values: list[float]) -> list[float]:

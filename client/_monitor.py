@@ -1,14 +1,16 @@
 """The monitor: what ``stethoscope.attach`` returns. The hot path lives here.
 
-``log`` does no I/O and reads nothing back from the device: on a logging step it runs the
-metric kernels, concatenates their results into one small tensor, queues it with the
-host-side numbers (learning rates, Python floats) and returns; the sender thread copies
-the tensor to the host. Gradients and updates are seen from optimizer step hooks, so
+``log`` does no I/O and reads nothing back from the device: it runs the metric kernels,
+concatenates their results into one small tensor, queues it with the host-side numbers
+(learning rates, Python floats) and returns; the sender thread copies the tensor to the
+host. Every step carries the cheap signals; the expensive ones ride on the steps the cost
+budget picks (``_budget``). Gradients and updates are seen from optimizer step hooks, so
 ``log`` may be called before or after ``optimizer.step()`` (the first call decides which).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import threading
@@ -17,7 +19,8 @@ import uuid
 
 import torch
 
-from . import _attention, _errors, _metrics, _spool
+from . import _attention, _errors, _logits, _metrics, _spool
+from ._budget import DISTRIBUTED_EVERY, CostBudget
 from ._checks import _check_log_args, _check_name, _check_step, _jsonable
 from ._metrics import MAX, MEAN, SUM
 from .core.wire import MAX_NAME_LENGTH
@@ -41,19 +44,28 @@ class Monitor:
         *,
         run_id: str,
         url: str | None,
-        every: int,
+        every: int | None,
         sender,
+        budget: float = 0.02,
         module_depth: int | None = None,
         update_ratio: bool = True,
         dist=None,
+        clock=time.perf_counter,
+        charge_sender: bool = False,
     ):
         self.run_id = run_id
         #: The run's dashboard page, or None offline.
         self.url = url
-        self._every = every
+        if every is None and dist is not None:
+            every = DISTRIBUTED_EVERY  # ranks must agree on which steps carry what (see _budget)
+        self._budget = CostBudget(budget, every, clock)
+        self._clock = clock
         self._sender = sender  # None on ranks that do not send
         self._dist = dist  # (torch.distributed, world size) when ranks are combined
         self._layout = _metrics.ParamLayout(model, module_depth)
+        # On a CPU model the cheap signals are read on the host at once (reading costs no
+        # stall there) and travel as floats: fewer kernels, no packing, less for the sender.
+        self._host = self._layout.device.type == "cpu" and not self._layout._multi_device and dist is None
         self._optimizer = optimizer
         self._update_ratio = update_ratio and optimizer is not None
         self._calls = 0
@@ -69,6 +81,9 @@ class Monitor:
         self._collectors: list = []
         self._tasks: dict = {}  # task name -> index, for task_switch
         self.collector_errors = 0
+        self._in_collectors = 0.0  # seconds collectors took in the log() in progress
+        self._sender_cpu = 0.0  # the sender thread's CPU seconds already charged to the budget
+        self._charge_sender = charge_sender and sender is not None
         self._alert_callbacks = sender.watch.callbacks if sender is not None else []
         self._closed = False
         self._lock = threading.Lock()
@@ -79,7 +94,8 @@ class Monitor:
                 optimizer.register_step_post_hook(self._post_step_hook),
             ]
         self._lr_names = _lr_names(optimizer)
-        _attention.set_active(True)  # the first call logs
+        self._logits = _logits.LogitStats()
+        _attention.set_active(True)  # the first step carries everything
 
     # -- public API ------------------------------------------------------------------
     def log(self, step=None, loss=None, logits=None, targets=None, **scalars) -> None:
@@ -90,10 +106,10 @@ class Monitor:
         it already has are ignored. A job restarted from a checkpoint in a new process is a
         resume, recognised by itself: see ``stethoscope._resume``.
         """
+        start = self._clock()
         if self._closed:
             raise ValueError("this monitor is closed; attach a new one to keep logging")
-        n = self._calls
-        self._calls = n + 1
+        self._calls += 1
         if step is None:
             step = self._next_step
         else:
@@ -114,13 +130,22 @@ class Monitor:
         self._last_step = step
         if self._mode is None:
             self._mode = "before"  # logged before any optimizer step
-        if n % self._every:
-            _attention.set_active((n + 1) % self._every == 0)
-            return
-        _attention.set_active(self._every == 1)
         _check_log_args(loss, logits, targets, scalars)
+        budget = self._budget
+        full = budget.full
+        self._in_collectors = 0.0
         with _errors.swallowed("log"):
-            self._record(step, loss, logits, targets, scalars)
+            self._record(step, loss, logits, targets, scalars, full)
+        with _errors.swallowed("cost budget"):
+            sender = self._sender
+            if self._charge_sender and sender.cpu_s != self._sender_cpu:
+                # The background thread's CPU is the hook's too: it takes a core, and the GIL.
+                cpu = sender.cpu_s
+                if cpu > self._sender_cpu:
+                    budget.charge(cpu - self._sender_cpu)
+                self._sender_cpu = cpu
+            budget.step_done(start, self._clock(), full, self._in_collectors)
+        _attention.set_active(budget.full)
 
     def event(self, kind: str, *, step=None, message: str = "", **info) -> None:
         """Record an event (``"task_switch"``, ``"checkpoint"``, ``"note"``...) on the step axis.
@@ -232,6 +257,14 @@ class Monitor:
         return self._sender.flush(timeout) if self._sender is not None else True
 
     @property
+    def overhead(self) -> float:
+        """Share of the step time (between ``log`` calls) the hook has spent so far: ``log``
+        and its optimizer-step hooks on the training thread, and the CPU time of its background
+        thread (detectors, batching, the spool); not collectors (curvature and continual
+        evaluation keep budgets of their own)."""
+        return self._budget.overhead
+
+    @property
     def detector_errors(self) -> int:
         """Failures of the hook's detectors (bugs): logged once, counted, never raised."""
         return self._sender.watch.errors if self._sender is not None else 0
@@ -272,15 +305,18 @@ class Monitor:
 
     # -- optimizer hooks -------------------------------------------------------------
     def _pre_step(self, optimizer, args, kwargs):
+        t0 = self._clock()
         with _errors.swallowed("optimizer pre-step hook"):
             if self._mode is None:
                 self._mode = "after"
             if self._mode == "after":
-                if self._calls % self._every == 0:
-                    self._pending_grads = self._layout.grad_stats()
+                full = self._budget.full
+                self._pending_grads = (full, self._grads(full))
+                if full:
                     self._snap()
             elif self._post_step is not None:
                 self._snap()
+        self._budget.charge(self._clock() - t0)
 
     def _snap(self):
         if self._update_ratio:
@@ -288,9 +324,10 @@ class Monitor:
             self._snapped = True
 
     def _post_step_hook(self, optimizer, args, kwargs):
+        if not self._snapped:
+            return
+        t0 = self._clock()
         with _errors.swallowed("optimizer post-step hook"):
-            if not self._snapped:
-                return
             self._snapped = False
             stats = self._layout.update_stats()
             if self._mode == "after":
@@ -299,9 +336,10 @@ class Monitor:
                 step, self._post_step = self._post_step, None
                 L = self._layout
                 self._emit(step, [stats], [L.update_names], [L.update_ops], [], [])
+        self._budget.charge(self._clock() - t0)
 
     # -- the record ------------------------------------------------------------------
-    def _record(self, step, loss, logits, targets, scalars):
+    def _record(self, step, loss, logits, targets, scalars, full):
         L = self._layout
         tensors, names, ops, host_names, host_values = [], [], [], [], []
 
@@ -311,26 +349,29 @@ class Monitor:
             ops.append(o)
 
         if loss is not None:
-            if isinstance(loss, torch.Tensor):
+            if isinstance(loss, torch.Tensor) and not (self._host and loss.device.type == "cpu"):
                 add(loss.detach().reshape(1).float(), ("loss",), (MEAN,))
             else:
                 host_names.append("loss")
-                host_values.append(float(loss))
-        grads = self._pending_grads
-        if grads is None:  # no optimizer, log() before step(), or the step was skipped
-            grads = L.grad_stats()
+                host_values.append(float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss))
+        pending = self._pending_grads
+        if pending is not None and pending[0] == full:
+            grads = pending[1]
+        else:  # no optimizer, log() before step(), or the step was skipped
+            grads = self._grads(full)
         if grads is not None:
-            add(grads, L.grad_names, L.grad_ops)
+            if full:
+                add(grads, L.grad_names, L.grad_ops)
+            elif self._host:
+                host_names += L.grad_total_names
+                host_values += grads
+            else:
+                add(grads, L.grad_total_names, L.grad_total_ops)
         if self._pending_update is not None:
             add(self._pending_update, L.update_names, L.update_ops)
         self._pending_grads = self._pending_update = None
-        if self._mode == "before" and self._update_ratio:
+        if self._mode == "before" and self._update_ratio and full:
             self._post_step = step
-        if logits is not None:
-            if targets is None:
-                add(_metrics.logit_stats(logits, None), _metrics.LOGIT_NAMES_NO_TARGETS, _metrics.LOGIT_OPS_NO_TARGETS)
-            else:
-                add(_metrics.logit_stats(logits, targets), _metrics.LOGIT_NAMES, _metrics.LOGIT_OPS)
         att = _attention.take()
         if att is not None:
             add(att, ("attention/max_logit",), (MAX,))
@@ -338,9 +379,28 @@ class Monitor:
             _add_value(name, lr["lr"], add, host_names, host_values)
         for name, v in scalars.items():
             _add_value(name, v, add, host_names, host_values)
-        for fn in self._collectors:
-            self._collect(fn, step, add, host_names, host_values)
-        self._emit(step, tensors, names, ops, host_names, host_values)
+        # Collectors keep budgets of their own (curvature, continual evaluation): called every
+        # step under the cost budget, on the full steps under a fixed ``every``.
+        if self._collectors and (full or self._budget.every is None):
+            t0 = self._clock()
+            for fn in self._collectors:
+                self._collect(fn, step, add, host_names, host_values)
+            self._in_collectors = self._clock() - t0
+        job = None
+        if logits is not None:
+            if not full and self._host and logits.device.type == "cpu":
+                host_names += _logits.EXTREME_NAMES
+                host_values += _logits.extremes_host(logits)
+            else:
+                job = (logits, targets, full)
+        self._emit(step, tensors, names, ops, host_names, host_values, job)
+
+    def _grads(self, full):
+        """This step's gradient statistics: a tensor (``full``: per module), or on the host
+        path the cheap pair as floats."""
+        if full or not self._host:
+            return self._layout.grad_stats(full)
+        return self._layout.grad_total_host()
 
     def _collect(self, fn, step, add, host_names, host_values):
         errors = self.collector_errors
@@ -358,28 +418,60 @@ class Monitor:
             host_names.append("stethoscope/collector_errors")
             host_values.append(float(self.collector_errors))
 
-    def _emit(self, step, tensors, names, ops, host_names, host_values):
+    def _emit(self, step, tensors, names, ops, host_names, host_values, logit_job=None):
+        """Pack the step's device values into one tensor, start its copy to the host, queue it.
+
+        On CUDA the logit statistics, the packing and the copy run on a side stream that waits
+        for the training stream but is never waited for by it, nor by the host: the sender
+        thread waits on the copy's event. Tensors the side stream reads are marked with
+        ``record_stream`` so the caching allocator does not hand their memory to the training
+        stream before the side stream is done with them.
+        """
         packed = ready = None
-        if tensors:
-            packed = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
-            names = sum(names, ())
-            ops = sum(ops, ())
-            if self._dist is not None:
-                dist, world = self._dist
-                out = packed.new_empty(world * packed.numel())
-                dist.all_gather_into_tensor(out, packed)
-                packed = out.view(world, -1)
-            if packed.device.type != "cpu":
-                host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-                host.copy_(packed, non_blocking=True)
-                ready = torch.cuda.Event() if packed.device.type == "cuda" else None
-                if ready is not None:
-                    ready.record()
-                packed = host
-        else:
-            names = ops = ()
+        side = None
+        if logit_job is not None and logit_job[0].device.type == "cuda":
+            side = self._logits.side_stream(logit_job[0].device)
+        elif tensors and tensors[0].device.type == "cuda":
+            side = self._logits.side_stream(tensors[0].device)
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(side.device))
+            for t in tensors:
+                if t.is_cuda:
+                    t.record_stream(side)
+        with torch.cuda.stream(side) if side is not None else _NO_STREAM:
+            if logit_job is not None:
+                logits, targets, full = logit_job
+                values, lnames, lops = self._logits(logits, targets, full)
+                if side is not None:
+                    logits.record_stream(side)
+                    if targets is not None and targets.is_cuda:
+                        targets.record_stream(side)
+                tensors.append(values)
+                names.append(lnames)
+                ops.append(lops)
+            if tensors:
+                packed = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+                names = sum(names, ())
+                ops = sum(ops, ())
+                if self._dist is not None:
+                    dist, world = self._dist
+                    out = packed.new_empty(world * packed.numel())
+                    dist.all_gather_into_tensor(out, packed)
+                    packed = out.view(world, -1)
+                if packed.device.type != "cpu":
+                    host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+                    host.copy_(packed, non_blocking=True)
+                    ready = torch.cuda.Event() if packed.device.type == "cuda" else None
+                    if ready is not None:
+                        ready.record()  # on the side stream: the sender thread waits on it
+                    packed = host
+            else:
+                names = ops = ()
         if self._sender is not None:
             self._sender.put(("points", step, time.time(), names, ops, packed, ready, host_names, host_values))
+
+
+_NO_STREAM = contextlib.nullcontext()
 
 
 def _close_message(run_id: str, status: str, sender) -> str | None:

@@ -3,9 +3,10 @@
 The server runs the detectors on ingest, about once a second per run (the hook ships a batch a
 second), so an alert reached ``mon.on_alert`` only after the batch holding the NaN was sent,
 and an offline run heard of nothing. Here the same :class:`~stethoscope.core.detectors.DetectorSet`
-reads each record's host floats as the sender thread takes the record off the queue (the thread
-wakes per record, and the values are the ones it already copied to the host for the batch), so
-``on_alert`` hears of a non-finite loss at the step that logged it. The training thread pays
+reads each record's host floats as the sender thread takes the record off the queue (a record
+wakes the thread when it is idle, and while records flow it looks every 20 ms; the values are
+the ones it already copied to the host for the batch), so ``on_alert`` hears of a non-finite
+loss at the step that logged it. The training thread pays
 nothing: ``log()`` queues the record as before and never waits for detection.
 
 The server stays the record: the hook sends its alerts nowhere, and an alert the ingest reply

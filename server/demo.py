@@ -28,6 +28,10 @@ import time
 from .process import start_server_process, stop_process
 
 DEFAULT_PORT = 8765
+#: The demo's trainings are tiny CPU models (a step of a few ms), where the hook's default cost
+#: budget would leave the expensive series (per-module norms, the logit statistics the
+#: Softmax-Collapse detector reads) to every 100th step: the demo measures everything.
+DEMO_EVERY = 1
 #: Seconds each training lasts at least: long enough to open its page and watch it happen.
 DEFAULT_PACE_S = 75.0
 
@@ -93,6 +97,7 @@ def modular_softmax_collapse(server: str, steps: int, pace: float = 0.0, run: st
         project="demo",
         server=server,
         config={"task": "(a+b) mod 23", "lr": 0.05, "optimizer": "Adam", "dtype": "float32"},
+        every=DEMO_EVERY,
         tags=["softmax-collapse"],
     ) as mon:
         for step in range(steps):
@@ -140,7 +145,14 @@ def classifier(
     run = run or _run_id(name)
     pacer = Pacer(paced_steps or steps, pace)
     with stethoscope.attach(
-        model, opt, run=run, project="demo", server=server, config={"lr": lr_at(0), "batch": 32}, tags=list(tags)
+        model,
+        opt,
+        run=run,
+        project="demo",
+        server=server,
+        config={"lr": lr_at(0), "batch": 32},
+        tags=list(tags),
+        every=DEMO_EVERY,
     ) as mon:
         bad_since = None
         for step in range(steps):
@@ -181,7 +193,14 @@ def sharpening(server: str, steps: int, pace: float = 0.0, run: str | None = Non
     run = run or _run_id("edge-of-stability")
     pacer = Pacer(steps, pace)
     with stethoscope.attach(
-        model, opt, run=run, project="demo", server=server, config={"lr": lr, "full_batch": True}, tags=["curvature"]
+        model,
+        opt,
+        run=run,
+        project="demo",
+        server=server,
+        config={"lr": lr, "full_batch": True},
+        tags=["curvature"],
+        every=DEMO_EVERY,
     ) as mon:
         mon.watch_curvature(model, loss_fn, batch=(x, y), every=10)
         for step in range(steps):

@@ -30,7 +30,7 @@ def main(mode, rank, world, port, url, spool, out):
             fully_shard(layer)
         fully_shard(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    mon = stethoscope.attach(model, opt, server=url, spool_dir=spool)
+    mon = stethoscope.attach(model, opt, server=url, spool_dir=spool, every=1)  # every metric, every step
     record = {"run_id": mon.run_id, "losses": [], "rank": rank}
     for step in range(STEPS):
         x, y = batch(n=16, seed=1000 * step + rank)

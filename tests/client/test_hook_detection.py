@@ -158,7 +158,8 @@ def test_server_consequences_name_their_root_as_hook_alerts_do(live_server, tmp_
     model = TinyNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     got = []
-    with stethoscope.attach(model, opt, server=live_server.url, spool_dir=tmp_path, detectors=False) as mon:
+    # every=1: the consequence (Softmax Collapse) needs the logit statistics of every step
+    with stethoscope.attach(model, opt, server=live_server.url, spool_dir=tmp_path, detectors=False, every=1) as mon:
         mon.on_alert(got.extend)
         blow_up(mon, model, opt, steps=JUMP_STEP + 60, jump_lr=1e20)
     assert got and {a["source"] for a in got} == {"server"}
@@ -220,7 +221,8 @@ def test_on_alert_hears_the_opens_and_escalations_the_detectors_give_on_the_runs
     model = TinyNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     got = []
-    with stethoscope.attach(model, opt, server="offline", spool_dir=tmp_path) as mon:
+    # every=1: the consequence (Softmax Collapse) needs the logit statistics of every step
+    with stethoscope.attach(model, opt, server="offline", spool_dir=tmp_path, every=1) as mon:
         mon.on_alert(got.extend)
         blow_up(mon, model, opt, steps=JUMP_STEP + 60, jump_lr=1e20)
     by_step: dict = {}

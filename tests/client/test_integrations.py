@@ -147,7 +147,7 @@ def test_huggingface_trainer_callback(live_server, tmp_path):
         learning_rate=1e-3,
         disable_tqdm=True,
     )
-    cb = StethoscopeTrainerCallback(run="hf-run", server=live_server.url, spool_dir=tmp_path / "spool")
+    cb = StethoscopeTrainerCallback(run="hf-run", server=live_server.url, spool_dir=tmp_path / "spool", every=1)
     Trainer(model=model, args=args, train_dataset=data, callbacks=[cb]).train()
     names = series_names(live_server.url, "hf-run")
     assert {

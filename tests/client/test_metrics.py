@@ -40,7 +40,7 @@ def test_gradient_weight_and_update_metrics(tmp_path, log_after_step):
             {"params": model.head.parameters(), "lr": 3e-3},
         ]
     )
-    mon = stethoscope.attach(model, opt, server="offline", spool_dir=tmp_path)
+    mon = stethoscope.attach(model, opt, server="offline", spool_dir=tmp_path, every=1)  # every metric, every step
     expected = {}
     for step in range(6):
         x, y = batch(seed=step)
@@ -171,7 +171,7 @@ def test_sc_is_the_float32_sum_not_a_threshold():
     )
 
 
-def test_every_n_steps_collectors_scalars_and_attention(tmp_path):
+def test_every_n_steps_thins_the_expensive_set_collectors_and_attention(tmp_path):
     model = TinyNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     mon = stethoscope.attach(model, opt, server="offline", spool_dir=tmp_path, every=3)
@@ -201,10 +201,11 @@ def test_every_n_steps_collectors_scalars_and_attention(tmp_path):
     mon.close()
     got = spooled_points(tmp_path)
     assert calls == [0, 3, 6]
-    assert sorted(got["loss"]) == [0, 3, 6]
-    assert sorted(got["grad/norm"]) == [0, 3, 6]
+    # The cheap signals and the user's scalars are never thinned; the expensive set is.
+    assert sorted(got["loss"]) == sorted(got["grad/norm"]) == sorted(got["grad/nonfinite"]) == list(range(7))
+    assert sorted(got["grad/norm/head"]) == [0, 3, 6]
     assert sorted(got["update_ratio/head"]) == [0, 3, 6]
-    assert got["tokens"] == {0: 0.0, 3: 30.0, 6: 60.0}
+    assert got["tokens"] == {s: 10.0 * s for s in range(7)}
     assert got["hessian/trace"] == {0: 0.0, 3: 3.0, 6: 6.0}
     assert got["hessian/top"] == {0: 0.0, 3: 6.0, 6: 12.0}
     assert got["stethoscope/collector_errors"] == {0: 1.0, 3: 2.0, 6: 3.0}

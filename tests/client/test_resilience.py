@@ -21,7 +21,7 @@ def test_killed_and_restarted_server_loses_and_duplicates_nothing(server_process
     server = server_process().start()
     model = TinyNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    mon = stethoscope.attach(model, opt, server=server.url, spool_dir=tmp_path / "spool")
+    mon = stethoscope.attach(model, opt, server=server.url, spool_dir=tmp_path / "spool", every=1)
     losses = train(mon, model, opt, 20)
     assert mon.flush(20)
     server.kill()
@@ -101,7 +101,7 @@ def test_a_server_that_never_answers_does_not_hold_the_loop(live_server, tmp_pat
 def test_offline_then_sync_twice_is_idempotent(live_server, tmp_path):
     model = TinyNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    mon = stethoscope.attach(model, opt, run="offline-run", server="offline", spool_dir=tmp_path / "spool")
+    mon = stethoscope.attach(model, opt, run="offline-run", server="offline", spool_dir=tmp_path / "spool", every=1)
     losses = train(mon, model, opt, 40)
     mon.event("task_switch", task=2)
     mon.close()

@@ -46,7 +46,8 @@ def main() -> int:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    mon = stethoscope.attach(model, opt, run=a.run, project="faults", server=a.server, spool_dir=a.spool)
+    # every=1: the fault tests check that every series has every step
+    mon = stethoscope.attach(model, opt, run=a.run, project="faults", server=a.server, spool_dir=a.spool, every=1)
     out = Path(a.out)
     losses = []
     g = torch.Generator().manual_seed(1)
