@@ -275,7 +275,7 @@ def _lm_run(steps: int, detectors, spool: Path) -> tuple[float, float]:
     import stethoscope
 
     torch.manual_seed(0)
-    model = TinyLM(d=64, layers=2, seq=32)
+    model = TinyLM(vocab=256, d=64, layers=2, seq=32)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)
     mon = stethoscope.attach(model, opt, project="bench", server="offline", spool_dir=spool, detectors=detectors)

@@ -192,13 +192,14 @@ class Sender:
         if self.transport is not None:
             self.transport = HttpTransport(self.transport.base_url)
 
-    def put(self, record) -> None:
+    def put(self, record, urgent: bool = False) -> None:
+        """Queue ``record``; ``urgent`` (or any record but a step's points) wakes the thread now."""
         if self._pid != os.getpid():
             self.after_fork()
         if self._thread is None:
             self._start()
         try:
-            self._queue.put_nowait(record, urgent=record[0] != "points")
+            self._queue.put_nowait(record, urgent=urgent or record[0] != "points")
         except queue.Full:
             self.dropped += 1
 

@@ -302,3 +302,27 @@ def test_misuse_of_detectors_raises_value_error(detectors, message, tmp_path):
     model = TinyNet()
     with pytest.raises(ValueError, match=message):
         stethoscope.attach(model, None, server="offline", spool_dir=tmp_path, detectors=detectors)
+
+
+def test_a_non_finite_step_wakes_the_sender_at_once(tmp_path, monkeypatch):
+    """While records flow the sender looks every POLL_INTERVAL_S (20 ms: ~20 steps of a 1 ms
+    step); the step whose loss is NaN must not wait for that look. Its record is put as urgent
+    (it wakes the thread), the finite steps before it are not (they wake nobody)."""
+    from stethoscope import _sender
+
+    urgent_by_step = {}
+    put = _sender.Sender.put
+
+    def spy(self, record, urgent=False):
+        if record[0] == "points":
+            urgent_by_step[record[1]] = urgent
+        return put(self, record, urgent)
+
+    monkeypatch.setattr(_sender.Sender, "put", spy)
+    model = relu_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with stethoscope.attach(model, opt, run="hook-wake", server="offline", spool_dir=tmp_path) as mon:
+        nan_step = blow_up(mon, model, opt)
+    assert nan_step == JUMP_STEP + 1
+    assert not any(urgent_by_step[s] for s in range(nan_step)), urgent_by_step
+    assert all(urgent_by_step[s] for s in range(nan_step, STEPS))
