@@ -27,14 +27,20 @@ SOURCES = [
 #: ... and, for the runs of these generators only, this code too (so that a change to a new
 #: generator regenerates its own runs, not the whole corpus).
 PLATEAU_SOURCES = [ROOT / "tests" / "client" / "_corpus_runs_plateau.py"]
-GEN_SOURCES = {"stuck": PLATEAU_SOURCES, "edge": PLATEAU_SOURCES, "held_out": PLATEAU_SOURCES}
+LAYERS_SOURCES = [ROOT / "tests" / "client" / "_corpus_runs_layers.py"]
+GEN_SOURCES = {
+    "stuck": PLATEAU_SOURCES,
+    "edge": PLATEAU_SOURCES,
+    "held_out": PLATEAU_SOURCES,
+    "layers": LAYERS_SOURCES,
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
     name: str
     family: str  # what it is for; "healthy_*" families are expected to raise nothing
-    gen: str  # minibatch | continual | gd | modular | stuck | edge | held_out
+    gen: str  # minibatch | continual | gd | modular | stuck | edge | held_out | layers
     params: dict
     part: str = "tune"
     divergence: str = "gradual"  # the tag a non-finite step gets: gradual or sudden
@@ -89,6 +95,46 @@ def _issue17() -> list[Run]:
         ),
         *_runs("held_out", "healthy_held_out_adam_mlp", TUNE1_HOLD1, n_train=4000, flip=0.2),
         *_runs("held_out", "healthy_held_out_sgdm_mlp", {0: "holdout"}, n_train=20000, opt="sgdm", lr=0.05, width=64),
+    ]
+
+
+def _layers() -> list[Run]:
+    """Per-layer gradients: deep sigmoid and tanh stacks vanishing from the start, a layer
+    whose ReLUs all die at step 400, a layer frozen by weights grown x300 under the
+    normalisation after it (its gradient /300), a layer held by a max-norm constraint 300-1000x
+    below its norm (its gradient x100-x300, the loss and the global norm barely moved); and
+    healthy deep ReLU, tanh, LayerNorm and BatchNorm networks, a CNN and a transformer."""
+    adam = {"opt": "adam", "lr": 1e-3}
+    cosine = {"opt": "adamw", "schedule": HEALTHY_WARMUP_COSINE}
+    maxnorm = {"kind": "maxnorm", "init_scale": 30.0, "factor": 0.003}
+    return [
+        *_runs("layers", "layers_vanish_sigmoid_deep_sgdm", TUNE1_HOLD1, kind="sigmoid", steps=800),
+        *_runs("layers", "layers_vanish_tanh_small_init_sgdm", TUNE1_HOLD1, kind="tanh_small", steps=800),
+        *_runs("layers", "layers_vanish_dead_relu_sgdm", TUNE2_HOLD1, kind="dead", steps=1000),
+        *_runs("layers", "layers_vanish_frozen_ln_adam", TUNE1_HOLD1, kind="frozen", factor=300.0, steps=1000, **adam),
+        *_runs(
+            "layers",
+            "layers_vanish_frozen_bn_cnn_sgdm",
+            {0: "holdout"},
+            kind="frozen",
+            arch="cnn",
+            factor=300.0,
+            lr=0.02,
+            steps=800,
+        ),
+        *_runs("layers", "layers_explode_maxnorm_ln_adam", TUNE1_HOLD1, steps=1000, **maxnorm, **adam),
+        *_runs("layers", "layers_explode_maxnorm_ln_sgdm", TUNE1_HOLD1, steps=1000, **{**maxnorm, "factor": 0.001}),
+        *_runs("layers", "layers_explode_maxnorm_bn_cnn_adam", TUNE1_HOLD1, arch="cnn", steps=800, **maxnorm, **adam),
+        *_runs(
+            "layers", "layers_explode_maxnorm_bn_cnn_sgdm", {0: "holdout"}, arch="cnn", lr=0.02, steps=800, **maxnorm
+        ),
+        *_runs("layers", "healthy_layers_relu_deep_sgdm", TUNE1_HOLD1, kind="relu", steps=1200),
+        *_runs("layers", "healthy_layers_tanh_xavier_sgdm", TUNE1_HOLD1, kind="tanh", steps=1200),
+        *_runs("layers", "healthy_layers_ln_mlp_adam", TUNE1_HOLD1, kind="ln", steps=1200, **adam),
+        *_runs("layers", "healthy_layers_ln_mlp_sgdm", {0: "holdout"}, kind="ln", steps=1200),
+        *_runs("layers", "healthy_layers_bn_cnn_sgdm", TUNE1_HOLD1, kind="bn_cnn", lr=0.02, steps=1000),
+        *_runs("layers", "healthy_layers_cnn_adamw", {0: "tune"}, kind="cnn", steps=1000, **cosine),
+        *_runs("layers", "healthy_layers_transformer_adamw", TUNE1_HOLD1, kind="transformer", steps=1000, **cosine),
     ]
 
 
@@ -261,6 +307,8 @@ RUNS: list[Run] = [
     ),
     # issue 17: plateau, oscillation, overfitting
     *_issue17(),
+    # issue 17: per-layer gradients
+    *_layers(),
 ]
 
 
@@ -277,6 +325,10 @@ def generate(run: Run) -> list:
         return S._gd(**run.params)[0]
     if run.gen == "modular":
         return S.softmax_collapse_modular(**run.params).points
+    if run.gen == "layers":
+        import _corpus_runs_layers as L
+
+        return L.layers(**run.params)
     if run.gen in GEN_SOURCES:
         import _corpus_runs_plateau as P
 

@@ -2,13 +2,15 @@
 
     python benchmarks/detector_quality.py [--regen] [--runs] [--part tune|holdout] [--only SUBSTR]
 
-The corpus (``benchmarks/_corpus.py``): 90 seeded CPU trainings -- SGD with and without
+The corpus (``benchmarks/_corpus.py``): 119 seeded CPU trainings -- SGD with and without
 momentum, Adam, AdamW; batch 4 to 256 and full batch; an MLP, a small CNN, a one-layer
 transformer, softmax regression -- showing gradual and sudden divergence, loss spikes of three
 causes, Softmax Collapse (and a run hovering below it), full-batch GD at the edge of
 stability, class-incremental training with replay, runs stuck at their starting loss, GD past
-the edge oscillating, small training sets overfitting a held-out set, and healthy runs of
-every kind. Generated once (two
+the edge oscillating, small training sets overfitting a held-out set, layers whose gradient
+vanishes (deep sigmoid/tanh stacks, dead ReLUs, a layer frozen under a normalisation) or
+explodes alone (a max-norm constraint far below a layer's norm), and healthy runs of every
+kind. Generated once (two
 processes, a few minutes) into ``.corpus-cache/`` and reused while the generating code is
 unchanged. Each run is labelled from its own series (``tests/client/_corpus_labels.py``).
 

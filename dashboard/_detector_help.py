@@ -37,6 +37,9 @@ ADVICE = {
     "initialisation, and that the labels and loss match the inputs.",
     "oscillation": "The learning rate is past the edge of stability: lower it (halve it), or add warm-up or "
     "gradient clipping; with momentum, lower the momentum too.",
+    "layer_gradients": "Look at the named layer: dead units (a large negative bias, too high a learning rate), "
+    "saturating activations at a poor initialisation, or weights far off the scale a normalisation expects; "
+    "re-initialise it, switch to ReLU-family activations with a fan-in init, or fix its weight decay or constraint.",
     "overfitting": "Keep the checkpoint of the best evaluation (in the evidence); stop early, or add data, "
     "augmentation, weight decay or dropout.",
 }

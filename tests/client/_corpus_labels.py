@@ -40,6 +40,17 @@ What a scenario meant to do does not decide its labels; what the series show doe
   the minimum. The event is the first evaluation after the minimum that is ``OVERFIT_RISE``
   above it; an alert from the minimum to the end detects it.
 
+- layer_gradients: per module (``grad/norm/<module>``, log10 of the norm, an exact zero taken
+  as 1e-30), its level now (median of the last ``LAYER_SMOOTH`` points) against its earlier
+  level (median of the ``LAYER_EARLIER`` points before those): ``vanishing`` when it fell by
+  ``LAYER_DECADES`` or more while the median change of the other modules did not (it fell
+  ``LAYER_DECADES`` more than they did), or when its level is ``LAYER_FAR`` decades or more
+  below the median level of the other modules for ``LAYER_FAR_HOLD`` steps; ``exploding``
+  the same upwards. A stretch must hold ``LAYER_HOLD`` steps; stretches of one kind less than
+  ``LAYER_MERGE`` steps apart are one event, at the first step; an alert from
+  ``LAYER_SMOOTH`` steps before it to ``LAYER_WINDOW`` steps after it (or to the end of the
+  stretch, if later) detects it.
+
 An alert of the event's detector raised at a step in ``[lo, hi]`` detects it.
 """
 
@@ -80,6 +91,15 @@ OVERFIT_END_RISE = 0.2
 OVERFIT_RISE = 0.1
 OVERFIT_TRAIN = 0.9
 OVERFIT_TRAIN_POINTS = 50
+LAYER_SMOOTH = 9
+LAYER_EARLIER = 100
+LAYER_DECADES = 2.0
+LAYER_FAR = 3.0
+LAYER_FAR_HOLD = 200
+LAYER_HOLD = 30
+LAYER_MERGE = 200
+LAYER_WINDOW = 300
+LAYER_ZERO = -30.0
 
 
 @dataclasses.dataclass
@@ -241,6 +261,63 @@ def overfits(points) -> list[tuple[int, int, int, str]]:
     return out
 
 
+def layer_gradient_events(points) -> list[tuple[int, int, int, str]]:
+    """[(event step, lo, hi, "vanishing" | "exploding")] from the per-module gradient norms."""
+    mods: dict = {}
+    for n, s, v in points:
+        if n.startswith("grad/norm/") and math.isfinite(v):
+            mods.setdefault(n, {})[s] = math.log10(v) if v > 0 else LAYER_ZERO
+    if len(mods) < 2:
+        return []
+    steps = sorted(set.intersection(*(set(m) for m in mods.values())))
+    xs = {n: [m[s] for s in steps] for n, m in mods.items()}
+    flags: dict = {"vanishing": [], "exploding": [], "far": []}
+    for i in range(LAYER_SMOOTH - 1, len(steps)):
+        now = {n: statistics.median(x[i - LAYER_SMOOTH + 1 : i + 1]) for n, x in xs.items()}
+        j = i - LAYER_SMOOTH + 1
+        change = {}
+        if j >= LAYER_EARLIER:
+            change = {n: now[n] - statistics.median(x[j - LAYER_EARLIER : j]) for n, x in xs.items()}
+        down = up = far = False
+        for n in xs:
+            others = [v for k, v in now.items() if k != n]
+            far = far or now[n] - statistics.median(others) <= -LAYER_FAR
+            if change:
+                rel = change[n] - statistics.median(v for k, v in change.items() if k != n)
+                down = down or (change[n] <= -LAYER_DECADES and rel <= -LAYER_DECADES)
+                up = up or (change[n] >= LAYER_DECADES and rel >= LAYER_DECADES)
+        for kind, on in (("vanishing", down), ("exploding", up), ("far", far)):
+            if on:
+                flags[kind].append(steps[i])
+    out = []
+    for kind, hold in (("vanishing", LAYER_HOLD), ("exploding", LAYER_HOLD), ("far", LAYER_FAR_HOLD)):
+        for first, last in _stretches(flags[kind], steps):
+            if last - first + 1 >= hold:
+                out.append((first, max(0, first - LAYER_SMOOTH), max(last, first + LAYER_WINDOW), kind))
+    events: list = []
+    for first, lo, hi, kind in sorted(out):
+        kind = "vanishing" if kind == "far" else kind
+        same = [e for e in events if e[3] == kind and first - e[2] <= LAYER_MERGE]
+        if same:
+            e = same[-1]
+            events[events.index(e)] = (e[0], e[1], max(e[2], hi), kind)
+        else:
+            events.append((first, lo, hi, kind))
+    return events
+
+
+def _stretches(flagged: list, steps: list) -> list[tuple[int, int]]:
+    """Runs of consecutive recorded steps in ``flagged``: [(first, last)]."""
+    pos = {s: i for i, s in enumerate(steps)}
+    out: list = []
+    for s in flagged:
+        if out and pos[s] == pos[out[-1][1]] + 1:
+            out[-1] = (out[-1][0], s)
+        else:
+            out.append((s, s))
+    return out
+
+
 def label(points, divergence_tag: str = "gradual") -> Labels:
     steps = len({s for n, s, _ in points if n == "loss"})
     events, notes = [], {}
@@ -273,4 +350,6 @@ def label(points, divergence_tag: str = "gradual") -> Labels:
         events.append(Event("oscillation", step, step, step + OSC_WINDOW))
     for step, lo, hi, name in overfits(points):
         events.append(Event("overfitting", step, lo, hi, name))
+    for step, lo, hi, kind in layer_gradient_events(points):
+        events.append(Event("layer_gradients", step, lo, hi, kind))
     return Labels(sorted(events, key=lambda e: (e.step, e.detector)), steps, notes)

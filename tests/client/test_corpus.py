@@ -125,3 +125,17 @@ def test_issue17_runs_show_what_they_are_for_and_their_twins_do_not():
     over = L.label(P.held_out(n_train=200, steps=500))
     assert [(e.detector, e.tag) for e in over.events] == [("overfitting", "eval/loss")]
     assert L.label(P.held_out(n_train=4000, steps=500)).events == []
+
+
+def test_per_layer_runs_show_what_they_are_for_and_their_twins_do_not():
+    import _corpus_runs_layers as LR
+
+    dead = L.label(LR.layers("dead", steps=600))
+    assert [(e.detector, e.tag) for e in dead.events] == [("layer_gradients", "vanishing")]
+    assert 400 <= dead.events[0].step <= 400 + L.LAYER_SMOOTH
+    assert L.label(LR.layers("relu", steps=600)).events == []  # the same net, no layer killed
+    boom = L.label(LR.layers("maxnorm", steps=600, opt="adam", lr=1e-3, init_scale=30.0, factor=0.003))
+    assert [(e.detector, e.tag) for e in boom.events] == [("layer_gradients", "exploding")]
+    assert L.label(LR.layers("ln", steps=600, opt="adam", lr=1e-3)).events == []
+    sig = L.label(LR.layers("sigmoid", steps=400))
+    assert [(e.detector, e.tag, e.lo) for e in sig.events] == [("layer_gradients", "vanishing", 0)]

@@ -31,6 +31,8 @@ def test_public_names_are_pinned():
             "DivergenceParams",
             "EdgeOfStabilityDetector",
             "EdgeOfStabilityParams",
+            "LayerGradientsDetector",
+            "LayerGradientsParams",
             "LossSpikeDetector",
             "LossSpikeParams",
             "OPEN",
@@ -64,6 +66,7 @@ def test_public_names_are_pinned():
         "plateau",
         "oscillation",
         "overfitting",
+        "layer_gradients",
     }
 
 
@@ -259,6 +262,7 @@ def test_settings_round_trip_and_disable():
         "plateau",
         "oscillation",
         "overfitting",
+        "layer_gradients",
     ]
     state = {}
     assert ds.check(state, now=1e9, last_seen=0.0, status="running") == []
@@ -339,6 +343,12 @@ MESSAGE_CASES = {
         [("loss", s, 1.0 - 0.001 * s) for s in range(40)]
         + [("loss", 40 + i, 0.96 + 0.001 * 1.08**i * (-1) ** i) for i in range(40)]
     ),
+    ("layer_gradients", "vanishing"): lambda: [
+        (f"grad/norm/m{k}", s, 1e-4 if k == 0 and s >= 50 else 1.0 + 0.1 * (s % 3)) for s in range(80) for k in range(4)
+    ],
+    ("layer_gradients", "exploding"): lambda: [
+        (f"grad/norm/m{k}", s, 1e3 if k == 0 and s >= 50 else 1.0 + 0.1 * (s % 3)) for s in range(80) for k in range(4)
+    ],
     ("overfitting", "eval/loss"): lambda: [
         p
         for s in range(0, 600, 10)

@@ -16,6 +16,7 @@ from ._base import OPEN, RESOLVE, SEVERITIES, UPDATE, AlertChange, Detector, sev
 from ._engine import CAUSES, DETECTORS, DetectorSet
 from .divergence import DivergenceDetector, DivergenceParams
 from .edge_of_stability import EdgeOfStabilityDetector, EdgeOfStabilityParams
+from .layer_gradients import LayerGradientsDetector, LayerGradientsParams
 from .loss_spike import LossSpikeDetector, LossSpikeParams
 from .oscillation import OscillationDetector, OscillationParams
 from .overfitting import OverfittingDetector, OverfittingParams
@@ -34,6 +35,8 @@ __all__ = [
     "DivergenceParams",
     "EdgeOfStabilityDetector",
     "EdgeOfStabilityParams",
+    "LayerGradientsDetector",
+    "LayerGradientsParams",
     "LossSpikeDetector",
     "LossSpikeParams",
     "OPEN",

@@ -32,6 +32,10 @@ MIN_STALL_TIMEOUT_S, MAX_STALL_TIMEOUT_S = 0.1, 30 * 24 * 3600.0
 #: The plateau's shortest window, in steps: it keeps block sums, not points, so a long window
 #: costs no state; a million steps is longer than any run needs before its first judgement.
 MAX_WINDOW_STEPS = 1_000_000
+#: Decades (powers of ten) of a layer's gradient norm against its own level and the others'.
+#: A tenth of a decade (x1.26) is minibatch noise; 30 decades is the floor an exactly zero
+#: norm is taken at (``layer_gradients.ZERO_LOG10``): a larger threshold never fires.
+MIN_DECADES, MAX_DECADES = 0.1, 30.0
 
 _POINTS = (1, MAX_POINTS_SETTING, "MAX_POINTS_SETTING: values kept per series in the state saved with every batch")
 _SIGMAS = (MIN_SIGMAS, MAX_SIGMAS, "MIN_SIGMAS..MAX_SIGMAS: robust sigmas")
@@ -56,6 +60,9 @@ BOUNDS: dict[str, tuple[float, float, str]] = {
             "recover_points",
             "train_smooth_points",
             "eval_patience",
+            "baseline_points",
+            "static_patience",
+            "explode_patience",
         )
     },
     **{k: (0, MAX_POINTS_SETTING, "MAX_POINTS_SETTING: steps") for k in ("rejoin_steps", "min_steps", "delay_steps")},
@@ -89,9 +96,14 @@ BOUNDS: dict[str, tuple[float, float, str]] = {
             "min_amplitude",
             "acc_drop",
             "train_improvement",
+            "recover_fraction",
         )
     },
     **{k: _CURVATURE for k in ("near_ratio", "at_ratio", "trace_ratio")},
+    **{
+        k: (MIN_DECADES, MAX_DECADES, "MIN_DECADES..MAX_DECADES: powers of ten")
+        for k in ("vanish_decades", "explode_decades", "static_decades")
+    },
     "margin_warn": (MIN_MARGIN_NATS, MAX_MARGIN_NATS, "MIN_MARGIN_NATS..MAX_MARGIN_NATS: nats"),
     "timeout_s": (MIN_STALL_TIMEOUT_S, MAX_STALL_TIMEOUT_S, "MIN_STALL_TIMEOUT_S..MAX_STALL_TIMEOUT_S: seconds"),
 }

@@ -12,6 +12,7 @@ from ._base import OPEN, RESOLVE, UPDATE, AlertChange, Detector, episode_change
 from ._bounds import check_bounds
 from .divergence import DivergenceDetector
 from .edge_of_stability import EdgeOfStabilityDetector
+from .layer_gradients import LayerGradientsDetector
 from .loss_spike import LossSpikeDetector
 from .oscillation import OscillationDetector
 from .overfitting import OverfittingDetector
@@ -33,6 +34,7 @@ DETECTORS: dict[str, type[Detector]] = {
         PlateauDetector,
         OscillationDetector,
         OverfittingDetector,
+        LayerGradientsDetector,
     )
 }
 
@@ -49,13 +51,18 @@ _step = itemgetter(1)
 #: catapults back: those jumps are the edge's own signature, part of its incident.
 #: A loss swinging up and down every step is gradient descent past that edge (or a run
 #: blowing up); a run that stops making progress while it diverges, oscillates or sits past
-#: the edge is stalled by that, not by a learning rate too low.
+#: the edge is stalled by that, not by a learning rate too low -- or by a layer whose gradient
+#: vanished (dead units, a saturated deep stack): the run cannot learn through it. One layer's
+#: gradient exploding while the whole run blows up is part of the divergence; a layer whose
+#: gradient explodes alone (its effective learning rate with it) shakes the loss: the jump is
+#: that layer's doing.
 CAUSES: dict[str, tuple[str, ...]] = {
-    "loss_spike": ("divergence", "edge_of_stability"),
+    "loss_spike": ("divergence", "edge_of_stability", "layer_gradients"),
     "softmax_collapse": ("divergence", "loss_spike"),
     "edge_of_stability": ("divergence",),
     "oscillation": ("divergence", "edge_of_stability"),
-    "plateau": ("divergence", "oscillation", "edge_of_stability"),
+    "plateau": ("divergence", "oscillation", "edge_of_stability", "layer_gradients"),
+    "layer_gradients": ("divergence",),
 }
 #: Stability gaps of several tasks after one task switch are one incident (the switch), under
 #: the first task whose accuracy fell.
