@@ -40,6 +40,12 @@ ADVICE = {
     "layer_gradients": "Look at the named layer: dead units (a large negative bias, too high a learning rate), "
     "saturating activations at a poor initialisation, or weights far off the scale a normalisation expects; "
     "re-initialise it, switch to ReLU-family activations with a fan-in init, or fix its weight decay or constraint.",
+    "dead_units": "Units of the named layer stopped firing: lower the learning rate (or add warm-up), clip "
+    "gradients, check for a large negative bias, or switch to LeakyReLU/GELU or a fan-in init; dead units do "
+    "not come back on their own: restart from a checkpoint before they died.",
+    "slow_steps": "Steps take longer than at the start of the run: check data-loader workers (CPU use, I/O), "
+    "the GPU's clocks and temperature (nvidia-smi), recompilations (TORCH_LOGS=recompiles) and other jobs on "
+    "the node.",
     "overfitting": "Keep the checkpoint of the best evaluation (in the evidence); stop early, or add data, "
     "augmentation, weight decay or dropout.",
 }

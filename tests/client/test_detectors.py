@@ -25,6 +25,8 @@ def test_public_names_are_pinned():
             "AlertChange",
             "CAUSES",
             "DETECTORS",
+            "DeadUnitsDetector",
+            "DeadUnitsParams",
             "Detector",
             "DetectorSet",
             "DivergenceDetector",
@@ -45,6 +47,8 @@ def test_public_names_are_pinned():
             "RESOLVE",
             "SC_MARGIN_NATS",
             "SEVERITIES",
+            "SlowStepsDetector",
+            "SlowStepsParams",
             "SoftmaxCollapseDetector",
             "SoftmaxCollapseParams",
             "StabilityGapDetector",
@@ -67,6 +71,8 @@ def test_public_names_are_pinned():
         "oscillation",
         "overfitting",
         "layer_gradients",
+        "dead_units",
+        "slow_steps",
     }
 
 
@@ -263,6 +269,8 @@ def test_settings_round_trip_and_disable():
         "oscillation",
         "overfitting",
         "layer_gradients",
+        "dead_units",
+        "slow_steps",
     ]
     state = {}
     assert ds.check(state, now=1e9, last_seen=0.0, status="running") == []

@@ -149,7 +149,7 @@ def test_a_module_without_any_gradient_is_told_at_info_and_a_divergence_claims_a
     det = LayerGradientsDetector()
     (c,) = [c for c in det.update({}, _modules(200, lambda k, s: 0.0 if k == 0 else 1.0)) if c.action == "open"]
     assert c.severity == "info" and c.message.startswith("Layer m0 has received no gradient at all by step")
-    assert CAUSES["layer_gradients"] == ("divergence",)
+    assert CAUSES["layer_gradients"] == ("divergence", "dead_units")
     # the whole run blows up (loss and global norm), one layer far more than the others
     ds, state = DetectorSet(), {}
     pts = []

@@ -14,6 +14,7 @@ Standard library only: no torch, no numpy.
 
 from ._base import OPEN, RESOLVE, SEVERITIES, UPDATE, AlertChange, Detector, severity_rank
 from ._engine import CAUSES, DETECTORS, DetectorSet
+from .dead_units import DeadUnitsDetector, DeadUnitsParams
 from .divergence import DivergenceDetector, DivergenceParams
 from .edge_of_stability import EdgeOfStabilityDetector, EdgeOfStabilityParams
 from .layer_gradients import LayerGradientsDetector, LayerGradientsParams
@@ -21,6 +22,7 @@ from .loss_spike import LossSpikeDetector, LossSpikeParams
 from .oscillation import OscillationDetector, OscillationParams
 from .overfitting import OverfittingDetector, OverfittingParams
 from .plateau import PlateauDetector, PlateauParams
+from .slow_steps import SlowStepsDetector, SlowStepsParams
 from .softmax_collapse import SC_MARGIN_NATS, SoftmaxCollapseDetector, SoftmaxCollapseParams
 from .stability_gap import StabilityGapDetector, StabilityGapParams
 from .stalled import StalledRunDetector, StalledRunParams
@@ -30,6 +32,8 @@ __all__ = [
     "CAUSES",
     "DETECTORS",
     "Detector",
+    "DeadUnitsDetector",
+    "DeadUnitsParams",
     "DetectorSet",
     "DivergenceDetector",
     "DivergenceParams",
@@ -49,6 +53,8 @@ __all__ = [
     "RESOLVE",
     "SC_MARGIN_NATS",
     "SEVERITIES",
+    "SlowStepsDetector",
+    "SlowStepsParams",
     "SoftmaxCollapseDetector",
     "SoftmaxCollapseParams",
     "StabilityGapDetector",

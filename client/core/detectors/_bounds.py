@@ -66,6 +66,7 @@ BOUNDS: dict[str, tuple[float, float, str]] = {
         )
     },
     **{k: (0, MAX_POINTS_SETTING, "MAX_POINTS_SETTING: steps") for k in ("rejoin_steps", "min_steps", "delay_steps")},
+    "trim": (0, MAX_POINTS_SETTING, "MAX_POINTS_SETTING: points of the window"),
     "min_window": (2, MAX_WINDOW_STEPS, "MAX_WINDOW_STEPS: steps; the window grows with the run past it anyway"),
     "growth_ratio": _GROWTH,
     "threshold": _SIGMAS,
@@ -73,6 +74,7 @@ BOUNDS: dict[str, tuple[float, float, str]] = {
     "ratio_sigmas": _SIGMAS,
     "ratio": _GROWTH,
     "runaway_ratio": _GROWTH,
+    "recover_ratio": _GROWTH,
     "grad_ratio": _GROWTH,
     "critical_ratio": _GROWTH,
     "min_rise": (0.0, MAX_GROWTH_RATIO, "MAX_GROWTH_RATIO: a larger rise never fires"),
@@ -97,6 +99,7 @@ BOUNDS: dict[str, tuple[float, float, str]] = {
             "acc_drop",
             "train_improvement",
             "recover_fraction",
+            "level",
         )
     },
     **{k: _CURVATURE for k in ("near_ratio", "at_ratio", "trace_ratio")},

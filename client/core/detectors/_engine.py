@@ -10,6 +10,7 @@ from typing import Iterable, Sequence
 
 from ._base import OPEN, RESOLVE, UPDATE, AlertChange, Detector, episode_change
 from ._bounds import check_bounds
+from .dead_units import DeadUnitsDetector
 from .divergence import DivergenceDetector
 from .edge_of_stability import EdgeOfStabilityDetector
 from .layer_gradients import LayerGradientsDetector
@@ -17,6 +18,7 @@ from .loss_spike import LossSpikeDetector
 from .oscillation import OscillationDetector
 from .overfitting import OverfittingDetector
 from .plateau import PlateauDetector
+from .slow_steps import SlowStepsDetector
 from .softmax_collapse import SoftmaxCollapseDetector
 from .stability_gap import StabilityGapDetector
 from .stalled import StalledRunDetector
@@ -35,6 +37,8 @@ DETECTORS: dict[str, type[Detector]] = {
         OscillationDetector,
         OverfittingDetector,
         LayerGradientsDetector,
+        DeadUnitsDetector,
+        SlowStepsDetector,
     )
 }
 
@@ -55,14 +59,19 @@ _step = itemgetter(1)
 #: vanished (dead units, a saturated deep stack): the run cannot learn through it. One layer's
 #: gradient exploding while the whole run blows up is part of the divergence; a layer whose
 #: gradient explodes alone (its effective learning rate with it) shakes the loss: the jump is
-#: that layer's doing.
+#: that layer's doing. Units that die take their layer's gradient with them: a unit whose
+#: output is zero on the whole batch passes back exactly zero, so the weights feeding it get
+#: none, and a layer mostly dead starves every layer below it. The dead share is measured on
+#: the activations, upstream of the gradient, and names the mechanism (which layer, how many
+#: units); the vanishing gradient is its consequence, and a plateau of a net whose units died
+#: is that death's incident (dead units come before layer_gradients among the plateau's roots).
 CAUSES: dict[str, tuple[str, ...]] = {
     "loss_spike": ("divergence", "edge_of_stability", "layer_gradients"),
     "softmax_collapse": ("divergence", "loss_spike"),
     "edge_of_stability": ("divergence",),
     "oscillation": ("divergence", "edge_of_stability"),
-    "plateau": ("divergence", "oscillation", "edge_of_stability", "layer_gradients"),
-    "layer_gradients": ("divergence",),
+    "plateau": ("divergence", "oscillation", "edge_of_stability", "dead_units", "layer_gradients"),
+    "layer_gradients": ("divergence", "dead_units"),
 }
 #: Stability gaps of several tasks after one task switch are one incident (the switch), under
 #: the first task whose accuracy fell.

@@ -1,0 +1,72 @@
+"""Slow steps: the rule on step-time schedules, and the hook's perf series under a fake clock."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from stethoscope.core.detectors import DetectorSet, SlowStepsDetector, SlowStepsParams
+
+
+def _series(ms):
+    return [("perf/step_ms", s, v) for s, v in enumerate(ms)]
+
+
+def _jitter(n, base=10.0, seed=0):
+    rng = random.Random(seed)
+    return [base * (1 + 0.1 * rng.random()) for _ in range(n)]
+
+
+def test_a_jittery_run_with_checkpoint_pauses_raises_nothing():
+    ms = _jitter(3000)
+    for s in range(200, 3000, 250):
+        ms[s] = 2000.0  # a checkpoint or an evaluation: one very slow step
+    ms[:5] = [500.0] * 5  # the first steps compile and allocate
+    assert SlowStepsDetector().update({}, _series(ms)) == []
+
+
+def test_a_data_loader_stall_every_few_steps_is_told_after_its_patience_and_resolves():
+    ms = _jitter(1500)
+    for s in range(600, 1100):
+        if s % 4 == 0:
+            ms[s] = 40.0  # the loader makes every fourth step wait 30 ms
+    changes = SlowStepsDetector().update({}, _series(ms))
+    assert [(c.action, c.key) for c in changes] == [("open", "perf/step_ms"), ("resolve", "perf/step_ms")]
+    opened, resolved = changes
+    assert 600 <= opened.start_step <= 650 and opened.severity == "warning"
+    assert opened.evidence["ratio"] >= 1.5 and "baseline" in opened.message
+    assert resolved.end_step >= 1100
+
+
+def test_a_gradual_throttle_is_seen_against_the_fixed_baseline():
+    ms = _jitter(2000)
+    ms = [v * (1 + max(0, s - 500) / 1000) for s, v in enumerate(ms)]  # +0.1% per step after 500
+    (c,) = SlowStepsDetector().update({}, _series(ms))
+    assert c.action == "open" and 1000 <= c.start_step <= 1200
+
+
+def test_a_recompile_every_ten_steps_is_slow_and_one_burst_is_not():
+    ms = _jitter(1500)
+    for s in range(500, 1500, 10):
+        ms[s] = 200.0
+    (c,) = SlowStepsDetector().update({}, _series(ms))
+    assert c.action == "open" and 500 <= c.start_step <= 560
+    burst = _jitter(1500)
+    burst[700:730] = [30.0] * 30  # thirty slow steps: shorter than the patience
+    assert SlowStepsDetector().update({}, _series(burst)) == []
+
+
+def test_a_task_switch_measures_the_baseline_afresh():
+    ms = _jitter(600) + _jitter(600, base=25.0)  # the second task's model is bigger
+    pts = _series(ms)
+    pts.insert(600, ("continual/task", 600, 1.0))
+    assert SlowStepsDetector().update({}, pts) == []
+    assert len(SlowStepsDetector().update({}, _series(ms))) == 1  # without the switch: slow
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError):
+        SlowStepsParams(ratio=1.2, recover_ratio=1.5)
+    with pytest.raises(ValueError):
+        DetectorSet({"slow_steps": {"trim": 60}})
