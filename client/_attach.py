@@ -46,6 +46,8 @@ def attach(
     sync_ranks: bool | None = None,
     detectors: dict | bool | None = None,
     clock=None,
+    dead_units: bool = False,
+    batch_size: int | None = None,
 ):
     """Attach a training-health monitor to ``model`` and ``optimizer``; returns a ``Monitor``.
 
@@ -77,6 +79,13 @@ def attach(
     the server's per-project settings do (``{"loss_spike": {"threshold": 8.0}}``; checked
     at once); ``detectors=False`` leaves detection to the server.
 
+    Every step also sends its time (``perf/step_ms``, from one ``log`` to the next), samples
+    per second (``batch_size``, else the first dimension of ``targets`` or ``logits``) and, on
+    CUDA, the allocator's memory in use and peak (``perf/cuda_mem_mb``, ``perf/cuda_mem_peak_mb``).
+    ``dead_units=True`` hooks every ``nn.ReLU``/``nn.ReLU6`` module and sends the share of its
+    units that output zero on the whole batch (``dead/<module>``) on the expensive steps: one
+    read of each activation on those steps, charged to the budget.
+
     ``STETHOSCOPE_DISABLED=1`` returns a monitor that does nothing.
 
     >>> with stethoscope.attach(model, optimizer, project="demo", server="http://localhost:8765") as mon:
@@ -95,6 +104,10 @@ def attach(
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise ValueError(f"optimizer must be a torch.optim.Optimizer or None, not {type(optimizer).__name__}")
     check_budget(budget, every)
+    if not isinstance(dead_units, bool):
+        raise ValueError(f"dead_units must be True or False, not {dead_units!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int (samples per step) or None, not {batch_size!r}")
     if clock is not None and not callable(clock):
         raise ValueError("clock must be a callable returning seconds, like time.perf_counter")
     if not isinstance(project, str) or not RUN_ID_RE.match(project):
@@ -145,6 +158,8 @@ def attach(
         dist=(dist, world) if sync_ranks and world > 1 else None,
         clock=clock if clock is not None else time.perf_counter,
         charge_sender=clock is None,
+        dead_units=dead_units,
+        batch_size=batch_size,
     )
     if sends and generated:
         where = url or f"offline (spooled under {root}; upload with `stethoscope sync`)"

@@ -19,7 +19,7 @@ import uuid
 
 import torch
 
-from . import _attention, _errors, _logits, _metrics, _spool
+from . import _attention, _errors, _logits, _metrics, _perf, _spool
 from ._budget import DISTRIBUTED_EVERY, CostBudget
 from ._checks import _check_log_args, _check_name, _check_step, _jsonable
 from ._metrics import MAX, MEAN, SUM
@@ -52,6 +52,8 @@ class Monitor:
         dist=None,
         clock=time.perf_counter,
         charge_sender: bool = False,
+        dead_units: bool = False,
+        batch_size: int | None = None,
     ):
         self.run_id = run_id
         #: The run's dashboard page, or None offline.
@@ -96,6 +98,13 @@ class Monitor:
         self._lr_names = _lr_names(optimizer)
         self._logits = _logits.LogitStats()
         _attention.set_active(True)  # the first step carries everything
+        self._perf = _perf.StepPerf(self._layout.device, batch_size)
+        self._dead = None
+        if dead_units:
+            from ._dead import DeadUnits
+
+            self._dead = DeadUnits(model, self._budget.charge, clock)
+            self._dead.active = True
 
     # -- public API ------------------------------------------------------------------
     def log(self, step=None, loss=None, logits=None, targets=None, **scalars) -> None:
@@ -135,7 +144,7 @@ class Monitor:
         full = budget.full
         self._in_collectors = 0.0
         with _errors.swallowed("log"):
-            self._record(step, loss, logits, targets, scalars, full)
+            self._record(step, loss, logits, targets, scalars, full, start)
         with _errors.swallowed("cost budget"):
             sender = self._sender
             if self._charge_sender and sender.cpu_s != self._sender_cpu:
@@ -146,6 +155,8 @@ class Monitor:
                 self._sender_cpu = cpu
             budget.step_done(start, self._clock(), full, self._in_collectors)
         _attention.set_active(budget.full)
+        if self._dead is not None:
+            self._dead.active = budget.full
 
     def event(self, kind: str, *, step=None, message: str = "", **info) -> None:
         """Record an event (``"task_switch"``, ``"checkpoint"``, ``"note"``...) on the step axis.
@@ -282,6 +293,8 @@ class Monitor:
             self._closed = True
         for h in self._hooks:
             h.remove()
+        if self._dead is not None:
+            self._dead.remove()
         self._layout.release_snapshot()
         _attention.set_active(False)
         _attention.take()
@@ -339,9 +352,12 @@ class Monitor:
         self._budget.charge(self._clock() - t0)
 
     # -- the record ------------------------------------------------------------------
-    def _record(self, step, loss, logits, targets, scalars, full):
+    def _record(self, step, loss, logits, targets, scalars, full, start=None):
         L = self._layout
         tensors, names, ops, host_names, host_values = [], [], [], [], []
+        if start is not None:
+            with _errors.swallowed("step time"):
+                self._perf.record(start, logits, targets, host_names, host_values)
 
         def add(t, n, o):
             tensors.append(t)
@@ -375,6 +391,10 @@ class Monitor:
         att = _attention.take()
         if att is not None:
             add(att, ("attention/max_logit",), (MAX,))
+        dead = self._dead.take() if self._dead is not None else None
+        if dead is not None:
+            shares, dead_names = dead
+            add(torch.cat(shares) if len(shares) > 1 else shares[0], dead_names, (MEAN,) * len(dead_names))
         for name, lr in zip(self._lr_names, self._optimizer.param_groups if self._optimizer else ()):
             _add_value(name, lr["lr"], add, host_names, host_values)
         for name, v in scalars.items():

@@ -77,3 +77,75 @@ def test_dead_units_root_the_plateau_and_the_vanishing_gradient_of_their_layer()
         if consequence in opened:
             assert opened[consequence].cause["detector"] == "dead_units"
     assert "layer_gradients" in opened
+
+
+# -- the hook: forward hooks on a real tiny ReLU training ------------------------------------------
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+from helpers import batch, spooled_points  # noqa: E402
+
+import stethoscope  # noqa: E402
+from stethoscope._dead import dead_share  # noqa: E402
+
+
+def relu_mlp():
+    return torch.nn.Sequential(
+        torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)
+    )
+
+
+def test_dead_share_counts_units_zero_on_the_whole_batch():
+    x = torch.ones(4, 5)
+    x[:, 1] = 0
+    x[:, 3] = 0
+    x[2, 3] = 1.0  # unit 3 fires on one sample: alive
+    assert dead_share(x).item() == pytest.approx(1 / 5)
+    conv = torch.ones(2, 4, 3, 3)
+    conv[:, 2] = 0  # channel 2 silent everywhere
+    assert dead_share(conv).item() == pytest.approx(1 / 4)
+    assert dead_share(torch.ones(3)) is None
+
+
+def test_the_hook_measures_dead_units_on_the_expensive_steps_and_a_killed_layer_is_told(tmp_path):
+    torch.manual_seed(0)
+    model = relu_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    alerts = []
+    mon = stethoscope.attach(model, opt, server="offline", spool_dir=tmp_path, every=5, dead_units=True)
+    mon.on_alert(alerts.extend)
+    for step in range(300):
+        if step == 150:
+            with torch.no_grad():
+                model[2].bias.fill_(-100.0)  # every unit of the second ReLU dies
+        x, y = batch(seed=step)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 7 == 0:
+            with torch.no_grad():
+                model(torch.zeros(16, 8) - 1e6)  # an evaluation pass: not counted
+        mon.log(step=step, loss=loss, logits=logits, targets=y)
+    mon.close()
+    got = spooled_points(tmp_path)
+    first, second = got["dead/1"], got["dead/3"]
+    assert sorted(first) == sorted(got["grad/norm/0"]) == list(range(0, 300, 5))  # the expensive steps
+    assert max(v for s, v in second.items() if s < 150) < 0.3 and all(v == 1.0 for s, v in second.items() if s >= 150)
+    assert max(first.values()) < 0.5
+    dead = [a for a in alerts if a["detector"] == "dead_units"]
+    assert dead and dead[0]["evidence"]["layer"] == "3" and 150 <= dead[0]["start_step"] <= 170
+    vanishing = [a for a in alerts if a["detector"] == "layer_gradients"]
+    assert all(a["cause"]["detector"] == "dead_units" for a in vanishing)
+
+
+def test_without_dead_units_no_activation_is_hooked(tmp_path):
+    model = relu_mlp()
+    mon = stethoscope.attach(model, None, server="offline", spool_dir=tmp_path, every=1)
+    assert mon._dead is None and not model[1]._forward_hooks
+    mon.log(step=0, loss=model(torch.ones(2, 8)).sum())
+    mon.close()
+    assert not [n for n in spooled_points(tmp_path) if n.startswith("dead/")]
+    with pytest.raises(ValueError, match="dead_units"):
+        stethoscope.attach(model, None, server="offline", spool_dir=tmp_path, dead_units="yes")

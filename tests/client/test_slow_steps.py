@@ -70,3 +70,68 @@ def test_settings_are_checked():
         SlowStepsParams(ratio=1.2, recover_ratio=1.5)
     with pytest.raises(ValueError):
         DetectorSet({"slow_steps": {"trim": 60}})
+
+
+# -- the hook: a real tiny training, a fake clock -------------------------------------------------
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+from helpers import TinyNet, batch, spooled_points  # noqa: E402
+
+import stethoscope  # noqa: E402
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def stall_schedule(step):
+    """Milliseconds of each step: 10 ms, and from step 200 the loader stalls every 4th step 30 ms."""
+    return 10.0 + (30.0 if step >= 200 and step % 4 == 0 else 0.0)
+
+
+def test_the_hook_sends_step_time_and_samples_per_second_from_its_clock_and_flags_a_loader_stall(tmp_path):
+    torch.manual_seed(0)
+    clock = FakeClock()
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    alerts = []
+    mon = stethoscope.attach(model, opt, server="offline", spool_dir=tmp_path, clock=clock)
+    mon.on_alert(alerts.extend)
+    for step in range(450):
+        clock.now += stall_schedule(step) / 1e3  # the step, as the fake clock tells it
+        x, y = batch(seed=step)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mon.log(step=step, loss=loss, logits=logits, targets=y)
+    mon.close()
+    got = spooled_points(tmp_path)
+    ms = got["perf/step_ms"]
+    assert sorted(ms) == list(range(1, 450))  # the first step has no step before it
+    assert all(ms[s] == pytest.approx(stall_schedule(s), abs=1e-6) for s in ms)
+    sps = got["perf/samples_per_s"]  # 32 samples (the targets' first dimension)
+    assert sps[5] == pytest.approx(32 / 0.010) and sps[200] == pytest.approx(32 / 0.040)
+    assert "perf/cuda_mem_mb" not in got  # a CPU model
+    slow = [a for a in alerts if a["detector"] == "slow_steps"]
+    assert slow and slow[0]["key"] == "perf/step_ms" and 200 <= slow[0]["start_step"] <= 260
+    # (random labels: the run does not learn, and its plateau is told too; not this test's business)
+
+
+def test_batch_size_given_at_attach_wins_and_misuse_raises(tmp_path):
+    clock = FakeClock()
+    model = TinyNet()
+    mon = stethoscope.attach(model, None, server="offline", spool_dir=tmp_path, clock=clock, batch_size=128)
+    for step in range(3):
+        clock.now += 0.5
+        mon.log(step=step, loss=1.0)
+    mon.close()
+    assert spooled_points(tmp_path)["perf/samples_per_s"] == {1: 256.0, 2: 256.0}
+    with pytest.raises(ValueError, match="batch_size"):
+        stethoscope.attach(model, None, server="offline", spool_dir=tmp_path, batch_size=0)
