@@ -28,11 +28,14 @@ SOURCES = [
 #: generator regenerates its own runs, not the whole corpus).
 PLATEAU_SOURCES = [ROOT / "tests" / "client" / "_corpus_runs_plateau.py"]
 LAYERS_SOURCES = [ROOT / "tests" / "client" / "_corpus_runs_layers.py"]
+DEAD_SOURCES = [ROOT / "tests" / "client" / "_corpus_runs_dead.py", *LAYERS_SOURCES]
 GEN_SOURCES = {
     "stuck": PLATEAU_SOURCES,
     "edge": PLATEAU_SOURCES,
     "held_out": PLATEAU_SOURCES,
     "layers": LAYERS_SOURCES,
+    "dead": DEAD_SOURCES,
+    "perf": DEAD_SOURCES,
 }
 
 
@@ -40,7 +43,7 @@ GEN_SOURCES = {
 class Run:
     name: str
     family: str  # what it is for; "healthy_*" families are expected to raise nothing
-    gen: str  # minibatch | continual | gd | modular | stuck | edge | held_out | layers
+    gen: str  # minibatch | continual | gd | modular | stuck | edge | held_out | layers | dead | perf
     params: dict
     part: str = "tune"
     divergence: str = "gradual"  # the tag a non-finite step gets: gradual or sudden
@@ -135,6 +138,29 @@ def _layers() -> list[Run]:
         *_runs("layers", "healthy_layers_bn_cnn_sgdm", TUNE1_HOLD1, kind="bn_cnn", lr=0.02, steps=1000),
         *_runs("layers", "healthy_layers_cnn_adamw", {0: "tune"}, kind="cnn", steps=1000, **cosine),
         *_runs("layers", "healthy_layers_transformer_adamw", TUNE1_HOLD1, kind="transformer", steps=1000, **cosine),
+    ]
+
+
+def _dead_slow() -> list[Run]:
+    """Dead units: a hidden layer's bias lowered by 10 at step 400 (most of its ReLUs off), a
+    learning rate x30 for 3 steps (units of every layer die), a conv layer's bias lowered by
+    30 (every channel off); healthy deep ReLU MLPs (SGD+momentum, Adam) and a ReLU CNN. Slow
+    steps: real tiny trainings whose step times come from a simulated clock (a loader stall
+    every 4th step, a 0.1%-a-step throttle, a recompile every 10th step, all from step 500;
+    healthy: +-10% jitter and a checkpoint pause every 300 steps)."""
+    conv = {"kind": "conv_shift", "layer": 1, "shift": 30.0, "lr": 0.02, "steps": 600}
+    return [
+        *_runs("dead", "dead_bias_shift_sgdm_mlp", TUNE1_HOLD1, kind="bias_shift", shift=10.0),
+        *_runs("dead", "dead_lr_bump_sgdm_mlp", {0: "tune", 2: "holdout"}, kind="lr_bump", factor=30.0),
+        *_runs("dead", "dead_conv_shift_sgdm_cnn", TUNE1_HOLD1, **conv),
+        *_runs("dead", "healthy_dead_relu_deep_sgdm", TUNE1_HOLD1, kind="relu"),
+        *_runs("dead", "healthy_dead_relu_deep_adam", {0: "tune"}, kind="relu", opt="adam", lr=1e-3),
+        *_runs("dead", "healthy_dead_relu_cnn_sgdm", TUNE1_HOLD1, kind="cnn", lr=0.02, steps=600),
+        *_runs("perf", "slow_loader_stall", TUNE1_HOLD1, schedule="stall"),
+        *_runs("perf", "slow_throttle", TUNE1_HOLD1, schedule="throttle"),
+        *_runs("perf", "slow_recompile_loop", TUNE1_HOLD1, schedule="recompile"),
+        *_runs("perf", "healthy_perf_jitter_checkpoints", TUNE1_HOLD1, schedule="jitter"),
+        *_runs("perf", "healthy_perf_jitter_checkpoints_long", {2: "holdout"}, schedule="jitter", steps=3000),
     ]
 
 
@@ -309,6 +335,8 @@ RUNS: list[Run] = [
     *_issue17(),
     # issue 17: per-layer gradients
     *_layers(),
+    # issue 17: dead units and slow steps
+    *_dead_slow(),
 ]
 
 
@@ -329,6 +357,10 @@ def generate(run: Run) -> list:
         import _corpus_runs_layers as L
 
         return L.layers(**run.params)
+    if run.gen in ("dead", "perf"):
+        import _corpus_runs_dead as D
+
+        return getattr(D, run.gen)(**run.params)
     if run.gen in GEN_SOURCES:
         import _corpus_runs_plateau as P
 

@@ -7,7 +7,8 @@ Two workloads, each trained by several identical copies ("arms") in one process:
 
 Arms: ``bare`` (no monitoring), ``stethoscope`` (``attach`` with its defaults: the cost
 budget where this version has one), ``stethoscope_every1`` (every metric every step, the old
-behaviour), ``baseline`` (with ``--baseline DIR``: another commit's hook, its defaults), and
+behaviour), ``baseline`` (with ``--baseline DIR``: another commit's hook, its defaults),
+``stethoscope_dead`` (with ``--dead-units``: the defaults plus ``dead_units=True``), and
 ``hand`` (the same metrics computed in the loop with ``.item()`` calls and
 appended to a local JSON-lines file: what a wandb or TensorBoard user writes by hand, the
 anchor). Every arm logs every step.
@@ -186,6 +187,8 @@ class Arm:
             self.opt.register_step_pre_hook(self._mark)
             self.opt.register_step_post_hook(self._mark)
             kwargs = {"every": 1} if name.endswith("_every1") else {}
+            if name.endswith("_dead"):
+                kwargs = {"dead_units": True}
             hook = BASELINE if name.startswith("baseline") else stethoscope
             self.mon = hook.attach(model, self.opt, run=f"bench-{name}", server="offline", spool_dir=spool, **kwargs)
             self.opt.register_step_pre_hook(self._unmark)
@@ -249,7 +252,7 @@ def run_workload(name, args, spool, budget_supported):
     torch.manual_seed(0)
     base = make_model()
     batches = make_batches()
-    names = ARMS + (("baseline",) if BASELINE is not None else ())
+    names = ARMS + (("stethoscope_dead",) if args.dead_units else ()) + (("baseline",) if BASELINE is not None else ())
     arms = [Arm(a, copy.deepcopy(base), spool) for a in names]
     rng = random.Random(0)
     block = args.block if args.block else (20 if name == "lm" else 100)
@@ -314,6 +317,9 @@ def main():
         "--baseline",
         metavar="DIR",
         help="also run the hook found in DIR/client (another commit's checkout) as the arm 'baseline'",
+    )
+    ap.add_argument(
+        "--dead-units", action="store_true", help="also the arm 'stethoscope_dead': the defaults plus dead_units=True"
     )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -51,6 +51,19 @@ What a scenario meant to do does not decide its labels; what the series show doe
   ``LAYER_SMOOTH`` steps before it to ``LAYER_WINDOW`` steps after it (or to the end of the
   stretch, if later) detects it.
 
+- dead_units: per ``dead/<module>`` series (read every few steps), a stretch of at least
+  ``DEAD_HOLD`` readings in a row at ``DEAD_LEVEL`` or more and ``DEAD_RISE`` or more above the
+  median of the module's first ``DEAD_EARLY`` readings: units of that layer died during the
+  run. The event is the stretch's first reading; stretches of any module that start before
+  an earlier event's window ends are that event. An alert from ``DEAD_BEFORE`` steps before
+  it to ``DEAD_WINDOW`` steps after it (or the end of the stretch, if later) detects it.
+- slow_steps: ``perf/step_ms`` against its baseline (the median of the readings
+  ``SLOW_SKIP`` to ``SLOW_SKIP + SLOW_BASE``): a stretch of at least ``SLOW_HOLD`` steps whose
+  mean over the last ``SLOW_MEAN`` steps, each capped at ``SLOW_CAP`` times the baseline (a
+  checkpoint pause counts as a few slow steps, not as hundreds), is ``SLOW_LABEL_RATIO`` times
+  the baseline or more. The event is the stretch's first step; an alert from ``SLOW_MEAN``
+  steps before it to ``SLOW_WINDOW`` steps after it (or the end of the stretch) detects it.
+
 An alert of the event's detector raised at a step in ``[lo, hi]`` detects it.
 """
 
@@ -100,6 +113,19 @@ LAYER_HOLD = 30
 LAYER_MERGE = 200
 LAYER_WINDOW = 300
 LAYER_ZERO = -30.0
+DEAD_LEVEL = 0.5
+DEAD_RISE = 0.2
+DEAD_EARLY = 5
+DEAD_HOLD = 5
+DEAD_BEFORE = 10
+DEAD_WINDOW = 200
+SLOW_SKIP = 20
+SLOW_BASE = 50
+SLOW_MEAN = 100
+SLOW_CAP = 10.0
+SLOW_LABEL_RATIO = 1.5
+SLOW_HOLD = 50
+SLOW_WINDOW = 300
 
 
 @dataclasses.dataclass
@@ -306,6 +332,51 @@ def layer_gradient_events(points) -> list[tuple[int, int, int, str]]:
     return events
 
 
+def dead_unit_events(points) -> list[tuple[int, int, int]]:
+    """[(event step, lo, hi)] from the per-module dead shares."""
+    mods: dict = {}
+    for n, s, v in points:
+        if n.startswith("dead/") and math.isfinite(v):
+            mods.setdefault(n, []).append((s, v))
+    found = []
+    for xs in mods.values():
+        early = statistics.median(v for _, v in xs[:DEAD_EARLY])
+        run: list = []
+        for s, v in xs + [(None, 0.0)]:
+            if s is not None and v >= DEAD_LEVEL and v >= early + DEAD_RISE:
+                run.append(s)
+                continue
+            if len(run) >= DEAD_HOLD:
+                found.append((run[0], run[0] - DEAD_BEFORE, max(run[-1], run[0] + DEAD_WINDOW)))
+            run = []
+    events: list = []
+    for e in sorted(found):
+        if events and e[0] <= events[-1][2]:
+            events[-1] = (events[-1][0], events[-1][1], max(events[-1][2], e[2]))
+        else:
+            events.append(e)
+    return events
+
+
+def slow_step_events(points) -> list[tuple[int, int, int]]:
+    """[(event step, lo, hi)] from the step times."""
+    xs = _series(points, "perf/step_ms")
+    if len(xs) < SLOW_SKIP + SLOW_BASE + SLOW_MEAN:
+        return []
+    base = statistics.median(v for _, v in xs[SLOW_SKIP : SLOW_SKIP + SLOW_BASE])
+    capped = [min(v, SLOW_CAP * base) for _, v in xs]
+    flagged = []
+    for i in range(SLOW_SKIP + SLOW_BASE + SLOW_MEAN, len(xs) + 1):
+        if sum(capped[i - SLOW_MEAN : i]) / SLOW_MEAN >= SLOW_LABEL_RATIO * base:
+            flagged.append(xs[i - 1][0])
+    steps = [s for s, _ in xs]
+    return [
+        (first, first - SLOW_MEAN, max(last, first + SLOW_WINDOW))
+        for first, last in _stretches(flagged, steps)
+        if steps.index(last) - steps.index(first) + 1 >= SLOW_HOLD
+    ]
+
+
 def _stretches(flagged: list, steps: list) -> list[tuple[int, int]]:
     """Runs of consecutive recorded steps in ``flagged``: [(first, last)]."""
     pos = {s: i for i, s in enumerate(steps)}
@@ -352,4 +423,8 @@ def label(points, divergence_tag: str = "gradual") -> Labels:
         events.append(Event("overfitting", step, lo, hi, name))
     for step, lo, hi, kind in layer_gradient_events(points):
         events.append(Event("layer_gradients", step, lo, hi, kind))
+    for step, lo, hi in dead_unit_events(points):
+        events.append(Event("dead_units", step, lo, hi))
+    for step, lo, hi in slow_step_events(points):
+        events.append(Event("slow_steps", step, lo, hi))
     return Labels(sorted(events, key=lambda e: (e.step, e.detector)), steps, notes)

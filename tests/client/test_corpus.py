@@ -139,3 +139,16 @@ def test_per_layer_runs_show_what_they_are_for_and_their_twins_do_not():
     assert L.label(LR.layers("ln", steps=600, opt="adam", lr=1e-3)).events == []
     sig = L.label(LR.layers("sigmoid", steps=400))
     assert [(e.detector, e.tag, e.lo) for e in sig.events] == [("layer_gradients", "vanishing", 0)]
+
+
+def test_dead_unit_and_slow_step_runs_show_what_they_are_for_and_their_twins_do_not():
+    import _corpus_runs_dead as D
+
+    shift = L.label(D.dead("bias_shift", steps=600, shift=10.0))
+    assert [e.detector for e in shift.events if e.detector == "dead_units"] == ["dead_units"]
+    assert 400 <= steps_of(shift, "dead_units")[0] <= 410
+    assert [e for e in L.label(D.dead("relu", steps=600)).events if e.detector == "dead_units"] == []
+    for schedule in ("stall", "recompile"):
+        slow = L.label(D.perf(schedule, steps=900))
+        assert [e.detector for e in slow.events] == ["slow_steps"] and 500 <= slow.events[0].step <= 600
+    assert L.label(D.perf("jitter", steps=900)).events == []
