@@ -105,6 +105,20 @@ def run_panel_specs() -> list[PanelSpec]:
             to_zero=True,
         ),
         PanelSpec("lr", "Learning rate", ("lr",)),
+        # The hook's default-on step time (slow_steps reads it), throughput on its own axis.
+        PanelSpec(
+            "perf",
+            "Step time (samples/s on the right axis)",
+            ("perf/step_ms",),
+            y_title="ms",
+            right=("perf/samples_per_s",),
+            right_title="samples/s",
+        ),
+        PanelSpec(
+            "cuda_mem", "CUDA memory: in use and peak", ("perf/cuda_mem_mb", "perf/cuda_mem_peak_mb"), y_title="MiB"
+        ),
+        # attach(dead_units=True): the share of each ReLU layer's units silent on the whole batch.
+        PanelSpec("dead", "Dead units per layer (share of units)", prefix="dead/", heatmap=True),
     ]
 
 
