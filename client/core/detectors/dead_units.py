@@ -14,7 +14,8 @@ flagged when its smoothed share is past ``level`` and has risen by ``min_rise`` 
 lowest smoothed share it had earlier, for ``patience`` points in a row; it is back when its
 share falls below ``recover_fraction`` of the level (hysteresis).
 
-The state is a few numbers per module, for at most ``MAX_MODULES`` modules.
+The state is a few numbers per module, for at most ``MAX_MODULES`` modules, and a count of
+the flagged ones.
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ class DeadUnitsDetector(Detector):
         m[_N] += 1
         m[_S] += (value - m[_S]) / min(m[_N], p.smooth_points)
         s = m[_S]
+        was = m[_FLAG]
         if m[_FLAG]:
             m[_BACK] = m[_BACK] + 1 if s < p.recover_fraction * p.level else 0
             if m[_BACK] >= p.clear_points:
@@ -116,9 +118,10 @@ class DeadUnitsDetector(Detector):
                 m[_FLAG], m[_BACK] = 1, 0
             elif not past:
                 m[_MIN] = min(m[_MIN], s)
-        flagged = [(n, x) for n, x in mods.items() if x[_FLAG]]
-        if flagged:
-            self._hold(state, log, step, flagged)
+        if m[_FLAG] != was:  # a count, so that a step with none flagged costs O(1) per point
+            state["flagged"] = state.get("flagged", 0) + (1 if m[_FLAG] else -1)
+        if state.get("flagged"):
+            self._hold(state, log, step, [(n, x) for n, x in mods.items() if x[_FLAG]])
         elif self.is_open(state, self.KEY):
             self.clear(state, log, self.KEY, step, p.clear_points)
 
