@@ -394,7 +394,12 @@ class Monitor:
         dead = self._dead.take() if self._dead is not None else None
         if dead is not None:
             shares, dead_names = dead
-            add(torch.cat(shares) if len(shares) > 1 else shares[0], dead_names, (MEAN,) * len(dead_names))
+            if len(shares) > 1:  # a model split over devices: one tensor, on the device of the rest
+                dev = tensors[0].device if tensors else shares[0].device
+                shares = torch.cat([t.to(dev, non_blocking=True) for t in shares])
+            else:
+                shares = shares[0]
+            add(shares, dead_names, (MEAN,) * len(dead_names))
         for name, lr in zip(self._lr_names, self._optimizer.param_groups if self._optimizer else ()):
             _add_value(name, lr["lr"], add, host_names, host_values)
         for name, v in scalars.items():
