@@ -215,7 +215,7 @@ class CapturingSender:
         self.records = []
         self.watch = type("W", (), {"callbacks": []})()
 
-    def put(self, rec):
+    def put(self, rec, urgent=False):
         self.records.append(rec)
 
 
