@@ -2,7 +2,9 @@
 
 Real DDP over gloo on the CPU. ``scenario``: ``healthy``; ``nudge`` (rank 1 adds 1e-3 to one
 weight of its replica after the optimizer step of ``AT``, outside the all-reduce); ``skip``
-(rank 1 skips its optimizer step at ``AT``, its Adam state and weights fall one step behind).
+(rank 1 skips its optimizer step at ``AT``, its Adam state and weights fall one step behind);
+``broken`` (rank 1's checksum code raises from ``AT`` on: the hook swallows and counts it and
+still joins the gather, or rank 0 would wait in it for ever).
 """
 
 import gc
@@ -40,6 +42,8 @@ def main(scenario, rank, world, port, url, spool, out):
         loss.backward()
         if not (scenario == "skip" and rank == 1 and step == AT):
             opt.step()
+        if scenario == "broken" and rank == 1 and step == AT:
+            mon._ranks._local = lambda: 1 / 0
         if scenario == "nudge" and rank == 1 and step == AT:
             with torch.no_grad():
                 model.module.head.weight[0, 0] += 1e-3
