@@ -39,7 +39,7 @@ def main():
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29613", rank=0, world_size=1)
-    for name, model in (("mlp_0.3M", mlp(256, 4)), ("mlp_2.6M", mlp(1024, 2)), ("mlp_10M", mlp(2048, 2))):
+    for name, model in (("mlp_0.3M", mlp(256, 4)), ("mlp_1.3M", mlp(1024, 2)), ("mlp_4.7M", mlp(2048, 2))):
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         params = [p for p in model.parameters()]
         check = RankCheck(params, opt, dist, 1, RANK_CHECK_EVERY)
