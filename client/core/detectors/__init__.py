@@ -21,6 +21,7 @@ from .loss_spike import LossSpikeDetector, LossSpikeParams
 from .oscillation import OscillationDetector, OscillationParams
 from .overfitting import OverfittingDetector, OverfittingParams
 from .plateau import PlateauDetector, PlateauParams
+from .rank_drift import RankDriftDetector, RankDriftParams
 from .softmax_collapse import SC_MARGIN_NATS, SoftmaxCollapseDetector, SoftmaxCollapseParams
 from .stability_gap import StabilityGapDetector, StabilityGapParams
 from .stalled import StalledRunDetector, StalledRunParams
@@ -47,6 +48,8 @@ __all__ = [
     "PlateauDetector",
     "PlateauParams",
     "RESOLVE",
+    "RankDriftDetector",
+    "RankDriftParams",
     "SC_MARGIN_NATS",
     "SEVERITIES",
     "SoftmaxCollapseDetector",

@@ -17,6 +17,7 @@ from .loss_spike import LossSpikeDetector
 from .oscillation import OscillationDetector
 from .overfitting import OverfittingDetector
 from .plateau import PlateauDetector
+from .rank_drift import RankDriftDetector
 from .softmax_collapse import SoftmaxCollapseDetector
 from .stability_gap import StabilityGapDetector
 from .stalled import StalledRunDetector
@@ -35,6 +36,7 @@ DETECTORS: dict[str, type[Detector]] = {
         OscillationDetector,
         OverfittingDetector,
         LayerGradientsDetector,
+        RankDriftDetector,
     )
 }
 
