@@ -29,11 +29,13 @@ SOURCES = [
 PLATEAU_SOURCES = [ROOT / "tests" / "client" / "_corpus_runs_plateau.py"]
 LAYERS_SOURCES = [ROOT / "tests" / "client" / "_corpus_runs_layers.py"]
 DEAD_SOURCES = [ROOT / "tests" / "client" / "_corpus_runs_dead.py", *LAYERS_SOURCES]
+RANKS_SOURCES = [ROOT / "tests" / "client" / "_corpus_runs_ranks.py", ROOT / "client" / "_ranks.py"]
 GEN_SOURCES = {
     "stuck": PLATEAU_SOURCES,
     "edge": PLATEAU_SOURCES,
     "held_out": PLATEAU_SOURCES,
     "layers": LAYERS_SOURCES,
+    "ranks": RANKS_SOURCES,
     "dead": DEAD_SOURCES,
     "perf": DEAD_SOURCES,
 }
@@ -43,7 +45,7 @@ GEN_SOURCES = {
 class Run:
     name: str
     family: str  # what it is for; "healthy_*" families are expected to raise nothing
-    gen: str  # minibatch | continual | gd | modular | stuck | edge | held_out | layers | dead | perf
+    gen: str  # minibatch | continual | gd | modular | stuck | edge | held_out | layers | ranks | dead | perf
     params: dict
     part: str = "tune"
     divergence: str = "gradual"  # the tag a non-finite step gets: gradual or sudden
@@ -138,6 +140,22 @@ def _layers() -> list[Run]:
         *_runs("layers", "healthy_layers_bn_cnn_sgdm", TUNE1_HOLD1, kind="bn_cnn", lr=0.02, steps=1000),
         *_runs("layers", "healthy_layers_cnn_adamw", {0: "tune"}, kind="cnn", steps=1000, **cosine),
         *_runs("layers", "healthy_layers_transformer_adamw", TUNE1_HOLD1, kind="transformer", steps=1000, **cosine),
+    ]
+
+
+def _ranks() -> list[Run]:
+    """Ranks drifting apart: two-rank DDP runs (gloo, two processes each) where rank 1 has one
+    weight moved by 1e-3 or by one ulp, skips one optimizer step, or takes a 1% higher
+    learning rate, at a step between two checks; and healthy two-rank runs (SGD with
+    momentum, Adam)."""
+    adam = {"opt": "adam", "lr": 1e-3}
+    return [
+        *_runs("ranks", "ranks_nudge_sgdm", TUNE1_HOLD1, kind="nudge"),
+        *_runs("ranks", "ranks_skip_step_adam", {0: "tune"}, kind="skip", at=217, **adam),
+        *_runs("ranks", "ranks_one_ulp_sgdm", {0: "holdout"}, kind="ulp", at=260),
+        *_runs("ranks", "ranks_lr_mismatch_adam", {0: "tune"}, kind="lr", at=99, **adam),
+        *_runs("ranks", "healthy_ranks_sgdm", TUNE1_HOLD1),
+        *_runs("ranks", "healthy_ranks_adam", TUNE1_HOLD1, **adam),
     ]
 
 
@@ -335,6 +353,8 @@ RUNS: list[Run] = [
     *_issue17(),
     # issue 17: per-layer gradients
     *_layers(),
+    # issue 17: ranks drifting apart
+    *_ranks(),
     # issue 17: dead units and slow steps
     *_dead_slow(),
 ]
@@ -357,6 +377,10 @@ def generate(run: Run) -> list:
         import _corpus_runs_layers as L
 
         return L.layers(**run.params)
+    if run.gen == "ranks":
+        import _corpus_runs_ranks as K
+
+        return K.ranks(**run.params)
     if run.gen in ("dead", "perf"):
         import _corpus_runs_dead as D
 

@@ -9,7 +9,8 @@ causes, Softmax Collapse (and a run hovering below it), full-batch GD at the edg
 stability, class-incremental training with replay, runs stuck at their starting loss, GD past
 the edge oscillating, small training sets overfitting a held-out set, layers whose gradient
 vanishes (deep sigmoid/tanh stacks, dead ReLUs, a layer frozen under a normalisation) or
-explodes alone (a max-norm constraint far below a layer's norm), and healthy runs of every
+explodes alone (a max-norm constraint far below a layer's norm), data-parallel replicas
+drifting apart (two-rank DDP runs over gloo, two processes each), and healthy runs of every
 kind. Generated once (two
 processes, a few minutes) into ``.corpus-cache/`` and reused while the generating code is
 unchanged. Each run is labelled from its own series (``tests/client/_corpus_labels.py``).

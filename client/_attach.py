@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import _spool
 from ._budget import DEFAULT_BUDGET, check_budget
+from ._ranks import RANK_CHECK_EVERY, check_rank_every
 from ._sender import Sender
 from ._transport import HttpTransport, check_server_url
 from ._watch import Watch, detector_set
@@ -44,6 +45,7 @@ def attach(
     spool_dir: str | os.PathLike | None = None,
     rank_zero_only: bool = True,
     sync_ranks: bool | None = None,
+    rank_check_every: int | None = RANK_CHECK_EVERY,
     detectors: dict | bool | None = None,
     clock=None,
     dead_units: bool = False,
@@ -71,7 +73,11 @@ def attach(
     modules, coarser past 64 series). ``update_ratio=False`` saves the copy of the weights the
     update-to-weight ratio needs. Under ``torch.distributed`` every rank must call ``attach``
     and ``log``; values are combined across ranks (``sync_ranks``, one small all-gather per
-    logging step) and rank 0 sends (``rank_zero_only``).
+    logging step) and rank 0 sends (``rank_zero_only``). With ranks combined, every
+    ``rank_check_every`` steps (default 50; None: never) the ranks also compare checksums of
+    their replicated weights and optimizer state in one more small all-gather: replicas that
+    drift apart (a rank that skipped a step, a weight changed outside DDP's all-reduce) show in
+    ``ddp/ranks_disagreeing`` and open a critical ``rank_drift`` alert naming the ranks.
 
     The server's detectors also run in the hook, on each step's values as the background
     thread takes them (``mon.on_alert`` hears of a NaN at its step, online and offline; the
@@ -104,6 +110,7 @@ def attach(
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise ValueError(f"optimizer must be a torch.optim.Optimizer or None, not {type(optimizer).__name__}")
     check_budget(budget, every)
+    check_rank_every(rank_check_every)
     if not isinstance(dead_units, bool):
         raise ValueError(f"dead_units must be True or False, not {dead_units!r}")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
@@ -158,6 +165,7 @@ def attach(
         dist=(dist, world) if sync_ranks and world > 1 else None,
         clock=clock if clock is not None else time.perf_counter,
         charge_sender=clock is None,
+        rank_check_every=rank_check_every,
         dead_units=dead_units,
         batch_size=batch_size,
     )

@@ -62,6 +62,9 @@ class Batch:
                 if ready is not None:
                     ready.synchronize()  # the device-to-host copy was queued by the loop
                 values = self.finish_values(names, ops, packed)
+                if None in values:  # series not sent at this step (a rank that agrees: _ranks)
+                    kept = [(n, v) for n, v in zip(names, values) if v is not None]
+                    names, values = tuple(n for n, _ in kept), [v for _, v in kept]
                 for name, v in zip(names, values):
                     self.add_point(name, step, v, wall)
                 names, values = (*names, *host_names), (*values, *host_values)

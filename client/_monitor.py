@@ -19,7 +19,7 @@ import uuid
 
 import torch
 
-from . import _attention, _errors, _logits, _metrics, _perf, _spool
+from . import _attention, _errors, _logits, _metrics, _perf, _ranks, _spool
 from ._budget import DISTRIBUTED_EVERY, CostBudget
 from ._checks import _check_log_args, _check_name, _check_step, _jsonable
 from ._metrics import MAX, MEAN, SUM
@@ -52,6 +52,7 @@ class Monitor:
         dist=None,
         clock=time.perf_counter,
         charge_sender: bool = False,
+        rank_check_every: int | None = None,
         dead_units: bool = False,
         batch_size: int | None = None,
     ):
@@ -97,6 +98,12 @@ class Monitor:
             ]
         self._lr_names = _lr_names(optimizer)
         self._logits = _logits.LogitStats()
+        self._ranks = None  # the replicas' weights compared every rank_check_every calls (_ranks)
+        if dist is not None and rank_check_every is not None:
+            with _errors.swallowed("rank check setup"):
+                params = _ranks.replicated(model, self._layout.params)
+                if params:
+                    self._ranks = _ranks.RankCheck(params, optimizer, dist[0], dist[1], rank_check_every)
         _attention.set_active(True)  # the first step carries everything
         self._perf = _perf.StepPerf(self._layout.device, batch_size)
         self._dead = None
@@ -145,6 +152,9 @@ class Monitor:
         self._in_collectors = 0.0
         with _errors.swallowed("log"):
             self._record(step, loss, logits, targets, scalars, full, start)
+        if self._ranks is not None and self._ranks.due(self._calls):
+            with _errors.swallowed("rank check"):
+                self._ranks.run(step, self._sender)
         with _errors.swallowed("cost budget"):
             sender = self._sender
             if self._charge_sender and sender.cpu_s != self._sender_cpu:
@@ -532,6 +542,8 @@ def _close_message(run_id: str, status: str, sender) -> str | None:
 
 def finish_values(names, ops, packed) -> list[float]:
     """Host side of a record (the sender thread): combine ranks, then squares to norms."""
+    if ops and ops[0] == _ranks.OP:
+        return _ranks.summarise(packed)  # the replicas' checksums, compared (None: not sent)
     if packed.dim() == 2:
         rows = packed.tolist()
         values = []

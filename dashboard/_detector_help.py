@@ -40,6 +40,9 @@ ADVICE = {
     "layer_gradients": "Look at the named layer: dead units (a large negative bias, too high a learning rate), "
     "saturating activations at a poor initialisation, or weights far off the scale a normalisation expects; "
     "re-initialise it, switch to ReLU-family activations with a fan-in init, or fix its weight decay or constraint.",
+    "rank_drift": "The data-parallel replicas differ: stop and resume every rank from one checkpoint; look for "
+    "a rank that skips optimizer steps, weights or buffers changed outside DDP's all-reduce (a hook, an in-place "
+    "edit on one rank) or parameters DDP does not synchronise.",
     "dead_units": "Units of the named layer stopped firing: lower the learning rate (or add warm-up), clip "
     "gradients, check for a large negative bias, or switch to LeakyReLU/GELU or a fan-in init; dead units do "
     "not come back on their own: restart from a checkpoint before they died.",

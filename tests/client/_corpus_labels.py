@@ -50,6 +50,9 @@ What a scenario meant to do does not decide its labels; what the series show doe
   ``LAYER_MERGE`` steps apart are one event, at the first step; an alert from
   ``LAYER_SMOOTH`` steps before it to ``LAYER_WINDOW`` steps after it (or to the end of the
   stretch, if later) detects it.
+- rank_drift: the first step at which the two replicas' weights differ at all
+  (``truth/replica_max_abs_diff`` > 0, the corpus generator's full comparison of every
+  weight); an alert up to ``RANK_WINDOW`` steps later (one check spacing) detects it.
 
 - dead_units: per ``dead/<module>`` series (read every few steps), a stretch of at least
   ``DEAD_HOLD`` readings in a row at ``DEAD_LEVEL`` or more and ``DEAD_RISE`` or more above the
@@ -389,6 +392,12 @@ def _stretches(flagged: list, steps: list) -> list[tuple[int, int]]:
     return out
 
 
+#: The corpus's two-rank runs record the largest difference between the replicas' weights
+#: every step; the hook checks every 50 steps (``stethoscope._ranks.RANK_CHECK_EVERY``).
+RANK_TRUTH = "truth/replica_max_abs_diff"
+RANK_WINDOW = 50
+
+
 def label(points, divergence_tag: str = "gradual") -> Labels:
     steps = len({s for n, s, _ in points if n == "loss"})
     events, notes = [], {}
@@ -423,6 +432,9 @@ def label(points, divergence_tag: str = "gradual") -> Labels:
         events.append(Event("overfitting", step, lo, hi, name))
     for step, lo, hi, kind in layer_gradient_events(points):
         events.append(Event("layer_gradients", step, lo, hi, kind))
+    drift = next((s for s, v in _series(points, RANK_TRUTH) if v > 0 or v != v), None)
+    if drift is not None:
+        events.append(Event("rank_drift", drift, drift, drift + RANK_WINDOW))
     for step, lo, hi in dead_unit_events(points):
         events.append(Event("dead_units", step, lo, hi))
     for step, lo, hi in slow_step_events(points):

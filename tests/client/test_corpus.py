@@ -141,6 +141,18 @@ def test_per_layer_runs_show_what_they_are_for_and_their_twins_do_not():
     assert [(e.detector, e.tag, e.lo) for e in sig.events] == [("layer_gradients", "vanishing", 0)]
 
 
+def test_two_rank_runs_label_the_first_differing_step_and_healthy_ones_nothing():
+    import _corpus_runs_ranks as K  # two gloo processes per run, a few seconds each
+
+    points = K.ranks("nudge", steps=120, at=70)
+    nudge = L.label(points)
+    assert [(e.detector, e.step, e.hi) for e in nudge.events] == [("rank_drift", 70, 70 + L.RANK_WINDOW)]
+    # the hook's series in the run: 0 at the checks before the nudge, rank 1 named at the next
+    counts = [(s, v) for n, s, v in points if n == "ddp/ranks_disagreeing"]
+    assert counts == [(0, 0.0), (50, 0.0), (100, 1.0)]
+    assert L.label(K.ranks("healthy", steps=120)).events == []
+
+
 def test_dead_unit_and_slow_step_runs_show_what_they_are_for_and_their_twins_do_not():
     import _corpus_runs_dead as D
 

@@ -45,6 +45,8 @@ def test_public_names_are_pinned():
             "PlateauDetector",
             "PlateauParams",
             "RESOLVE",
+            "RankDriftDetector",
+            "RankDriftParams",
             "SC_MARGIN_NATS",
             "SEVERITIES",
             "SlowStepsDetector",
@@ -71,6 +73,7 @@ def test_public_names_are_pinned():
         "oscillation",
         "overfitting",
         "layer_gradients",
+        "rank_drift",
         "dead_units",
         "slow_steps",
     }
@@ -269,6 +272,7 @@ def test_settings_round_trip_and_disable():
         "oscillation",
         "overfitting",
         "layer_gradients",
+        "rank_drift",
         "dead_units",
         "slow_steps",
     ]
@@ -357,6 +361,17 @@ MESSAGE_CASES = {
     ("layer_gradients", "exploding"): lambda: [
         (f"grad/norm/m{k}", s, 1e3 if k == 0 and s >= 50 else 1.0 + 0.1 * (s % 3)) for s in range(80) for k in range(4)
     ],
+    ("rank_drift", "ranks"): lambda: (
+        [
+            p
+            for s in (0, 50, 100)
+            for p in (
+                ("ddp/param_checksum_spread", s, 0.0 if s < 100 else 2e-4),
+                ("ddp/ranks_disagreeing", s, 0.0 if s < 100 else 1.0),
+            )
+        ]
+        + [("ddp/rank_drift/1", 100, 2e-4)]
+    ),
     ("overfitting", "eval/loss"): lambda: [
         p
         for s in range(0, 600, 10)

@@ -22,6 +22,7 @@ from .loss_spike import LossSpikeDetector, LossSpikeParams
 from .oscillation import OscillationDetector, OscillationParams
 from .overfitting import OverfittingDetector, OverfittingParams
 from .plateau import PlateauDetector, PlateauParams
+from .rank_drift import RankDriftDetector, RankDriftParams
 from .slow_steps import SlowStepsDetector, SlowStepsParams
 from .softmax_collapse import SC_MARGIN_NATS, SoftmaxCollapseDetector, SoftmaxCollapseParams
 from .stability_gap import StabilityGapDetector, StabilityGapParams
@@ -51,6 +52,8 @@ __all__ = [
     "PlateauDetector",
     "PlateauParams",
     "RESOLVE",
+    "RankDriftDetector",
+    "RankDriftParams",
     "SC_MARGIN_NATS",
     "SEVERITIES",
     "SlowStepsDetector",

@@ -37,6 +37,10 @@ MAX_WINDOW_STEPS = 1_000_000
 #: norm is taken at (``layer_gradients.ZERO_LOG10``): a larger threshold never fires.
 MIN_DECADES, MAX_DECADES = 0.1, 30.0
 
+#: The relative distance tolerated between data-parallel replicas: 1 is ranks as far apart as
+#: their weights are large, so a larger tolerance would let every drift through.
+MAX_RANK_TOLERANCE = 1.0
+
 _POINTS = (1, MAX_POINTS_SETTING, "MAX_POINTS_SETTING: values kept per series in the state saved with every batch")
 _SIGMAS = (MIN_SIGMAS, MAX_SIGMAS, "MIN_SIGMAS..MAX_SIGMAS: robust sigmas")
 _GROWTH = (1.0, MAX_GROWTH_RATIO, "MAX_GROWTH_RATIO: a larger ratio never fires")
@@ -107,6 +111,7 @@ BOUNDS: dict[str, tuple[float, float, str]] = {
         k: (MIN_DECADES, MAX_DECADES, "MIN_DECADES..MAX_DECADES: powers of ten")
         for k in ("vanish_decades", "explode_decades", "static_decades")
     },
+    "tolerance": (0.0, MAX_RANK_TOLERANCE, "MAX_RANK_TOLERANCE: a relative distance between replicas"),
     "margin_warn": (MIN_MARGIN_NATS, MAX_MARGIN_NATS, "MIN_MARGIN_NATS..MAX_MARGIN_NATS: nats"),
     "timeout_s": (MIN_STALL_TIMEOUT_S, MAX_STALL_TIMEOUT_S, "MIN_STALL_TIMEOUT_S..MAX_STALL_TIMEOUT_S: seconds"),
 }

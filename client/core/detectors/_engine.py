@@ -18,6 +18,7 @@ from .loss_spike import LossSpikeDetector
 from .oscillation import OscillationDetector
 from .overfitting import OverfittingDetector
 from .plateau import PlateauDetector
+from .rank_drift import RankDriftDetector
 from .slow_steps import SlowStepsDetector
 from .softmax_collapse import SoftmaxCollapseDetector
 from .stability_gap import StabilityGapDetector
@@ -37,6 +38,7 @@ DETECTORS: dict[str, type[Detector]] = {
         OscillationDetector,
         OverfittingDetector,
         LayerGradientsDetector,
+        RankDriftDetector,
         DeadUnitsDetector,
         SlowStepsDetector,
     )
