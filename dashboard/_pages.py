@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import operator
 from typing import Annotated
 from urllib.parse import urlencode
 
@@ -20,7 +21,7 @@ from markupsafe import Markup
 from stethoscope.core.detectors import severity_rank
 from stethoscope.core.wire import RUN_STATUSES
 from stethoscope_server.auth import visible_project, visible_projects, visible_runs
-from stethoscope_server.store import NotFound
+from stethoscope_server.store import NotFound, group_incidents
 
 from . import _panels
 from ._detector_help import advice, detector_docs
@@ -117,29 +118,9 @@ def _incident_rows(incidents: list[dict]) -> list[dict]:
 
 def nest(alerts: list[dict]) -> list[dict]:
     """Alerts in the given order, each consequence moved under its root when the root is
-    listed too (a consequence whose root is not listed stays where it was)."""
-    by_id = {a["id"]: a for a in alerts}
-
-    def root_of(a: dict) -> int:
-        seen = {a["id"]}
-        while a["cause_alert_id"] in by_id and a["cause_alert_id"] not in seen:
-            a = by_id[a["cause_alert_id"]]
-            seen.add(a["id"])
-        return a["id"]
-
-    under: dict[int, list[dict]] = {}
-    order = []
-    for a in alerts:
-        r = root_of(a)
-        if r == a["id"]:
-            order.append(a)
-        else:
-            under.setdefault(r, []).append(a)
-    rows = []
-    for a in order:
-        rows.append(a)
-        rows += sorted(under.get(a["id"], []), key=lambda c: c["id"])
-    return rows
+    listed too (a consequence whose root is not listed stays where it was), oldest first."""
+    by_id = operator.itemgetter("id")
+    return [row for inc in group_incidents(alerts) for row in (inc, *sorted(inc["consequences"], key=by_id))]
 
 
 def fragment(template: str, **context) -> Markup:

@@ -27,6 +27,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from . import runs as _runs
+from .alerts import group_incidents
 from .db import WRITE_OPTION
 from .downsample import SeriesRead, SeriesReader
 from .errors import Conflict, LimitExceeded, NotFound
@@ -36,7 +37,16 @@ from .overview import Overview
 from .points import PointWriter, SeriesBatch
 from .sql import placeholder
 
-__all__ = ["Store", "SeriesBatch", "SeriesRead", "IngestResult", "NotFound", "Conflict", "LimitExceeded"]
+__all__ = [
+    "Store",
+    "SeriesBatch",
+    "SeriesRead",
+    "IngestResult",
+    "NotFound",
+    "Conflict",
+    "LimitExceeded",
+    "group_incidents",
+]
 
 R = Run.__table__
 S = Series.__table__
