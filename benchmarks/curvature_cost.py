@@ -80,16 +80,24 @@ class PausableClock:
 
 
 # -- the problems: (model, optimizer, step(i) -> None, curvature kwargs) ---------------------
-def gd_problem(seed=0):
-    model, opt, data = _gd_edge.problem(seed)
-    X, Y = data
+def _pool_step(pool, loss_fn):
+    """A training step on the pool's batches in turn: ``step(model, opt, i)``."""
 
     def step(model, opt, i):
-        loss = _gd_edge.loss_fn(model(X), Y)
+        x, y = pool[i % len(pool)]
+        loss = loss_fn(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
 
+    return step
+
+
+def gd_problem(seed=0):
+    model, opt, data = _gd_edge.problem(seed)
+    X, Y = data
+
+    step = _pool_step([(X, Y)], _gd_edge.loss_fn)
     return model, opt, step, dict(loss_fn=_gd_edge.loss_fn, batch=data)
 
 
@@ -116,13 +124,7 @@ def cnn_problem(seed=0):
 
     pool = [data(32) for _ in range(16)]
 
-    def step(model, opt, i):
-        x, y = pool[i % len(pool)]
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
+    step = _pool_step(pool, F.cross_entropy)
     return model, torch.optim.SGD(model.parameters(), lr=0.05), step, dict(loss_fn=F.cross_entropy, batch=data(32))
 
 
@@ -172,13 +174,7 @@ def lm_problem(seed=0):
 
     pool = [data(16) for _ in range(16)]
 
-    def step(model, opt, i):
-        x, y = pool[i % len(pool)]
-        loss = lm_loss(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
+    step = _pool_step(pool, lm_loss)
     return model, torch.optim.SGD(model.parameters(), lr=0.1), step, dict(loss_fn=lm_loss, batch=data(16))
 
 
@@ -190,13 +186,7 @@ def mlp1m_problem(seed=0):
     model, data = curvature.make_problem("mlp", seed)
     pool = [data(128) for _ in range(16)]
 
-    def step(model, opt, i):
-        x, y = pool[i % len(pool)]
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
+    step = _pool_step(pool, F.cross_entropy)
     return model, torch.optim.SGD(model.parameters(), lr=0.05), step, dict(loss_fn=F.cross_entropy, batch=data(256))
 
 
