@@ -269,9 +269,9 @@ class Monitor:
             names = list(values)
             for n in names:
                 _check_name(n)
-            floats = [float(values[n]) for n in names]
-            urgent = any(v - v != 0.0 for v in floats)
-            self._sender.put(("points", step, time.time(), (), (), None, None, names, floats), urgent)
+            self._sender.put(
+                ("points", step, time.time(), (), (), None, None, names, [float(values[n]) for n in names])
+            )
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Block until what was logged so far is sent (or spooled); True if it finished in time."""
@@ -503,11 +503,7 @@ class Monitor:
             else:
                 names = ops = ()
         if self._sender is not None:
-            # A non-finite number the host already holds (the loss and gradient norm on the CPU
-            # path) wakes the sender now: the hook's detectors reach on_alert at this step, not
-            # at the sender's next look, up to POLL_INTERVAL_S (~20 steps of a 1 ms step) later.
-            urgent = any(v - v != 0.0 for v in host_values)
-            self._sender.put(("points", step, time.time(), names, ops, packed, ready, host_names, host_values), urgent)
+            self._sender.put(("points", step, time.time(), names, ops, packed, ready, host_names, host_values))
 
 
 _NO_STREAM = contextlib.nullcontext()

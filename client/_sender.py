@@ -192,14 +192,18 @@ class Sender:
         if self.transport is not None:
             self.transport = HttpTransport(self.transport.base_url)
 
-    def put(self, record, urgent: bool = False) -> None:
-        """Queue ``record``; ``urgent`` (or any record but a step's points) wakes the thread now."""
+    def put(self, record) -> None:
+        """Queue ``record``. Any record but a step's points wakes the thread now, and so do
+        points whose host numbers (the loss and gradient norm on the CPU path) hold a NaN or an
+        inf: the hook's detectors then reach on_alert at this step, not at the thread's next
+        look, up to ``POLL_INTERVAL_S`` (~20 steps of a 1 ms step) later."""
         if self._pid != os.getpid():
             self.after_fork()
         if self._thread is None:
             self._start()
+        urgent = record[0] != "points" or any(v - v != 0.0 for v in record[8])
         try:
-            self._queue.put_nowait(record, urgent=urgent or record[0] != "points")
+            self._queue.put_nowait(record, urgent=urgent)
         except queue.Full:
             self.dropped += 1
 

@@ -69,7 +69,7 @@ class _Capture:
     def __init__(self):
         self.records = []
 
-    def put(self, rec, urgent=False):
+    def put(self, rec):
         self.records.append(rec)
 
 

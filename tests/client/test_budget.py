@@ -215,7 +215,7 @@ class CapturingSender:
         self.records = []
         self.watch = type("W", (), {"callbacks": []})()
 
-    def put(self, rec, urgent=False):
+    def put(self, rec):
         self.records.append(rec)
 
 

@@ -315,14 +315,14 @@ def test_a_non_finite_step_wakes_the_sender_at_once(tmp_path, monkeypatch):
     from stethoscope import _sender
 
     urgent_by_step = {}
-    put = _sender.Sender.put
+    put_nowait = _sender.RecordQueue.put_nowait
 
-    def spy(self, record, urgent=False):
-        if record[0] == "points":
-            urgent_by_step[record[1]] = urgent
-        return put(self, record, urgent)
+    def spy(self, item, urgent=False):
+        if isinstance(item, tuple) and item[0] == "points":
+            urgent_by_step[item[1]] = urgent
+        return put_nowait(self, item, urgent)
 
-    monkeypatch.setattr(_sender.Sender, "put", spy)
+    monkeypatch.setattr(_sender.RecordQueue, "put_nowait", spy)
     model = relu_net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with stethoscope.attach(model, opt, run="hook-wake", server="offline", spool_dir=tmp_path) as mon:
