@@ -2,7 +2,7 @@
 
     python benchmarks/detector_quality.py [--regen] [--runs] [--part tune|holdout] [--only SUBSTR]
 
-The corpus (``benchmarks/_corpus.py``): 119 seeded CPU trainings -- SGD with and without
+The corpus (``benchmarks/_corpus.py``): 148 seeded CPU trainings -- SGD with and without
 momentum, Adam, AdamW; batch 4 to 256 and full batch; an MLP, a small CNN, a one-layer
 transformer, softmax regression -- showing gradual and sudden divergence, loss spikes of three
 causes, Softmax Collapse (and a run hovering below it), full-batch GD at the edge of

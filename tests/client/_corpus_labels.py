@@ -15,7 +15,11 @@ What a scenario meant to do does not decide its labels; what the series show doe
   its starting level (it is the divergence itself, kept in ``notes``), and one within
   ``SWITCH_STEPS`` of an announced task switch (expected, kept in ``notes``).
   A jump must also rise by ``SPIKE_MIN_RISE`` of the run's starting loss: a converged loss
-  moving from 0.001 to 0.005 is no spike.
+  moving from 0.001 to 0.005 is no spike. And it must go above the highest loss of the
+  previous ``SPIKE_NOISE_POINTS``: a loss back at a level it reached a few dozen steps before
+  has not left its own range. (Near zero the 90th percentile says little of that range: the
+  class-incremental runs with replay train their current task to 1e-8..1e-2 and a replayed
+  batch lifts it to 0.02-0.4 every twenty steps or so.)
 - softmax_collapse: the first logit reading at which the SC fraction averaged over the last
   ``SC_READINGS`` readings exceeds ``SC_LEVEL``; the peak of that average is kept in ``notes``
   (runs that hover below the level have no event but a peak of, say, 0.15). In a run that
@@ -161,7 +165,12 @@ def loss_jumps(points) -> list[int]:
         base = statistics.median(v for _, v in losses[max(0, i - SPIKE_BASELINE) : i])
         noise = sorted(v for _, v in losses[max(0, i - SPIKE_NOISE_POINTS) : i])
         high = noise[int(SPIKE_NOISE_QUANTILE * (len(noise) - 1))]
-        if v >= SPIKE_RATIO * base and v >= SPIKE_NOISE_RATIO * high and v - base >= SPIKE_MIN_RISE * start:
+        if (
+            v >= SPIKE_RATIO * base
+            and v >= SPIKE_NOISE_RATIO * high
+            and v > noise[-1]
+            and v - base >= SPIKE_MIN_RISE * start
+        ):
             if last is None or s - last >= SPIKE_MERGE:
                 out.append(s)
             last = s

@@ -164,3 +164,15 @@ def test_dead_unit_and_slow_step_runs_show_what_they_are_for_and_their_twins_do_
         slow = L.label(D.perf(schedule, steps=900))
         assert [e.detector for e in slow.events] == ["slow_steps"] and 500 <= slow.events[0].step <= 600
     assert L.label(D.perf("jitter", steps=900)).events == []
+
+
+def test_a_loss_back_at_a_level_it_reached_within_64_steps_has_not_jumped():
+    # A near-zero loss (a task trained to 1e-6, a replayed batch lifting it to 0.05-0.3 now and
+    # then): every excursion is 5x the median and 4x the 90th percentile, but only one that
+    # goes above everything of the last 64 points is a jump.
+    loss = [2.0, 1.5, 1.0, 0.5] + [1e-6 * (1 + (i % 7)) for i in range(200)]
+    for s in (80, 100, 120):
+        loss[s] = 0.3 if s == 80 else 0.05
+    loss[190] = 0.8  # 0.3 was 110 steps before: out of the last 64
+    pts = [("loss", i, v) for i, v in enumerate(loss)]
+    assert L.loss_jumps(pts) == [80, 190]

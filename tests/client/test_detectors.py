@@ -93,7 +93,8 @@ def test_float32_absorption_bound():
 def test_a_spike_is_one_episode_with_start_peak_and_recovery():
     ds = DetectorSet()
     state = {}
-    pts = flat_loss(100) + [("loss", 100, 5.0), ("loss", 101, 9.0), ("loss", 102, 4.0)] + flat_loss(10, start=103)
+    # told resolved 10 points after the loss has been back for 3 (a spike that bounces stays one alert)
+    pts = flat_loss(100) + [("loss", 100, 5.0), ("loss", 101, 9.0), ("loss", 102, 4.0)] + flat_loss(13, start=103)
     changes = ds.update(state, pts)
     assert [c.action for c in changes] == ["open", "resolve"]
     c = changes[-1]
@@ -120,9 +121,10 @@ def test_point_by_point_changes_are_open_update_resolve():
     state = {}
     ds.update(state, flat_loss(100))
     seen = []
-    for pt in [("loss", 100, 5.0), ("loss", 101, 9.0)] + flat_loss(4, start=102):
-        seen += [(c.action, c.peak_step, c.end_step) for c in ds.update(state, [pt])]
-    assert seen == [("open", 100, 100), ("update", 101, 101), ("resolve", 101, 102)]
+    for pt in [("loss", 100, 5.0), ("loss", 101, 9.0)] + flat_loss(14, start=102):
+        seen += [(pt[1], c.action, c.peak_step, c.end_step) for c in ds.update(state, [pt])]
+    # the end is the first point back; it is told 10 points after 3 in a row are back
+    assert seen == [(100, "open", 100, 100), (101, "update", 101, 101), (114, "resolve", 101, 102)]
 
 
 def test_a_spike_is_told_after_its_delay_even_when_it_has_cleared():
@@ -130,9 +132,45 @@ def test_a_spike_is_told_after_its_delay_even_when_it_has_cleared():
     state = {}
     ds.update(state, flat_loss(100))
     seen = []
-    for pt in [("loss", 100, 9.0)] + flat_loss(4, start=101):
+    for pt in [("loss", 100, 9.0)] + flat_loss(14, start=101):
         seen += [(pt[1], c.action, c.start_step, c.first["step"]) for c in ds.update(state, [pt])]
-    assert seen == [(102, "open", 100, 100), (103, "resolve", 100, 100)]
+    assert seen == [(102, "open", 100, 100), (113, "resolve", 100, 100)]
+
+
+def test_a_spike_that_bounces_is_one_alert_and_is_told_resolved_after_a_quiet_stretch():
+    ds = DetectorSet()
+    state = {}
+    ds.update(state, flat_loss(100))
+    # a spike, back for 4 points, a second spike, then back with a 5% wobble (no spike)
+    pts = [("loss", 100, 9.0)] + flat_loss(4, start=101) + [("loss", 105, 9.0)] + flat_loss(3, start=106)
+    pts += [("loss", 109, 2.1)] + flat_loss(20, start=110)
+    seen = []
+    for pt in pts:
+        seen += [(pt[1], c.action, c.start_step, c.end_step) for c in ds.update(state, [pt])]
+    # one alert: the second spike continues it (no resolve, no reopen) and the wobble after the
+    # loss is back does not hold the resolution back: told 10 points after 3 back, ending at 106
+    assert [a for _, a, _, _ in seen if a != "update"] == ["open", "resolve"]
+    assert seen[0][:3] == (102, "open", 100) and seen[-1] == (118, "resolve", 100, 106)
+
+
+def test_two_points_in_a_row_at_the_ratio_are_a_spike_told_from_the_first():
+    # a noisy loss (log-sigma ~0.5): one point 6x its median is ~3.4 sigmas, no spike alone (a
+    # batch with a hard sample); two in a row are, told 2 steps after the first of them
+    noisy = [("loss", i, math.exp(0.7 * ((i * 7919) % 13 - 6) / 6)) for i in range(200)]
+    ds = DetectorSet()
+    state = {}
+    ds.update(state, noisy)
+    seen = []
+    for pt in [("loss", 200, 6.0), ("loss", 201, 6.0)] + [("loss", 202 + i, 1.0) for i in range(4)]:
+        seen += [
+            (pt[1], c.action, c.start_step, c.evidence["points_in_a_row"], c.message) for c in ds.update(state, [pt])
+        ]
+    assert seen[0][:4] == (202, "open", 200, 2)
+    assert seen[0][4].startswith("Loss jumped 6x at step 201") and "sigmas for 2 points in a row" in seen[0][4]
+    one = DetectorSet()
+    state = {}
+    one.update(state, noisy)
+    assert [c for i in range(6) for c in one.update(state, [("loss", 200 + i, 6.0 if i == 0 else 1.0)])] == []
 
 
 def test_feeding_the_same_points_twice_changes_nothing():

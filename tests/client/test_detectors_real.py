@@ -143,3 +143,84 @@ def test_ingest_batching_does_not_change_the_alerts(scenario):
         changes, _, state = S.replay(sc, DetectorSet(sc.settings), batch_size=size, seed=size)
         assert summary(S.alert_rows(changes)) == one
         json.dumps(state, allow_nan=False)
+
+
+def _told(points, settings=None):
+    """[(step fed, change)] replaying ``points`` one step at a time, as ingest of a live run."""
+    log: list = []
+    S.replay(S.Scenario("run", points, []), DetectorSet(settings), log=log)
+    return log
+
+
+def _loud(log):
+    """Steps at which a root alert (no cause) was paged: opened, reopened or escalated to warning."""
+    return [(c.detector, step) for step, c in log if c.action == "open" and c.cause is None and c.severity != "info"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_scaled_input_jump_of_a_batch_8_loss_is_told_within_2_steps_and_once(seed):
+    # Inputs x10 for 4 steps: the first step is ~8x the median of a loss whose log wobbles by
+    # 0.6-0.7, under the 4 sigmas the ratio rule asks of one point; the jump lasts, and two
+    # points in a row at 5x and 2.5 sigmas are a spike, told from the first of them. After the
+    # inputs are back the loss falls for a few steps and climbs again for twenty: one alert,
+    # one page.
+    import _corpus_labels as CL
+    import _corpus_runs as R
+
+    pts = R.minibatch(arch="mlp", batch=8, steps=1000, schedule={"lr": 0.02}, scale=[[800, 4, 10.0]], seed=seed)
+    jumps = [e.step for e in CL.label(pts).events if e.detector == "loss_spike"]
+    assert jumps and all(800 <= s <= 803 for s in jumps)
+    log = _told(pts)
+    spikes = [(step, c) for step, c in log if c.detector == "loss_spike" and c.action == "open"]
+    assert len(spikes) == 1  # never resolved and reopened
+    step, c = spikes[0]
+    assert 800 <= c.start_step <= jumps[0] and step <= jumps[0] + 2
+    # the loss then runs away for a while (a divergence warning): the spike's aftermath, not a page
+    assert [s for d, s in _loud(log) if 790 <= s <= 900] == [step]
+
+
+def test_a_gd_catapult_past_the_edge_is_caught_within_2_steps():
+    # Full-batch GD at lr 0.3 past 2/lr: the loss, halved within the last 128 steps, jumps 5x
+    # its recent level (only 4x the window's median): the ratio is taken to the recent median.
+    import _corpus_labels as CL
+
+    pts = S._gd(lr=0.3, steps=400, seed=2)[0]
+    jumps = [e.step for e in CL.label(pts).events if e.detector == "loss_spike"]
+    assert jumps
+    log = _told(pts)
+    for j in jumps:
+        raised = [step for step, c in log if c.detector == "loss_spike" and c.action == "open" and j <= step]
+        assert raised and raised[0] <= j + 2, (j, raised)
+    # past the edge, the jump is the edge's consequence: never paged on its own
+    assert all(d != "loss_spike" for d, _ in _loud(log))
+
+
+def test_a_gradient_norm_runaway_after_one_layer_exploded_is_that_layers_incident():
+    # A max-norm constraint far below a layer's norm makes that layer's gradient explode at
+    # ~400; the global gradient norm follows (it is that layer's norm) and the divergence
+    # detector sees it run away ~30 steps later: one incident, paged once, by the layer.
+    import _corpus_runs_layers as LY
+
+    pts = LY.layers(kind="maxnorm", init_scale=30.0, factor=0.001, steps=1000, seed=0)
+    log = _told(pts)
+    runaway = [c for _, c in log if c.detector == "divergence"]
+    assert runaway and all(c.severity == "warning" for c in runaway)
+    assert all(c.cause is not None and c.cause["detector"] == "layer_gradients" for c in runaway)
+    assert [d for d, _ in _loud(log)] == ["layer_gradients"]
+
+
+def test_a_nan_after_a_layer_exploded_is_paged_as_its_own_critical_divergence():
+    # The runaway the layer explained stops being its consequence once it turns critical.
+    import _corpus_runs_layers as LY
+
+    pts = LY.layers(kind="maxnorm", init_scale=30.0, factor=0.001, steps=1000, seed=0)
+    pts = [p for p in pts if p[1] <= 434] + [("loss", 435, math.nan), ("grad/norm", 435, math.nan)]
+    log = _told(pts)
+    assert [(c.key, c.cause["detector"]) for _, c in log if c.detector == "divergence" and c.action == "open"] == [
+        ("runaway", "layer_gradients")
+    ]  # open, and the layer's consequence, when the NaN comes
+    crit = [(step, c) for step, c in log if c.detector == "divergence" and c.severity == "critical"]
+    assert crit and crit[0][1].cause is None
+    assert ("divergence", 435) in [
+        (c.detector, step) for step, c in log if c.cause is None and c.severity == "critical"
+    ]

@@ -236,7 +236,8 @@ class Detector:
                     return
                 ep["first"] = {"step": step, "severity": severity, "message": message, "evidence": evidence}
                 if self.delay_steps > 0:
-                    ep["held"] = step  # an alert, told once the delay has passed (see delay_steps)
+                    # An alert, told once the delay has passed since its condition began.
+                    ep["held"] = ep["start"]
                 else:
                     log.add(self._change(OPEN, key, ep))
                 return

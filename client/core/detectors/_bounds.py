@@ -76,6 +76,7 @@ BOUNDS: dict[str, tuple[float, float, str]] = {
     "threshold": _SIGMAS,
     "recover_threshold": _SIGMAS,
     "ratio_sigmas": _SIGMAS,
+    "run_sigmas": _SIGMAS,
     "ratio": _GROWTH,
     "runaway_ratio": _GROWTH,
     "recover_ratio": _GROWTH,

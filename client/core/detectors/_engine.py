@@ -87,6 +87,16 @@ SAME_SWITCH = "stability_gap"
 #: after its own delay: waiting for the divergence's patience there would make every spike late.
 SUSPECTED_BY: dict[str, str] = {"loss_spike": "divergence"}
 SUSPECT_LEAD = 3
+#: A root that came first, the other way round: a gradient norm running away because one
+#: layer's gradient exploded alone before it is that layer's incident (the global norm is that
+#: layer's norm then; a max-norm constraint far below a layer's norm does this without the run
+#: blowing up). Only while the runaway is a warning: a critical divergence (a NaN, a loss a
+#: thousand times its best) is never explained away; it is paged as a root.
+#: Likewise a loss that keeps climbing for some steps after a jump (inputs badly scaled for a
+#: few steps shake the weights): the spike's page told of it.
+EXPLAINED_BEFORE: dict[str, dict[str, tuple[str, ...]]] = {
+    "divergence": {"layer_gradients": ("exploding",), "loss_spike": ("loss",)}
+}
 #: A root explains consequences that start up to this many steps after it resolved (a loss
 #: that settles after a spike can leave the logits one-hot for a few more readings).
 INCIDENT_GRACE_STEPS = 50
@@ -280,7 +290,11 @@ def _root_of(state: dict, name: str, step: int) -> dict | None:
         rs = state.get(root)
         if not rs:
             continue
-        live = [(ep["start"], key) for key, ep in rs.get("episodes", {}).items() if not ep.get("quiet")]
+        live = [
+            (ep["start"], key)
+            for key, ep in rs.get("episodes", {}).items()
+            if not ep.get("quiet") and (ep.get("cause") or {}).get("detector") != name  # no cycles
+        ]
         live += [
             (ep["start"], key)
             for key, ep in rs.get("closed", {}).items()
@@ -302,7 +316,12 @@ def attribute(state: dict, changes: list[AlertChange]) -> list[AlertChange]:
     episode; roots opened in this batch adopt the open episodes they explain."""
     out: list[AlertChange] = []
     touched: set[tuple[str, str]] = set()
+    explained: set[str] = set()
     for c in changes:
+        if c.detector in EXPLAINED_BEFORE:
+            c = _explained_before(state, c)
+            if c.cause is not None:
+                explained.add(c.detector)
         if c.action == OPEN and c.cause is None and c.detector in SUSPECTED_BY:
             ep = state.get(c.detector, {}).get("episodes", {}).get(c.key)
             if ep is not None and _suspected(state, SUSPECTED_BY[c.detector], c.start_step - SUSPECT_LEAD):
@@ -330,7 +349,7 @@ def attribute(state: dict, changes: list[AlertChange]) -> list[AlertChange]:
             touched.add((c.detector, c.key))
         out.append(c)
     # A root that opened now adopts the open episodes it explains that have no better cause.
-    opened = {c.detector for c in changes if c.action == OPEN and c.cause is None}
+    opened = {c.detector for c in changes if c.action == OPEN and c.cause is None} - explained
     for name, roots in CAUSES.items():
         if not opened.intersection(roots):
             continue
@@ -346,3 +365,30 @@ def attribute(state: dict, changes: list[AlertChange]) -> list[AlertChange]:
                 ep["cause"] = root
                 out.append(episode_change(UPDATE, name, key, ep))
     return out
+
+
+def _explained_before(state: dict, c: AlertChange) -> AlertChange:
+    """A change of a detector in :data:`EXPLAINED_BEFORE`: give its episode the root that opened
+    before it, or take that root away once it turns critical."""
+    ep = state.get(c.detector, {}).get("episodes", {}).get(c.key)
+    if ep is None or c.action == RESOLVE:
+        return c
+    cause = ep.get("cause")
+    if c.severity == "critical":
+        if cause is not None and cause["detector"] in EXPLAINED_BEFORE[c.detector]:
+            ep["cause"] = None
+            return dataclasses.replace(c, cause=None)
+        return c
+    if cause is None:
+        for root, keys in EXPLAINED_BEFORE[c.detector].items():
+            eps = state.get(root, {}).get("episodes", {})
+            live = [
+                (rep["start"], key)
+                for key, rep in eps.items()
+                if key in keys and not rep.get("quiet") and rep.get("cause") is None and rep["start"] <= c.start_step
+            ]
+            if live:
+                start, key = min(live)
+                cause = ep["cause"] = {"detector": root, "key": key, "start_step": start}
+                break
+    return c if cause == c.cause else dataclasses.replace(c, cause=cause)

@@ -33,6 +33,16 @@ SPIKE_MIN_RISE = 0.1
 #: ratio rule needs 4 as well.
 SPIKE_RATIO = 5.0
 SPIKE_RATIO_SIGMAS = 4.0
+#: A falling loss leaves the window's median behind: the ratio is also taken to the median of
+#: the last ``SPIKE_RECENT`` points when that is lower (full-batch GD whose loss halved within
+#: the window jumps 5x its recent level while only 4x the window's median).
+SPIKE_RECENT = 32
+#: A jump that lasts is a spike sooner: two points in a row each ``ratio`` times the median and
+#: ``SPIKE_RUN_SIGMAS`` above it. One such point is what a batch of 8 with a hard sample does
+#: (healthy small-batch runs reach ~3 log-sigmas about once in a few thousand steps); two in a
+#: row at 2.5 sigmas is rarer than one at 4 (below 1e-4 of steps for independent batches).
+#: The episode starts, and its delay counts, from the first of them.
+SPIKE_RUN_SIGMAS = 2.5
 #: A spike is told 2 steps after it is seen: a run that is blowing up shows its loss jump
 #: first, and its divergence (a NaN, a loss a thousand times its best) within those steps
 #: then claims the jump as its consequence: one page, named by its cause.
@@ -54,7 +64,11 @@ TASK_SERIES = "continual/task"
 SPIKE_MIN_RISE_OF_START = 0.05
 #: The episode ends when the loss is back within 3 robust sigmas of the median ...
 RECOVER_SIGMAS = 3.0
-#: ... for 3 points in a row, so a spike that bounces is one episode, not several.
+#: ... for 3 points in a row (the episode's end is the first of them). The resolution is told
+#: ``rejoin_steps`` points later, and a spike before then continues the episode: a loss that
+#: falls back for three or four steps and jumps again (the corpus's scaled-input runs do, for
+#: some twenty steps after the inputs are back to scale) stays one alert, not one resolved and
+#: reopened; wobbles above the recovery level after it do not hold the resolution back.
 RECOVER_POINTS = 3
 
 
@@ -76,6 +90,7 @@ class LossSpikeParams:
     min_rise_of_start: float = SPIKE_MIN_RISE_OF_START  #: also needed: value - median >= this * start level
     ratio: float = SPIKE_RATIO  #: value >= ratio * median is a spike if also ratio_sigmas above it
     ratio_sigmas: float = SPIKE_RATIO_SIGMAS
+    run_sigmas: float = SPIKE_RUN_SIGMAS  #: two points in a row this far above and ratio x the median: a spike
     task_series: str = TASK_SERIES  #: a point here is a task switch: the baselines restart
     recover_threshold: float = RECOVER_SIGMAS
     recover_points: int = RECOVER_POINTS
@@ -90,6 +105,8 @@ class LossSpikeParams:
             raise ValueError("loss_spike: need recover_points >= 1 and min_rise >= 0")
         if self.ratio <= 1 or self.ratio_sigmas > self.threshold:
             raise ValueError("loss_spike: need ratio > 1 and ratio_sigmas <= threshold")
+        if not 0 < self.run_sigmas <= self.ratio_sigmas:
+            raise ValueError("loss_spike: need 0 < run_sigmas <= ratio_sigmas")
 
 
 class LossSpikeDetector(Detector):
@@ -118,6 +135,7 @@ class LossSpikeDetector(Detector):
         p = self.params
         if series == p.task_series:
             state.pop("windows", None)
+            state.pop("elevated", None)
             state["switch"] = step
             return
         if not finite(value):
@@ -150,12 +168,32 @@ class LossSpikeDetector(Detector):
         start = state.get("start", {}).get(series)
         if start is not None and value - median_value < p.min_rise_of_start * abs(start):
             rose = False
-        by_ratio = (
-            x - med >= math.log(p.ratio) if p.log_scale else med > 0 and x >= p.ratio * med
-        ) and x > med + p.ratio_sigmas * sigma
-        if (x > high or by_ratio) and rose:
+        runs = state.setdefault("elevated", {})
+        was = runs.pop(series, None)  # first step of the elevated points just before this one
+        elevated, ref = False, median_value
+        if x > med + p.run_sigmas * sigma:
+            if p.log_scale:
+                lift = x - med
+                if lift < math.log(p.ratio) and x > med + p.ratio_sigmas * sigma and len(window) > SPIKE_RECENT:
+                    recent = median(window[-SPIKE_RECENT:])
+                    if recent < med:
+                        lift, ref = x - recent, math.exp(recent)
+                elevated = lift >= math.log(p.ratio)
+            else:
+                elevated = med > 0 and x >= p.ratio * med
+        if elevated:
+            runs[series] = step if was is None else was
+        by_ratio = elevated and x > med + p.ratio_sigmas * sigma
+        lasting = elevated and was is not None
+        if (x > high or by_ratio or lasting) and rose:
             scale = " on a log scale" if p.log_scale else ""
-            jump = f" {fmt(value / median_value)}x" if median_value > 0 else ""
+            jump = f" {fmt(value / ref)}x" if ref > 0 else ""
+            if x > high:
+                rule = ")."
+            elif by_ratio:
+                rule = f"; or {fmt(p.ratio)}x and {fmt(p.ratio_sigmas)} sigmas)."
+            else:
+                rule = f"; or {fmt(p.ratio)}x and {fmt(p.run_sigmas)} sigmas for {step - was + 1} points in a row)."
             self.hold(
                 state,
                 log,
@@ -163,26 +201,29 @@ class LossSpikeDetector(Detector):
                 step,
                 "warning",
                 z,
-                sentence(f"{series} jumped{jump} at step {step} (from {fmt(median_value)} to {fmt(value)}). ")
-                + f"{fmt(z)} robust sigmas above its rolling median{scale} (threshold {fmt(p.threshold)}"
-                + (f"; or {fmt(p.ratio)}x and {fmt(p.ratio_sigmas)} sigmas)." if x <= high else ")."),
+                sentence(f"{series} jumped{jump} at step {step} (from {fmt(ref)} to {fmt(value)}). ")
+                + f"{fmt(z)} robust sigmas above its rolling median{scale} (threshold {fmt(p.threshold)}{rule}",
                 {
                     "value": value,
                     "median": median_value,
                     "sigma": sigma,
                     "z": z,
                     "threshold": p.threshold,
-                    "ratio": value / median_value if median_value > 0 else math.inf,
+                    "ratio": value / ref if ref > 0 else math.inf,
+                    "baseline": ref,
                     "ratio_threshold": p.ratio,
                     "ratio_sigmas": p.ratio_sigmas,
+                    "run_sigmas": p.run_sigmas,
+                    "points_in_a_row": 1 if was is None else step - was + 1,
                     "log_scale": p.log_scale,
                     "min_rise": p.min_rise,
                     "window": len(window),
                 },
+                start=was if lasting else None,
             )
         elif self.is_open(state, series):
-            if x <= med + p.recover_threshold * sigma:
-                self.clear(state, log, series, step, p.recover_points)
+            if x <= med + p.recover_threshold * sigma or state["episodes"][series]["clear"] >= p.recover_points:
+                self.clear(state, log, series, step, p.recover_points + p.rejoin_steps)
             else:  # still elevated: the episode goes on, though this is no longer a spike
                 self.keep(state, series, log, step)
         push(window, min(x, high) if sigma > 0 else x, p.window)
