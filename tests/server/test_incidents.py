@@ -243,3 +243,50 @@ def test_the_incident_view_and_the_new_alert_fields_are_in_the_openapi_schema(li
     assert {"first_detection", "cause_alert_id"} <= set(parts["AlertOut"]["properties"])
     assert parts["IncidentOut"]["properties"]["consequences"]["items"]["$ref"].endswith("/AlertOut")
     assert {"step", "severity", "message", "evidence"} <= set(parts["FirstDetection"]["properties"])
+
+
+def test_a_consequence_that_turns_critical_is_paged_as_its_own_root(client, receiver):
+    """A real training whose one layer's gradient explodes alone (a max-norm constraint far below
+    its norm): the layer is paged; the gradient norm running away after it is that layer's
+    consequence (not paged). Then the loss goes NaN during the runaway: the divergence turns
+    critical and stops being a consequence: it is paged ("alert.escalated") as a root, and the
+    layer's alert becomes its consequence."""
+    pytest.importorskip("torch")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "client"))
+    import _corpus_runs_layers as LY
+
+    pts = LY.layers(kind="maxnorm", init_scale=30.0, factor=0.001, steps=1000, seed=0)
+    series: dict[str, dict[int, float]] = {}
+    for name, step, v in pts:
+        if step <= 434:
+            series.setdefault(name, {})[step] = v
+    series["loss"][435] = series["grad/norm"][435] = math.nan
+    hook = _hook(client, receiver.url)
+    make_run(client)
+    # the runaway opens (step 432) in one batch, the NaN comes in the next
+    cuts = [*range(0, 420, BATCH), 420, 434, 436]
+    for a, b in zip(cuts, cuts[1:]):
+        body = {"series": []}
+        for name, vals in series.items():
+            steps = [s for s in range(a, b) if s in vals]
+            if steps:
+                body["series"].append({"name": name, "steps": steps, "values": encode_values([vals[s] for s in steps])})
+        r = client.post("/runs/r/points", json=body)
+        assert r.status_code == 200, r.text
+        if b == 434:  # the runaway is open, the layer's consequence
+            now = {a["detector"]: a for a in _get(client, "/runs/r/alerts")}
+            assert (now["divergence"]["severity"], now["divergence"]["cause_alert_id"]) == (
+                "warning",
+                now["layer_gradients"]["id"],
+            )
+    alerts = {a["detector"]: a for a in _get(client, "/runs/r/alerts")}
+    layer, div = alerts["layer_gradients"], alerts["divergence"]
+    # the run blowing up is now the incident: the layer's explosion is listed under it
+    assert (div["severity"], div["cause_alert_id"], layer["cause_alert_id"]) == ("critical", None, div["id"])
+    assert [(d["event"], d["alert_id"]) for d in _deliveries(client, hook["id"])] == [
+        ("alert.opened", layer["id"]),
+        ("alert.escalated", div["id"]),
+    ]
