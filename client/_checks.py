@@ -48,14 +48,11 @@ def _check_log_args(loss, logits, targets, scalars) -> None:
     if loss is not None and not _is_scalar(loss):
         raise ValueError("loss must be a number or a one-element tensor (pass loss, not a batch of losses)")
     if logits is not None:
-        if not isinstance(logits, torch.Tensor) or logits.dim() < 2 or logits.shape[-1] < 2:
+        shape = logits.shape if isinstance(logits, torch.Tensor) else ()
+        if len(shape) < 2 or shape[-1] < 2:
             raise ValueError("logits must be a tensor of shape [batch, classes] or [batch, seq, vocab]")
         if targets is not None:
-            if (
-                not isinstance(targets, torch.Tensor)
-                or targets.shape != logits.shape[:-1]
-                or targets.is_floating_point()
-            ):
+            if not isinstance(targets, torch.Tensor) or targets.shape != shape[:-1] or targets.is_floating_point():
                 raise ValueError(
                     f"targets must be class indices of shape {tuple(logits.shape[:-1])} "
                     f"(logits' shape without the class dimension)"

@@ -123,7 +123,7 @@ def extremes_host(logits: torch.Tensor) -> tuple[float, float]:
     """``extremes`` as host floats, for CPU logits (one reduction and one read)."""
     z = logits.detach()
     mx, mn = z.aminmax()
-    mx, mn = float(mx), float(mn)
+    mx, mn = mx.item(), mn.item()
     max_abs = math.nan if mx != mx or mn != mn else max(abs(mx), abs(mn))
     if math.isfinite(max_abs):
         return max_abs, 0.0

@@ -10,6 +10,7 @@ ratios) on the host by ``finish``.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -35,6 +36,9 @@ def _strip(name: str) -> str:
             if name.startswith(p):
                 name, changed = name[len(p) :], True
     return name
+
+
+_GRAD = operator.attrgetter("grad")
 
 
 def _local(t):
@@ -124,14 +128,19 @@ class ParamLayout:
     def grad_total_host(self) -> tuple[float, float] | None:
         """(global gradient norm, non-finite entries) as host floats: the cheap signals on a
         CPU model, where reading a value costs no stall and a float needs no packing."""
-        grads = [_local(p.grad) for p in self.params if p.grad is not None]
+        if self.sharded:
+            grads = [_local(p.grad) for p in self.params if p.grad is not None]
+        else:
+            grads = [g for g in map(_GRAD, self.params) if g is not None]
         if not grads:
             return None
-        s = torch.stack(self._norms(grads))
-        total_sq = float(torch.dot(s, s))
-        if math.isfinite(total_sq):
-            return math.sqrt(total_sq), 0.0
-        return math.sqrt(total_sq), float(sum(int((~torch.isfinite(g)).sum()) for g in grads))
+        # The per-tensor norms read one by one and combined in double on the host: two kernels
+        # fewer than stacking them and taking a dot (a ~1 ms step pays ~10 us per kernel), and
+        # no float32 overflow of the sum of squares (a norm above 1.8e19 squared).
+        total = math.hypot(*[n.item() for n in self._norms(grads)])
+        if math.isfinite(total):
+            return total, 0.0
+        return total, float(sum(int((~torch.isfinite(g)).sum()) for g in grads))
 
     def _norms(self, tensors: list) -> list:
         if self._float64:

@@ -375,11 +375,15 @@ class Monitor:
             ops.append(o)
 
         if loss is not None:
-            if isinstance(loss, torch.Tensor) and not (self._host and loss.device.type == "cpu"):
-                add(loss.detach().reshape(1).float(), ("loss",), (MEAN,))
+            if isinstance(loss, torch.Tensor):
+                if self._host and loss.is_cpu:
+                    host_names.append("loss")
+                    host_values.append(float(loss.item()))  # item(): no detach, no grad warning
+                else:
+                    add(loss.detach().reshape(1).float(), ("loss",), (MEAN,))
             else:
                 host_names.append("loss")
-                host_values.append(float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss))
+                host_values.append(float(loss))
         pending = self._pending_grads
         if pending is not None and pending[0] == full:
             grads = pending[1]
@@ -423,7 +427,7 @@ class Monitor:
             self._in_collectors = self._clock() - t0
         job = None
         if logits is not None:
-            if not full and self._host and logits.device.type == "cpu":
+            if not full and self._host and logits.is_cpu:
                 host_names += _logits.EXTREME_NAMES
                 host_values += _logits.extremes_host(logits)
             else:
