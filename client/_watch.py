@@ -98,7 +98,6 @@ class Watch:
         self.state: dict = {}
         #: (detector, key, start_step) -> rank of the severity delivered for that episode.
         self.delivered: dict[tuple, int] = {}
-        self._wanted: dict[str, bool] = {}  # series name -> whether any detector reads it
         self._episodes: dict[int, tuple] = {}  # server alert id -> its (detector, key, start_step)
 
     # -- the hook's own detection ----------------------------------------------------------
@@ -108,19 +107,7 @@ class Watch:
         if dset is None:
             return
         try:
-            wanted = self._wanted
-            pts = []
-            for name, v in zip(names, values):
-                w = wanted.get(name)
-                if w is None:
-                    if len(wanted) >= MAX_REMEMBERED:
-                        wanted.clear()
-                    w = wanted[name] = any(d.accepts(name) for d in dset.detectors)
-                if w:
-                    pts.append((name, step, v))
-            if not pts:
-                return
-            changes = dset.update(self.state, pts)
+            changes = dset.feed_step(self.state, step, tuple(names), values)
         except Exception as exc:  # noqa: BLE001 - a detector bug must not stop the sender
             self.errors += 1
             _errors.report("detectors", exc)

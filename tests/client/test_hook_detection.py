@@ -8,6 +8,7 @@ order, so when the flush returns the record of that step has been through the de
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 
@@ -330,3 +331,33 @@ def test_a_non_finite_step_wakes_the_sender_at_once(tmp_path, monkeypatch):
     assert nan_step == JUMP_STEP + 1
     assert not any(urgent_by_step[s] for s in range(nan_step)), urgent_by_step
     assert all(urgent_by_step[s] for s in range(nan_step, STEPS))
+
+
+def test_feed_step_gives_the_changes_and_state_update_gives(tmp_path):
+    """``DetectorSet.feed_step`` (the Watch's per-record path, its routing cached per tuple of
+    names) against ``update`` on the same points, step by step: a real run that blows up (a
+    loss spike, the logits one-hot, the divergence, then NaN), every metric every step."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with stethoscope.attach(model, opt, server="offline", spool_dir=tmp_path, every=1, detectors=False) as mon:
+        blow_up(mon, model, opt, steps=JUMP_STEP + 60, jump_lr=1e20)
+    by_step: dict = {}
+    for name, col in spooled_points(tmp_path).items():
+        for step, v in col.items():
+            by_step.setdefault(step, []).append((name, v))
+    fed, state_fed, changes_fed = DetectorSet(), {}, []
+    ref, state_ref, changes_ref = DetectorSet(), {}, []
+    for step in sorted(by_step):
+        names = tuple(n for n, _ in by_step[step])
+        values = [v for _, v in by_step[step]]
+        changes_fed += fed.feed_step(state_fed, step, names, values)
+        changes_ref += ref.update(state_ref, [(n, step, v) for n, v in by_step[step]])
+        if step % 7 == 0:  # the same names in another order: a plan of its own, the same result
+            rev = tuple(reversed(names))
+            assert fed.feed_step(json.loads(json.dumps(state_fed)), step + 1, rev, values[::-1]) == ref.update(
+                json.loads(json.dumps(state_ref)), [(n, step + 1, v) for n, v in zip(rev, values[::-1])]
+            )
+    assert len({c.detector for c in changes_ref}) >= 3, "the scenario no longer alerts on several detectors"
+    assert changes_fed == changes_ref
+    assert json.dumps(state_fed, sort_keys=True) == json.dumps(state_ref, sort_keys=True)

@@ -139,6 +139,7 @@ class DetectorSet:
             if enabled:
                 self.detectors.append(cls(params))
         self._routes: dict[str, list[Detector]] = {}
+        self._plans: dict[tuple, list] = {}
 
     @staticmethod
     def defaults() -> dict:
@@ -204,6 +205,34 @@ class DetectorSet:
             run = list(run)
             series.append((name, [p[1] for p in run], [p[2] for p in run]))
         return self.feed(state, self.route(series))
+
+    def feed_step(self, state: dict, step: int, names: tuple, values: Sequence[float]) -> list[AlertChange]:
+        """:meth:`update` for the points of one step, ``names[i]`` at ``values[i]`` (the hook's
+        record of a training step): the same changes, at a fraction of the cost for a few
+        points a step. Which detector takes which entries is worked out once per ``names``
+        tuple (cached, like :meth:`route`'s names); one step needs no grouping nor sorting.
+        """
+        plans = self._plans
+        plan = plans.get(names)
+        if plan is None:
+            if len(plans) >= _ROUTE_CACHE:
+                plans.clear()
+            plan = plans[names] = self._plan(names)
+        changes: list[AlertChange] = []
+        for d, idx in plan:
+            changes += d.feed(state.setdefault(d.name, {}), [(names[i], step, values[i]) for i in idx])
+        if changes:
+            changes = attribute(state, changes)
+        return changes
+
+    def _plan(self, names: tuple) -> list[tuple[Detector, tuple[int, ...]]]:
+        """Per detector, in feeding order, the indices of the ``names`` it takes (those with none left out)."""
+        plan = []
+        for d in self.detectors:
+            idx = tuple(i for i, n in enumerate(names) if d.accepts(n))
+            if idx:
+                plan.append((d, idx))
+        return plan
 
     def check(
         self, state: dict, now: float, last_seen: float | None, status: str, last_step: int | None = None
