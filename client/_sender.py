@@ -91,6 +91,16 @@ class RecordQueue:
             time.sleep(0.01)
         self.put_nowait(item, urgent=True)
 
+    def take(self):
+        """The next record if one is queued, else None; never waits (the consumer drains what
+        came since its last look with it). Records are flowing: the next look polls."""
+        try:
+            item = self._items.popleft()
+        except IndexError:
+            return None
+        self._flowing = True
+        return item
+
     def get(self, timeout: float):
         items = self._items
         if items:
@@ -252,15 +262,23 @@ class Sender:
                 rec = self._queue.get(timeout=max(0.05, schedule.wait()))
             except queue.Empty:
                 rec = None
-            stop = rec is _STOP
+            stop = False
             flush_event = None
             with _errors.swallowed("sender.record"):
-                if rec is not None and not stop:
-                    kind = rec[0]
-                    if kind == "flush":
+                # Every record queued since the last look, in order, in one go: the loop's own
+                # bookkeeping (below) is then paid once per look, not once per training step.
+                # A flush or the stop ends the run of records: what came before it is in the batch.
+                while rec is not None:
+                    if rec is _STOP:
+                        stop = True
+                        break
+                    if rec[0] == "flush":
                         flush_event = rec[1]
-                    else:
-                        self._detect(batch.add(rec), batch)
+                        break
+                    self._detect(batch.add(rec), batch)
+                    if batch.points >= BATCH_POINTS:
+                        break
+                    rec = self._queue.take()
             if batch.last_step is not None:
                 self._last_step = batch.last_step
             if (

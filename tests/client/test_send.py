@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import queue
 import random
 import time
 
@@ -201,3 +202,40 @@ def test_each_sender_runs_its_own_schedule(live_server, tmp_path, monkeypatch):
     for mon in mons:
         steps, _ = read_series(live_server.url, mon.run_id, "loss")
         assert steps == list(range(40))
+
+
+def test_after_draining_a_run_of_records_the_sender_polls():
+    """The sender takes every queued record at each look (``RecordQueue.take``). Records are
+    flowing then: its next look must poll (wait ``POLL_INTERVAL_S``, woken by nobody) rather
+    than go idle, where every step's record would wake it (a ~1 ms step pays for each wake)."""
+    from stethoscope import _sender
+
+    q = _sender.RecordQueue(100)
+
+    class Spy:  # the queue's wake-up event; records arrive while the consumer waits
+        def __init__(self):
+            self.waits, self.sets, self.arriving = [], 0, []
+
+        def wait(self, timeout):
+            self.waits.append(timeout)
+            for item in self.arriving:
+                q.put_nowait(item)
+            self.arriving = []
+            return True
+
+        def set(self):
+            self.sets += 1
+
+        def clear(self):
+            pass
+
+    q._wake = spy = Spy()
+    spy.arriving = ["a", "b"]
+    assert q.get(timeout=1.0) == "a"  # idle: waited to be woken, then took the first
+    assert q.take() == "b" and q.take() is None  # and the rest, in order
+    with pytest.raises(queue.Empty):
+        q.get(timeout=1.0)
+    assert spy.waits == [1.0, _sender.POLL_INTERVAL_S]  # the second look polls, not an idle wait
+    sets = spy.sets
+    q.put_nowait("c")
+    assert spy.sets == sets  # a polling consumer is woken by nobody
