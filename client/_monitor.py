@@ -25,6 +25,13 @@ from ._checks import _check_log_args, _check_name, _check_step, _jsonable
 from ._metrics import MAX, MEAN, SUM
 from .core.wire import MAX_NAME_LENGTH
 
+#: The hot path's guards, made once (a guard holds nothing but its name): see _errors.swallowed.
+_IN_LOG = _errors.swallowed("log")
+_IN_BUDGET = _errors.swallowed("cost budget")
+_IN_PRE_STEP = _errors.swallowed("optimizer pre-step hook")
+_IN_POST_STEP = _errors.swallowed("optimizer post-step hook")
+_IN_STEP_TIME = _errors.swallowed("step time")
+
 
 class Monitor:
     """Watches one training run; made by ``stethoscope.attach``.
@@ -150,12 +157,12 @@ class Monitor:
         budget = self._budget
         full = budget.full
         self._in_collectors = 0.0
-        with _errors.swallowed("log"):
+        with _IN_LOG:
             self._record(step, loss, logits, targets, scalars, full, start)
         if self._ranks is not None and self._ranks.due(self._calls):
             with _errors.swallowed("rank check"):
                 self._ranks.run(step, self._sender)
-        with _errors.swallowed("cost budget"):
+        with _IN_BUDGET:
             sender = self._sender
             if self._charge_sender and sender.cpu_s != self._sender_cpu:
                 # The background thread's CPU is the hook's too: it takes a core, and the GIL.
@@ -329,7 +336,7 @@ class Monitor:
     # -- optimizer hooks -------------------------------------------------------------
     def _pre_step(self, optimizer, args, kwargs):
         t0 = self._clock()
-        with _errors.swallowed("optimizer pre-step hook"):
+        with _IN_PRE_STEP:
             if self._mode is None:
                 self._mode = "after"
             if self._mode == "after":
@@ -350,7 +357,7 @@ class Monitor:
         if not self._snapped:
             return
         t0 = self._clock()
-        with _errors.swallowed("optimizer post-step hook"):
+        with _IN_POST_STEP:
             self._snapped = False
             stats = self._layout.update_stats()
             if self._mode == "after":
@@ -366,7 +373,7 @@ class Monitor:
         L = self._layout
         tensors, names, ops, host_names, host_values = [], [], [], [], []
         if start is not None:
-            with _errors.swallowed("step time"):
+            with _IN_STEP_TIME:
                 self._perf.record(start, logits, targets, host_names, host_values)
 
         def add(t, n, o):
@@ -466,6 +473,10 @@ class Monitor:
         ``record_stream`` so the caching allocator does not hand their memory to the training
         stream before the side stream is done with them.
         """
+        if not tensors and logit_job is None:  # host numbers only (a CPU model's cheap step)
+            if self._sender is not None:
+                self._sender.put(("points", step, time.time(), (), (), None, None, host_names, host_values))
+            return
         packed = ready = None
         side = None
         if logit_job is not None and logit_job[0].device.type == "cuda":

@@ -211,7 +211,11 @@ class Sender:
             self.after_fork()
         if self._thread is None:
             self._start()
-        urgent = record[0] != "points" or any(v - v != 0.0 for v in record[8])
+        if record[0] == "points":
+            total = sum(record[8], 0.0)  # NaN or inf among them makes the sum NaN or inf
+            urgent = total - total != 0.0
+        else:
+            urgent = True
         try:
             self._queue.put_nowait(record, urgent=urgent)
         except queue.Full:
