@@ -65,13 +65,11 @@ class Batch:
                 if None in values:  # series not sent at this step (a rank that agrees: _ranks)
                     kept = [(n, v) for n, v in zip(names, values) if v is not None]
                     names, values = tuple(n for n, _ in kept), [v for _, v in kept]
-                for name, v in zip(names, values):
-                    self.add_point(name, step, v, wall)
+                self._add_points(names, step, values, wall)
                 names, values = (*names, *host_names), (*values, *host_values)
             else:
                 names, values = host_names, host_values
-            for name, v in zip(host_names, host_values):
-                self.add_point(name, step, v, wall)
+            self._add_points(host_names, step, host_values, wall)
             self.last_step = step
             return step, names, values
         if kind == "event":
@@ -87,6 +85,18 @@ class Batch:
             col[1][-1] = value
         else:
             self.add_point(name, step, value)
+
+    def _add_points(self, names, step: int, values, wall: float) -> None:
+        """``add_point`` for one record's points (one step, one wall time): the loop inlined."""
+        series = self.series
+        for name, v in zip(names, values):
+            col = series.get(name)
+            if col is None:
+                col = series[name] = ([], [], [])
+            col[0].append(step)
+            col[1].append(v)
+            col[2].append(wall)
+        self.points += min(len(names), len(values))
 
     def add_point(self, name: str, step: int, value: float, wall: float | None = None) -> None:
         col = self.series.get(name)

@@ -156,6 +156,8 @@ class ChangeLog:
     adding one, so a batch of a thousand bad points yields one change, not a thousand.
     """
 
+    __slots__ = ("changes", "_pending", "_resolved")
+
     def __init__(self) -> None:
         self.changes: list[AlertChange] = []
         self._pending: dict[tuple[str, str], int] = {}
@@ -217,7 +219,9 @@ class Detector:
     def feed(self, state: dict, points: Iterable[tuple[str, int, float]]) -> list[AlertChange]:
         """:meth:`update` for points already known to be accepted (the engine routes them)."""
         log = ChangeLog()
-        seen = state.setdefault("seen", {})
+        seen = state.get("seen")
+        if seen is None:  # not setdefault: that makes a dict at every call (the hook calls per step)
+            seen = state["seen"] = {}
         for series, step, value in points:
             last = seen.get(series)
             if last is not None and step <= last:

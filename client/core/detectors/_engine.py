@@ -220,7 +220,10 @@ class DetectorSet:
             plan = plans[names] = self._plan(names)
         changes: list[AlertChange] = []
         for d, idx in plan:
-            changes += d.feed(state.setdefault(d.name, {}), [(names[i], step, values[i]) for i in idx])
+            own = state.get(d.name)
+            if own is None:
+                own = state[d.name] = {}
+            changes += d.feed(own, [(names[i], step, values[i]) for i in idx])
         if changes:
             changes = attribute(state, changes)
         return changes
