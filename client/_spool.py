@@ -366,8 +366,47 @@ class Spool:
         return json.loads((self.path / "run.json").read_text())
 
 
+_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+_SERIES_KEYS = ("name", "steps", "values", "walls")
+
+
 def _line(kind: str, body) -> bytes:
-    return (json.dumps({"t": kind, "b": body}, separators=(",", ":"), allow_nan=False) + "\n").encode()
+    if kind == "points":
+        line = _points_line(body)
+        if line is not None:
+            return line
+    return (_encode({"t": kind, "b": body}) + "\n").encode()
+
+
+def _points_line(body) -> bytes | None:
+    """A points entry, byte for byte what ``json.dumps`` writes, with each distinct steps or
+    walls column encoded once: the series of one training step share its step and its wall
+    time, so in a batch of the hook's records every series' walls are the same list of floats,
+    which ``json.dumps`` would print again for each series (half the time of encoding a batch
+    of a ~1 ms step's eight series). None for a body of another shape."""
+    series = body.get("series") if isinstance(body, dict) and len(body) == 1 else None
+    if not isinstance(series, list):
+        return None
+    done: dict[int, list] = {}  # column length -> [(column, its JSON), ...]
+
+    def column(col) -> str:
+        same = done.setdefault(len(col), [])
+        for c, text in same:
+            if c is col or c == col:
+                return text
+        text = _encode(col)
+        same.append((col, text))
+        return text
+
+    parts = []
+    for s in series:
+        if not isinstance(s, dict) or tuple(s) != _SERIES_KEYS or not isinstance(s["walls"], list):
+            return None
+        parts.append(
+            f'{{"name":{_encode(s["name"])},"steps":{column(s["steps"])},'
+            f'"values":{_encode(s["values"])},"walls":{column(s["walls"])}}}'
+        )
+    return ('{"t":"points","b":{"series":[' + ",".join(parts) + "]}}\n").encode()
 
 
 def _entry(line: bytes) -> tuple:

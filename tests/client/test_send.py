@@ -239,3 +239,42 @@ def test_after_draining_a_run_of_records_the_sender_polls():
     sets = spy.sets
     q.put_nowait("c")
     assert spy.sets == sets  # a polling consumer is woken by nobody
+
+
+def test_spool_lines_are_what_json_dumps_writes(tmp_path, monkeypatch):
+    """The spool writes a points entry with each shared steps or walls column encoded once
+    (``_spool._points_line``): each line must be byte for byte ``json.dumps`` of the entry it
+    was given, on a real run's batches (every series sharing its steps and walls, a NaN loss
+    encoded, a scalar logged at other steps, the final status) and on bodies of other shapes."""
+    import json
+
+    from stethoscope import _spool
+
+    given = []
+    append = _spool.Spool.append
+
+    def spy(self, kind, body):
+        given.append((kind, json.loads(json.dumps(body))))  # a copy, as it was handed over
+        return append(self, kind, body)
+
+    monkeypatch.setattr(_spool.Spool, "append", spy)
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with stethoscope.attach(model, opt, run="lines", server="offline", spool_dir=tmp_path) as mon:
+        train(mon, model, opt, 30)
+        mon.log(step=30, loss=math.nan)
+        for step in range(31, 40, 3):
+            mon.log(step=step, loss=1.0, **{"eval/acc": 0.5 + step / 100})
+    lines = [line for seg in sorted(tmp_path.rglob("*.jsonl")) for line in seg.read_bytes().splitlines(keepends=True)]
+    assert [k for k, _ in given] == [json.loads(line)["t"] for line in lines]
+    assert {"points", "status"} <= {k for k, _ in given}
+    shared = 0
+    for (kind, body), line in zip(given, lines):
+        assert line == (json.dumps({"t": kind, "b": body}, separators=(",", ":"), allow_nan=False) + "\n").encode()
+        if kind == "points":
+            walls = [tuple(s["walls"]) for s in body["series"]]
+            shared += len(walls) - len(set(walls))
+    assert shared > 0, "no series shared its walls: the case the spool encodes once is not exercised"
+    odd = {"series": [{"name": "x", "steps": [1], "values": ["NaN"], "walls": [1.5], "extra": 1}]}
+    assert _spool._line("points", odd) == (json.dumps({"t": "points", "b": odd}, separators=(",", ":")) + "\n").encode()
