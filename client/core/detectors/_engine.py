@@ -8,7 +8,7 @@ from itertools import groupby, repeat
 from operator import itemgetter
 from typing import Iterable, Sequence
 
-from ._base import OPEN, RESOLVE, UPDATE, AlertChange, Detector, episode_change
+from ._base import OPEN, RESOLVE, UPDATE, AlertChange, ChangeLog, Detector, episode_change
 from ._bounds import check_bounds
 from .dead_units import DeadUnitsDetector
 from .divergence import DivergenceDetector
@@ -219,22 +219,43 @@ class DetectorSet:
                 plans.clear()
             plan = plans[names] = self._plan(names)
         changes: list[AlertChange] = []
-        for d, idx in plan:
+        # Detector.feed inlined for the detectors that keep it, with one ChangeLog for all of
+        # them: a log merges changes per (detector, key), so sharing it merges nothing across
+        # detectors, and changes stay in detector order.
+        log = ChangeLog()
+        for d, idx, inline in plan:
             own = state.get(d.name)
             if own is None:
                 own = state[d.name] = {}
-            changes += d.feed(own, [(names[i], step, values[i]) for i in idx])
+            if not inline:
+                changes += log.changes
+                log = ChangeLog()
+                changes += d.feed(own, [(names[i], step, values[i]) for i in idx])
+                continue
+            seen = own.get("seen")
+            if seen is None:
+                seen = own["seen"] = {}
+            point = d.point
+            for i in idx:
+                name = names[i]
+                last = seen.get(name)
+                if last is not None and step <= last:
+                    continue
+                seen[name] = step
+                point(own, name, step, float(values[i]), log)
+        changes += log.changes
         if changes:
             changes = attribute(state, changes)
         return changes
 
-    def _plan(self, names: tuple) -> list[tuple[Detector, tuple[int, ...]]]:
-        """Per detector, in feeding order, the indices of the ``names`` it takes (those with none left out)."""
+    def _plan(self, names: tuple) -> list[tuple[Detector, tuple[int, ...], bool]]:
+        """Per detector, in feeding order, the indices of the ``names`` it takes (those with
+        none left out), and whether it feeds points as :meth:`Detector.feed` does."""
         plan = []
         for d in self.detectors:
             idx = tuple(i for i, n in enumerate(names) if d.accepts(n))
             if idx:
-                plan.append((d, idx))
+                plan.append((d, idx, type(d).feed is Detector.feed))
         return plan
 
     def check(
