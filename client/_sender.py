@@ -118,9 +118,13 @@ class RecordQueue:
             self._idle = False
         self._wake.clear()  # a put sets it after appending: its item is seen below
         try:
-            return items.popleft()
+            item = items.popleft()
         except IndexError:
             raise queue.Empty from None
+        # A record came (it woke us, or the poll found it): the next look polls. Left idle, the
+        # consumer would be woken by every record of a run that just started (a wake-up a step).
+        self._flowing = True
+        return item
 
 
 class ShipSchedule:
