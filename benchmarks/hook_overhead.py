@@ -8,7 +8,9 @@ Two workloads, each trained by several identical copies ("arms") in one process:
 Arms: ``bare`` (no monitoring), ``stethoscope`` (``attach`` with its defaults: the cost
 budget where this version has one), ``stethoscope_every1`` (every metric every step, the old
 behaviour), ``baseline`` (with ``--baseline DIR``: another commit's hook, its defaults),
-``stethoscope_dead`` (with ``--dead-units``: the defaults plus ``dead_units=True``), and
+``stethoscope_dead`` (with ``--dead-units``: the defaults plus ``dead_units=True``), ``floor``
+(with ``--floor``: only the torch work of the cheap signals, read on the host and kept in a
+deque, no sender: the least any hook measuring them every step can cost), and
 ``hand`` (the same metrics computed in the loop with ``.item()`` calls and
 appended to a local JSON-lines file: what a wandb or TensorBoard user writes by hand, the
 anchor). Every arm logs every step.
@@ -172,6 +174,32 @@ class HandLogger:
         self.file.close()
 
 
+class FloorHook:
+    """The cheap signals' torch work and nothing else: the global gradient norm in an optimizer
+    pre-step hook (per-tensor norms, combined on the host), the loss, the logits' min and max and
+    the learning rate read on the host, one tuple a step appended to a deque."""
+
+    def __init__(self, model, opt):
+        import collections
+        import math
+
+        self.params = list(model.parameters())
+        self.opt = opt
+        self.records = collections.deque(maxlen=1000)
+        self.grad_norm = None
+        self._hypot = math.hypot
+        opt.register_step_pre_hook(self._pre)
+
+    def _pre(self, opt, args, kwargs):
+        grads = [p.grad for p in self.params if p.grad is not None]
+        self.grad_norm = self._hypot(*[n.item() for n in torch._foreach_norm(grads, 2)])
+
+    def log(self, step, loss, logits, y):
+        mx, mn = logits.detach().aminmax()
+        lr = self.opt.param_groups[0]["lr"]
+        self.records.append((step, time.time(), loss.item(), self.grad_norm, mx.item(), mn.item(), lr))
+
+
 # -- one arm -----------------------------------------------------------------------------
 class Arm:
     def __init__(self, name, model, spool):
@@ -182,6 +210,8 @@ class Arm:
         self.hook_s = 0.0  # time spent in the monitor's optimizer hooks this step
         if name == "hand":
             self.hand = HandLogger(model, self.opt, os.path.join(spool, "hand.jsonl"))
+        elif name == "floor":
+            self.hand = FloorHook(model, self.opt)
         elif name.startswith(("stethoscope", "baseline")):
             # Benchmark hooks registered before and after attach's bracket the monitor's own.
             self.opt.register_step_pre_hook(self._mark)
@@ -243,7 +273,7 @@ class Arm:
     def close(self):
         if self.mon is not None:
             self.mon.close()
-        if self.hand is not None:
+        if self.hand is not None and hasattr(self.hand, "close"):
             self.hand.close()
 
 
@@ -253,6 +283,7 @@ def run_workload(name, args, spool, budget_supported):
     base = make_model()
     batches = make_batches()
     names = ARMS + (("stethoscope_dead",) if args.dead_units else ()) + (("baseline",) if BASELINE is not None else ())
+    names += ("floor",) if args.floor else ()
     arms = [Arm(a, copy.deepcopy(base), spool) for a in names]
     rng = random.Random(0)
     block = args.block if args.block else (20 if name == "lm" else 100)
@@ -320,6 +351,9 @@ def main():
     )
     ap.add_argument(
         "--dead-units", action="store_true", help="also the arm 'stethoscope_dead': the defaults plus dead_units=True"
+    )
+    ap.add_argument(
+        "--floor", action="store_true", help="also the arm 'floor': the cheap signals' torch work alone, no sender"
     )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
