@@ -1,5 +1,5 @@
-"""Group commit (SQLite ingest): jobs that arrive together share one transaction, each in its own
-savepoint, so a job that fails after writing leaves nothing behind and the others commit."""
+"""Group commit (SQLite ingest): jobs that arrive together share one transaction; a job that
+fails after writing leaves nothing behind, and the others of its group commit without it."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ def engine(tmp_path):
     engine.dispose()
 
 
-def test_a_failing_job_leaves_nothing_and_the_rest_of_its_group_commits(engine):
+def _run_group(engine, failing: set[str]):
+    """Four jobs queued while the writer's lock is held, so they go in as one group."""
     lock = threading.Lock()
     transactions = []
     committed = []
@@ -50,7 +51,7 @@ def test_a_failing_job_leaves_nothing_and_the_rest_of_its_group_commits(engine):
             results[key] = e
 
     lock.acquire()  # hold the writer's lock: the four jobs queue up and go in as one group
-    threads = [threading.Thread(target=submit, args=(k, k == "b")) for k in "abcd"]
+    threads = [threading.Thread(target=submit, args=(k, k in failing)) for k in "abcd"]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 10
@@ -60,9 +61,28 @@ def test_a_failing_job_leaves_nothing_and_the_rest_of_its_group_commits(engine):
     for t in threads:
         t.join(10)
 
-    assert len(transactions) == 1  # one transaction for the group
+    with engine.connect() as conn:
+        stored = [r[0] for r in conn.exec_driver_sql("SELECT k FROM t ORDER BY k")]
+    return transactions, results, committed, stored
+
+
+def test_a_group_without_failures_is_one_transaction(engine):
+    transactions, results, committed, stored = _run_group(engine, set())
+    assert len(transactions) == 1
+    assert results == {k: k for k in "abcd"} and sorted(committed) == stored == list("abcd")
+
+
+def test_a_failing_job_leaves_nothing_and_the_rest_of_its_group_commits(engine):
+    transactions, results, committed, stored = _run_group(engine, {"b"})
+    # The group's transaction is rolled back at b, and a, c and d run again in a second one.
+    assert len(transactions) == 2
     assert results["a"] == "a" and results["c"] == "c" and results["d"] == "d"
     assert isinstance(results["b"], ValueError)
-    assert sorted(committed) == ["a", "c", "d"]
-    with engine.connect() as conn:
-        assert [r[0] for r in conn.exec_driver_sql("SELECT k FROM t ORDER BY k")] == ["a", "c", "d"]
+    assert sorted(committed) == ["a", "c", "d"]  # after_commit once each, for the committed ones
+    assert stored == ["a", "c", "d"]
+
+
+def test_every_job_failing_stores_nothing(engine):
+    transactions, results, committed, stored = _run_group(engine, set("abcd"))
+    assert all(isinstance(results[k], ValueError) for k in "abcd")
+    assert committed == [] and stored == []
