@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import cProfile
 import json
+import math
 import pstats
 import sys
 import time
@@ -31,6 +32,40 @@ from _common import fresh_database  # noqa: E402
 
 SERIES = 20
 STEPS_PER_BATCH = 50
+#: ``--names hook``: series a hook sends, most of them read by a detector (the default names,
+#: ``metric/0`` ..., are read by none: the detector runner routes them and stops there).
+HOOK_NAMES = [
+    "loss",
+    "lr",
+    "grad/norm",
+    "grad/nonfinite",
+    "logits/max_abs",
+    "logits/sc_fraction",
+    "logits/median_margin",
+    "logits/zero_loss_fraction",
+    "logits/log_z_mean",
+    "eval/loss",
+    "hessian/lambda_max",
+    "hessian/trace",
+    "hessian/two_over_lr",
+] + [f"grad/norm/layer{i}" for i in range(7)]
+NAMES = [f"metric/{i}" for i in range(SERIES)]
+
+
+def _value(name: str, s: int) -> float:
+    """A healthy run's value of ``name`` at step ``s`` (with ``--names hook`` the detectors
+    stay quiet, as they do on most batches); ``metric/*`` climb slowly, as ingest.py's do."""
+    wiggle = 0.01 * math.sin(s)
+    if name.startswith("metric/"):
+        return 0.5 + 1e-4 * s
+    if name in ("loss", "eval/loss"):
+        return 2.0 / (1.0 + 1e-4 * s) + wiggle
+    if name in ("grad/nonfinite", "logits/sc_fraction", "logits/zero_loss_fraction"):
+        return 0.0
+    return {"lr": 1e-3, "hessian/two_over_lr": 2000.0, "hessian/lambda_max": 10.0, "hessian/trace": 100.0}.get(
+        name, 1.0
+    ) * (1.0 + wiggle)
+
 
 #: The parts of an ingest request: label -> (module, attribute path); a part that a tree lacks
 #: is left out. Each is timed inclusively (a part's time holds the parts it calls).
@@ -82,12 +117,12 @@ def _body(step: int) -> bytes:
         {
             "series": [
                 {
-                    "name": f"metric/{i}",
+                    "name": name,
                     "steps": steps,
-                    "values": [0.5 + 1e-4 * s for s in steps],
+                    "values": [_value(name, s) for s in steps],
                     "walls": [wall] * STEPS_PER_BATCH,
                 }
-                for i in range(SERIES)
+                for name in NAMES
             ]
         }
     )
@@ -177,11 +212,14 @@ def main() -> None:
     ap.add_argument("--db", default="sqlite,postgres")
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--top", type=int, default=0, help="also print the profile's top N functions")
+    ap.add_argument("--names", choices=["metric", "hook"], default="metric", help="hook: series detectors read")
     args = ap.parse_args()
+    if args.names == "hook":
+        NAMES[:] = HOOK_NAMES
     for kind in args.db.split(","):
         with fresh_database(kind) as url:
             out = asyncio.run(_profile(url, args.requests, args.top))
-        print(json.dumps({"benchmark": "ingest_profile", "database": kind, **out}), flush=True)
+        print(json.dumps({"benchmark": "ingest_profile", "database": kind, "names": args.names, **out}), flush=True)
 
 
 if __name__ == "__main__":
