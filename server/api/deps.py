@@ -14,11 +14,13 @@ from ..settings import Settings
 from ..store import Store
 
 
-def get_store(request: Request) -> Store:
+# ``async``: FastAPI runs a plain ``def`` dependency in its thread pool, two thread hops per
+# request for two attribute reads (on the ingest path, ~0.1 ms of server CPU a batch).
+async def get_store(request: Request) -> Store:
     return request.app.state.store
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 

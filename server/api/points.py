@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from stethoscope.core.wire import encode_values
 
 from ..ops.observability import METRICS, note_batch_points
-from .deps import SettingsDep, StoreDep, StrictJSONRoute
+from .deps import StoreDep, StrictJSONRoute
 from .ingest_parse import decode_body, parse_batch
 from .runs import RunId
 from .schemas import NO_NUL, EventBatch, EventOut, EventsReply, IngestBatch, IngestReply, SeriesData, SeriesInfo
@@ -55,15 +55,18 @@ _INGEST_BODY = {
         422: {"description": "malformed batch"},
     },
 )
-async def ingest(run_id: RunId, request: Request, store: StoreDep, settings: SettingsDep):
+async def ingest(run_id: RunId, request: Request):
     """Store a batch of points of one run. A 2xx reply means they are committed; resending stores nothing twice."""
+    # The store and settings straight from the app: as dependencies, FastAPI would solve two
+    # more sub-dependencies on every batch (~30 us of the hottest route's time).
+    state = request.app.state
+    store, settings = state.store, state.settings
     # The gate has read the body already, within STETHOSCOPE_MAX_BODY_BYTES (its one check of
     # the size on the wire); decoding holds the decompressed body to the same limit.
     body = decode_body(await request.body(), request.headers.get("content-encoding"), settings.max_body_bytes)
     batches = parse_batch(body, settings.max_points_per_batch)
     note_batch_points(request.scope, sum(len(b.steps) for b in batches))
-    runner = request.app.state.run_in_thread
-    result = await runner(store.ingest, run_id, batches)
+    result = await state.run_in_thread(store.ingest, run_id, batches)
     METRICS.points_inserted.inc(result.inserted)
     return Response(
         orjson.dumps({"points": result.points, "inserted": result.inserted, "alerts": result.alerts}, default=str),

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Callable, Iterator
 
-from sqlalchemy import Connection, Engine, case, func, insert, select, update
+from sqlalchemy import Connection, Engine, func, insert, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -85,6 +85,13 @@ class Store:
         self._writer = PointWriter(self.dialect)
         self._reader = SeriesReader(self.dialect)
         self._insert_new = pg_insert if self.dialect == "postgresql" else sqlite_insert
+        ph = placeholder(self.dialect)
+        self._touch_sql = f"UPDATE runs SET last_seen_at = {ph} WHERE id = {ph} RETURNING project_id"
+        self._touch_step_sql = (
+            f"UPDATE runs SET last_seen_at = {ph}, last_step = CASE WHEN last_step IS NULL OR last_step < {ph} "
+            f"THEN {ph} ELSE last_step END WHERE id = {ph} RETURNING project_id"
+        )
+        self._seen_bind = R.c.last_seen_at.type.dialect_impl(engine.dialect).bind_processor(engine.dialect)
         self._series_ids: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._cache_lock = threading.Lock()
         # SQLite has one writer at a time. Threads of this process queue here, on a lock that
@@ -177,17 +184,7 @@ class Store:
         batches = [b for b in batches if b.steps]
         last_step = max((max(b.steps) for b in batches), default=None)
         # One statement marks the run as seen and tells whether it exists.
-        project_id = conn.execute(
-            update(R)
-            .where(R.c.id == run_id)
-            .values(
-                last_seen_at=utcnow(),
-                last_step=R.c.last_step
-                if last_step is None
-                else case((R.c.last_step.is_(None) | (R.c.last_step < last_step), last_step), else_=R.c.last_step),
-            )
-            .returning(R.c.project_id)
-        ).scalar()
+        project_id = self._touch_run(conn, run_id, last_step)
         if project_id is None:
             raise NotFound(f"run {run_id!r} does not exist: create it first with PUT /api/v1/runs/{run_id}")
         ids, created = self._resolve_series(conn, run_id, [b.name for b in batches])
@@ -202,6 +199,21 @@ class Store:
         result = IngestResult(total, inserted, alerts=alerts, new_points=new_points)
         result._commit_info = (run_id, created)
         return result
+
+    def _touch_run(self, conn: Connection, run_id: str, last_step: int | None) -> int | None:
+        """Mark the run as seen (and its last step as at least ``last_step``); its project id,
+        or None when there is no such run. Plain SQL text: building the statement with
+        SQLAlchemy's expression language cost ~0.19 ms on every batch (its cache key and
+        compiled-statement look-up), the text ~15 us; ``exec_driver_sql`` still wraps the
+        driver's errors, so an outage is still a 503 and a lost connection still invalidated."""
+        seen = utcnow()
+        if self._seen_bind is not None:
+            seen = self._seen_bind(seen)  # SQLite: the text SQLAlchemy itself stores
+        if last_step is None:
+            rows = conn.exec_driver_sql(self._touch_sql, (seen, run_id)).all()
+        else:
+            rows = conn.exec_driver_sql(self._touch_step_sql, (seen, last_step, last_step, run_id)).all()
+        return rows[0][0] if rows else None
 
     def _after_ingest_commit(self, result: IngestResult) -> None:
         run_id, created = result._commit_info

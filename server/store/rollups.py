@@ -80,7 +80,17 @@ def _rows_sorted(series_id: int, steps: list[int], values: list[float]) -> list[
         return None
     rows = []
     n = len(steps)
+    whole = None  # the batch's own extremes, once a level holds it in one bucket
     for level in ROLLUP_LEVELS:
+        b = steps[0] >> level
+        if b == steps[-1] >> level:
+            # One bucket holds the whole batch (the usual case from level 9 up: a batch
+            # spans fewer steps than a bucket), and then every coarser level does too.
+            if whole is None:
+                lo, hi = min(values), max(values)
+                whole = (lo, steps[values.index(lo)], hi, steps[values.index(hi)], None, steps[0], steps[-1])
+            rows.append((series_id, level, b, *whole))
+            continue
         i = 0
         while i < n:
             b = steps[i] >> level

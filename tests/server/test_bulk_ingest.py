@@ -185,3 +185,42 @@ def test_read_many_follows_the_same_counts(store):
     for name in ("a", "b"):
         one = store.read_series("r", name, max_points=1500)
         assert got[name].steps == one.steps and 1497 <= len(one.steps) <= 1500
+
+
+def test_an_ingest_marks_the_run_seen_and_its_last_step_only_grows(store):
+    from stethoscope_server.store import NotFound
+
+    store.upsert_run("r", project="p")
+    assert store.get_run("r")["last_step"] is None and store.get_run("r")["last_seen_at"] is None
+    store.ingest("r", [_batch("loss", range(10), range(10))])
+    first = store.get_run("r")
+    assert first["last_step"] == 9 and first["last_seen_at"].tzinfo is not None
+    store.ingest("r", [_batch("loss", range(3, 6), range(3))])  # older steps: the last step stays
+    store.ingest("r", [])  # an empty batch still marks the run as seen
+    later = store.get_run("r")
+    assert later["last_step"] == 9 and later["last_seen_at"] >= first["last_seen_at"]
+    store.ingest("r", [_batch("lr", [12], [0.1])])
+    assert store.get_run("r")["last_step"] == 12
+    with pytest.raises(NotFound):
+        store.ingest("missing", [_batch("loss", [0], [1.0])])
+    with pytest.raises(NotFound):
+        store.ingest("missing", [])
+
+
+@pytest.mark.parametrize("series, overlapping", [(3, 0), (3, 2), (100, 0), (100, 70), (100, 99)])
+def test_a_batch_of_many_series_with_one_resent_counts_only_the_new(store, series, overlapping):
+    """Whichever series of a batch overlaps what is stored (the first, the last, one past the
+    first 64: each probe statement covers 64 series, padded to a power of two), only the new
+    points go in and count, NaN among them, and the first value sent for a step stays."""
+    store.upsert_run("r", "p")
+    store.ingest("r", [_batch(f"s{overlapping}", range(10, 20), [1.0] * 10)])
+    batch = [_batch(f"s{k}", range(0, 30), [math.nan if s % 7 == 0 else 2.0 for s in range(30)]) for k in range(series)]
+    res = store.ingest("r", batch)
+    assert (res.points, res.inserted) == (30 * series, 30 * series - 10)
+    assert {n: len(s) for n, s, _ in res.new_points} == {f"s{k}": 30 if k != overlapping else 20 for k in range(series)}
+    steps, values = _all(store, "r", f"s{overlapping}")
+    assert steps == list(range(30)) and values[10:20] == [1.0] * 10
+    assert math.isnan(values[0]) and values[1] == 2.0
+    other = (overlapping + 1) % series
+    assert _all(store, "r", f"s{other}")[0] == list(range(30))
+    assert store.ingest("r", batch).inserted == 0  # all of it again: nothing new
