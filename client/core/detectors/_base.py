@@ -222,12 +222,13 @@ class Detector:
         seen = state.get("seen")
         if seen is None:  # not setdefault: that makes a dict at every call (the hook calls per step)
             seen = state["seen"] = {}
+        point, last_of = self.point, seen.get
         for series, step, value in points:
-            last = seen.get(series)
+            last = last_of(series)
             if last is not None and step <= last:
                 continue
             seen[series] = step
-            self.point(state, series, step, float(value), log)
+            point(state, series, step, float(value), log)
         return log.changes
 
     # -- episode lifecycle -----------------------------------------------------------------
@@ -247,7 +248,9 @@ class Detector:
 
         ``start`` backdates a new episode to where its condition began (after a patience).
         """
-        eps = state.setdefault("episodes", {})
+        eps = state.get("episodes")
+        if eps is None:  # not setdefault: that makes a dict at every call
+            eps = state["episodes"] = {}
         ep = eps.get(key)
         if ep is None:
             closed = state.get("closed", {}).pop(key, None)
@@ -286,10 +289,12 @@ class Detector:
             action = UPDATE
         ep["end"] = step
         ep["clear"] = 0
-        ep.pop("cleared_at", None)
-        ep.pop("clear_step", None)
-        worse = severity_rank(severity) > severity_rank(ep["severity"])
-        if worse or (severity_rank(severity) == severity_rank(ep["severity"]) and _json_score(score) > ep["score"]):
+        if "cleared_at" in ep:
+            del ep["cleared_at"]
+        if "clear_step" in ep:
+            del ep["clear_step"]
+        rank, was = _RANK.get(severity, -1), _RANK.get(ep["severity"], -1)
+        if rank > was or (rank == was and _json_score(score) > ep["score"]):
             ep.update(
                 severity=severity, peak=step, score=_json_score(score), message=message, evidence=json_safe(evidence)
             )

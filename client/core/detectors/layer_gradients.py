@@ -192,49 +192,64 @@ class LayerGradientsDetector(Detector):
         rel_level = _leave_one_out(levels)
         rf = p.recover_fraction
         flagged: dict = {VANISHING: [], EXPLODING: []}
+        # Per-module work of a step, with the parameters and ``_count``/``_learn`` inlined (the
+        # same arithmetic in the same order: this runs for every layer at every step).
+        vanish, explode, static = p.vanish_decades, p.explode_decades, p.static_decades
+        patience, static_patience, explode_patience = p.patience, p.static_patience, p.explode_patience
+        clear_points, warmup, baseline_points = p.clear_points, p.warmup, p.baseline_points
+        away_v, away_e = -rf * vanish, rf * explode
+        vanishing, exploding = flagged[VANISHING], flagged[EXPLODING]
+        shift_of, rel_of = shifts.get, rel_shift.get
         for name, x in levels.items():
             m = mods[name]
+            flags = m[_FLAGS]
             if x > ZERO_LOG10:
-                m[_FLAGS] |= _EVER
-            s, r, lv = shifts.get(name), rel_shift.get(name), rel_level[name]
-            fv, fe = m[_FLAGS] & _V, m[_FLAGS] & _E
+                flags |= _EVER
+            s, r, lv = shift_of(name), rel_of(name), rel_level[name]
+            fv, fe = flags & _V, flags & _E
             # a flagged module stays flagged down to the looser threshold (hysteresis)
-            tv = p.vanish_decades * (rf if fv else 1.0)
-            te = p.explode_decades * (rf if fe else 1.0)
+            tv = vanish * (rf if fv else 1.0)
+            te = explode * (rf if fe else 1.0)
             # an exact zero after a non-zero gradient is no gradient at all, whatever the others do
             # (when every layer but the head has died, the others' median died with it)
             down = s is not None and r is not None and s <= -tv and (r <= -tv or x <= ZERO_LOG10)
             up = s is not None and r is not None and s >= te and r >= te
-            low = lv <= -p.static_decades * (rf if fv else 1.0)
-            m[_VRUN] = _count(m[_VRUN], down)
-            m[_ERUN] = _count(m[_ERUN], up)
-            m[_SRUN] = _count(m[_SRUN], low)
-            if not fv and (m[_VRUN] >= p.patience or m[_SRUN] >= p.static_patience):
-                m[_FLAGS] |= _V
+            low = lv <= -static * (rf if fv else 1.0)
+            vrun = m[_VRUN] + 1 if down else max(0, m[_VRUN] - MISS_PENALTY)
+            erun = m[_ERUN] + 1 if up else max(0, m[_ERUN] - MISS_PENALTY)
+            srun = m[_SRUN] + 1 if low else max(0, m[_SRUN] - MISS_PENALTY)
+            if not fv and (vrun >= patience or srun >= static_patience):
+                flags |= _V
                 m[_BACKV] = 0
             elif fv:
                 m[_BACKV] = 0 if down or low else m[_BACKV] + 1
-                if m[_BACKV] >= p.clear_points:
-                    m[_FLAGS] &= ~_V
-                    m[_VRUN] = m[_SRUN] = 0
-            if not fe and m[_ERUN] >= p.explode_patience:
-                m[_FLAGS] |= _E
+                if m[_BACKV] >= clear_points:
+                    flags &= ~_V
+                    vrun = srun = 0
+            if not fe and erun >= explode_patience:
+                flags |= _E
                 m[_BACKE] = 0
             elif fe:
                 m[_BACKE] = 0 if up else m[_BACKE] + 1
-                if m[_BACKE] >= p.clear_points:
-                    m[_FLAGS] &= ~_E
-                    m[_ERUN] = 0
-            if m[_FLAGS] & _V:
-                flagged[VANISHING].append((name, s, r, lv, m))
-            if m[_FLAGS] & _E:
-                flagged[EXPLODING].append((name, s, r, lv, m))
+                if m[_BACKE] >= clear_points:
+                    flags &= ~_E
+                    erun = 0
+            m[_VRUN], m[_ERUN], m[_SRUN], m[_FLAGS] = vrun, erun, srun, flags
+            if flags & _V:
+                vanishing.append((name, s, r, lv, m))
+            if flags & _E:
+                exploding.append((name, s, r, lv, m))
             # a flagged module still away from its baseline does not teach it (a module flagged
             # only for being far below the others, at its usual level, does)
-            away = (
-                s is not None and m[_FLAGS] & (_V | _E) and (s <= -rf * p.vanish_decades or s >= rf * p.explode_decades)
-            )
-            self._learn(m, x, normal=not (down or up or away))
+            away = s is not None and flags & (_V | _E) and (s <= away_v or s >= away_e)
+            # _learn(m, x, normal=not (down or up or away)), inlined
+            n = m[_N] = m[_N] + 1
+            if n == 1:
+                m[_BASE] = x
+            elif not (down or up or away) or n <= warmup:
+                b = m[_BASE]
+                x = min(b + BASELINE_CLIP, max(b - BASELINE_CLIP, x))
+                m[_BASE] = b + (x - b) / min(n, baseline_points)
         for key, mods_now in flagged.items():
             if mods_now:
                 self._hold(state, log, key, step, mods_now, median(list(levels.values())))

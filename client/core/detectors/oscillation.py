@@ -16,6 +16,7 @@ window) *and* a growing swing, and it holds for a few points before it is an ale
 from __future__ import annotations
 
 import dataclasses
+from operator import mul, sub
 
 from ._base import ChangeLog, Detector, finite, fmt, median, push
 
@@ -167,5 +168,5 @@ def _bends(values: list, scale: float) -> list:
 
 def _alternation(values: list) -> float:
     """Share of consecutive differences of ``values`` that change sign."""
-    diffs = [b - a for a, b in zip(values, values[1:])]
-    return sum(1 for a, b in zip(diffs, diffs[1:]) if a * b < 0) / max(1, len(diffs) - 1)
+    diffs = list(map(sub, values[1:], values))  # b - a for consecutive a, b
+    return sum([x < 0 for x in map(mul, diffs, diffs[1:])]) / max(1, len(diffs) - 1)
