@@ -525,3 +525,44 @@ def test_median_mad_picks_the_same_floats_as_sorting_the_deviations():
         make = makers[trial % len(makers)]
         xs = [make() for _ in range(rng.randint(1, 140))]
         assert repr(median_mad(xs)) == repr(definition(xs)), xs
+
+
+def test_sorted_windows_match_sorting_the_window_at_every_push():
+    """``SortedWindows`` keeps a sorted copy of each rolling window by binary insertion and
+    removal: after every push it is ``sorted(window)`` exactly (``repr`` tells 0.0 from -0.0,
+    and ties sit in window order), with ties, signed zeros, infinities and NaN (a window
+    holding one is sorted afresh), windows replaced by a copy (a state loaded from JSON),
+    cleared, or more windows than it keeps; the window itself is what ``push`` makes it."""
+    import random
+
+    from stethoscope.core.detectors._base import SortedWindows, median_mad, median_mad_sorted, push
+
+    rng = random.Random(11)
+    makers = [
+        lambda: rng.gauss(0.0, 1.0),
+        lambda: float(rng.randint(-3, 3)),
+        lambda: rng.choice([0.0, -0.0, 1.0, -1.0]),
+        lambda: rng.choice([1.0, 2.0, math.inf, -math.inf]),
+        lambda: rng.choice([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, math.nan]),
+    ]
+    kept = SortedWindows(limit=3)
+    for trial in range(600):
+        make = makers[trial % len(makers)]
+        size = rng.randint(1, 40)
+        windows = [[] for _ in range(rng.randint(1, 5))]  # more than the limit, at times
+        plain = [[] for _ in windows]
+        for _ in range(rng.randint(1, 120)):
+            i = rng.randrange(len(windows))
+            r = rng.random()
+            if r < 0.03:
+                windows[i] = list(windows[i])  # a copy: what a state loaded from JSON holds
+            elif r < 0.05:
+                windows[i].clear()
+                plain[i].clear()
+            x = make()
+            s = kept.push(windows[i], x, size)
+            push(plain[i], x, size)
+            assert windows[i] == plain[i] or any(v != v for v in plain[i])
+            assert repr(s) == repr(sorted(plain[i])), (plain[i], s)
+            assert repr(kept.sorted(windows[i])) == repr(sorted(plain[i]))
+            assert repr(median_mad_sorted(s, windows[i])) == repr(median_mad(plain[i]))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right, insort
 from typing import Any, ClassVar, Iterable
 
 from ..wire import encode_value
@@ -107,6 +107,18 @@ def median(xs: list) -> float:
 
 
 def median_mad(xs: list) -> tuple[float, float]:
+    """Median and median absolute deviation of a non-empty list; see :func:`median_mad_sorted`."""
+    return median_mad_sorted(sorted(xs), xs)
+
+
+def median_sorted(s: list) -> float:
+    """:func:`median` of a list already sorted (as ``sorted`` gives it)."""
+    n = len(s)
+    h = n // 2
+    return s[h] if n % 2 else 0.5 * (s[h - 1] + s[h])
+
+
+def median_mad_sorted(s: list, xs: list) -> tuple[float, float]:
     """Median and median absolute deviation of a non-empty list.
 
     The deviations of the sorted values from their median are two sorted runs (``m - x`` left
@@ -114,8 +126,8 @@ def median_mad(xs: list) -> tuple[float, float]:
     runs by a binary search instead of building and sorting a second list: the same floats
     (``m - x`` is exactly ``abs(x - m)`` in IEEE arithmetic), a third of the time on the loss
     spike detector's window of 128, which it takes at every step.
+    ``s`` is ``sorted(xs)``.
     """
-    s = sorted(xs)
     n = len(s)
     h = n // 2
     m = s[h] if n % 2 else 0.5 * (s[h - 1] + s[h])
@@ -147,6 +159,66 @@ def push(window: list, x: float, size: int) -> None:
     window.append(x)
     if len(window) > size:
         del window[: len(window) - size]
+
+
+class SortedWindows:
+    """Sorted copies of fixed-size windows that live in a detector's state, kept up to date as
+    :func:`push` appends to them, so that a rolling median or MAD costs a binary insertion and
+    removal a point instead of sorting the whole window.
+
+    The copy is ``sorted(window)`` exactly, ties included: ``sorted`` is stable, so equal
+    values (0.0 and -0.0) sit in window order; a new value goes after its equals
+    (``insort``) and the value leaving the window, the oldest, is the first of its equals
+    (``bisect_left``). Copies are kept outside the state (the state stays the JSON it was),
+    by the window list's identity: each entry holds its list, so the identity is not reused
+    while the entry lives; a window the copy does not match (another list, a length that
+    differs: a state loaded from JSON, a window cleared) is sorted afresh. A window holding a
+    NaN (no order) is never kept: it is sorted afresh each time, as before. At most
+    ``limit`` windows are kept (then all are dropped, and rebuilt as they are used).
+    """
+
+    __slots__ = ("_copies", "limit")
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._copies: dict[int, tuple[list, list]] = {}
+        self.limit = limit
+
+    def push(self, window: list, x: float, size: int) -> list:
+        """:func:`push` ``x`` onto ``window``; return ``sorted(window)`` after it (not to be
+        changed by the caller)."""
+        copies = self._copies
+        entry = copies.get(id(window))
+        if entry is not None and entry[0] is window and len(entry[1]) == len(window) and x == x:
+            s = entry[1]
+            window.append(x)
+            insort(s, x)
+            extra = len(window) - size
+            if extra > 0:
+                for old in window[:extra]:
+                    del s[bisect_left(s, old)]
+                del window[:extra]
+            return s
+        push(window, x, size)
+        return self._fresh(window)
+
+    def sorted(self, window: list) -> list:
+        """``sorted(window)``, from the kept copy when it matches (not to be changed)."""
+        entry = self._copies.get(id(window))
+        if entry is not None and entry[0] is window and len(entry[1]) == len(window):
+            return entry[1]
+        return self._fresh(window)
+
+    def _fresh(self, window: list) -> list:
+        s = sorted(window)
+        copies = self._copies
+        copies.pop(id(window), None)
+        total = sum(s)
+        if total != total:  # a NaN: sorting is no order there, so no copy can be kept
+            return s
+        if len(copies) >= self.limit:
+            copies.clear()
+        copies[id(window)] = (window, s)
+        return s
 
 
 class ChangeLog:
@@ -203,6 +275,7 @@ class Detector:
 
     def __init__(self, params: Any = None) -> None:
         self.params = params if params is not None else self.Params()
+        self._sorted = SortedWindows()  # sorted copies of the rolling windows in states
 
     # -- what subclasses implement ---------------------------------------------------------
     def accepts(self, series: str) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ._base import ChangeLog, Detector, finite, fmt, median, push, sentence
+from ._base import ChangeLog, Detector, finite, fmt, median, median_sorted, push, sentence
 
 #: Lightning's SpikeDetection flags a loss above ``rtol=2.0`` times its running mean; a
 #: smoothed loss at twice its running minimum is running away, not wobbling.
@@ -200,11 +200,11 @@ class DivergenceDetector(Detector):
     def _loss(self, t: dict, value: float) -> dict | None:
         p = self.params
         push(t["recent"], value, p.smooth_points)
-        push(t["level"], value, p.level_points)
+        level_sorted = self._sorted.push(t["level"], value, p.level_points)
         t["n"] += 1
         if t["n"] < p.smooth_points:
             return None
-        s, level = median(t["recent"]), median(t["level"])
+        s, level = median(t["recent"]), median_sorted(level_sorted)
         if "ref" not in t:
             t["ref"], t["min"] = s, level
         lo, ref = t["min"], t["ref"]
@@ -234,10 +234,10 @@ class DivergenceDetector(Detector):
         push(t["recent"], value, p.grad_smooth_points)
         window = t["window"]
         if len(window) < p.warmup:
-            push(window, value, p.grad_window)
+            self._sorted.push(window, value, p.grad_window)
             return None
-        base = median(window)
-        push(window, min(value, p.grad_ratio * base) if base > 0 else value, p.grad_window)
+        base = median_sorted(self._sorted.sorted(window))
+        self._sorted.push(window, min(value, p.grad_ratio * base) if base > 0 else value, p.grad_window)
         if base <= 0:
             return None
         s = median(t["recent"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ._base import MAD_TO_SIGMA, ChangeLog, Detector, finite, fmt, median, median_mad, push, sentence
+from ._base import MAD_TO_SIGMA, ChangeLog, Detector, finite, fmt, median, median_mad_sorted, sentence
 
 #: OLMo-core's SkipStepOptimizer judges a step against the last 128 values
 #: (``rolling_interval_length=128``).
@@ -151,13 +151,13 @@ class LossSpikeDetector(Detector):
         x = math.log(max(value, LOG_FLOOR)) if p.log_scale else value
         window = state.setdefault("windows", {}).setdefault(series, [])
         if len(window) < p.warmup:
-            push(window, x, p.window)
+            self._sorted.push(window, x, p.window)
             if len(window) == p.warmup:
                 starts = state.setdefault("start", {})
                 if series not in starts:  # kept across task switches: the loss's scale
                     starts[series] = math.exp(median(window)) if p.log_scale else median(window)
             return
-        med, mad = median_mad(window)
+        med, mad = median_mad_sorted(self._sorted.sorted(window), window)
         sigma = MAD_TO_SIGMA * mad
         high = med + p.threshold * sigma
         z = (x - med) / sigma if sigma > 0 else (0.0 if x <= med else math.inf)
@@ -226,4 +226,4 @@ class LossSpikeDetector(Detector):
                 self.clear(state, log, series, step, p.recover_points + p.rejoin_steps)
             else:  # still elevated: the episode goes on, though this is no longer a spike
                 self.keep(state, series, log, step)
-        push(window, min(x, high) if sigma > 0 else x, p.window)
+        self._sorted.push(window, min(x, high) if sigma > 0 else x, p.window)
