@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ._base import ChangeLog, Detector, finite, fmt, median, median_sorted, push, sentence
+from ._base import ChangeLog, Detector, fmt, median, median_sorted, push, sentence
 
 #: Lightning's SpikeDetection flags a loss above ``rtol=2.0`` times its running mean; a
 #: smoothed loss at twice its running minimum is running away, not wobbling.
@@ -114,9 +114,12 @@ class DivergenceDetector(Detector):
 
     def point(self, state: dict, series: str, step: int, value: float, log: ChangeLog) -> None:
         p = self.params
-        bad = state.setdefault("nonfinite", {})
-        bad[series] = (value != 0.0) if series == p.nonfinite_series else not finite(value)
-        if bad[series]:
+        # (get, not setdefault: that builds the default at every point)
+        bad = state.get("nonfinite")
+        if bad is None:
+            bad = state["nonfinite"] = {}
+        is_bad = bad[series] = (value != 0.0) if series == p.nonfinite_series else value - value != 0.0
+        if is_bad:
             what = (
                 f"{fmt(value)} non-finite gradient entries"
                 if series == p.nonfinite_series
@@ -136,15 +139,23 @@ class DivergenceDetector(Detector):
             )
         elif not any(bad.values()):
             self.clear(state, log, "nonfinite", step, p.clear_points)
-        if series == p.nonfinite_series or not finite(value):
+        if series == p.nonfinite_series or value - value != 0.0:
             return
 
-        flags = state.setdefault("flags", {})
+        flags = state.get("flags")
+        if flags is None:
+            flags = state["flags"] = {}
         if series == p.loss_series:
-            flag = self._loss(state.setdefault("loss", {"recent": [], "level": [], "n": 0}), value)
+            t = state.get("loss")
+            if t is None:
+                t = state["loss"] = {"recent": [], "level": [], "n": 0}
+            flag = self._loss(t, value)
             name = "loss"
         else:
-            flag = self._grad(state.setdefault("grad", {"window": [], "recent": []}), value)
+            t = state.get("grad")
+            if t is None:
+                t = state["grad"] = {"window": [], "recent": []}
+            flag = self._grad(t, value)
             name = "grad"
         if flag is not None:
             old = flags.get(name)
