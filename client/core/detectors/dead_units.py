@@ -96,7 +96,9 @@ class DeadUnitsDetector(Detector):
         p = self.params
         if not finite(value):
             return
-        mods = state.setdefault("mods", {})
+        mods = state.get("mods")
+        if mods is None:  # (not setdefault: that builds the default at every point)
+            mods = state["mods"] = {}
         m = mods.get(series)
         if m is None:
             if len(mods) >= MAX_MODULES:

@@ -156,7 +156,9 @@ class LayerGradientsDetector(Detector):
         return series.startswith(p) and len(series) > len(p)
 
     def point(self, state: dict, series: str, step: int, value: float, log: ChangeLog) -> None:
-        mods = state.setdefault("mods", {})
+        mods = state.get("mods")
+        if mods is None:  # (not setdefault: that builds the default at every point)
+            mods = state["mods"] = {}
         cur = state.get("cur")
         if cur is not None and step > cur[0]:
             self._judge(state, cur, log)

@@ -149,7 +149,13 @@ class LossSpikeDetector(Detector):
                 # for the divergence to claim it.
                 ep["held"] = step - p.delay_steps + 1
         x = math.log(max(value, LOG_FLOOR)) if p.log_scale else value
-        window = state.setdefault("windows", {}).setdefault(series, [])
+        # (get, not setdefault: that builds the default at every point)
+        windows = state.get("windows")
+        if windows is None:
+            windows = state["windows"] = {}
+        window = windows.get(series)
+        if window is None:
+            window = windows[series] = []
         if len(window) < p.warmup:
             self._sorted.push(window, x, p.window)
             if len(window) == p.warmup:
@@ -168,7 +174,9 @@ class LossSpikeDetector(Detector):
         start = state.get("start", {}).get(series)
         if start is not None and value - median_value < p.min_rise_of_start * abs(start):
             rose = False
-        runs = state.setdefault("elevated", {})
+        runs = state.get("elevated")
+        if runs is None:
+            runs = state["elevated"] = {}
         was = runs.pop(series, None)  # first step of the elevated points just before this one
         elevated, ref = False, median_value
         if x > med + p.run_sigmas * sigma:

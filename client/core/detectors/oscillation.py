@@ -98,7 +98,13 @@ class OscillationDetector(Detector):
             if finite(value):
                 state["lr"] = value
             return
-        s = state.setdefault("series", {}).setdefault(series, [])
+        # (get, not setdefault: that builds the default at every point)
+        by_series = state.get("series")
+        if by_series is None:
+            by_series = state["series"] = {}
+        s = by_series.get(series)
+        if s is None:
+            s = by_series[series] = []
         if not finite(value):
             s.clear()  # a gap: judge afresh from the next finite points
             return

@@ -125,11 +125,15 @@ class PlateauDetector(Detector):
             return
         x = math.log(max(value, LOG_FLOOR))
         state.setdefault("first", step)
-        start = state.setdefault("start", [0, 0.0])
+        start = state.get("start")
+        if start is None:  # (not setdefault: that builds the default at every point)
+            start = state["start"] = [0, 0.0]
         if start[0] < START_POINTS:
             start[0] += 1
             start[1] += x
-        blocks = state.setdefault("blocks", [])
+        blocks = state.get("blocks")
+        if blocks is None:
+            blocks = state["blocks"] = []
         size = state.setdefault("size", FIRST_BLOCK_POINTS)
         cur = state.get("open")
         if cur is None:

@@ -95,8 +95,14 @@ class SoftmaxCollapseDetector(Detector):
         if not finite(value):
             return
         p = self.params
-        recent = state.setdefault("recent", {})
-        push(recent.setdefault(series, []), value, p.smooth_points)
+        # (get, not setdefault: that builds the default at every point)
+        recent = state.get("recent")
+        if recent is None:
+            recent = state["recent"] = {}
+        window = recent.get(series)
+        if window is None:
+            window = recent[series] = []
+        push(window, value, p.smooth_points)
         sc = mean(recent[p.sc_series]) if p.sc_series in recent else 0.0
         margin = median(recent[p.margin_series]) if p.margin_series in recent else -math.inf
         has_zero = p.zero_loss_series in recent
