@@ -137,8 +137,8 @@ class DivergenceDetector(Detector):
                 f"Training diverged at step {step}: {what}. Non-finite values do not come back by themselves.",
                 {"series": series, "value": value},
             )
-        elif not any(bad.values()):
-            self.clear(state, log, "nonfinite", step, p.clear_points)
+        elif "nonfinite" in state.get("episodes", ()) and not any(bad.values()):
+            self.clear(state, log, "nonfinite", step, p.clear_points)  # (a no-op with no episode open)
         if series == p.nonfinite_series or value - value != 0.0:
             return
 
@@ -205,7 +205,7 @@ class DivergenceDetector(Detector):
                 evidence,
                 start=min(f["since"] for f in hot),
             )
-        else:
+        elif "runaway" in state.get("episodes", ()):  # (clear is a no-op with no episode open)
             self.clear(state, log, "runaway", step, p.clear_points)
 
     def _loss(self, t: dict, value: float) -> dict | None:

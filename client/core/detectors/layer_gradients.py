@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ._base import ChangeLog, Detector, finite, fmt, median
+from ._base import ChangeLog, Detector, fmt, median
 
 #: The per-module series the hook sends: ``grad/norm/<module>`` (``grad/norm`` alone is the
 #: global norm, the divergence detector's input).
@@ -171,7 +171,7 @@ class LayerGradientsDetector(Detector):
             if step <= state.get("judged", -1):
                 return  # a module new to this run, at a step already judged
             cur = state["cur"] = [step, {}]
-        if finite(value):  # NaN/inf gradients are the divergence detector's
+        if value - value == 0.0:  # finite: NaN/inf gradients are the divergence detector's
             cur[1][series] = math.log10(value) if value > 0 else ZERO_LOG10
         if len(cur[1]) >= len(mods) and "judged" in state:
             # every module known has reported this step (the set of modules is known once a

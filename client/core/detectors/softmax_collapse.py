@@ -122,7 +122,8 @@ class SoftmaxCollapseDetector(Detector):
         if has_zero and zero >= k * p.zero_loss_warn:
             signs.append(f"{fmt(100 * zero)}% of samples have zero loss")
         if not signs:
-            self.clear(state, log, self.KEY, step, p.clear_points)
+            if is_open:  # (clear is a no-op with no episode open)
+                self.clear(state, log, self.KEY, step, p.clear_points)
             return
         critical = collapsed >= p.critical_fraction
         if critical:
