@@ -85,7 +85,9 @@ class EdgeOfStabilityDetector(Detector):
             if series == "hessian/two_over_lr":
                 state["two_over_lr"] = value
             else:
-                lrs = state.setdefault("lr", {})
+                lrs = state.get("lr")
+                if lrs is None:  # (not setdefault: that builds the default at every point)
+                    lrs = state["lr"] = {}
                 lrs[series] = value
                 if len(lrs) > self.MAX_LR_GROUPS:
                     del lrs[next(iter(lrs))]
