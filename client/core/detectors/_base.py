@@ -174,12 +174,15 @@ class SortedWindows:
     while the entry lives; a window the copy does not match (another list, a length that
     differs: a state loaded from JSON, a window cleared) is sorted afresh. A window holding a
     NaN (no order) is never kept: it is sorted afresh each time, as before. At most
-    ``limit`` windows are kept (then all are dropped, and rebuilt as they are used).
+    ``limit`` windows are kept (then all are dropped, and rebuilt as they are used): the
+    server loads a run's state afresh for each request, so its windows are new lists each
+    time and the copies pay off within a batch only; the old ones (each holding its window
+    alive) are dropped by that limit, a few hundred KB per detector at most.
     """
 
     __slots__ = ("_copies", "limit")
 
-    def __init__(self, limit: int = 4096) -> None:
+    def __init__(self, limit: int = 256) -> None:
         self._copies: dict[int, tuple[list, list]] = {}
         self.limit = limit
 
