@@ -438,7 +438,11 @@ def _explained_before(state: dict, c: AlertChange) -> AlertChange:
             live = [
                 (rep["start"], key)
                 for key, rep in eps.items()
-                if key in keys and not rep.get("quiet") and rep.get("cause") is None and rep["start"] <= c.start_step
+                if key in keys
+                and not rep.get("quiet")
+                and "held" not in rep  # told already: the page the user has
+                and rep.get("cause") is None
+                and rep["start"] <= c.start_step
             ]
             if live:
                 start, key = min(live)
