@@ -41,6 +41,11 @@ SAMPLE_ROWS = 256
 #: Logits smaller than this many entries (1 MiB of float32) are measured over every row: they
 #: cost little, and a classifier's batch is measured exactly.
 SAMPLE_MIN_ENTRIES = 1 << 18
+#: CPU logits of at most this many rows (a sampled subset included) have their softmax
+#: statistics finished on the host (``softmax_row_stats(host=True)``): ~20 small kernels fewer,
+#: each costing more than its arithmetic on a small step; Python's per-row loop costs less up
+#: to about this many rows.
+HOST_ROWS = SAMPLE_ROWS
 #: The generator of the row subsets (a fixed seed: a run's subsets are reproducible).
 SAMPLE_SEED = 0x5EED
 
@@ -114,13 +119,16 @@ class LogitStats:
             idx = torch.randint(z.shape[0], (self.sample_rows,), generator=self._generator(z.device), device=z.device)
             z = z.index_select(0, idx)
             y = None if y is None else y.index_select(0, idx)
-        values, n = softmax_row_stats(z.float(), y, ignore_index)
-        values = values.tolist()
+        if z.shape[0] <= HOST_ROWS:
+            values, n = softmax_row_stats(z.float(), y, ignore_index, host=True)
+        else:
+            values, n = softmax_row_stats(z.float(), y, ignore_index)
+            values, n = values.tolist(), n.item()
         names = (LOGIT_NAMES if y is not None else LOGIT_NAMES_NO_TARGETS) + NONFINITE_NAMES
         out = [max_abs, *values, nonfinite]
         if sampled:
             names += STDERR_NAMES
-            out.append(sc_fraction_stderr_host(values[1], n.item()))
+            out.append(sc_fraction_stderr_host(values[1], n))
         return names, out
 
 

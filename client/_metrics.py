@@ -255,10 +255,14 @@ def logit_stats(logits: torch.Tensor, targets: torch.Tensor | None, ignore_index
     return torch.cat([max_abs, values])
 
 
-def softmax_row_stats(z: torch.Tensor, y: torch.Tensor | None, ignore_index: int = -100):
+def softmax_row_stats(z: torch.Tensor, y: torch.Tensor | None, ignore_index: int = -100, host: bool = False):
     """Over the rows of ``z`` ([rows, classes], float32): [mean log Z, SC fraction, entropy]
     and with class indices ``y`` ([rows]) also [zero-loss fraction, median margin], as one
-    tensor; and the number of rows counted (``ignore_index`` left out), a 1-element tensor."""
+    tensor; and the number of rows counted (``ignore_index`` left out), a 1-element tensor.
+    ``host=True`` (CPU tensors): the same as a list of floats and a float, the per-row values
+    read at once and averaged on the host (see ``_row_stats_host``)."""
+    if host:
+        return _row_stats_host(z, y, ignore_index)
     # torch's own log_softmax, the kernel cross_entropy runs: its rounding decides which
     # samples have exactly zero loss and an exactly one-hot softmax, so we use it, not a copy.
     # The per-row statistics are stacked and averaged together: on a small batch each kernel
@@ -287,6 +291,50 @@ def softmax_row_stats(z: torch.Tensor, y: torch.Tensor | None, ignore_index: int
     margin = (logp_y - p.sum(dim=-1).log()).masked_fill_(~valid, math.nan)
     means = (torch.stack([lse, collapsed, ent, zero_loss]) * weight).sum(dim=1) / count.clamp_min(1.0)
     return torch.cat([means, margin.nanmedian().view(1)]), count
+
+
+def _row_stats_host(z: torch.Tensor, y: torch.Tensor | None, ignore_index: int):
+    """``softmax_row_stats`` for a few rows on the CPU: the same kernels up to the per-row
+    values (log_softmax, softmax, the gathers), which are read in one go and finished in
+    Python (in double: the same values to float32 rounding). On a ~1 ms step each of the ~20
+    small kernels this saves costs more than the Python that replaces it."""
+    logp = torch.log_softmax(z, dim=-1)
+    p = torch.softmax(z, dim=-1)
+    per_row = [logp.amax(dim=-1), z.amax(dim=-1), (p * logp).sum(dim=-1)]
+    if y is not None:
+        labels = y.tolist()
+        valid = [1.0 if t != ignore_index else 0.0 for t in labels]
+        y = y.view(-1, 1)
+        if 0.0 in valid:
+            y = torch.where(y != ignore_index, y, 0)
+        per_row.append(logp.gather(-1, y).view(-1))
+        p.scatter_(-1, y, 0.0)
+        per_row.append(p.sum(dim=-1))
+    rows = torch.stack(per_row).tolist()
+    top, zmax, plogp = rows[0], rows[1], rows[2]
+    lse = [m - t for m, t in zip(zmax, top)]
+    collapsed = [1.0 if t == 0 else 0.0 for t in top]
+    ent = [-v for v in plogp]
+    if y is None:
+        n = float(len(top))
+        return [sum(lse) / n, sum(collapsed) / n, sum(ent) / n], n
+    logp_y, others = rows[3], rows[4]
+    count = sum(valid)
+    n = max(count, 1.0)
+
+    def vmean(xs):  # x * 0 keeps a NaN in an ignored row, as the tensor path's sum does
+        return sum(x * w for x, w in zip(xs, valid)) / n
+
+    margins = sorted(
+        ly - (math.log(o) if o > 0 else (-math.inf if o == 0 else math.nan))
+        for ly, o, w in zip(logp_y, others, valid)
+        if w
+    )
+    margins = [m for m in margins if m == m]
+    zero_loss = [1.0 if v == 0 else 0.0 for v in logp_y]
+    # torch.nanmedian: the lower of the two middle values, NaN when none is left
+    median = margins[(len(margins) - 1) // 2] if margins else math.nan
+    return [vmean(lse), vmean(collapsed), vmean(ent), vmean(zero_loss), median], count
 
 
 def _root(sq: float) -> float:

@@ -269,11 +269,14 @@ def test_the_cpu_host_path_gives_the_tensor_paths_values():
     close(layout.update_host(), _metrics.finish(other.update_names, other.update_stats().tolist()))
 
     stats = _logits.LogitStats()
-    for shape, classes in (((64,), 10), ((16, 64), 1000)):  # a classifier; a sampled LM head
+    # a classifier, one with more rows than HOST_ROWS, a sampled LM head
+    for shape, classes in (((64,), 10), ((600,), 10), ((16, 64), 1000)):
         z = torch.randn(*shape, classes) * 8
+        z.view(-1, classes)[3:5] = 100.0 * torch.arange(classes)  # collapsed rows: zero loss, and a wrong guess
         t = torch.randint(0, classes, shape)
+        t.view(-1)[3:5] = torch.tensor([classes - 1, 0])
         t.view(-1)[::5] = -100
-        for targets in (t, None):
+        for targets in (t, None, torch.full(shape, -100)):
             names, host = stats.host(z, targets)
             stats._generators.clear()  # the same rows drawn for both
             packed, packed_names, _ = stats(z, targets, True)
