@@ -3,7 +3,10 @@
 ``log`` does no I/O and reads nothing back from the device: it runs the metric kernels,
 concatenates their results into one small tensor, queues it with the host-side numbers
 (learning rates, Python floats) and returns; the sender thread copies the tensor to the
-host. Every step carries the cheap signals; the expensive ones ride on the steps the cost
+host. On a CPU model (one device, no process group) reading a value costs no stall, and each
+small kernel costs more than its arithmetic: the metrics are read there at once and travel
+as host floats, already finished (norms, ratios), with no packing. Every step carries the
+cheap signals; the expensive ones ride on the steps the cost
 budget picks (``_budget``). Gradients and updates are seen from optimizer step hooks, so
 ``log`` may be called before or after ``optimizer.step()`` (the first call decides which).
 """
