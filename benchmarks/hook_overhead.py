@@ -7,7 +7,8 @@ Two workloads, each trained by several identical copies ("arms") in one process:
 
 Arms: ``bare`` (no monitoring), ``stethoscope`` (``attach`` with its defaults: the cost
 budget where this version has one), ``stethoscope_every1`` (every metric every step, the old
-behaviour), ``baseline`` (with ``--baseline DIR``: another commit's hook, its defaults),
+behaviour), ``baseline`` and ``baseline_every1`` (with ``--baseline DIR``: another commit's hook, its
+defaults and every metric every step: the cost of the expensive set, before and after),
 ``stethoscope_dead`` (with ``--dead-units``: the defaults plus ``dead_units=True``), ``floor``
 (with ``--floor``: only the torch work of the cheap signals, read on the host and kept in a
 deque, no sender: the least any hook measuring them every step can cost), and
@@ -282,7 +283,8 @@ def run_workload(name, args, spool, budget_supported):
     torch.manual_seed(0)
     base = make_model()
     batches = make_batches()
-    names = ARMS + (("stethoscope_dead",) if args.dead_units else ()) + (("baseline",) if BASELINE is not None else ())
+    names = ARMS + (("stethoscope_dead",) if args.dead_units else ())
+    names += ("baseline", "baseline_every1") if BASELINE is not None else ()
     names += ("floor",) if args.floor else ()
     arms = [Arm(a, copy.deepcopy(base), spool) for a in names]
     rng = random.Random(0)

@@ -41,6 +41,11 @@ SAMPLE_ROWS = 256
 #: Logits smaller than this many entries (1 MiB of float32) are measured over every row: they
 #: cost little, and a classifier's batch is measured exactly.
 SAMPLE_MIN_ENTRIES = 1 << 18
+#: CPU logits of at most this many rows (a sampled subset included) have their softmax
+#: statistics finished on the host (``softmax_row_stats(host=True)``): ~20 small kernels fewer,
+#: each costing more than its arithmetic on a small step; Python's per-row loop costs less up
+#: to about this many rows.
+HOST_ROWS = SAMPLE_ROWS
 #: The generator of the row subsets (a fixed seed: a run's subsets are reproducible).
 SAMPLE_SEED = 0x5EED
 
@@ -102,6 +107,30 @@ class LogitStats:
             names, ops = names + STDERR_NAMES, ops + (MEAN,)
         return torch.cat(parts), names, ops
 
+    def host(self, logits: torch.Tensor, targets: torch.Tensor | None, ignore_index: int = -100):
+        """``self(logits, targets, full=True)`` for CPU logits, as ``(names, host floats)``:
+        the extremes read at once, the softmax statistics read in one go, the sampling error
+        computed on the host; no packing."""
+        z = logits.detach().reshape(-1, logits.shape[-1])
+        max_abs, nonfinite = extremes_host(z)
+        y = None if targets is None else targets.detach().reshape(-1)
+        sampled = self.sampled(logits)
+        if sampled:
+            idx = torch.randint(z.shape[0], (self.sample_rows,), generator=self._generator(z.device), device=z.device)
+            z = z.index_select(0, idx)
+            y = None if y is None else y.index_select(0, idx)
+        if z.shape[0] <= HOST_ROWS:
+            values, n = softmax_row_stats(z.float(), y, ignore_index, host=True)
+        else:
+            values, n = softmax_row_stats(z.float(), y, ignore_index)
+            values, n = values.tolist(), n.item()
+        names = (LOGIT_NAMES if y is not None else LOGIT_NAMES_NO_TARGETS) + NONFINITE_NAMES
+        out = [max_abs, *values, nonfinite]
+        if sampled:
+            names += STDERR_NAMES
+            out.append(sc_fraction_stderr_host(values[1], n))
+        return names, out
+
 
 def extremes(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Max |z| and the number of non-finite entries of ``z``, over every entry, as two
@@ -137,3 +166,10 @@ def sc_fraction_stderr(fraction: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     m = n + 4.0
     p = (fraction * n + 2.0) / m
     return (p * (1.0 - p) / m).sqrt().view(1)
+
+
+def sc_fraction_stderr_host(fraction: float, n: float) -> float:
+    """``sc_fraction_stderr`` on host floats."""
+    m = n + 4.0
+    p = (fraction * n + 2.0) / m
+    return math.sqrt(p * (1.0 - p) / m)

@@ -142,6 +142,45 @@ class ParamLayout:
             return total, 0.0
         return total, float(sum(int((~torch.isfinite(g)).sum()) for g in grads))
 
+    def grad_host(self) -> list[float] | None:
+        """``grad_stats()`` as host floats, finished: [global norm, per-module norms...,
+        non-finite count]. The expensive set on a CPU model, where reading a value costs no
+        stall: one norm kernel and one read, the grouping in Python (on a ~1 ms step each
+        small kernel costs more than its arithmetic)."""
+        grads, index = [], []
+        for p, i in zip(self.params, self._index_list):
+            if p.grad is not None:
+                grads.append(_local(p.grad))
+                index.append(i)
+        if not grads:
+            return None
+        per = [0.0] * len(self.groups)
+        for i, n in zip(index, torch.stack(self._norms(grads)).tolist()):
+            per[i] += n * n
+        total = sum(per)
+        nonfinite = 0.0 if math.isfinite(total) else float(sum(int((~torch.isfinite(g)).sum()) for g in grads))
+        return [_root(total), *map(_root, per), nonfinite]
+
+    def update_host(self) -> list[float] | None:
+        """``update_stats()`` as host floats, finished: [weight norms per module..., update
+        ratios per module...] (the same values ``finish`` makes of the squares)."""
+        if self.snapshot is None:
+            return None
+        params = [_local(p).detach() for p in self.params]
+        torch._foreach_sub_(self.snapshot, params)  # snapshot now holds -update
+        k = len(params)
+        norms = torch.stack(self._norms(self.snapshot + params)).tolist()
+        dn, wn = [0.0] * len(self.groups), [0.0] * len(self.groups)
+        for j, i in enumerate(self._index_list):
+            dn[i] += norms[j] * norms[j]
+            wn[i] += norms[k + j] * norms[k + j]
+        weights = [_root(w) for w in wn]
+        ratios = []
+        for w, d in zip(weights, dn):
+            u = _root(d)
+            ratios.append(u / w if w > 0 else (0.0 if u == 0 else math.inf))
+        return weights + ratios
+
     def _norms(self, tensors: list) -> list:
         if self._float64:
             return [n.float() for n in torch._foreach_norm(tensors, 2)]
@@ -216,40 +255,91 @@ def logit_stats(logits: torch.Tensor, targets: torch.Tensor | None, ignore_index
     return torch.cat([max_abs, values])
 
 
-def softmax_row_stats(z: torch.Tensor, y: torch.Tensor | None, ignore_index: int = -100):
+def softmax_row_stats(z: torch.Tensor, y: torch.Tensor | None, ignore_index: int = -100, host: bool = False):
     """Over the rows of ``z`` ([rows, classes], float32): [mean log Z, SC fraction, entropy]
     and with class indices ``y`` ([rows]) also [zero-loss fraction, median margin], as one
-    tensor; and the number of rows counted (``ignore_index`` left out), a 1-element tensor."""
+    tensor; and the number of rows counted (``ignore_index`` left out), a 1-element tensor.
+    ``host=True`` (CPU tensors): the same as a list of floats and a float, the per-row values
+    read at once and averaged on the host (see ``_row_stats_host``)."""
+    if host:
+        return _row_stats_host(z, y, ignore_index)
     # torch's own log_softmax, the kernel cross_entropy runs: its rounding decides which
     # samples have exactly zero loss and an exactly one-hot softmax, so we use it, not a copy.
+    # The per-row statistics are stacked and averaged together: on a small batch each kernel
+    # costs more than its arithmetic (a ~1 ms CPU step pays ~5-10 us per kernel), so fewer
+    # kernels, the same products and sums.
     logp = torch.log_softmax(z, dim=-1)
     top = logp.amax(dim=-1)  # -log sum_j exp(z_j - max z)
-    collapsed = (top == 0).float()  # the sum is exactly 1: Softmax Collapse
     lse = z.amax(dim=-1) - top  # log Z
+    collapsed = (top == 0).float()  # the sum is exactly 1: Softmax Collapse
     p = torch.softmax(z, dim=-1)  # cheaper on the CPU than logp.exp()
-    ent = -(p * logp).sum(dim=-1)
+    ent = (p * logp).sum(dim=-1).neg_()
     if y is None:
         n = torch.full((1,), float(z.shape[0]), device=z.device)
-        return torch.cat([lse.mean().view(1), collapsed.mean().view(1), ent.mean().view(1)]), n
+        return torch.stack([lse, collapsed, ent]).mean(dim=1), n
     y = y.reshape(-1, 1)
     valid = y != ignore_index
-    y = torch.where(valid, y, torch.zeros_like(y))
-    valid = valid.squeeze(-1).float()
-    count = valid.sum().view(1)
-    n = count.clamp_min(1.0)
-    logp_y = logp.gather(-1, y).squeeze(-1)
+    y = torch.where(valid, y, 0)
+    valid = valid.view(-1)
+    weight = valid.float()
+    count = weight.sum().view(1)
+    logp_y = logp.gather(-1, y).view(-1)
     zero_loss = (logp_y == 0).float()
     # Margin z_y - logsumexp(z_others) = log p_y - log(sum of the others' p), the others'
     # sum taken on its own: 1 - p_y cancels to 0 in float32 right where it matters (> 16.6).
     p.scatter_(-1, y, 0.0)
-    margin = logp_y - p.sum(dim=-1).log()
-    margin = torch.where(valid > 0, margin, torch.full_like(margin, math.nan))
+    margin = (logp_y - p.sum(dim=-1).log()).masked_fill_(~valid, math.nan)
+    means = (torch.stack([lse, collapsed, ent, zero_loss]) * weight).sum(dim=1) / count.clamp_min(1.0)
+    return torch.cat([means, margin.nanmedian().view(1)]), count
 
-    def vmean(x):
-        return ((x * valid).sum() / n).view(1)
 
-    values = torch.cat([vmean(lse), vmean(collapsed), vmean(ent), vmean(zero_loss), margin.nanmedian().view(1)])
-    return values, count
+def _row_stats_host(z: torch.Tensor, y: torch.Tensor | None, ignore_index: int):
+    """``softmax_row_stats`` for a few rows on the CPU: the same kernels up to the per-row
+    values (log_softmax, softmax, the gathers), which are read in one go and finished in
+    Python (in double: the same values to float32 rounding). On a ~1 ms step each of the ~20
+    small kernels this saves costs more than the Python that replaces it."""
+    logp = torch.log_softmax(z, dim=-1)
+    p = torch.softmax(z, dim=-1)
+    per_row = [logp.amax(dim=-1), z.amax(dim=-1), (p * logp).sum(dim=-1)]
+    if y is not None:
+        labels = y.tolist()
+        valid = [1.0 if t != ignore_index else 0.0 for t in labels]
+        y = y.view(-1, 1)
+        if 0.0 in valid:
+            y = torch.where(y != ignore_index, y, 0)
+        per_row.append(logp.gather(-1, y).view(-1))
+        p.scatter_(-1, y, 0.0)
+        per_row.append(p.sum(dim=-1))
+    rows = torch.stack(per_row).tolist()
+    top, zmax, plogp = rows[0], rows[1], rows[2]
+    lse = [m - t for m, t in zip(zmax, top)]
+    collapsed = [1.0 if t == 0 else 0.0 for t in top]
+    ent = [-v for v in plogp]
+    if y is None:
+        n = float(len(top))
+        return [sum(lse) / n, sum(collapsed) / n, sum(ent) / n], n
+    logp_y, others = rows[3], rows[4]
+    count = sum(valid)
+    n = max(count, 1.0)
+
+    def vmean(xs):  # x * 0 keeps a NaN in an ignored row, as the tensor path's sum does
+        return sum(x * w for x, w in zip(xs, valid)) / n
+
+    margins = sorted(
+        ly - (math.log(o) if o > 0 else (-math.inf if o == 0 else math.nan))
+        for ly, o, w in zip(logp_y, others, valid)
+        if w
+    )
+    margins = [m for m in margins if m == m]
+    zero_loss = [1.0 if v == 0 else 0.0 for v in logp_y]
+    # torch.nanmedian: the lower of the two middle values, NaN when none is left
+    median = margins[(len(margins) - 1) // 2] if margins else math.nan
+    return [vmean(lse), vmean(collapsed), vmean(ent), vmean(zero_loss), median], count
+
+
+def _root(sq: float) -> float:
+    """A norm from its square, as ``finish`` takes it (a negative or NaN square is kept)."""
+    return math.sqrt(sq) if sq >= 0 else sq
 
 
 def finish(names: tuple, values: list[float]) -> list[float]:

@@ -3,7 +3,10 @@
 ``log`` does no I/O and reads nothing back from the device: it runs the metric kernels,
 concatenates their results into one small tensor, queues it with the host-side numbers
 (learning rates, Python floats) and returns; the sender thread copies the tensor to the
-host. Every step carries the cheap signals; the expensive ones ride on the steps the cost
+host. On a CPU model (one device, no process group) reading a value costs no stall, and each
+small kernel costs more than its arithmetic: the metrics are read there at once and travel
+as host floats, already finished (norms, ratios), with no packing. Every step carries the
+cheap signals; the expensive ones ride on the steps the cost
 budget picks (``_budget``). Gradients and updates are seen from optimizer step hooks, so
 ``log`` may be called before or after ``optimizer.step()`` (the first call decides which).
 """
@@ -359,13 +362,16 @@ class Monitor:
         t0 = self._clock()
         with _IN_POST_STEP:
             self._snapped = False
-            stats = self._layout.update_stats()
+            L = self._layout
+            stats = L.update_host() if self._host else L.update_stats()
             if self._mode == "after":
                 self._pending_update = stats
             elif self._post_step is not None and stats is not None:
                 step, self._post_step = self._post_step, None
-                L = self._layout
-                self._emit(step, [stats], [L.update_names], [L.update_ops], [], [])
+                if self._host:
+                    self._emit(step, [], [], [], list(L.update_names), stats)
+                else:
+                    self._emit(step, [stats], [L.update_names], [L.update_ops], [], [])
         self._budget.charge(self._clock() - t0)
 
     # -- the record ------------------------------------------------------------------
@@ -397,15 +403,19 @@ class Monitor:
         else:  # no optimizer, log() before step(), or the step was skipped
             grads = self._grads(full)
         if grads is not None:
-            if full:
-                add(grads, L.grad_names, L.grad_ops)
-            elif self._host:
-                host_names += L.grad_total_names
+            if self._host:  # host floats, finished (see _grads)
+                host_names += L.grad_names if full else L.grad_total_names
                 host_values += grads
+            elif full:
+                add(grads, L.grad_names, L.grad_ops)
             else:
                 add(grads, L.grad_total_names, L.grad_total_ops)
         if self._pending_update is not None:
-            add(self._pending_update, L.update_names, L.update_ops)
+            if self._host:
+                host_names += L.update_names
+                host_values += self._pending_update
+            else:
+                add(self._pending_update, L.update_names, L.update_ops)
         self._pending_grads = self._pending_update = None
         if self._mode == "before" and self._update_ratio and full:
             self._post_step = step
@@ -434,19 +444,25 @@ class Monitor:
             self._in_collectors = self._clock() - t0
         job = None
         if logits is not None:
-            if not full and self._host and logits.is_cpu:
-                host_names += _logits.EXTREME_NAMES
-                host_values += _logits.extremes_host(logits)
+            if self._host and logits.is_cpu:
+                if full:
+                    lnames, lvalues = self._logits.host(logits, targets)
+                    host_names += lnames
+                    host_values += lvalues
+                else:
+                    host_names += _logits.EXTREME_NAMES
+                    host_values += _logits.extremes_host(logits)
             else:
                 job = (logits, targets, full)
         self._emit(step, tensors, names, ops, host_names, host_values, job)
 
     def _grads(self, full):
         """This step's gradient statistics: a tensor (``full``: per module), or on the host
-        path the cheap pair as floats."""
-        if full or not self._host:
+        path (a CPU model) finished host floats: every kernel costs more than its arithmetic
+        on a small CPU model, and reading a value there costs no stall."""
+        if not self._host:
             return self._layout.grad_stats(full)
-        return self._layout.grad_total_host()
+        return self._layout.grad_host() if full else self._layout.grad_total_host()
 
     def _collect(self, fn, step, add, host_names, host_values):
         errors = self.collector_errors

@@ -234,3 +234,52 @@ def test_float64_models_are_measured_too(tmp_path):
     assert got["grad/nonfinite"][0] == 0.0
     wide = [torch.tensor([1.0, math.nan], dtype=torch.float64), torch.tensor([math.inf], dtype=torch.float64)]
     assert _metrics.count_nonfinite_on_device(wide).tolist() == [2.0]
+
+
+def test_the_cpu_host_path_gives_the_tensor_paths_values():
+    """A CPU model's expensive set is read as host floats (fewer kernels): the same values as
+    the packed tensors finished on the host, to float32 rounding, NaN and missing grads too."""
+    from stethoscope import _logits
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    layout = _metrics.ParamLayout(model)
+
+    def close(got, want):
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert (math.isnan(g) and math.isnan(w)) or g == pytest.approx(w, rel=1e-6, abs=1e-12)
+
+    x, y = batch(32)
+    F.cross_entropy(model(x), y).backward()
+    close(layout.grad_host(), _metrics.finish(layout.grad_names, layout.grad_stats().tolist()))
+    model.head.bias.grad = None  # a parameter without a gradient this step
+    close(layout.grad_host(), _metrics.finish(layout.grad_names, layout.grad_stats().tolist()))
+    model.head.weight.grad[0, 0] = math.nan
+    host = layout.grad_host()
+    close(host, _metrics.finish(layout.grad_names, layout.grad_stats().tolist()))
+    assert host[-1] == 1.0 and math.isnan(host[0])
+
+    other = _metrics.ParamLayout(model)  # a snapshot of its own
+    layout.take_snapshot()
+    other.take_snapshot()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.9).add_(0.01)
+    close(layout.update_host(), _metrics.finish(other.update_names, other.update_stats().tolist()))
+
+    stats = _logits.LogitStats()
+    # a classifier, one with more rows than HOST_ROWS, a sampled LM head
+    for shape, classes in (((64,), 10), ((600,), 10), ((16, 64), 1000)):
+        z = torch.randn(*shape, classes) * 8
+        z.view(-1, classes)[3:5] = 100.0 * torch.arange(classes)  # collapsed rows: zero loss, and a wrong guess
+        t = torch.randint(0, classes, shape)
+        t.view(-1)[3:5] = torch.tensor([classes - 1, 0])
+        t.view(-1)[::5] = -100
+        for targets in (t, None, torch.full(shape, -100)):
+            names, host = stats.host(z, targets)
+            stats._generators.clear()  # the same rows drawn for both
+            packed, packed_names, _ = stats(z, targets, True)
+            stats._generators.clear()
+            assert names == packed_names
+            close(host, packed.tolist())
