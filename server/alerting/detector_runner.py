@@ -175,6 +175,9 @@ class DetectorRunner:
         link consequences to their root's row, and enqueue webhook deliveries for roots only.
         Returns the alerts opened or reopened, each with its ``cause_alert_id``."""
         open_rows = {k: _Row(r.id, r.severity, r.cause_alert_id) for k, r in _alerts.open_alerts(conn, run_id).items()}
+        # Open consequences before this batch: one that is a root after it (a divergence that
+        # turned critical) was never paged as itself.
+        were_consequences = {r.id for r in open_rows.values() if r.cause_alert_id is not None}
         written: dict[tuple[str, str, int], _Row] = {}  # episodes changed now, by (detector, key, start)
         opened: list[int] = []
         # (event, alert id, the alert as that change left it), in the order the alerts changed:
@@ -237,6 +240,23 @@ class DetectorRunner:
                     notified = _webhooks.notified_for_alert(conn, aid)
                     if name == "alert.reopened" or aid in consequences:
                         to = [h for h in hooks if h.id in notified]
+                elif name == "alert.escalated" and aid in were_consequences:
+                    # A consequence that became a root by escalating: the webhooks that never heard
+                    # of it (it was not paged) hear of it as opened; those that did, as escalated.
+                    notified = _webhooks.notified_for_alert(conn, aid)
+                    first = [h for h in hooks if h.id not in notified]
+                    queued += enqueue_for_alert(
+                        conn,
+                        first,
+                        set(),
+                        "alert.opened",
+                        {**alerts[aid], **then},
+                        run_info,
+                        link,
+                        seq,
+                        explained.get(aid, []),
+                    )
+                    to = [h for h in hooks if h.id in notified]
                 queued += enqueue_for_alert(
                     conn, to, notified, name, {**alerts[aid], **then}, run_info, link, seq, explained.get(aid, [])
                 )

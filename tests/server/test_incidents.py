@@ -249,8 +249,8 @@ def test_a_consequence_that_turns_critical_is_paged_as_its_own_root(client, rece
     """A real training whose one layer's gradient explodes alone (a max-norm constraint far below
     its norm): the layer is paged; the gradient norm running away after it is that layer's
     consequence (not paged). Then the loss goes NaN during the runaway: the divergence turns
-    critical and stops being a consequence: it is paged ("alert.escalated") as a root, and the
-    layer's alert becomes its consequence."""
+    critical and stops being a consequence: it is paged as a root ("alert.opened" to a webhook
+    that never heard of it), and the layer's alert becomes its consequence."""
     pytest.importorskip("torch")
     import sys
     from pathlib import Path
@@ -286,7 +286,8 @@ def test_a_consequence_that_turns_critical_is_paged_as_its_own_root(client, rece
     layer, div = alerts["layer_gradients"], alerts["divergence"]
     # the run blowing up is now the incident: the layer's explosion is listed under it
     assert (div["severity"], div["cause_alert_id"], layer["cause_alert_id"]) == ("critical", None, div["id"])
-    assert [(d["event"], d["alert_id"]) for d in _deliveries(client, hook["id"])] == [
-        ("alert.opened", layer["id"]),
-        ("alert.escalated", div["id"]),
-    ]
+    # the webhook never heard of the divergence while it was a consequence: it hears of it as opened
+    log = _deliveries(client, hook["id"])
+    assert [(d["event"], d["alert_id"]) for d in log] == [("alert.opened", layer["id"]), ("alert.opened", div["id"])]
+    assert log[1]["body"]["alert"]["severity"] == "critical"
+    assert [c["id"] for c in log[1]["body"]["consequences"]] == [layer["id"]]
