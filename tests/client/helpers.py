@@ -29,21 +29,32 @@ def batch(n=32, d_in=8, classes=4, seed=None):
     return x, y
 
 
+def train_step(mon, model, opt, step):
+    """One step of a plain loop on ``batch(seed=step)``, logged after ``opt.step()``; its loss."""
+    x, y = batch(seed=step)
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    mon.log(step=step, loss=loss, logits=logits, targets=y)
+    return loss
+
+
 def train(mon, model, opt, steps, start=0, log_after_step=True):
     """A plain loop; returns the losses it logged."""
     losses = []
     for step in range(start, start + steps):
+        if log_after_step:
+            losses.append(train_step(mon, model, opt, step).item())
+            continue
         x, y = batch(seed=step)
         logits = model(x)
         loss = F.cross_entropy(logits, y)
         opt.zero_grad()
         loss.backward()
-        if log_after_step:
-            opt.step()
-            mon.log(step=step, loss=loss, logits=logits, targets=y)
-        else:
-            mon.log(step=step, loss=loss, logits=logits, targets=y)
-            opt.step()
+        mon.log(step=step, loss=loss, logits=logits, targets=y)
+        opt.step()
         losses.append(loss.item())
     return losses
 

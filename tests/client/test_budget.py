@@ -11,8 +11,7 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import TinyNet, batch, spooled_points
+from helpers import TinyNet, spooled_points, train_step
 
 import stethoscope
 from stethoscope import _budget, _logits
@@ -138,13 +137,7 @@ def train(mon, model, opt, clock, steps, poison_at=None):
         if step == poison_at:
             with torch.no_grad():
                 model.head.weight[0, 0] = math.nan
-        x, y = batch(seed=step)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        mon.log(step=step, loss=loss, logits=logits, targets=y)
+        train_step(mon, model, opt, step)
 
 
 def test_attach_spaces_the_expensive_metrics_and_keeps_the_cheap_ones_every_step(tmp_path, clock):

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TinyNet, batch, spooled_points, train
+from helpers import TinyNet, batch, spooled_points, train, train_step
 
 import stethoscope
 from stethoscope._watch import DETECTOR_ERRORS, Watch
@@ -65,13 +65,7 @@ def blow_up(mon, model, opt, steps=STEPS, jump_lr=1e38, flush_each=False, seen_a
         if step == JUMP_STEP:
             for g in opt.param_groups:
                 g["lr"] = jump_lr
-        x, y = batch(seed=step)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        mon.log(step=step, loss=loss, logits=logits, targets=y)
+        loss = train_step(mon, model, opt, step)
         if flush_each:
             assert mon.flush(10)
             seen_at[step] = list(got)

@@ -76,7 +76,7 @@ def test_settings_are_checked():
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-from helpers import TinyNet, batch, spooled_points  # noqa: E402
+from helpers import TinyNet, spooled_points, train_step  # noqa: E402
 
 import stethoscope  # noqa: E402
 
@@ -104,13 +104,7 @@ def test_the_hook_sends_step_time_and_samples_per_second_from_its_clock_and_flag
     mon.on_alert(alerts.extend)
     for step in range(450):
         clock.now += stall_schedule(step) / 1e3  # the step, as the fake clock tells it
-        x, y = batch(seed=step)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        mon.log(step=step, loss=loss, logits=logits, targets=y)
+        train_step(mon, model, opt, step)
     mon.close()
     got = spooled_points(tmp_path)
     ms = got["perf/step_ms"]
