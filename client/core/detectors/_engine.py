@@ -369,12 +369,12 @@ def attribute(state: dict, changes: list[AlertChange]) -> list[AlertChange]:
     episode; roots opened in this batch adopt the open episodes they explain."""
     out: list[AlertChange] = []
     touched: set[tuple[str, str]] = set()
-    explained: set[str] = set()
+    explained: set[tuple[str, str]] = set()  # episodes another alert explains: no roots
     for c in changes:
         if c.detector in EXPLAINED_BEFORE:
             c = _explained_before(state, c)
             if c.cause is not None:
-                explained.add(c.detector)
+                explained.add((c.detector, c.key))
         if c.action == OPEN and c.cause is None and c.detector in SUSPECTED_BY:
             ep = state.get(c.detector, {}).get("episodes", {}).get(c.key)
             if ep is not None and _suspected(state, SUSPECTED_BY[c.detector], c.start_step - SUSPECT_LEAD):
@@ -402,7 +402,9 @@ def attribute(state: dict, changes: list[AlertChange]) -> list[AlertChange]:
             touched.add((c.detector, c.key))
         out.append(c)
     # A root that opened now adopts the open episodes it explains that have no better cause.
-    opened = {c.detector for c in changes if c.action == OPEN and c.cause is None} - explained
+    opened = {
+        c.detector for c in changes if c.action == OPEN and c.cause is None and (c.detector, c.key) not in explained
+    }
     for name, roots in CAUSES.items():
         if not opened.intersection(roots):
             continue
