@@ -179,10 +179,11 @@ class LossSpikeDetector(Detector):
             runs = state["elevated"] = {}
         was = runs.pop(series, None)  # first step of the elevated points just before this one
         elevated, ref = False, median_value
+        strong = x > med + p.ratio_sigmas * sigma
         if x > med + p.run_sigmas * sigma:
             if p.log_scale:
                 lift = x - med
-                if lift < math.log(p.ratio) and x > med + p.ratio_sigmas * sigma and len(window) > SPIKE_RECENT:
+                if lift < math.log(p.ratio) and strong and len(window) > SPIKE_RECENT:
                     recent = median(window[-SPIKE_RECENT:])
                     if recent < med:
                         lift, ref = x - recent, math.exp(recent)
@@ -191,7 +192,7 @@ class LossSpikeDetector(Detector):
                 elevated = med > 0 and x >= p.ratio * med
         if elevated:
             runs[series] = step if was is None else was
-        by_ratio = elevated and x > med + p.ratio_sigmas * sigma
+        by_ratio = elevated and strong
         lasting = elevated and was is not None
         if (x > high or by_ratio or lasting) and rose:
             scale = " on a log scale" if p.log_scale else ""
