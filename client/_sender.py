@@ -53,6 +53,19 @@ POLL_INTERVAL_S = 0.02
 
 _STOP = object()
 
+#: This process's id, kept up to date in a forked child by an at-fork hook: the training
+#: thread compares it on every put (a sender started in the parent is not the child's).
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
+    os.register_at_fork(after_in_child=_forked)
+
 
 class RecordQueue:
     """The bounded queue between the training loop and the sender thread.
@@ -211,17 +224,28 @@ class Sender:
         points whose host numbers (the loss and gradient norm on the CPU path) hold a NaN or an
         inf: the hook's detectors then reach on_alert at this step, not at the thread's next
         look, up to ``POLL_INTERVAL_S`` (~20 steps of a 1 ms step) later."""
-        if self._pid != os.getpid():
+        if record[0] == "points":
+            self.put_points(record)
+            return
+        if self._pid != _pid:
             self.after_fork()
         if self._thread is None:
             self._start()
-        if record[0] == "points":
-            total = sum(record[8], 0.0)  # NaN or inf among them makes the sum NaN or inf
-            urgent = total - total != 0.0
-        else:
-            urgent = True
         try:
-            self._queue.put_nowait(record, urgent=urgent)
+            self._queue.put_nowait(record, True)
+        except queue.Full:
+            self.dropped += 1
+
+    def put_points(self, record) -> None:
+        """``put`` for a step's points (``record[0] == "points"``), the training thread's call
+        on every step."""
+        if self._pid != _pid:  # a forked child (see _forked): not os.getpid(), a syscall a step
+            self.after_fork()
+        if self._thread is None:
+            self._start()
+        total = sum(record[8], 0.0)  # NaN or inf among them makes the sum NaN or inf
+        try:
+            self._queue.put_nowait(record, total - total != 0.0)
         except queue.Full:
             self.dropped += 1
 
@@ -234,7 +258,7 @@ class Sender:
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything put so far has been sent (or spooled, offline)."""
-        if self._thread is None or self._pid != os.getpid():
+        if self._thread is None or self._pid != _pid:
             return True
         done = threading.Event()
         self.put(("flush", done))
@@ -242,7 +266,7 @@ class Sender:
 
     def close(self, timeout: float) -> None:
         """Send what is left, trying until ``timeout`` seconds have passed; then stop."""
-        if self._thread is None or self._pid != os.getpid():
+        if self._thread is None or self._pid != _pid:
             return
         self._deadline = time.monotonic() + timeout
         try:
