@@ -350,7 +350,10 @@ class Monitor:
                 mode = self._mode = "after"
             if mode == "after":
                 full = self._budget.full
-                self._pending_grads = (full, self._grads(full))
+                if full or not self._host:
+                    self._pending_grads = (full, self._grads(full))
+                else:  # the cheap step of a CPU model: _grads inlined
+                    self._pending_grads = (False, self._layout.grad_total_host())
                 if full:
                     self._snap()
             elif self._post_step is not None:
