@@ -288,6 +288,7 @@ class Sender:
         next_try = 0.0
         run_created = False
         schedule = ShipSchedule(random.Random())  # its own generator: the user's seeds stay untouched
+        add, take, watch = batch.add, self._queue.take, self.watch
         while True:
             self.cpu_s = time.thread_time()  # a float store: the training thread reads it
             try:
@@ -307,10 +308,15 @@ class Sender:
                     if rec[0] == "flush":
                         flush_event = rec[1]
                         break
-                    self._detect(batch.add(rec), batch)
+                    seen = add(rec)
+                    if seen is not None:  # the hook's detectors read its host values
+                        errors = watch.errors
+                        watch.points(*seen)
+                        if watch.errors != errors:
+                            batch.set_point(DETECTOR_ERRORS, seen[0], float(watch.errors))
                     if batch.points >= BATCH_POINTS:
                         break
-                    rec = self._queue.take()
+                    rec = take()
             if batch.last_step is not None:
                 self._last_step = batch.last_step
             if (
@@ -339,14 +345,6 @@ class Sender:
                 with _errors.swallowed("sender.finish"):
                     self._finish(run_created)
                 return
-
-    def _detect(self, seen, batch: Batch) -> None:
-        """The hook's detectors read a record's host values (``seen``: step, names, values)."""
-        errors = self.watch.errors
-        if seen is not None:
-            self.watch.points(*seen)
-        if self.watch.errors != errors:  # a detector failed: counted where the server shows it
-            batch.set_point(DETECTOR_ERRORS, seen[0], float(self.watch.errors))
 
     def _report_drops(self, batch: Batch, step: int) -> None:
         # One value per step: ingest keeps the first point of a step and ignores a resend, so a
