@@ -290,6 +290,13 @@ def test_spool_lines_are_what_json_dumps_writes(tmp_path, monkeypatch):
     assert shared > 0, "no series shared its walls: the case the spool encodes once is not exercised"
     odd = {"series": [{"name": "x", "steps": [1], "values": ["NaN"], "walls": [1.5], "extra": 1}]}
     assert _spool._line("points", odd) == (json.dumps({"t": "points", "b": odd}, separators=(",", ":")) + "\n").encode()
+    # a column of one repeated value is encoded once; values that equal it but print otherwise
+    for values in ([0.1, 0.1, 0.1], [0.1, 0.1, 0.2], [3.0, 3, 3.0], [1.0, True], [0.0, -0.0], [2.5, 2.5, "NaN"]):
+        body = {
+            "series": [{"name": "c", "steps": [1, 2, 3][: len(values)], "values": values, "walls": [1.0] * len(values)}]
+        }
+        want = (json.dumps({"t": "points", "b": body}, separators=(",", ":")) + "\n").encode()
+        assert _spool._line("points", body) == want, values
 
 
 def test_a_batch_makes_the_columns_of_its_records_point_by_point():
