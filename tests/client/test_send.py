@@ -356,3 +356,26 @@ def test_a_batch_makes_the_columns_of_its_records_point_by_point():
     assert body["series"][1]["values"] == [0.0, 2.0, 4.0, 6.0, 8.0, "Infinity", "Infinity"]
     assert body["series"][0]["values"] == [0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 6.5, 7.5, 7.5, 8.5]
     assert batch.series == {} and batch.points == 0
+
+
+def test_the_queue_wake_up_behaves_as_an_event():
+    """``_sender.Wake`` stands in for ``threading.Event`` on the record queue: set, clear and
+    a timed wait, a set from another thread waking the waiter, the flag left up by a wait."""
+    import threading
+
+    from stethoscope._sender import Wake
+
+    wake = Wake()
+    assert not wake.is_set()
+    assert wake.wait(0.05) is False
+    assert wake.wait(-1.0) is False  # a timeout already past: no wait
+    wake.set()
+    wake.set()  # twice: still up once
+    assert wake.is_set() and wake.wait(10.0) is True and wake.is_set()  # left up, as Event does
+    wake.clear()
+    wake.clear()
+    assert not wake.is_set() and wake.wait(0.0) is False
+    timer = threading.Timer(0.05, wake.set)
+    timer.start()
+    assert wake.wait(10.0) is True  # woken by the other thread
+    timer.join()
