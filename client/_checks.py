@@ -55,7 +55,11 @@ def _check_log_args(loss, logits, targets, scalars) -> int | None:
         if len(shape) < 2 or shape[-1] < 2:
             raise ValueError("logits must be a tensor of shape [batch, classes] or [batch, seq, vocab]")
         if targets is not None:
-            if not isinstance(targets, torch.Tensor) or targets.shape != shape[:-1] or targets.is_floating_point():
+            if (
+                not isinstance(targets, torch.Tensor)
+                or (_wrong_rows(targets.shape, shape) if len(shape) == 2 else targets.shape != shape[:-1])
+                or targets.is_floating_point()
+            ):
                 raise ValueError(
                     f"targets must be class indices of shape {tuple(logits.shape[:-1])} "
                     f"(logits' shape without the class dimension)"
@@ -69,6 +73,11 @@ def _check_log_args(loss, logits, targets, scalars) -> int | None:
             if not _is_scalar(v):
                 raise ValueError(f"{name}: a logged value must be a number or a one-element tensor")
     return batch
+
+
+def _wrong_rows(tshape, shape) -> bool:
+    """``tshape != shape[:-1]`` for 2-D logits, without making the slice (every step)."""
+    return len(tshape) != 1 or tshape[0] != shape[0]
 
 
 def _is_scalar(v) -> bool:
