@@ -351,12 +351,10 @@ class Sender:
                     rec = take()
             if batch.last_step is not None:
                 self._last_step = batch.last_step
-            if (
-                self.dropped + self.spool_dropped != self._reported_drops
-                and batch.last_step is not None
-                and (batch.last_step != self._drop_step or DROPPED in batch.series)
-            ):
-                self._report_drops(batch, batch.last_step)
+            if self.dropped + self.spool_dropped != self._reported_drops and batch.last_step is not None:
+                with _errors.swallowed("sender.drops"):  # batch.series turns the rows into columns
+                    if batch.last_step != self._drop_step or DROPPED in batch.series:
+                        self._report_drops(batch, batch.last_step)
             due = stop or flush_event is not None or batch.points >= BATCH_POINTS or schedule.due()
             if not due:
                 continue
