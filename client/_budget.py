@@ -97,42 +97,63 @@ class CostBudget:
         """Close a step: ``log`` ran from ``start`` to ``end`` (less ``exclude`` seconds spent
         in collectors, which keep budgets of their own); ``full`` if it carried the expensive
         set. Decides whether the next step does."""
-        cost = max(0.0, end - start - exclude) + self._pending
+        # Called on every step: locals, and comparisons in place of max()/min() calls, with the
+        # same results (max(0.0, x) is x only when x > 0.0; min(a, b) is b only when b < a).
+        cost = end - start - exclude
+        if not cost > 0.0:
+            cost = 0.0
+        cost += self._pending
         self._pending = 0.0
-        self._calls += 1
+        calls = self._calls = self._calls + 1
         self.steps += 1
         self.spent_s += cost
-        if full:
-            self.full_steps += 1
-        gap = None if self._last_start is None else max(0.0, start - self._last_start)
+        last = self._last_start
         self._last_start = start
-        if gap is not None:
-            if self.step_s is None:
-                self.step_s = gap
+        step_s = self.step_s
+        if last is None:
+            gap = None
+        else:
+            gap = start - last
+            if not gap > 0.0:
+                gap = 0.0
+            if step_s is None:
+                step_s = self.step_s = gap
             else:
-                gap = min(gap, STEP_CLIP * self.step_s)
-                self.step_s += STEP_SMOOTHING * (gap - self.step_s)
+                clip = STEP_CLIP * step_s
+                if clip < gap:
+                    gap = clip
+                step_s = self.step_s = step_s + STEP_SMOOTHING * (gap - step_s)
             self.elapsed_s += gap
         if full:
+            self.full_steps += 1
             # The first step pays one-off costs (starting the sender thread, first allocations):
             # it is counted as spent, but neither sets the expensive cost nor leaves a debt.
-            if self._calls > 1:
-                extra = max(0.0, cost - (self.cheap_s or 0.0))
-                self.full_s = extra if self.full_s is None else self.full_s + COST_SMOOTHING * (extra - self.full_s)
-            self._since_full = 0
+            if calls > 1:
+                extra = cost - (self.cheap_s or 0.0)
+                if not extra > 0.0:
+                    extra = 0.0
+                full_s = self.full_s
+                self.full_s = extra if full_s is None else full_s + COST_SMOOTHING * (extra - full_s)
+            self._since_full = since_full = 0
         else:
-            self.cheap_s = cost if self.cheap_s is None else self.cheap_s + COST_SMOOTHING * (cost - self.cheap_s)
-            self._since_full += 1
+            cheap_s = self.cheap_s
+            self.cheap_s = cost if cheap_s is None else cheap_s + COST_SMOOTHING * (cost - cheap_s)
+            since_full = self._since_full = self._since_full + 1
         if self.every is not None:
-            self.full = self._calls % self.every == 0
+            self.full = calls % self.every == 0
             return
-        self.credit += (self.budget * gap if gap is not None else 0.0) - cost
+        credit = self.credit + ((self.budget * gap if gap is not None else 0.0) - cost)
         need = self.full_s or 0.0
         # Savings buy one expensive step; debt (the first step's warm-up, a slow outlier, cheap
         # signals that alone exceed the budget) is forgotten past two expensive steps' worth.
-        self.credit = min(self.credit, need + self.budget * (self.step_s or 0.0))
-        self.credit = max(self.credit, -2.0 * need)
-        self.full = self.credit >= need or self._since_full + 1 >= MAX_SPACING
+        cap = need + self.budget * (step_s or 0.0)
+        if cap < credit:
+            credit = cap
+        floor = -2.0 * need
+        if floor > credit:
+            credit = floor
+        self.credit = credit
+        self.full = credit >= need or since_full + 1 >= MAX_SPACING
 
     @property
     def overhead(self) -> float:

@@ -44,25 +44,40 @@ def _check_name(name) -> None:
     _checked_names.add(name)
 
 
-def _check_log_args(loss, logits, targets, scalars) -> None:
-    if loss is not None and not _is_scalar(loss):
+def _check_log_args(loss, logits, targets, scalars) -> int | None:
+    """Misuse raises ValueError. Returns the batch size the logits show (their first
+    dimension; ``targets`` has it too), or None without logits."""
+    if loss is not None and loss.__class__ is not float and not _is_scalar(loss):
         raise ValueError("loss must be a number or a one-element tensor (pass loss, not a batch of losses)")
+    batch = None
     if logits is not None:
         shape = logits.shape if isinstance(logits, torch.Tensor) else ()
         if len(shape) < 2 or shape[-1] < 2:
             raise ValueError("logits must be a tensor of shape [batch, classes] or [batch, seq, vocab]")
         if targets is not None:
-            if not isinstance(targets, torch.Tensor) or targets.shape != shape[:-1] or targets.is_floating_point():
+            if (
+                not isinstance(targets, torch.Tensor)
+                or (_wrong_rows(targets.shape, shape) if len(shape) == 2 else targets.shape != shape[:-1])
+                or targets.is_floating_point()
+            ):
                 raise ValueError(
                     f"targets must be class indices of shape {tuple(logits.shape[:-1])} "
                     f"(logits' shape without the class dimension)"
                 )
+        batch = shape[0]
     elif targets is not None:
         raise ValueError("targets were given without logits")
-    for name, v in scalars.items():
-        _check_name(name)
-        if not _is_scalar(v):
-            raise ValueError(f"{name}: a logged value must be a number or a one-element tensor")
+    if scalars:
+        for name, v in scalars.items():
+            _check_name(name)
+            if not _is_scalar(v):
+                raise ValueError(f"{name}: a logged value must be a number or a one-element tensor")
+    return batch
+
+
+def _wrong_rows(tshape, shape) -> bool:
+    """``tshape != shape[:-1]`` for 2-D logits, without making the slice (every step)."""
+    return len(tshape) != 1 or tshape[0] != shape[0]
 
 
 def _is_scalar(v) -> bool:

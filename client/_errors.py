@@ -1,7 +1,9 @@
 """Swallowing our own failures so they never reach the training loop.
 
 Every place where the hook could fail because of its own code (a bug) runs inside
-``swallowed(where)``. The exception is logged once per place and counted; tests register a
+``swallowed(where)`` (the per-step paths of ``Monitor.log`` and its optimizer hook inside
+``try``/``except Exception`` calling ``report(where, exc)``: the same, without a context
+manager's calls). The exception is logged once per place and counted; tests register a
 listener (see ``tests/client/conftest.py``) that turns each one into a failure, the way
 sentry-python's ``capture_internal_exceptions`` works with its test fixture.
 

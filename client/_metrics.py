@@ -137,7 +137,10 @@ class ParamLayout:
         # The per-tensor norms read one by one and combined in double on the host: two kernels
         # fewer than stacking them and taking a dot (a ~1 ms step pays ~10 us per kernel), and
         # no float32 overflow of the sum of squares (a norm above 1.8e19 squared).
-        total = math.hypot(*[n.item() for n in self._norms(grads)])
+        norms = (
+            torch._foreach_norm(grads, 2, dtype=torch.float32) if not self._float64 else self._norms(grads)
+        )  # self._norms, inlined: every step
+        total = math.hypot(*[n.item() for n in norms])
         if math.isfinite(total):
             return total, 0.0
         return total, float(sum(int((~torch.isfinite(g)).sum()) for g in grads))
@@ -313,14 +316,16 @@ def _row_stats_host(z: torch.Tensor, y: torch.Tensor | None, ignore_index: int):
     rows = torch.stack(per_row).tolist()
     top, zmax, plogp = rows[0], rows[1], rows[2]
     lse = [m - t for m, t in zip(zmax, top)]
-    collapsed = [1.0 if t == 0 else 0.0 for t in top]
     ent = [-v for v in plogp]
     if y is None:
         n = float(len(top))
-        return [sum(lse) / n, sum(collapsed) / n, sum(ent) / n], n
+        return [sum(lse) / n, sum([1.0 if t == 0 else 0.0 for t in top]) / n, sum(ent) / n], n
     logp_y, others = rows[3], rows[4]
     count = sum(valid)
     n = max(count, 1.0)
+    if 0.0 not in valid:  # every row counted (no ignore_index): the same sums, in fewer steps
+        return _all_rows_host(lse, top, ent, logp_y, others, n), count
+    collapsed = [1.0 if t == 0 else 0.0 for t in top]
 
     def vmean(xs):  # x * 0 keeps a NaN in an ignored row, as the tensor path's sum does
         return sum(x * w for x, w in zip(xs, valid)) / n
@@ -335,6 +340,25 @@ def _row_stats_host(z: torch.Tensor, y: torch.Tensor | None, ignore_index: int):
     # torch.nanmedian: the lower of the two middle values, NaN when none is left
     median = margins[(len(margins) - 1) // 2] if margins else math.nan
     return [vmean(lse), vmean(collapsed), vmean(ent), vmean(zero_loss), median], count
+
+
+def _all_rows_host(lse, top, ent, logp_y, others, n):
+    """``_row_stats_host``'s means and median when every row counts (every weight 1.0): the
+    same values, bit for bit. ``x * 1.0`` is ``x`` (NaN and -0.0 too), so each weighted sum is
+    the plain sum in the same order; a sum of 1.0s and 0.0s is the count of 1.0s; and
+    ``math.log(o)`` is what the general path takes for ``o > 0`` or NaN, raising for the rest,
+    which the general path then handles. The margins are sorted in the same order as there."""
+    try:
+        margins = sorted(map(operator.sub, logp_y, map(math.log, others)))
+    except ValueError:  # a row whose other classes sum to 0 (or less): the general path
+        margins = sorted(
+            ly - (math.log(o) if o > 0 else (-math.inf if o == 0 else math.nan)) for ly, o in zip(logp_y, others)
+        )
+    total = sum(margins)
+    if total != total:  # a NaN among them (or +inf and -inf): left out, as the general path does
+        margins = [m for m in margins if m == m]
+    median = margins[(len(margins) - 1) // 2] if margins else math.nan
+    return [sum(lse) / n, float(top.count(0.0)) / n, sum(ent) / n, float(logp_y.count(0.0)) / n, median]
 
 
 def _root(sq: float) -> float:

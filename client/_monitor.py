@@ -29,11 +29,7 @@ from ._metrics import MAX, MEAN, SUM
 from .core.wire import MAX_NAME_LENGTH
 
 #: The hot path's guards, made once (a guard holds nothing but its name): see _errors.swallowed.
-_IN_LOG = _errors.swallowed("log")
-_IN_BUDGET = _errors.swallowed("cost budget")
-_IN_PRE_STEP = _errors.swallowed("optimizer pre-step hook")
 _IN_POST_STEP = _errors.swallowed("optimizer post-step hook")
-_IN_STEP_TIME = _errors.swallowed("step time")
 
 
 class Monitor:
@@ -138,45 +134,53 @@ class Monitor:
         self._calls += 1
         if step is None:
             step = self._next_step
-        else:
+        elif step.__class__ is not int or step < 0:
             step = _check_step(step)
-        if step < self._top_step and not self._warned_backwards:
+        top = self._top_step
+        if step > top:
+            self._top_step = step
+        elif step < top and not self._warned_backwards:
             self._warned_backwards = True
             _errors.logger.warning(
                 "stethoscope: step %d is lower than step %d, which this process logged before (run %s); the "
                 "server keeps the first value of each step, so values at steps it already has are ignored. "
                 "Pass growing steps (a job resumed from a checkpoint in a new process is recognised by itself)",
                 step,
-                self._top_step,
+                top,
                 self.run_id,
             )
-        if step > self._top_step:
-            self._top_step = step
         self._next_step = step + 1
         self._last_step = step
         if self._mode is None:
             self._mode = "before"  # logged before any optimizer step
-        _check_log_args(loss, logits, targets, scalars)
+        batch = _check_log_args(loss, logits, targets, scalars)
         budget = self._budget
         full = budget.full
         self._in_collectors = 0.0
-        with _IN_LOG:
-            self._record(step, loss, logits, targets, scalars, full, start)
+        # try/except, not ``with _errors.swallowed(...)``: the same guard, a few context-manager
+        # calls fewer on every step (see _errors).
+        try:
+            self._record(step, loss, logits, targets, scalars, full, start, batch)
+        except Exception as exc:  # noqa: BLE001 - our bug: reported, never raised into training
+            _errors.report("log", exc)
         if self._ranks is not None and self._ranks.due(self._calls):
             with _errors.swallowed("rank check"):
                 self._ranks.run(step, self._sender)
-        with _IN_BUDGET:
-            sender = self._sender
-            if self._charge_sender and sender.cpu_s != self._sender_cpu:
+        try:
+            if self._charge_sender:
                 # The background thread's CPU is the hook's too: it takes a core, and the GIL.
-                cpu = sender.cpu_s
-                if cpu > self._sender_cpu:
-                    budget.charge(cpu - self._sender_cpu)
-                self._sender_cpu = cpu
+                cpu = self._sender.cpu_s
+                if cpu != self._sender_cpu:
+                    if cpu > self._sender_cpu:
+                        budget.charge(cpu - self._sender_cpu)
+                    self._sender_cpu = cpu
             budget.step_done(start, self._clock(), full, self._in_collectors)
-        _attention.set_active(budget.full)
+        except Exception as exc:  # noqa: BLE001
+            _errors.report("cost budget", exc)
+        full = budget.full
+        _attention._active = full  # _attention.set_active(full), one call fewer
         if self._dead is not None:
-            self._dead.active = budget.full
+            self._dead.active = full
 
     def event(self, kind: str, *, step=None, message: str = "", **info) -> None:
         """Record an event (``"task_switch"``, ``"checkpoint"``, ``"note"``...) on the step axis.
@@ -338,18 +342,25 @@ class Monitor:
 
     # -- optimizer hooks -------------------------------------------------------------
     def _pre_step(self, optimizer, args, kwargs):
-        t0 = self._clock()
-        with _IN_PRE_STEP:
-            if self._mode is None:
-                self._mode = "after"
-            if self._mode == "after":
+        clock = self._clock
+        t0 = clock()
+        try:
+            mode = self._mode
+            if mode is None:
+                mode = self._mode = "after"
+            if mode == "after":
                 full = self._budget.full
-                self._pending_grads = (full, self._grads(full))
+                if full or not self._host:
+                    self._pending_grads = (full, self._grads(full))
+                else:  # the cheap step of a CPU model: _grads inlined
+                    self._pending_grads = (False, self._layout.grad_total_host())
                 if full:
                     self._snap()
             elif self._post_step is not None:
                 self._snap()
-        self._budget.charge(self._clock() - t0)
+        except Exception as exc:  # noqa: BLE001 - our bug: reported, never raised into training
+            _errors.report("optimizer pre-step hook", exc)
+        self._budget.charge(clock() - t0)
 
     def _snap(self):
         if self._update_ratio:
@@ -375,25 +386,28 @@ class Monitor:
         self._budget.charge(self._clock() - t0)
 
     # -- the record ------------------------------------------------------------------
-    def _record(self, step, loss, logits, targets, scalars, full, start=None):
+    def _record(self, step, loss, logits, targets, scalars, full, start=None, batch=None):
         L = self._layout
-        tensors, names, ops, host_names, host_values = [], [], [], [], []
+        host = self._host
+        host_names, host_values = [], []
         if start is not None:
-            with _IN_STEP_TIME:
-                self._perf.record(start, logits, targets, host_names, host_values)
-
-        def add(t, n, o):
-            tensors.append(t)
-            names.append(n)
-            ops.append(o)
-
+            try:
+                self._perf.record(start, batch, host_names, host_values)
+            except Exception as exc:  # noqa: BLE001
+                _errors.report("step time", exc)
+        tensors, names, ops = dev = [], [], []
         if loss is not None:
-            if isinstance(loss, torch.Tensor):
-                if self._host and loss.is_cpu:
+            if loss.__class__ is float:
+                host_names.append("loss")
+                host_values.append(loss)
+            elif isinstance(loss, torch.Tensor):
+                if host and loss.is_cpu:
                     host_names.append("loss")
                     host_values.append(float(loss.item()))  # item(): no detach, no grad warning
                 else:
-                    add(loss.detach().reshape(1).float(), ("loss",), (MEAN,))
+                    tensors.append(loss.detach().reshape(1).float())
+                    names.append(("loss",))
+                    ops.append((MEAN,))
             else:
                 host_names.append("loss")
                 host_values.append(float(loss))
@@ -403,48 +417,58 @@ class Monitor:
         else:  # no optimizer, log() before step(), or the step was skipped
             grads = self._grads(full)
         if grads is not None:
-            if self._host:  # host floats, finished (see _grads)
+            if host:  # host floats, finished (see _grads)
                 host_names += L.grad_names if full else L.grad_total_names
                 host_values += grads
             elif full:
-                add(grads, L.grad_names, L.grad_ops)
+                _add(dev, grads, L.grad_names, L.grad_ops)
             else:
-                add(grads, L.grad_total_names, L.grad_total_ops)
-        if self._pending_update is not None:
-            if self._host:
+                _add(dev, grads, L.grad_total_names, L.grad_total_ops)
+        update = self._pending_update
+        if update is not None:
+            if host:
                 host_names += L.update_names
-                host_values += self._pending_update
+                host_values += update
             else:
-                add(self._pending_update, L.update_names, L.update_ops)
-        self._pending_grads = self._pending_update = None
-        if self._mode == "before" and self._update_ratio and full:
+                _add(dev, update, L.update_names, L.update_ops)
+            self._pending_update = None
+        self._pending_grads = None
+        if full and self._mode == "before" and self._update_ratio:
             self._post_step = step
         att = _attention.take()
         if att is not None:
-            add(att, ("attention/max_logit",), (MAX,))
+            _add(dev, att, ("attention/max_logit",), (MAX,))
         dead = self._dead.take() if self._dead is not None else None
         if dead is not None:
             shares, dead_names = dead
             if len(shares) > 1:  # a model split over devices: one tensor, on the device of the rest
-                dev = tensors[0].device if tensors else shares[0].device
-                shares = torch.cat([t.to(dev, non_blocking=True) for t in shares])
+                dv = tensors[0].device if tensors else shares[0].device
+                shares = torch.cat([t.to(dv, non_blocking=True) for t in shares])
             else:
                 shares = shares[0]
-            add(shares, dead_names, (MEAN,) * len(dead_names))
-        for name, lr in zip(self._lr_names, self._optimizer.param_groups if self._optimizer else ()):
-            _add_value(name, lr["lr"], add, host_names, host_values)
-        for name, v in scalars.items():
-            _add_value(name, v, add, host_names, host_values)
+            _add(dev, shares, dead_names, (MEAN,) * len(dead_names))
+        opt = self._optimizer
+        if opt is not None:
+            for name, group in zip(self._lr_names, opt.param_groups):
+                lr = group["lr"]
+                if lr.__class__ is float:
+                    host_names.append(name)
+                    host_values.append(lr)
+                else:
+                    _add_value(name, lr, dev, host_names, host_values)
+        if scalars:
+            for name, v in scalars.items():
+                _add_value(name, v, dev, host_names, host_values)
         # Collectors keep budgets of their own (curvature, continual evaluation): called every
         # step under the cost budget, on the full steps under a fixed ``every``.
         if self._collectors and (full or self._budget.every is None):
             t0 = self._clock()
             for fn in self._collectors:
-                self._collect(fn, step, add, host_names, host_values)
+                self._collect(fn, step, dev, host_names, host_values)
             self._in_collectors = self._clock() - t0
         job = None
         if logits is not None:
-            if self._host and logits.is_cpu:
+            if host and logits.is_cpu:
                 if full:
                     lnames, lvalues = self._logits.host(logits, targets)
                     host_names += lnames
@@ -454,6 +478,10 @@ class Monitor:
                     host_values += _logits.extremes_host(logits)
             else:
                 job = (logits, targets, full)
+        if not tensors and job is None:  # host numbers only (a CPU model's cheap step): _emit's first case
+            if self._sender is not None:
+                self._sender.put_points(("points", step, time.time(), (), (), None, None, host_names, host_values))
+            return
         self._emit(step, tensors, names, ops, host_names, host_values, job)
 
     def _grads(self, full):
@@ -464,14 +492,14 @@ class Monitor:
             return self._layout.grad_stats(full)
         return self._layout.grad_host() if full else self._layout.grad_total_host()
 
-    def _collect(self, fn, step, add, host_names, host_values):
+    def _collect(self, fn, step, dev, host_names, host_values):
         errors = self.collector_errors
         try:
             out = fn(step)
             if out:
                 for name, v in out.items():
                     _check_name(name)
-                    _add_value(name, v, add, host_names, host_values)
+                    _add_value(name, v, dev, host_names, host_values)
         except Exception as exc:  # noqa: BLE001 - the collector is not our code
             self.collector_errors += 1
             if self.collector_errors == 1:
@@ -596,9 +624,17 @@ def _lr_names(optimizer):
     return [f"lr/{g.get('name', i)}" for i, g in enumerate(groups)]
 
 
-def _add_value(name, v, add, host_names, host_values):
+def _add(dev, t, names, ops):
+    """A device tensor of the record, with its names and reductions (``dev``: the record's
+    [tensors, names, ops])."""
+    dev[0].append(t)
+    dev[1].append(names)
+    dev[2].append(ops)
+
+
+def _add_value(name, v, dev, host_names, host_values):
     if isinstance(v, torch.Tensor):
-        add(v.detach().reshape(1).float(), (name,), (MEAN,))
+        _add(dev, v.detach().reshape(1).float(), (name,), (MEAN,))
     else:
         host_names.append(name)
         host_values.append(float(v))

@@ -24,13 +24,15 @@ class StepPerf:
         self._last: float | None = None
         self._cuda = device if getattr(device, "type", None) == "cuda" else None
 
-    def record(self, start: float, logits, targets, host_names: list, host_values: list) -> None:
+    def record(self, start: float, batch: int | None, host_names: list, host_values: list) -> None:
+        """The numbers of the step that ends at ``start``; ``batch``: the first dimension of the
+        logits (and targets) given to ``log``, or None."""
         last, self._last = self._last, start
         if last is not None and start > last:
             gap = start - last
             host_names.append("perf/step_ms")
             host_values.append(gap * 1e3)
-            n = self.batch_size or _batch(targets) or _batch(logits)
+            n = self.batch_size or batch
             if n:
                 host_names.append("perf/samples_per_s")
                 host_values.append(n / gap)
@@ -40,7 +42,3 @@ class StepPerf:
                 torch.cuda.memory_allocated(self._cuda) / MB,
                 torch.cuda.max_memory_allocated(self._cuda) / MB,
             )
-
-
-def _batch(t) -> int | None:
-    return t.shape[0] if isinstance(t, torch.Tensor) and t.dim() >= 1 else None

@@ -53,6 +53,51 @@ POLL_INTERVAL_S = 0.02
 
 _STOP = object()
 
+#: This process's id, kept up to date in a forked child by an at-fork hook: the training
+#: thread compares it on every put (a sender started in the parent is not the child's).
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
+    os.register_at_fork(after_in_child=_forked)
+
+
+class Wake:
+    """``threading.Event`` (``set``, ``clear``, ``wait``) for one waiting thread, on a bare lock
+    held while the flag is down: a timed wait is one lock acquire in C. ``Event.wait`` goes
+    through a ``Condition``, a new lock and its Python bookkeeping on every wait, and the
+    sender waits some 50 times a second while records flow."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()  # held: the flag is down
+
+    def set(self) -> None:
+        try:
+            self._lock.release()
+        except RuntimeError:  # up already
+            pass
+
+    def clear(self) -> None:
+        self._lock.acquire(False)
+
+    def is_set(self) -> bool:
+        return not self._lock.locked()
+
+    def wait(self, timeout: float) -> bool:
+        """Wait until the flag is up (at most ``timeout`` s) and leave it up, as Event does."""
+        if self._lock.acquire(True, max(timeout, 0.0)):
+            self.set()
+            return True
+        return False
+
 
 class RecordQueue:
     """The bounded queue between the training loop and the sender thread.
@@ -67,7 +112,7 @@ class RecordQueue:
     def __init__(self, maxsize: int) -> None:
         self._items: collections.deque = collections.deque()
         self._maxsize = maxsize
-        self._wake = threading.Event()
+        self._wake = Wake()
         self._idle = False  # the consumer waits without polling: a record must wake it
         self._flowing = False  # the consumer took records since it last waited
 
@@ -211,17 +256,28 @@ class Sender:
         points whose host numbers (the loss and gradient norm on the CPU path) hold a NaN or an
         inf: the hook's detectors then reach on_alert at this step, not at the thread's next
         look, up to ``POLL_INTERVAL_S`` (~20 steps of a 1 ms step) later."""
-        if self._pid != os.getpid():
+        if record[0] == "points":
+            self.put_points(record)
+            return
+        if self._pid != _pid:
             self.after_fork()
         if self._thread is None:
             self._start()
-        if record[0] == "points":
-            total = sum(record[8], 0.0)  # NaN or inf among them makes the sum NaN or inf
-            urgent = total - total != 0.0
-        else:
-            urgent = True
         try:
-            self._queue.put_nowait(record, urgent=urgent)
+            self._queue.put_nowait(record, True)
+        except queue.Full:
+            self.dropped += 1
+
+    def put_points(self, record) -> None:
+        """``put`` for a step's points (``record[0] == "points"``), the training thread's call
+        on every step."""
+        if self._pid != _pid:  # a forked child (see _forked): not os.getpid(), a syscall a step
+            self.after_fork()
+        if self._thread is None:
+            self._start()
+        total = sum(record[8], 0.0)  # NaN or inf among them makes the sum NaN or inf
+        try:
+            self._queue.put_nowait(record, total - total != 0.0)
         except queue.Full:
             self.dropped += 1
 
@@ -234,7 +290,7 @@ class Sender:
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything put so far has been sent (or spooled, offline)."""
-        if self._thread is None or self._pid != os.getpid():
+        if self._thread is None or self._pid != _pid:
             return True
         done = threading.Event()
         self.put(("flush", done))
@@ -242,7 +298,7 @@ class Sender:
 
     def close(self, timeout: float) -> None:
         """Send what is left, trying until ``timeout`` seconds have passed; then stop."""
-        if self._thread is None or self._pid != os.getpid():
+        if self._thread is None or self._pid != _pid:
             return
         self._deadline = time.monotonic() + timeout
         try:
@@ -264,6 +320,7 @@ class Sender:
         next_try = 0.0
         run_created = False
         schedule = ShipSchedule(random.Random())  # its own generator: the user's seeds stay untouched
+        add, take, watch = batch.add, self._queue.take, self.watch
         while True:
             self.cpu_s = time.thread_time()  # a float store: the training thread reads it
             try:
@@ -283,18 +340,21 @@ class Sender:
                     if rec[0] == "flush":
                         flush_event = rec[1]
                         break
-                    self._detect(batch.add(rec), batch)
+                    seen = add(rec)
+                    if seen is not None:  # the hook's detectors read its host values
+                        errors = watch.errors
+                        watch.points(*seen)
+                        if watch.errors != errors:
+                            batch.set_point(DETECTOR_ERRORS, seen[0], float(watch.errors))
                     if batch.points >= BATCH_POINTS:
                         break
-                    rec = self._queue.take()
+                    rec = take()
             if batch.last_step is not None:
                 self._last_step = batch.last_step
-            if (
-                self.dropped + self.spool_dropped != self._reported_drops
-                and batch.last_step is not None
-                and (batch.last_step != self._drop_step or DROPPED in batch.series)
-            ):
-                self._report_drops(batch, batch.last_step)
+            if self.dropped + self.spool_dropped != self._reported_drops and batch.last_step is not None:
+                with _errors.swallowed("sender.drops"):  # batch.series turns the rows into columns
+                    if batch.last_step != self._drop_step or DROPPED in batch.series:
+                        self._report_drops(batch, batch.last_step)
             due = stop or flush_event is not None or batch.points >= BATCH_POINTS or schedule.due()
             if not due:
                 continue
@@ -315,14 +375,6 @@ class Sender:
                 with _errors.swallowed("sender.finish"):
                     self._finish(run_created)
                 return
-
-    def _detect(self, seen, batch: Batch) -> None:
-        """The hook's detectors read a record's host values (``seen``: step, names, values)."""
-        errors = self.watch.errors
-        if seen is not None:
-            self.watch.points(*seen)
-        if self.watch.errors != errors:  # a detector failed: counted where the server shows it
-            batch.set_point(DETECTOR_ERRORS, seen[0], float(self.watch.errors))
 
     def _report_drops(self, batch: Batch, step: int) -> None:
         # One value per step: ingest keeps the first point of a step and ignores a resend, so a

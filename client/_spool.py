@@ -404,9 +404,22 @@ def _points_line(body) -> bytes | None:
             return None
         parts.append(
             f'{{"name":{_encode(s["name"])},"steps":{column(s["steps"])},'
-            f'"values":{_encode(s["values"])},"walls":{column(s["walls"])}}}'
+            f'"values":{_values(s["values"])},"walls":{column(s["walls"])}}}'
         )
     return ('{"t":"points","b":{"series":[' + ",".join(parts) + "]}}\n").encode()
+
+
+def _values(col) -> str:
+    """``_encode(col)`` for a values column; a column of one repeated value (a constant learning
+    rate) is encoded once and repeated. Only for a float that is not a whole number: nothing
+    else in a column can equal it (an int or a bool could equal 3.0 and print as 3, and -0.0
+    equals 0.0)."""
+    if col:
+        x = col[0]
+        if type(x) is float and not x.is_integer() and x == x and col.count(x) == len(col):
+            item = _encode(x)
+            return "[" + ",".join([item] * len(col)) + "]"
+    return _encode(col)
 
 
 def _entry(line: bytes) -> tuple:

@@ -74,8 +74,15 @@ def test_misuse_of_log_raises_value_error(tmp_path):
         mon.log(step=0, loss=torch.ones(3))
     with pytest.raises(ValueError, match="targets must be"):
         mon.log(step=1, logits=torch.zeros(4, 3), targets=torch.zeros(5, dtype=torch.long))
+    for targets in (torch.zeros(4, 1, dtype=torch.long), torch.zeros(4), torch.zeros((), dtype=torch.long), [0] * 4):
+        with pytest.raises(ValueError, match="targets must be"):
+            mon.log(step=1, logits=torch.zeros(4, 3), targets=targets)
+    with pytest.raises(ValueError, match="targets must be"):
+        mon.log(step=1, logits=torch.zeros(2, 4, 3), targets=torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="step must be"):
         mon.log(step=1.5)
+    with pytest.raises(ValueError, match="step must be >= 0"):
+        mon.log(step=-1)
     with pytest.raises(ValueError, match="metric name"):
         mon.log(step=2, **{"bad name": 1.0})
     with pytest.raises(ValueError, match="callable"):

@@ -275,8 +275,9 @@ def test_the_cpu_host_path_gives_the_tensor_paths_values():
         z.view(-1, classes)[3:5] = 100.0 * torch.arange(classes)  # collapsed rows: zero loss, and a wrong guess
         t = torch.randint(0, classes, shape)
         t.view(-1)[3:5] = torch.tensor([classes - 1, 0])
+        every = t.clone()  # every row counted: the host path's shortcut for that case
         t.view(-1)[::5] = -100
-        for targets in (t, None, torch.full(shape, -100)):
+        for targets in (t, every, None, torch.full(shape, -100)):
             names, host = stats.host(z, targets)
             stats._generators.clear()  # the same rows drawn for both
             packed, packed_names, _ = stats(z, targets, True)

@@ -290,3 +290,92 @@ def test_spool_lines_are_what_json_dumps_writes(tmp_path, monkeypatch):
     assert shared > 0, "no series shared its walls: the case the spool encodes once is not exercised"
     odd = {"series": [{"name": "x", "steps": [1], "values": ["NaN"], "walls": [1.5], "extra": 1}]}
     assert _spool._line("points", odd) == (json.dumps({"t": "points", "b": odd}, separators=(",", ":")) + "\n").encode()
+    # a column of one repeated value is encoded once; values that equal it but print otherwise
+    for values in ([0.1, 0.1, 0.1], [0.1, 0.1, 0.2], [3.0, 3, 3.0], [1.0, True], [0.0, -0.0], [2.5, 2.5, "NaN"]):
+        body = {
+            "series": [{"name": "c", "steps": [1, 2, 3][: len(values)], "values": values, "walls": [1.0] * len(values)}]
+        }
+        want = (json.dumps({"t": "points", "b": body}, separators=(",", ":")) + "\n").encode()
+        assert _spool._line("points", body) == want, values
+
+
+def test_a_batch_makes_the_columns_of_its_records_point_by_point():
+    """``Batch.add`` keeps rows and turns runs of records with the same names into columns
+    later; the columns, their order and the spool entries must be those of adding every point
+    in record order: runs broken by other names, a name twice in one record (its points in
+    record order), device values before host values, ``set_point`` and ``add_point`` between
+    records, a non-finite value."""
+    from stethoscope._batch import Batch
+
+    def finish(names, ops, packed):
+        return list(packed)
+
+    cheap = ["loss", "grad/norm", "lr"]
+    records = [("points", s, 100.0 + s, (), (), None, None, list(cheap), [s + 0.5, 2.0 * s, 0.1]) for s in range(4)]
+    records.append(("points", 4, 104.0, ("grad/norm/a",), (0,), [9.0], None, ["loss", "grad/norm"], [4.5, 8.0]))
+    records += [
+        ("points", s, 100.0 + s, (), (), None, None, ["loss", "x", "loss"], [s + 0.5, 1.0, s + 1.5]) for s in (5, 6)
+    ]
+    records += [("points", s, 100.0 + s, (), (), None, None, list(cheap), [s + 0.5, math.inf, 0.1]) for s in (7, 8)]
+    records.append(("points", 9, 109.0, (), (), None, None, ["y"], [3.0]))
+
+    expected: dict = {}
+
+    def point(name, step, value, wall):
+        col = expected.setdefault(name, ([], [], []))
+        col[0].append(step)
+        col[1].append(value)
+        col[2].append(wall)
+
+    batch = Batch(finish)
+    seen = []
+    for i, rec in enumerate(records):
+        seen.append(batch.add(rec))
+        _, step, wall, names, _, packed, _, host_names, host_values = rec
+        for name, v in zip([*names, *host_names], [*(packed or ()), *host_values]):
+            point(name, step, v, wall)
+        if i == 2:
+            batch.set_point("lr", step, 0.2)  # the last point of a series still in rows: replaced
+            expected["lr"][1][-1] = 0.2
+            batch.set_point("errors", step, 1.0)
+            batch.set_point("errors", step, 2.0)  # the same step: replaced
+            point("errors", step, 2.0, None)
+    batch.add_point("z", 10, 7.0, wall=110.0)
+    point("z", 10, 7.0, 110.0)
+    assert seen[4] == (4, ("grad/norm/a", "loss", "grad/norm"), (9.0, 4.5, 8.0))
+    assert batch.points == sum(len(c[0]) for c in expected.values())
+    series = batch.series
+    assert list(series) == list(expected)
+    for name, (steps, values, walls) in expected.items():
+        assert series[name][0] == steps and series[name][1] == values, name
+        if name != "errors":
+            assert series[name][2] == walls, name
+    (kind, body), *rest = batch.take()
+    assert kind == "points" and not rest
+    assert [s["name"] for s in body["series"]] == list(expected)
+    assert body["series"][1]["values"] == [0.0, 2.0, 4.0, 6.0, 8.0, "Infinity", "Infinity"]
+    assert body["series"][0]["values"] == [0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 6.5, 7.5, 7.5, 8.5]
+    assert batch.series == {} and batch.points == 0
+
+
+def test_the_queue_wake_up_behaves_as_an_event():
+    """``_sender.Wake`` stands in for ``threading.Event`` on the record queue: set, clear and
+    a timed wait, a set from another thread waking the waiter, the flag left up by a wait."""
+    import threading
+
+    from stethoscope._sender import Wake
+
+    wake = Wake()
+    assert not wake.is_set()
+    assert wake.wait(0.05) is False
+    assert wake.wait(-1.0) is False  # a timeout already past: no wait
+    wake.set()
+    wake.set()  # twice: still up once
+    assert wake.is_set() and wake.wait(10.0) is True and wake.is_set()  # left up, as Event does
+    wake.clear()
+    wake.clear()
+    assert not wake.is_set() and wake.wait(0.0) is False
+    timer = threading.Timer(0.05, wake.set)
+    timer.start()
+    assert wake.wait(10.0) is True  # woken by the other thread
+    timer.join()
