@@ -76,6 +76,7 @@ PARTS = {
     "    points insert (SQLite)": ("stethoscope_server.store.points", "PointWriter._write_sqlite"),
     "    points insert (PostgreSQL)": ("stethoscope_server.store.points", "PointWriter._write_pg"),
     "    rollup rows (Python)": ("stethoscope_server.store.points", "_rollups.rollup_rows"),
+    "    rollup rows (Python, whole batch)": ("stethoscope_server.store.points", "_rollups.batch_rows"),
     "  detector runner": ("stethoscope_server.alerting.detector_runner", "DetectorRunner.__call__"),
     "  commit": ("sqlalchemy.engine.base", "Connection._commit_impl"),
 }

@@ -180,7 +180,7 @@ class PointWriter:
             return self._write_pg(conn, items, None)[1]
         raw = conn.connection.driver_connection  # the transaction SQLAlchemy began (BEGIN IMMEDIATE)
         new = self._write_sqlite(raw, items)
-        rows = [r for series_id, sb in new for r in _rollups.rollup_rows(series_id, sb.steps, sb.values)]
+        rows = _rollups.batch_rows([(series_id, sb.steps, sb.values) for series_id, sb in new])
         if rows:
             self._rollups.run(raw, list(chain.from_iterable(rows)))
         return new
@@ -194,7 +194,7 @@ class PointWriter:
         return self._write_pg(conn, [(sid, sb) for sid, sb in items if sb.steps], touch)
 
     def _rollup_params(self, items: list[tuple[int, SeriesBatch]]) -> tuple:
-        rows = [r for series_id, sb in items for r in _rollups.rollup_rows(series_id, sb.steps, sb.values)]
+        rows = _rollups.batch_rows([(series_id, sb.steps, sb.values) for series_id, sb in items])
         return tuple(pack(list(col)) for pack, col in zip(_PG_ROLLUP_PACKERS, zip(*rows)))
 
     def _write_pg(
