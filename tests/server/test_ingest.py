@@ -344,3 +344,35 @@ def test_downsamplers_agree_because_they_share_one_bucket(client):
             assert down
             want_s, want_v, _ = downsample(list(range(n)), values, max_points)
             assert (steps, [repr(v) for v in got]) == (want_s, [repr(v) for v in want_v]), (name, max_points)
+
+
+def test_the_ingest_route_is_matched_first_and_leaves_what_runid_refuses_to_fastapi(client, settings):
+    """``IngestRoute`` takes POST /runs/{run_id}/points ahead of FastAPI's routing, for the run
+    ids ``RunId`` takes; other methods and refused ids reach FastAPI's route, its 405 and 422."""
+    from starlette.routing import Match
+
+    from stethoscope_server.api.points import IngestRoute
+    from stethoscope_server.app import create_app
+
+    first = create_app(settings).router.routes[0]
+    assert isinstance(first, IngestRoute)
+
+    def match(method, path):
+        got, child = first.matches({"type": "http", "method": method, "path": path, "root_path": ""})
+        return (got, child.get("path_params", {}).get("run_id"))
+
+    assert match("POST", "/api/v1/runs/r 1/points") == (Match.FULL, "r 1")
+    assert match("POST", "/api/v1/runs/" + "x" * 200 + "/points") == (Match.FULL, "x" * 200)
+    for method, path in [
+        ("GET", "/api/v1/runs/r/points"),
+        ("POST", "/api/v1/runs/" + "x" * 201 + "/points"),
+        ("POST", "/api/v1/runs//points"),
+        ("POST", "/api/v1/runs/a/b/points"),
+        ("POST", "/api/v1/runs/a\x00b/points"),
+        ("POST", "/api/v1/runs/r/points/"),
+        ("POST", "/api/v1/runs/r/series"),
+    ]:
+        assert match(method, path) == (Match.NONE, None), (method, path)
+    r = client.post("/runs/" + "x" * 201 + "/points", json={"series": []})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["path", "run_id"]
+    assert client.get(f"/runs/{_run(client)}/points").status_code == 405
