@@ -141,6 +141,12 @@ def test_gzip_body(client):
         ),
         (b'{"series": [{"name": "a", "steps": [9223372036854775808], "values": [1]}]}', 422, "64-bit"),
         (
+            b'{"series": [{"name": "a", "steps": [9223372036854775807, 9223372036854775808], "values": [1, 2]}]}',
+            422,
+            "64-bit",
+        ),
+        (b'{"series": [{"name": "a", "steps": [0, 9223372036854775808, 1], "values": [1, 2, 3]}]}', 422, "64-bit"),
+        (
             b'{"series": [{"name": "a", "steps": [1], "values": [1]}, {"name": "a", "steps": [2], "values": [1]}]}',
             422,
             "appears twice",
@@ -376,3 +382,26 @@ def test_the_ingest_route_is_matched_first_and_leaves_what_runid_refuses_to_fast
     r = client.post("/runs/" + "x" * 201 + "/points", json={"series": []})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["path", "run_id"]
     assert client.get(f"/runs/{_run(client)}/points").status_code == 405
+
+
+def test_parse_keeps_steps_as_sent_and_the_first_value_of_a_repeated_step():
+    """Evenly spaced ascending steps (checked by one comparison) and any other order (checked
+    in full) parse to the same thing: the steps as sent, a repeated step's first value."""
+    import orjson
+
+    from stethoscope_server.api.ingest_parse import parse_batch
+
+    def parsed(steps):
+        body = orjson.dumps(
+            {"series": [{"name": "a", "steps": steps, "values": [float(i) for i in range(len(steps))]}]}
+        )
+        (sb,) = parse_batch(body, 10_000)
+        return sb.steps, sb.values
+
+    assert parsed([7]) == ([7], [0.0])
+    assert parsed([0, 10, 20, 30]) == ([0, 10, 20, 30], [0.0, 1.0, 2.0, 3.0])
+    assert parsed([5, 3, 4]) == ([5, 3, 4], [0.0, 1.0, 2.0])
+    assert parsed([0, 2, 4, 4, 8]) == ([0, 2, 4, 8], [0.0, 1.0, 2.0, 4.0])  # spaced but for one repeat
+    assert parsed([0, 2, 2, 6]) == ([0, 2, 6], [0.0, 1.0, 3.0])  # ends as an even spacing would have them
+    assert parsed([3, 3, 3]) == ([3], [0.0])
+    assert parsed([2, 1, 0]) == ([2, 1, 0], [0.0, 1.0, 2.0])
