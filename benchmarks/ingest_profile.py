@@ -74,8 +74,16 @@ PARTS = {
     "store.ingest (transaction, all)": ("stethoscope_server.store", "Store.ingest"),
     "  points writer (insert + rollups)": ("stethoscope_server.store.points", "PointWriter.write"),
     "    points insert (SQLite)": ("stethoscope_server.store.points", "PointWriter._write_sqlite"),
-    "    points insert (PostgreSQL)": ("stethoscope_server.store.points", "PointWriter._write_pg"),
+    "  points writer (PostgreSQL, known series: run touched, points and rollups, one statement)": (
+        "stethoscope_server.store.points",
+        "PointWriter.write_touching",
+    ),
+    "    points insert (PostgreSQL; since the one-statement path, with the rollups)": (
+        "stethoscope_server.store.points",
+        "PointWriter._write_pg",
+    ),
     "    rollup rows (Python)": ("stethoscope_server.store.points", "_rollups.rollup_rows"),
+    "    rollup rows (Python, whole batch)": ("stethoscope_server.store.points", "_rollups.batch_rows"),
     "  detector runner": ("stethoscope_server.alerting.detector_runner", "DetectorRunner.__call__"),
     "  commit": ("sqlalchemy.engine.base", "Connection._commit_impl"),
 }

@@ -99,6 +99,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(continual_api.router, prefix=API_PREFIX)
     app.include_router(tokens_api.router, prefix=API_PREFIX)
     app.include_router(ops_api.router)  # /readyz, /metrics
+    # The hottest route, matched first and without FastAPI's routing (see IngestRoute).
+    app.router.routes.insert(0, points_api.IngestRoute(API_PREFIX))
     docs_api.mount_docs(app)  # /docs and /redoc, with their files served from here
     # Tokens, scopes, rate and size limits; inside the metrics middleware, which counts its refusals.
     app.add_middleware(security.SecurityMiddleware, settings=settings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
@@ -136,6 +137,7 @@ class Settings(BaseSettings):
         return self.public_url or f"http://{self.host}:{self.port}"
 
 
+@functools.lru_cache(maxsize=1024)  # pure; the gate asks it on every request (auth_enabled, Host)
 def is_loopback(host: str) -> bool:
     """Whether binding ``host`` only listens on this machine (``localhost``, 127.0.0.0/8, ::1)."""
     if host.strip().lower() == "localhost":

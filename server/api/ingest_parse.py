@@ -15,6 +15,8 @@ from ..parsing import BadJSON, strict_json
 from ..store.points import SeriesBatch
 
 _MIN_STEP = -MAX_STEP - 1
+#: The fields of a series.
+_FIELDS = frozenset({"name", "steps", "values", "walls"})
 
 
 class BadBatch(ValueError):
@@ -41,11 +43,11 @@ def decode_body(body: bytes, content_encoding: str | None, max_bytes: int) -> by
     return out
 
 
-def _values(raw: list, where: str) -> list[float]:
+def _values(raw: list, k: int) -> list[float]:
     try:
         return decode_values(raw)  # the wire format's one decoding of "NaN", "Infinity", "-Infinity"
     except ValueError as e:
-        raise BadBatch(f"{where}.values{e}") from None
+        raise BadBatch(f"series[{k}].values{e}") from None
 
 
 def parse_batch(body: bytes, max_points: int) -> list[SeriesBatch]:
@@ -63,25 +65,23 @@ def parse_batch(body: bytes, max_points: int) -> list[SeriesBatch]:
     seen: set[str] = set()
     total = 0
     for k, item in enumerate(doc["series"]):
-        where = f"series[{k}]"
         if not isinstance(item, dict):
-            raise BadBatch(f"{where} must be an object with name, steps, values and walls")
-        extra = set(item) - {"name", "steps", "values", "walls"}
-        if extra:
-            raise BadBatch(f"{where}: unknown field(s) {sorted(extra)}")
+            raise BadBatch(f"series[{k}] must be an object with name, steps, values and walls")
+        if not item.keys() <= _FIELDS:
+            raise BadBatch(f"series[{k}]: unknown field(s) {sorted(set(item) - _FIELDS)}")
         name, steps, values, walls = item.get("name"), item.get("steps"), item.get("values"), item.get("walls")
         if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH:
-            raise BadBatch(f"{where}.name must be a non-empty string of at most {MAX_NAME_LENGTH} characters")
+            raise BadBatch(f"series[{k}].name must be a non-empty string of at most {MAX_NAME_LENGTH} characters")
         if "\x00" in name:  # PostgreSQL text cannot hold NUL: refused on both databases alike
-            raise BadBatch(f"{where}.name must not contain NUL characters")
+            raise BadBatch(f"series[{k}].name must not contain NUL characters")
         if name in seen:
-            raise BadBatch(f"{where}: series {name!r} appears twice in one batch; merge its points")
+            raise BadBatch(f"series[{k}]: series {name!r} appears twice in one batch; merge its points")
         seen.add(name)
         if not isinstance(steps, list) or not isinstance(values, list):
-            raise BadBatch(f"{where}: steps and values must be lists")
+            raise BadBatch(f"series[{k}]: steps and values must be lists")
         n = len(steps)
         if len(values) != n:
-            raise BadBatch(f"{where}: {n} steps but {len(values)} values")
+            raise BadBatch(f"series[{k}]: {n} steps but {len(values)} values")
         total += n
         if total > max_points:
             raise BadBatch(f"batch has more than {max_points} points: split it", 413)
@@ -89,26 +89,34 @@ def parse_batch(body: bytes, max_points: int) -> list[SeriesBatch]:
             continue
         if set(map(type, steps)) != {int}:
             i, s = next((i, s) for i, s in enumerate(steps) if type(s) is not int)
-            raise BadBatch(f"{where}.steps[{i}]: {s!r} is not an integer")
-        if min(steps) < _MIN_STEP or max(steps) > MAX_STEP:
-            raise BadBatch(f"{where}: steps must fit in a signed 64-bit integer")
-        vals = _values(values, where)
+            raise BadBatch(f"series[{k}].steps[{i}]: {s!r} is not an integer")
+        first, last = steps[0], steps[-1]
+        # Evenly spaced ascending steps (what a training job sends: every step, or every
+        # k-th) are told by one comparison in C; they are unique and their ends are their
+        # extremes. Any other order is checked in full.
+        stride = steps[1] - first if n > 1 else 1
+        regular = stride > 0 and last - first == stride * (n - 1) and steps == list(range(first, last + 1, stride))
+        if not regular:
+            first, last = min(steps), max(steps)
+        if first < _MIN_STEP or last > MAX_STEP:
+            raise BadBatch(f"series[{k}]: steps must fit in a signed 64-bit integer")
+        vals = _values(values, k)
         if walls is None:
             walls = [now] * n
         else:
             if not isinstance(walls, list) or len(walls) != n:
-                raise BadBatch(f"{where}: walls must be a list of {n} numbers (or absent)")
+                raise BadBatch(f"series[{k}]: walls must be a list of {n} numbers (or absent)")
             types = set(map(type, walls))
             if types != {float}:
                 if not types <= {float, int}:
                     i, w = next((i, w) for i, w in enumerate(walls) if type(w) not in (float, int))
-                    raise BadBatch(f"{where}.walls[{i}]: {w!r} is not a number")
+                    raise BadBatch(f"series[{k}].walls[{i}]: {w!r} is not a number")
                 walls = [float(w) for w in walls]
             total_wall = sum(walls)
             if total_wall - total_wall != 0.0:  # some wall is inf or NaN (orjson reads 1e999 as inf)
                 i, w = next((i, w) for i, w in enumerate(walls) if w - w != 0.0)
-                raise BadBatch(f"{where}.walls[{i}]: {w!r} is not a finite number of seconds")
-        if len(set(steps)) != n:  # one value per step: the first one sent wins, as in the store
+                raise BadBatch(f"series[{k}].walls[{i}]: {w!r} is not a finite number of seconds")
+        if not regular and len(set(steps)) != n:  # one value per step: the first one sent wins, as in the store
             firsts: dict[int, int] = {}
             for i, s in enumerate(steps):
                 firsts.setdefault(s, i)

@@ -7,13 +7,15 @@ from typing import Annotated
 import orjson
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
+from starlette._utils import get_route_path
+from starlette.routing import BaseRoute, Match
 
 from stethoscope.core.wire import encode_values
 
 from ..ops.observability import METRICS, note_batch_points
 from .deps import StoreDep, StrictJSONRoute
 from .ingest_parse import decode_body, parse_batch
-from .runs import RunId
+from .runs import RUN_ID_MAX_LENGTH, RunId
 from .schemas import NO_NUL, EventBatch, EventOut, EventsReply, IngestBatch, IngestReply, SeriesData, SeriesInfo
 
 router = APIRouter(tags=["points"], route_class=StrictJSONRoute)
@@ -57,6 +59,11 @@ _INGEST_BODY = {
 )
 async def ingest(run_id: RunId, request: Request):
     """Store a batch of points of one run. A 2xx reply means they are committed; resending stores nothing twice."""
+    return await _ingest(run_id, request)
+
+
+async def _ingest(run_id: str, request: Request) -> Response:
+    """The ingest route's work, whichever way the request came in (``IngestRoute`` or FastAPI's route)."""
     # The store and settings straight from the app: as dependencies, FastAPI would solve two
     # more sub-dependencies on every batch (~30 us of the hottest route's time).
     state = request.app.state
@@ -72,6 +79,37 @@ async def ingest(run_id: RunId, request: Request):
         orjson.dumps({"points": result.points, "inserted": result.inserted, "alerts": result.alerts}, default=str),
         media_type="application/json",
     )
+
+
+class IngestRoute(BaseRoute):
+    """``POST {prefix}/runs/{run_id}/points`` with a valid run id, matched ahead of every other
+    route (``app.router.routes.insert(0, IngestRoute(prefix))``) and handed to ``_ingest``.
+
+    FastAPI's own route for it stays (the API document shows it, and it answers whatever this
+    one does not match: another method, a run id ``RunId`` refuses, with its own 405 or 422),
+    but its routing and dependency solving cost ~0.1 ms a batch: the included routers are
+    matched twice over, and the path parameter goes through pydantic. Here: one prefix test
+    and ``RunId``'s checks (1 to 200 characters, no NUL). Errors are raised as from the
+    FastAPI route, to the same exception handlers and middlewares."""
+
+    methods = frozenset({"POST"})
+
+    def __init__(self, prefix: str) -> None:
+        self.path = self.path_format = f"{prefix}/runs/{{run_id}}/points"
+        self._head = f"{prefix}/runs/"
+
+    def matches(self, scope) -> tuple[Match, dict]:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path = get_route_path(scope)
+            if path.startswith(self._head) and path.endswith("/points"):
+                run_id = path[len(self._head) : -len("/points")]
+                if 0 < len(run_id) <= RUN_ID_MAX_LENGTH and "/" not in run_id and "\x00" not in run_id:
+                    return Match.FULL, {"path_params": {**scope.get("path_params", {}), "run_id": run_id}}
+        return Match.NONE, {}
+
+    async def handle(self, scope, receive, send) -> None:
+        response = await _ingest(scope["path_params"]["run_id"], Request(scope, receive))
+        await response(scope, receive, send)
 
 
 @router.get("/runs/{run_id}/series", response_model=list[SeriesInfo], responses=_NO_RUN)

@@ -12,7 +12,11 @@ from .schemas import NO_NUL, Name, ProjectOut, RunCreate, RunOut, RunStatus, Run
 
 router = APIRouter(tags=["runs"], route_class=StrictJSONRoute)
 
-RunId = Annotated[str, Path(min_length=1, max_length=200, pattern=NO_NUL, description="client-chosen run id")]
+#: The longest run id (``api.points.IngestRoute`` checks run ids as ``RunId`` does).
+RUN_ID_MAX_LENGTH = 200
+RunId = Annotated[
+    str, Path(min_length=1, max_length=RUN_ID_MAX_LENGTH, pattern=NO_NUL, description="client-chosen run id")
+]
 
 
 @router.get("/projects", response_model=list[ProjectOut])

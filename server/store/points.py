@@ -127,20 +127,36 @@ class PointWriter:
         ph = placeholder(dialect)
         self._existing_sql = f"SELECT step FROM points WHERE series_id = {ph} AND step >= {ph} AND step <= {ph}"
         if self.postgres:
-            # One statement per table for the whole batch: arrays travel as a few parameters
-            # (psycopg prepares a statement it has run a few times on a connection).
-            # The rows it stored come back only when they are fewer than the rows sent (a
-            # resend): in the common case one row, the count, instead of a row per point.
-            self._insert_sql = (
-                "WITH stored AS (INSERT INTO points (series_id, step, value, wall) "
-                "SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::float8[], %s::float8[]) "
-                "ON CONFLICT DO NOTHING RETURNING series_id, step) "
-                "SELECT count(*), CASE WHEN count(*) < %s THEN array_agg(series_id) END, "
-                "CASE WHEN count(*) < %s THEN array_agg(step) END FROM stored"
-            )
+            # One statement for the whole batch, points and rollups: arrays travel as a few
+            # parameters (psycopg prepares a statement it has run a few times on a connection).
+            # The rollup rows are computed before it, for every point sent, and merged only
+            # when every point was new (``counted.n`` = the points sent); otherwise the
+            # points stored are named (``RETURNING``) and the rollups of the new ones follow
+            # in a second statement. In the common case one row comes back, the count.
             casts = ", ".join(f"%s::{t}[]" for t in _rollups.PG_TYPES)
             self._rollup_sql = (
                 f"INSERT INTO rollups AS r ({_rollups.COLUMNS}) SELECT * FROM unnest({casts}) {_rollups.MERGE}"
+            )
+            body = (
+                "stored AS (INSERT INTO points (series_id, step, value, wall) "
+                "SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::float8[], %s::float8[]){only_if} "
+                "ON CONFLICT DO NOTHING RETURNING series_id, step), "
+                "counted AS (SELECT count(*) AS n FROM stored), "
+                f"merged AS (INSERT INTO rollups AS r ({_rollups.COLUMNS}) SELECT * FROM unnest({casts}) "
+                f"WHERE (SELECT n FROM counted) = %s {_rollups.MERGE}) "
+                "SELECT {project}n, CASE WHEN n < %s THEN (SELECT array_agg(series_id) FROM stored) END, "
+                "CASE WHEN n < %s THEN (SELECT array_agg(step) FROM stored) END FROM counted"
+            )
+            self._insert_sql = "WITH " + body.format(only_if="", project="")
+            # The same, marking the run as seen first (``Store._touch_step_sql``): a batch of
+            # known series is then one statement. A missing run stores nothing (its project
+            # id comes back NULL and the caller raises).
+            self._touch_insert_sql = (
+                "WITH touched AS (UPDATE runs SET last_seen_at = %s, last_step = CASE WHEN last_step IS NULL "
+                "OR last_step < %s THEN %s ELSE last_step END WHERE id = %s RETURNING project_id), "
+                + body.format(
+                    only_if=" WHERE EXISTS (SELECT 1 FROM touched)", project="(SELECT project_id FROM touched), "
+                )
             )
         else:
             self._points = _MultiRow(
@@ -161,21 +177,29 @@ class PointWriter:
         if not items:
             return []
         if self.postgres:
-            new = self._write_pg(conn, items)
-            rows = [r for series_id, sb in new for r in _rollups.rollup_rows(series_id, sb.steps, sb.values)]
-            if rows:
-                conn.exec_driver_sql(
-                    self._rollup_sql, tuple(pack(list(col)) for pack, col in zip(_PG_ROLLUP_PACKERS, zip(*rows)))
-                )
-            return new
+            return self._write_pg(conn, items, None)[1]
         raw = conn.connection.driver_connection  # the transaction SQLAlchemy began (BEGIN IMMEDIATE)
         new = self._write_sqlite(raw, items)
-        rows = [r for series_id, sb in new for r in _rollups.rollup_rows(series_id, sb.steps, sb.values)]
+        rows = _rollups.batch_rows([(series_id, sb.steps, sb.values) for series_id, sb in new])
         if rows:
             self._rollups.run(raw, list(chain.from_iterable(rows)))
         return new
 
-    def _write_pg(self, conn: Connection, items: list[tuple[int, SeriesBatch]]) -> list[tuple[int, SeriesBatch]]:
+    def write_touching(
+        self, conn: Connection, items: list[tuple[int, SeriesBatch]], touch: tuple
+    ) -> tuple[int | None, list[tuple[int, SeriesBatch]]]:
+        """PostgreSQL: ``write``, in the statement that marks the run as seen. ``touch`` is
+        (last seen, last step, run id), ``items`` non-empty series; returns (the run's project
+        id, the new points), or (None, []) when there is no such run (nothing stored)."""
+        return self._write_pg(conn, [(sid, sb) for sid, sb in items if sb.steps], touch)
+
+    def _rollup_params(self, items: list[tuple[int, SeriesBatch]]) -> tuple:
+        rows = _rollups.batch_rows([(series_id, sb.steps, sb.values) for series_id, sb in items])
+        return tuple(pack(list(col)) for pack, col in zip(_PG_ROLLUP_PACKERS, zip(*rows)))
+
+    def _write_pg(
+        self, conn: Connection, items: list[tuple[int, SeriesBatch]], touch: tuple | None
+    ) -> tuple[int | None, list[tuple[int, SeriesBatch]]]:
         sids: list[int] = []
         steps: list[int] = []
         values: list[float] = []
@@ -186,14 +210,34 @@ class PointWriter:
             values.extend(sb.values)
             walls.extend(sb.walls)
         n = len(steps)
-        count, stored_sids, stored_steps = conn.exec_driver_sql(
-            self._insert_sql,
-            (int8_array(sids), int8_array(steps), float8_array(values, nan_is_null=True), float8_array(walls), n, n),
-        ).one()
+        params = (
+            int8_array(sids),
+            int8_array(steps),
+            float8_array(values, nan_is_null=True),
+            float8_array(walls),
+            *self._rollup_params(items),
+            n,
+            n,
+            n,
+        )
+        if touch is None:
+            project_id = None
+            count, stored_sids, stored_steps = conn.exec_driver_sql(self._insert_sql, params).one()
+        else:
+            seen, last_step, run_id = touch
+            project_id, count, stored_sids, stored_steps = conn.exec_driver_sql(
+                self._touch_insert_sql, (seen, last_step, last_step, run_id, *params)
+            ).one()
+            if project_id is None:
+                return None, []
         if count == n:
-            return items
-        # Some were stored already (a resend, an overlap, another worker first): not new.
-        return _only(items, set(zip(stored_sids or (), stored_steps or ())))
+            return project_id, items  # all new: their rollups went in with them
+        # Some were stored already (a resend, an overlap, another worker first): not new,
+        # and the rollups of the points that were go in now.
+        new = _only(items, set(zip(stored_sids or (), stored_steps or ())))
+        if new:
+            conn.exec_driver_sql(self._rollup_sql, self._rollup_params(new))
+        return project_id, new
 
     def _write_sqlite(self, raw, items: list[tuple[int, SeriesBatch]]) -> list[tuple[int, SeriesBatch]]:
         if self._any_stored(raw, items):

@@ -141,6 +141,12 @@ def test_gzip_body(client):
         ),
         (b'{"series": [{"name": "a", "steps": [9223372036854775808], "values": [1]}]}', 422, "64-bit"),
         (
+            b'{"series": [{"name": "a", "steps": [9223372036854775807, 9223372036854775808], "values": [1, 2]}]}',
+            422,
+            "64-bit",
+        ),
+        (b'{"series": [{"name": "a", "steps": [0, 9223372036854775808, 1], "values": [1, 2, 3]}]}', 422, "64-bit"),
+        (
             b'{"series": [{"name": "a", "steps": [1], "values": [1]}, {"name": "a", "steps": [2], "values": [1]}]}',
             422,
             "appears twice",
@@ -344,3 +350,58 @@ def test_downsamplers_agree_because_they_share_one_bucket(client):
             assert down
             want_s, want_v, _ = downsample(list(range(n)), values, max_points)
             assert (steps, [repr(v) for v in got]) == (want_s, [repr(v) for v in want_v]), (name, max_points)
+
+
+def test_the_ingest_route_is_matched_first_and_leaves_what_runid_refuses_to_fastapi(client, settings):
+    """``IngestRoute`` takes POST /runs/{run_id}/points ahead of FastAPI's routing, for the run
+    ids ``RunId`` takes; other methods and refused ids reach FastAPI's route, its 405 and 422."""
+    from starlette.routing import Match
+
+    from stethoscope_server.api.points import IngestRoute
+    from stethoscope_server.app import create_app
+
+    first = create_app(settings).router.routes[0]
+    assert isinstance(first, IngestRoute)
+
+    def match(method, path):
+        got, child = first.matches({"type": "http", "method": method, "path": path, "root_path": ""})
+        return (got, child.get("path_params", {}).get("run_id"))
+
+    assert match("POST", "/api/v1/runs/r 1/points") == (Match.FULL, "r 1")
+    assert match("POST", "/api/v1/runs/" + "x" * 200 + "/points") == (Match.FULL, "x" * 200)
+    for method, path in [
+        ("GET", "/api/v1/runs/r/points"),
+        ("POST", "/api/v1/runs/" + "x" * 201 + "/points"),
+        ("POST", "/api/v1/runs//points"),
+        ("POST", "/api/v1/runs/a/b/points"),
+        ("POST", "/api/v1/runs/a\x00b/points"),
+        ("POST", "/api/v1/runs/r/points/"),
+        ("POST", "/api/v1/runs/r/series"),
+    ]:
+        assert match(method, path) == (Match.NONE, None), (method, path)
+    r = client.post("/runs/" + "x" * 201 + "/points", json={"series": []})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["path", "run_id"]
+    assert client.get(f"/runs/{_run(client)}/points").status_code == 405
+
+
+def test_parse_keeps_steps_as_sent_and_the_first_value_of_a_repeated_step():
+    """Evenly spaced ascending steps (checked by one comparison) and any other order (checked
+    in full) parse to the same thing: the steps as sent, a repeated step's first value."""
+    import orjson
+
+    from stethoscope_server.api.ingest_parse import parse_batch
+
+    def parsed(steps):
+        body = orjson.dumps(
+            {"series": [{"name": "a", "steps": steps, "values": [float(i) for i in range(len(steps))]}]}
+        )
+        (sb,) = parse_batch(body, 10_000)
+        return sb.steps, sb.values
+
+    assert parsed([7]) == ([7], [0.0])
+    assert parsed([0, 10, 20, 30]) == ([0, 10, 20, 30], [0.0, 1.0, 2.0, 3.0])
+    assert parsed([5, 3, 4]) == ([5, 3, 4], [0.0, 1.0, 2.0])
+    assert parsed([0, 2, 4, 4, 8]) == ([0, 2, 4, 8], [0.0, 1.0, 2.0, 4.0])  # spaced but for one repeat
+    assert parsed([0, 2, 2, 6]) == ([0, 2, 6], [0.0, 1.0, 3.0])  # ends as an even spacing would have them
+    assert parsed([3, 3, 3]) == ([3], [0.0])
+    assert parsed([2, 1, 0]) == ([2, 1, 0], [0.0, 1.0, 2.0])
