@@ -28,6 +28,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 import anyio.to_thread
 import orjson
+from starlette._utils import get_route_path
 from starlette.datastructures import Headers
 from starlette.requests import Request
 
@@ -341,10 +342,7 @@ class SecurityMiddleware:
         s = self.settings
         headers = Headers(scope=scope)
         method = scope["method"]
-        path = scope["path"]
-        root = scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root) :]
+        path = get_route_path(scope)  # the path as the routes see it (root_path taken off alike)
         if "\x00" in path:  # no name or id holds one (PostgreSQL cannot even compare it)
             raise Denied(
                 422, "the path holds a NUL character, which no run id, project name or other path parameter may contain"

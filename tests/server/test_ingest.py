@@ -379,6 +379,19 @@ def test_the_ingest_route_is_matched_first_and_leaves_what_runid_refuses_to_fast
         ("POST", "/api/v1/runs/r/series"),
     ]:
         assert match(method, path) == (Match.NONE, None), (method, path)
+    # The run id it reads is the one the gate's rule reads (auth.access, the same template
+    # through Starlette's compiler): a path the two read apart would authorize one run and
+    # write another.
+    from stethoscope_server.auth import access
+
+    for path in [
+        "/api/v1/runs/r/points\n",
+        "/api/v1/runs/r\n/points",
+        "/api/v1/runs/%2e%2e/points",
+        "/api/v1/runs/ /points",
+    ]:
+        _, _, params = access.match("POST", path)
+        assert match("POST", path) == (Match.FULL, params["run_id"]), path
     r = client.post("/runs/" + "x" * 201 + "/points", json={"series": []})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["path", "run_id"]
     assert client.get(f"/runs/{_run(client)}/points").status_code == 405
