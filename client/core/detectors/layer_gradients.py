@@ -234,44 +234,55 @@ class LayerGradientsDetector(Detector):
                 down = s <= -tv and (r <= -tv or x <= ZERO_LOG10)
                 up = s >= te and r >= te
             low = lv <= (tl1 if fv else tl0)
-            vrun, erun, srun = m[_VRUN], m[_ERUN], m[_SRUN]
-            vrun = vrun + 1 if down else (vrun - MISS_PENALTY if vrun > MISS_PENALTY else 0)
-            erun = erun + 1 if up else (erun - MISS_PENALTY if erun > MISS_PENALTY else 0)
-            srun = srun + 1 if low else (srun - MISS_PENALTY if srun > MISS_PENALTY else 0)
-            if fv:
-                m[_BACKV] = 0 if down or low else m[_BACKV] + 1
-                if m[_BACKV] >= clear_points:
-                    flags &= ~_V
-                    vrun = srun = 0
-            elif vrun >= patience or srun >= static_patience:
-                flags |= _V
-                m[_BACKV] = 0
-            if fe:
-                m[_BACKE] = 0 if up else m[_BACKE] + 1
-                if m[_BACKE] >= clear_points:
-                    flags &= ~_E
-                    erun = 0
-            elif erun >= explode_patience:
-                flags |= _E
-                m[_BACKE] = 0
-            m[_VRUN], m[_ERUN], m[_SRUN], m[_FLAGS] = vrun, erun, srun, flags
-            if flags & (_V | _E):
-                if flags & _V:
-                    vanishing.append((name, s, r, lv, m))
-                if flags & _E:
-                    exploding.append((name, s, r, lv, m))
-                # a flagged module still away from its baseline does not teach it (a module
-                # flagged only for being far below the others, at its usual level, does)
-                away = s is not None and (s <= away_v or s >= away_e)
-            else:
+            if not (down or up or low or fv or fe or m[_VRUN] or m[_ERUN] or m[_SRUN]):
+                # the usual case: nothing counted, nothing flagged -- every count stays 0
+                m[_FLAGS] = flags
                 away = False
-            # _learn(m, x, normal=not (down or up or away)), inlined
+            else:
+                vrun, erun, srun = m[_VRUN], m[_ERUN], m[_SRUN]
+                vrun = vrun + 1 if down else (vrun - MISS_PENALTY if vrun > MISS_PENALTY else 0)
+                erun = erun + 1 if up else (erun - MISS_PENALTY if erun > MISS_PENALTY else 0)
+                srun = srun + 1 if low else (srun - MISS_PENALTY if srun > MISS_PENALTY else 0)
+                if fv:
+                    m[_BACKV] = 0 if down or low else m[_BACKV] + 1
+                    if m[_BACKV] >= clear_points:
+                        flags &= ~_V
+                        vrun = srun = 0
+                elif vrun >= patience or srun >= static_patience:
+                    flags |= _V
+                    m[_BACKV] = 0
+                if fe:
+                    m[_BACKE] = 0 if up else m[_BACKE] + 1
+                    if m[_BACKE] >= clear_points:
+                        flags &= ~_E
+                        erun = 0
+                elif erun >= explode_patience:
+                    flags |= _E
+                    m[_BACKE] = 0
+                m[_VRUN], m[_ERUN], m[_SRUN], m[_FLAGS] = vrun, erun, srun, flags
+                if flags & (_V | _E):
+                    if flags & _V:
+                        vanishing.append((name, s, r, lv, m))
+                    if flags & _E:
+                        exploding.append((name, s, r, lv, m))
+                    # a flagged module still away from its baseline does not teach it (a module
+                    # flagged only for being far below the others, at its usual level, does)
+                    away = s is not None and (s <= away_v or s >= away_e)
+                else:
+                    away = False
+            # _learn(m, x, normal=not (down or up or away)), inlined; the clip to within
+            # BASELINE_CLIP of the baseline is min(hi, max(lo, x)) spelt out
             n = m[_N] = m[_N] + 1
             if n == 1:
                 m[_BASE] = x
             elif not (down or up or away) or n <= warmup:
                 b = m[_BASE]
-                x = min(b + BASELINE_CLIP, max(b - BASELINE_CLIP, x))
+                lo = b - BASELINE_CLIP
+                if not x > lo:
+                    x = lo
+                hi = b + BASELINE_CLIP
+                if not x < hi:
+                    x = hi
                 m[_BASE] = b + (x - b) / (n if n < baseline_points else baseline_points)
         for key, mods_now in ((VANISHING, vanishing), (EXPLODING, exploding)):
             if mods_now:
