@@ -189,18 +189,22 @@ class SortedWindows:
     def push(self, window: list, x: float, size: int) -> list:
         """:func:`push` ``x`` onto ``window``; return ``sorted(window)`` after it (not to be
         changed by the caller)."""
-        copies = self._copies
-        entry = copies.get(id(window))
-        if entry is not None and entry[0] is window and len(entry[1]) == len(window) and x == x:
+        entry = self._copies.get(id(window))
+        if entry is not None and entry[0] is window and x == x:
             s = entry[1]
-            window.append(x)
-            insort(s, x)
-            extra = len(window) - size
-            if extra > 0:
-                for old in window[:extra]:
-                    del s[bisect_left(s, old)]
-                del window[:extra]
-            return s
+            n = len(window)
+            if len(s) == n:
+                window.append(x)
+                insort(s, x)
+                if n == size:  # full: the oldest leaves (the usual case)
+                    del s[bisect_left(s, window[0])]
+                    del window[0]
+                elif n > size:
+                    extra = n + 1 - size
+                    for old in window[:extra]:
+                        del s[bisect_left(s, old)]
+                    del window[:extra]
+                return s
         push(window, x, size)
         return self._fresh(window)
 
@@ -275,6 +279,9 @@ class Detector:
 
     name: ClassVar[str] = ""
     Params: ClassVar[type] = object
+    #: The order of the points of one step: None, as they come; else a function of the series
+    #: name, and :meth:`feed` takes a batch's points by (step, step_rank(series)) (stable).
+    step_rank: ClassVar[Any] = None
 
     def __init__(self, params: Any = None) -> None:
         self.params = params if params is not None else self.Params()
@@ -295,6 +302,9 @@ class Detector:
     def feed(self, state: dict, points: Iterable[tuple[str, int, float]]) -> list[AlertChange]:
         """:meth:`update` for points already known to be accepted (the engine routes them)."""
         log = ChangeLog()
+        rank = self.step_rank
+        if rank is not None:
+            points = sorted(points, key=lambda pt: (pt[1], rank(pt[0])))
         seen = state.get("seen")
         if seen is None:  # not setdefault: that makes a dict at every call (the hook calls per step)
             seen = state["seen"] = {}

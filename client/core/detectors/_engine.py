@@ -272,6 +272,9 @@ class DetectorSet:
         for d in self.detectors:
             idx = tuple(i for i, n in enumerate(names) if d.accepts(n))
             if idx:
+                rank = d.step_rank
+                if rank is not None:  # Detector.feed's order within a step (stable)
+                    idx = tuple(sorted(idx, key=lambda i: rank(names[i])))
                 plan.append((d, idx, type(d).feed is Detector.feed))
         return plan
 

@@ -20,9 +20,9 @@ TRACE_RATIO = 1.0
 EOS_CLEAR_POINTS = 5
 
 
-def _bound_first(pt) -> tuple[int, int]:
-    series = pt[0]
-    return pt[1], 0 if series == "hessian/two_over_lr" or series == "lr" or series.startswith("lr/") else 1
+def _bound_rank(series: str) -> int:
+    """0 for a series that sets the bound (2/lr, lr), 1 for the curvature measured against it."""
+    return 0 if series == "hessian/two_over_lr" or series == "lr" or series.startswith("lr/") else 1
 
 
 #: Sharpness back at the edge within 100 steps of leaving it is the same episode (catapults).
@@ -73,10 +73,9 @@ class EdgeOfStabilityDetector(Detector):
             or series.startswith("lr/")
         )
 
-    def feed(self, state: dict, points):
-        # Within one step, take the bound (2/lr, lr) before the curvature measured at that step:
-        # lambda_max at step t must be compared with 2/lr at step t, not with the one before.
-        return super().feed(state, sorted(points, key=_bound_first))
+    #: Within one step, take the bound (2/lr, lr) before the curvature measured at that step:
+    #: lambda_max at step t must be compared with 2/lr at step t, not with the one before.
+    step_rank = staticmethod(_bound_rank)
 
     def point(self, state: dict, series: str, step: int, value: float, log: ChangeLog) -> None:
         if not finite(value):
