@@ -10,6 +10,9 @@ with ``git archive`` as ``benchmarks/detector_identity.py`` does. Modes:
   state kept in memory (``detector_quality.py``'s cost figure);
 - ``hook``: corpus runs one step at a time through ``feed_step``, as the hook's sender thread
   feeds them (also per step);
+- ``steps``: the same healthy run's steps (the ``--names hook`` series, every one at every step)
+  through ``feed_step``, as the hook's sender thread feeds a record: its cost per step is the
+  figure times 20;
 - ``ingest``: the ``--names hook`` batches of ``ingest_profile.py`` (20 series x 50 steps of a
   healthy run), routed with ``route`` and fed with ``feed``, the state round-tripped through
   JSON between batches as the server keeps it (the round trip is not timed).
@@ -79,7 +82,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--runs", type=int, default=40, help="corpus runs used (every n-th of the corpus)")
     ap.add_argument("--batches", type=int, default=300, help="ingest batches")
-    ap.add_argument("--modes", default="batch,hook,ingest")
+    ap.add_argument("--modes", default="batch,hook,steps,ingest")
     ap.add_argument("--profile", default="")
     args = ap.parse_args()
     commit = subprocess.run(
@@ -96,10 +99,21 @@ def main() -> int:
         s0 = b * STEPS_PER_BATCH
         st = list(range(s0, s0 + STEPS_PER_BATCH))
         batches.append([(n, st, [_value(n, s) for s in st]) for n in HOOK_NAMES])
-    points = {"batch": sum(map(len, runs)), "hook": sum(map(len, runs)), "ingest": len(batches) * 1000}
+    names = tuple(HOOK_NAMES)
+    healthy = [
+        (s, names, [v[s % STEPS_PER_BATCH] for _, _, v in batches[s // STEPS_PER_BATCH]])
+        for s in range(len(batches) * STEPS_PER_BATCH)
+    ]
+    points = {
+        "batch": sum(map(len, runs)),
+        "hook": sum(map(len, runs)),
+        "steps": len(healthy) * len(names),
+        "ingest": len(batches) * 1000,
+    }
     work = {
         "batch": lambda S: run_batch(S, runs),
         "hook": lambda S: run_hook(S, steps),
+        "steps": lambda S: run_hook(S, [healthy]),
         "ingest": lambda S: run_ingest(S, batches),
     }
     if args.profile:

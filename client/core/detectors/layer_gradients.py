@@ -190,13 +190,24 @@ class LayerGradientsDetector(Detector):
                 self._learn(mods[name], x, normal=True)
             return
         warmup = p.warmup
-        shifts = {n: x - mods[n][_BASE] for n, x in levels.items() if mods[n][_N] >= warmup}
+        # (name, level, module state, shift: level minus its baseline, None in its warm-up)
+        rows = []
+        shifts = []
+        for name, x in levels.items():
+            m = mods[name]
+            if m[_N] >= warmup:
+                sh = x - m[_BASE]
+                shifts.append(sh)
+                rows.append((name, x, m, sh))
+            else:
+                rows.append((name, x, m, None))
         # Each module against the median of the others (leave-one-out): that median is one of
         # three values fixed by the sorted values, chosen by which side of the middle one the
         # module sits (see ``_loo_medians``); the same floats as ``_leave_one_out``'s.
         with_rel = len(shifts) >= MIN_MODULES
         if with_rel:
-            sp, sa, sb, sc = _loo_medians(sorted(shifts.values()))
+            shifts.sort()
+            sp, sa, sb, sc = _loo_medians(shifts)
         lp, la, lb, lc = _loo_medians(sorted(levels.values()))
         rf = p.recover_fraction
         # Per-module work of a step, with the parameters and ``_count``/``_learn`` inlined (the
@@ -208,20 +219,40 @@ class LayerGradientsDetector(Detector):
         # thresholds of a module not flagged (the usual case), and of a flagged one (hysteresis)
         tv0, te0, tl0 = vanish * 1.0, explode * 1.0, -static * 1.0
         tv1, te1, tl1 = vanish * rf, explode * rf, -static * rf
+        ntv0 = -tv0
         vanishing: list = []
         exploding: list = []
-        shift_of = shifts.get
-        for name, x in levels.items():
-            m = mods[name]
+        for name, x, m, s in rows:
             flags = m[_FLAGS]
             if x > ZERO_LOG10:
                 flags |= _EVER
-            s = shift_of(name)
             if s is not None and with_rel:
                 r = s - (sa if s < sp else sb if s > sp else sc)
             else:
                 r = None
             lv = x - (la if x < lp else lb if x > lp else lc)
+            if not (flags & (_V | _E) or m[_VRUN] or m[_ERUN] or m[_SRUN]):
+                # the usual case, nothing counted nor flagged: if nothing holds now either,
+                # every count stays 0 and the point teaches the baseline (below, spelt out)
+                if (
+                    not lv <= tl0
+                    and (r is None or not (s <= ntv0 and (r <= ntv0 or x <= ZERO_LOG10)))
+                    and (r is None or not (s >= te0 and r >= te0))
+                ):
+                    m[_FLAGS] = flags
+                    n = m[_N] = m[_N] + 1
+                    if n == 1:
+                        m[_BASE] = x
+                    else:
+                        b = m[_BASE]
+                        lo = b - BASELINE_CLIP
+                        if not x > lo:
+                            x = lo
+                        hi = b + BASELINE_CLIP
+                        if not x < hi:
+                            x = hi
+                        m[_BASE] = b + (x - b) / (n if n < baseline_points else baseline_points)
+                    continue
             fv, fe = flags & _V, flags & _E
             # a flagged module stays flagged down to the looser threshold (hysteresis)
             tv = tv1 if fv else tv0

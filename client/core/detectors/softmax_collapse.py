@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ._base import ChangeLog, Detector, finite, fmt, mean, median, push, sentence
+from ._base import ChangeLog, Detector, finite, fmt, sentence
 
 #: float32 absorbs x in 1 + x once x <= 2^-24 (half an ulp of 1.0). A sample whose softmax
 #: denominator sum_j exp(z_j - max z) rounds to exactly 1 has zero loss and zero gradient;
@@ -92,7 +92,7 @@ class SoftmaxCollapseDetector(Detector):
         return series == p.sc_series or series == p.margin_series or series == p.zero_loss_series
 
     def point(self, state: dict, series: str, step: int, value: float, log: ChangeLog) -> None:
-        if not finite(value):
+        if value - value != 0.0:  # not finite
             return
         p = self.params
         # (get, not setdefault: that builds the default at every point)
@@ -102,11 +102,23 @@ class SoftmaxCollapseDetector(Detector):
         window = recent.get(series)
         if window is None:
             window = recent[series] = []
-        push(window, value, p.smooth_points)
-        sc = mean(recent[p.sc_series]) if p.sc_series in recent else 0.0
-        margin = median(recent[p.margin_series]) if p.margin_series in recent else -math.inf
-        has_zero = p.zero_loss_series in recent
-        zero = mean(recent[p.zero_loss_series]) if has_zero else 0.0
+        window.append(value)  # push(window, value, smooth_points), inlined
+        if len(window) > p.smooth_points:
+            del window[: len(window) - p.smooth_points]
+        # mean() and median() inlined (the same sums and the same picks)
+        w = recent.get(p.sc_series)
+        sc = sum(w) / len(w) if w is not None else 0.0
+        w = recent.get(p.margin_series)
+        if w is not None:
+            w = sorted(w)
+            n = len(w)
+            h = n // 2
+            margin = w[h] if n % 2 else 0.5 * (w[h - 1] + w[h])
+        else:
+            margin = -math.inf
+        w = recent.get(p.zero_loss_series)
+        has_zero = w is not None
+        zero = sum(w) / len(w) if has_zero else 0.0
         # The samples that stopped learning: with targets, those with exactly zero loss (one-hot
         # on their own class). A one-hot softmax on a wrong class has a huge loss and gradient:
         # that is logits blowing up (divergence), not Softmax Collapse.
