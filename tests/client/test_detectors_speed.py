@@ -119,3 +119,44 @@ def test_oscillation_alternation_equals_the_plain_count_at_every_point():
         push(s, v, size + 32)
         if len(s) >= size + 16:
             assert det._alternation(s, size) == _alternation(s[-size:]), i
+
+
+def test_feed_step_of_layer_gradients_matches_feeding_point_by_point():
+    """``LayerGradientsDetector.step_points`` (the hook's path) gives the changes and the state
+    that ``update`` gives, point by point: modules that report late, appear mid-run, skip a
+    step, send NaN or an exact zero, a layer that vanishes and one that explodes."""
+    rng = random.Random(8)
+    mods = [f"grad/norm/layer{i}" for i in range(6)]
+    steps = []
+    for step in range(900):
+        names, values = [], []
+        for j, name in enumerate(mods):
+            if j == 5 and step < 300:
+                continue  # a module that appears mid-run
+            if rng.random() < 0.03 and step % 100:
+                continue  # a module that skips a step (not at step 300: layer5 comes after the judging)
+            v = 10 ** rng.gauss(-1.0 + 0.3 * j, 0.1)
+            if j == 2 and 400 <= step < 600:
+                v = 0.0 if step % 7 else 1e-9  # vanished, now and then revived
+            if j == 4 and 700 <= step < 760:
+                v *= 1e4  # exploded
+            if rng.random() < 0.01:
+                v = math.nan
+            names.append(name)
+            values.append(v)
+        names.append("loss")
+        values.append(1.0 / (1 + step))
+        if step % 50 == 0:  # a point of an earlier step again: ignored by both
+            names.append(mods[0])
+            values.append(1.0)
+        steps.append((step, tuple(names), values))
+    hook, plain = DetectorSet(), DetectorSet()
+    s1, s2 = {}, {}
+    got1, got2 = [], []
+    for step, names, values in steps:
+        got1 += [repr(c.to_dict()) for c in hook.feed_step(s1, step, names, values)]
+        got2 += [repr(c.to_dict()) for c in plain.update(s2, [(n, step, v) for n, v in zip(names, values)])]
+    assert any("layer_gradients" in c and "vanishing" in c for c in got1)
+    assert any("layer_gradients" in c and "exploding" in c for c in got1)
+    assert got1 == got2
+    assert json.dumps(s1) == json.dumps(s2)

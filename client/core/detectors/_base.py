@@ -321,6 +321,11 @@ class Detector:
     #: The order of the points of one step: None, as they come; else a function of the series
     #: name, and :meth:`feed` takes a batch's points by (step, step_rank(series)) (stable).
     step_rank: ClassVar[Any] = None
+    #: None, or a method ``step_points(state, step, names, values, idx, log)`` that does what
+    #: :meth:`feed` does with the points ``(names[i], step, values[i])``, ``i`` in ``idx``, of
+    #: one step, logging to ``log``: :meth:`DetectorSet.feed_step` calls it instead of feeding
+    #: the points one by one.
+    step_points: ClassVar[Any] = None
 
     def __init__(self, params: Any = None) -> None:
         self.params = params if params is not None else self.Params()

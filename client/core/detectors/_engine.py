@@ -6,7 +6,7 @@ import dataclasses
 import typing
 from itertools import repeat
 from operator import itemgetter
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from ._base import OPEN, RESOLVE, UPDATE, AlertChange, ChangeLog, Detector, episode_change
 from ._bounds import check_bounds
@@ -244,7 +244,10 @@ class DetectorSet:
             own = state.get(d.name)
             if own is None:
                 own = state[d.name] = {}
-            if not inline:
+            if inline is not True:
+                if inline:  # the detector's own step_points
+                    inline(own, step, names, values, idx, log)
+                    continue
                 changes += log.changes
                 log = ChangeLog()
                 changes += d.feed(own, [(names[i], step, values[i]) for i in idx])
@@ -265,9 +268,10 @@ class DetectorSet:
             changes = attribute(state, changes)
         return changes
 
-    def _plan(self, names: tuple) -> list[tuple[Detector, tuple[int, ...], bool]]:
+    def _plan(self, names: tuple) -> list[tuple[Detector, tuple[int, ...], Any]]:
         """Per detector, in feeding order, the indices of the ``names`` it takes (those with
-        none left out), and whether it feeds points as :meth:`Detector.feed` does."""
+        none left out), and whether it feeds points as :meth:`Detector.feed` does: True, or its
+        ``step_points`` method that does it for one step, or False (its own ``feed``)."""
         plan = []
         for d in self.detectors:
             idx = tuple(i for i, n in enumerate(names) if d.accepts(n))
@@ -275,7 +279,10 @@ class DetectorSet:
                 rank = d.step_rank
                 if rank is not None:  # Detector.feed's order within a step (stable)
                     idx = tuple(sorted(idx, key=lambda i: rank(names[i])))
-                plan.append((d, idx, type(d).feed is Detector.feed))
+                inline = type(d).feed is Detector.feed
+                if inline and d.step_points is not None:
+                    inline = d.step_points
+                plan.append((d, idx, inline))
         return plan
 
     def check(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ._base import ChangeLog, Detector, finite, fmt
+from ._base import ChangeLog, Detector, fmt
 
 #: Cohen et al. 2021: full-batch GD with step size lr is unstable along a direction of
 #: curvature above 2/lr; sharpness rises until lambda_max ~ 2/lr and hovers there.
@@ -78,7 +78,7 @@ class EdgeOfStabilityDetector(Detector):
     step_rank = staticmethod(_bound_rank)
 
     def point(self, state: dict, series: str, step: int, value: float, log: ChangeLog) -> None:
-        if not finite(value):
+        if value - value != 0.0:  # not finite
             return
         if series == "hessian/two_over_lr" or series == "lr" or series.startswith("lr/"):
             if series == "hessian/two_over_lr":
@@ -91,8 +91,9 @@ class EdgeOfStabilityDetector(Detector):
                 if len(lrs) > self.MAX_LR_GROUPS:
                     del lrs[next(iter(lrs))]
             # A curvature point that came just before its bound (same step, earlier in the batch).
-            for s, st, v in state.pop("pending", ()):
-                self._curvature(state, s, st, v, log)
+            if "pending" in state:
+                for s, st, v in state.pop("pending"):
+                    self._curvature(state, s, st, v, log)
             return
         self._curvature(state, series, step, value, log)
 
@@ -108,9 +109,9 @@ class EdgeOfStabilityDetector(Detector):
             bound = 2.0 / lr
         p = self.params
         ratio = value / bound
-        ev = {"value": value, "two_over_lr": bound, "ratio": ratio}
         if series == "hessian/lambda_max":
             if ratio >= p.near_ratio:
+                ev = {"value": value, "two_over_lr": bound, "ratio": ratio}
                 at = ratio >= p.at_ratio
                 what = "reached" if at else "is approaching"
                 self.hold(
@@ -128,6 +129,7 @@ class EdgeOfStabilityDetector(Detector):
                 self.clear(state, log, "lambda_max", step, p.clear_points)
         elif p.check_trace:
             if ratio > p.trace_ratio:
+                ev = {"value": value, "two_over_lr": bound, "ratio": ratio}
                 self.hold(
                     state,
                     log,

@@ -33,7 +33,7 @@ shifts: O(log M) per point.
 from __future__ import annotations
 
 import dataclasses
-import math
+from math import log10
 
 from ._base import ChangeLog, Detector, fmt, median
 
@@ -172,11 +172,49 @@ class LayerGradientsDetector(Detector):
                 return  # a module new to this run, at a step already judged
             cur = state["cur"] = [step, {}]
         if value - value == 0.0:  # finite: NaN/inf gradients are the divergence detector's
-            cur[1][series] = math.log10(value) if value > 0 else ZERO_LOG10
+            cur[1][series] = log10(value) if value > 0 else ZERO_LOG10
         if len(cur[1]) >= len(mods) and "judged" in state:
             # every module known has reported this step (the set of modules is known once a
             # first step has been judged, when the next one began)
             self._judge(state, cur, log)
+
+    def step_points(self, state: dict, step: int, names: tuple, values, idx: tuple, log: ChangeLog) -> None:
+        """:meth:`Detector.feed` of one step's points ``names[i]`` at ``values[i]`` for ``i`` in
+        ``idx`` (:meth:`DetectorSet.feed_step`, the hook's path), with :meth:`point` inlined
+        and its lookups made once a step: the same steps in the same order as ``point`` takes
+        them (keep the two in step)."""
+        seen = state.get("seen")
+        if seen is None:
+            seen = state["seen"] = {}
+        mods = None
+        cur = state.get("cur")
+        for i in idx:
+            series = names[i]
+            last = seen.get(series)
+            if last is not None and step <= last:
+                continue
+            seen[series] = step
+            value = float(values[i])
+            if mods is None:
+                mods = state.get("mods")
+                if mods is None:
+                    mods = state["mods"] = {}
+            if cur is not None and step > cur[0]:
+                self._judge(state, cur, log)
+                cur = None
+            if series not in mods:
+                if len(mods) >= MAX_MODULES:
+                    continue
+                mods[series] = [0, 0.0, 0, 0, 0, 0, 0, 0]
+            if cur is None:
+                if step <= state.get("judged", -1):
+                    continue
+                cur = state["cur"] = [step, {}]
+            if value - value == 0.0:
+                cur[1][series] = log10(value) if value > 0 else ZERO_LOG10
+            if len(cur[1]) >= len(mods) and "judged" in state:
+                self._judge(state, cur, log)
+                cur = None  # (popped from the state)
 
     # -- one step, every module ----------------------------------------------------------
     def _judge(self, state: dict, cur: list, log: ChangeLog) -> None:
