@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from operator import mul, sub
 
-from ._base import ChangeLog, Detector, finite, fmt, median, push
+from ._base import ChangeLog, Detector, fmt, median, push
 
 #: Series lists whose sign changes are kept between points (see ``OscillationDetector._alternation``).
 _KEPT = 256
@@ -133,7 +133,7 @@ class OscillationDetector(Detector):
     def point(self, state: dict, series: str, step: int, value: float, log: ChangeLog) -> None:
         p = self.params
         if series == p.lr_series:
-            if finite(value):
+            if value - value == 0.0:  # finite
                 state["lr"] = value
             return
         # (get, not setdefault: that builds the default at every point)
@@ -143,7 +143,7 @@ class OscillationDetector(Detector):
         s = by_series.get(series)
         if s is None:
             s = by_series[series] = []
-        if not finite(value):
+        if value - value != 0.0:  # not finite
             s.clear()  # a gap: judge afresh from the next finite points
             return
         push(s, value, p.window + 2 + OSC_LOOKBACK)
