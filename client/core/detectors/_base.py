@@ -300,8 +300,10 @@ class ChangeLog:
                 self._pending[k] = len(self.changes)
                 self.changes.append(change)
         elif i is not None and change.action == UPDATE:
-            # Keep "open" if the episode opened in this same batch.
-            self.changes[i] = dataclasses.replace(change, action=self.changes[i].action)
+            # Keep "open" if the episode opened in this same batch (an update after an update
+            # is the change itself: no copy to make).
+            was = self.changes[i].action
+            self.changes[i] = change if was == UPDATE else dataclasses.replace(change, action=was)
         else:
             self._pending[k] = len(self.changes)
             self.changes.append(change)

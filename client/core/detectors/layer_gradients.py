@@ -151,6 +151,32 @@ class LayerGradientsDetector(Detector):
     name = "layer_gradients"
     Params = LayerGradientsParams
 
+    def __init__(self, params: LayerGradientsParams | None = None) -> None:
+        super().__init__(params)
+        p = self.params
+        rf = p.recover_fraction
+        vanish, explode, static = p.vanish_decades, p.explode_decades, p.static_decades
+        # thresholds of a module not flagged (the usual case), and of a flagged one (hysteresis)
+        tv0, te0, tl0 = vanish * 1.0, explode * 1.0, -static * 1.0
+        tv1, te1, tl1 = vanish * rf, explode * rf, -static * rf
+        #: what _judge takes from the parameters at every step, worked out once
+        self._consts = (
+            p.patience,
+            p.static_patience,
+            p.explode_patience,
+            p.clear_points,
+            p.baseline_points,
+            -rf * vanish,  # away_v, away_e: a flagged module this far from its baseline is away
+            rf * explode,
+            tv0,
+            te0,
+            tl0,
+            tv1,
+            te1,
+            tl1,
+            -tv0,
+        )
+
     def accepts(self, series: str) -> bool:
         p = self.params.prefix
         return series.startswith(p) and len(series) > len(p)
@@ -247,17 +273,24 @@ class LayerGradientsDetector(Detector):
             shifts.sort()
             sp, sa, sb, sc = _loo_medians(shifts)
         lp, la, lb, lc = _loo_medians(sorted(levels.values()))
-        rf = p.recover_fraction
         # Per-module work of a step, with the parameters and ``_count``/``_learn`` inlined (the
         # same arithmetic in the same order: this runs for every layer at every step).
-        vanish, explode, static = p.vanish_decades, p.explode_decades, p.static_decades
-        patience, static_patience, explode_patience = p.patience, p.static_patience, p.explode_patience
-        clear_points, baseline_points = p.clear_points, p.baseline_points
-        away_v, away_e = -rf * vanish, rf * explode
-        # thresholds of a module not flagged (the usual case), and of a flagged one (hysteresis)
-        tv0, te0, tl0 = vanish * 1.0, explode * 1.0, -static * 1.0
-        tv1, te1, tl1 = vanish * rf, explode * rf, -static * rf
-        ntv0 = -tv0
+        (
+            patience,
+            static_patience,
+            explode_patience,
+            clear_points,
+            baseline_points,
+            away_v,
+            away_e,
+            tv0,
+            te0,
+            tl0,
+            tv1,
+            te1,
+            tl1,
+            ntv0,
+        ) = self._consts
         vanishing: list = []
         exploding: list = []
         for name, x, m, s in rows:
