@@ -160,3 +160,24 @@ def test_feed_step_of_layer_gradients_matches_feeding_point_by_point():
     assert any("layer_gradients" in c and "exploding" in c for c in got1)
     assert got1 == got2
     assert json.dumps(s1) == json.dumps(s2)
+
+
+def test_leave_one_out_medians_from_three_candidates_match_the_definition():
+    """``_judge`` takes each module's leave-one-out median from ``_loo_medians``' three
+    candidates: the floats ``_leave_one_out`` gives, bit for bit (ties and signed zeros
+    included), which are the median of the others by definition."""
+    from stethoscope.core.detectors.layer_gradients import _leave_one_out, _loo_medians
+
+    rng = random.Random(12)
+    makers = [lambda: rng.gauss(0.0, 1.0), lambda: float(rng.randint(-2, 2)), lambda: rng.choice([0.0, -0.0, -30.0])]
+    for trial in range(5000):
+        make = makers[trial % len(makers)]
+        xs = {f"m{i}": make() for i in range(rng.randint(2, 12))}
+        piv, below, above, at = _loo_medians(sorted(xs.values()))
+        want = _leave_one_out(xs)
+        for name, x in xs.items():
+            others = list(xs.values())
+            others.remove(x)
+            got = x - (below if x < piv else above if x > piv else at)
+            assert repr(got) == repr(want[name]), (xs, name)
+            assert got == x - median(others)  # (by value: which zero it is, is _leave_one_out's)
