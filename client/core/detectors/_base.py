@@ -348,9 +348,8 @@ class Detector:
     def feed(self, state: dict, points: Iterable[tuple[str, int, float]]) -> list[AlertChange]:
         """:meth:`update` for points already known to be accepted (the engine routes them)."""
         log = ChangeLog()
-        rank = self.step_rank
-        if rank is not None:
-            points = sorted(points, key=lambda pt: (pt[1], rank(pt[0])))
+        if self.step_rank is not None:
+            points = sorted(points, key=self._step_key())
         seen = state.get("seen")
         if seen is None:  # not setdefault: that makes a dict at every call (the hook calls per step)
             seen = state["seen"] = {}
@@ -362,6 +361,19 @@ class Detector:
             seen[series] = step
             point(state, series, step, float(value), log)
         return log.changes
+
+    def _step_key(self):
+        """The sort key of :meth:`feed`'s order: ``(step, step_rank(series))``, each series'
+        rank worked out once a call."""
+        rank, ranks = self.step_rank, {}
+
+        def key(pt):
+            r = ranks.get(pt[0])
+            if r is None:
+                r = ranks[pt[0]] = rank(pt[0])
+            return pt[1], r
+
+        return key
 
     # -- episode lifecycle -----------------------------------------------------------------
     def hold(

@@ -123,20 +123,24 @@ class SoftmaxCollapseDetector(Detector):
         # on their own class). A one-hot softmax on a wrong class has a huge loss and gradient:
         # that is logits blowing up (divergence), not Softmax Collapse.
         collapsed = min(sc, zero) if has_zero else sc
-        is_open = self.is_open(state, self.KEY)
+        eps = state.get("episodes")
+        is_open = eps is not None and self.KEY in eps
         k = SC_CLEAR_FACTOR if is_open else 1.0
         m = SC_MARGIN_HYSTERESIS if is_open else 0.0
-        signs = []
-        if (sc if not has_zero else min(sc, zero)) >= k * p.warn_fraction:
-            signs.append(f"{fmt(100 * sc)}% of samples have an exactly one-hot float32 softmax")
-        if margin >= p.margin_warn - m:
-            signs.append(f"median margin {fmt(margin)} nats (float32 bound {fmt(SC_MARGIN_NATS)})")
-        if has_zero and zero >= k * p.zero_loss_warn:
-            signs.append(f"{fmt(100 * zero)}% of samples have zero loss")
-        if not signs:
+        by_sc = collapsed >= k * p.warn_fraction
+        by_margin = margin >= p.margin_warn - m
+        by_zero = has_zero and zero >= k * p.zero_loss_warn
+        if not (by_sc or by_margin or by_zero):
             if is_open:  # (clear is a no-op with no episode open)
                 self.clear(state, log, self.KEY, step, p.clear_points)
             return
+        signs = []
+        if by_sc:
+            signs.append(f"{fmt(100 * sc)}% of samples have an exactly one-hot float32 softmax")
+        if by_margin:
+            signs.append(f"median margin {fmt(margin)} nats (float32 bound {fmt(SC_MARGIN_NATS)})")
+        if by_zero:
+            signs.append(f"{fmt(100 * zero)}% of samples have zero loss")
         critical = collapsed >= p.critical_fraction
         if critical:
             head = f"Softmax Collapse at step {step}: {fmt(100 * collapsed)}% of samples have stopped learning. "
