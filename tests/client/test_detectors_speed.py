@@ -1,5 +1,5 @@
-"""What the detectors keep outside their state to save work (sorted copies, search hints, sign
-change counts) never changes what they compute: the same floats, the same alerts, the same
+"""What the detectors keep outside their state to save work (sorted copies, sign change
+counts), and the shortcuts they take, never change what they compute: the same floats, the same alerts, the same
 state as computing everything afresh at every point."""
 
 from __future__ import annotations
@@ -17,14 +17,13 @@ def _definition(xs):
     return m, median([abs(x - m) for x in xs])
 
 
-def test_median_mad_with_any_hint_and_a_clean_window_picks_the_definitions_floats():
-    """A hint (where the search starts: good, stale, out of range) and ``clean`` (no NaN known:
-    the sum is skipped) give the definition's floats, on finite windows whose sum overflows too
-    (the search is exact without the sum) and on windows with infinities (``clean`` sees them
-    at the ends and takes the plain way)."""
+def test_median_mad_of_a_clean_window_picks_the_definitions_floats():
+    """``clean`` (no NaN known: the sum is skipped) gives the definition's floats, on finite
+    windows whose sum overflows too (the search is exact without the sum) and on windows with
+    infinities (``clean`` sees them at the ends and takes the plain way)."""
     for xs in ([-math.inf, 1.0, 3.0, -math.inf], [math.inf, math.inf, 1.0, 1.0, 3.0, math.inf]):
         # an infinite median: the search would give NaN where the definition gives inf
-        assert repr(median_mad_sorted(sorted(xs), xs, [1], clean=True)) == repr(_definition(xs))
+        assert repr(median_mad_sorted(sorted(xs), xs, clean=True)) == repr(_definition(xs))
     rng = random.Random(5)
     makers = [
         lambda: rng.gauss(0.0, 1.0),
@@ -38,16 +37,14 @@ def test_median_mad_with_any_hint_and_a_clean_window_picks_the_definitions_float
         xs = [make() for _ in range(rng.randint(1, 140))]
         s = sorted(xs)
         want = repr(_definition(xs))
-        hint = [rng.randint(-3, 150)]
-        assert repr(median_mad_sorted(s, xs, hint, clean=True)) == want, (xs, hint)
-        assert repr(median_mad_sorted(s, xs, [hint[0] + rng.randint(-2, 2)])) == want
+        assert repr(median_mad_sorted(s, xs, clean=True)) == want, xs
         assert repr(median_mad_sorted(s, xs)) == want
 
 
-def test_a_rolling_window_with_the_hint_carried_along_matches_the_definition_at_every_point():
+def test_a_rolling_window_kept_sorted_and_clean_matches_the_definition_at_every_point():
     rng = random.Random(9)
     kept = SortedWindows()
-    window, plain, hint = [], [], [0]
+    window, plain = [], []
     for i in range(3000):
         if i % 997 == 0:
             window = list(window)  # a state loaded from JSON: the copy is rebuilt
@@ -56,7 +53,7 @@ def test_a_rolling_window_with_the_hint_carried_along_matches_the_definition_at_
         push(plain, x, 128)
         ordered, clean = kept.sorted_clean(window)
         assert ordered is s and clean
-        assert repr(median_mad_sorted(ordered, window, hint, clean)) == repr(_definition(plain))
+        assert repr(median_mad_sorted(ordered, window, clean)) == repr(_definition(plain))
 
 
 def test_sorted_clean_tells_a_kept_copy_from_a_window_holding_nan():

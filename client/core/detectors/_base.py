@@ -118,7 +118,7 @@ def median_sorted(s: list) -> float:
     return s[h] if n % 2 else 0.5 * (s[h - 1] + s[h])
 
 
-def median_mad_sorted(s: list, xs: list, hint: list | None = None, clean: bool = False) -> tuple[float, float]:
+def median_mad_sorted(s: list, xs: list, clean: bool = False) -> tuple[float, float]:
     """Median and median absolute deviation of a non-empty list.
 
     The deviations of the sorted values from their median are two sorted runs (``m - x`` left
@@ -126,13 +126,9 @@ def median_mad_sorted(s: list, xs: list, hint: list | None = None, clean: bool =
     runs by a binary search instead of building and sorting a second list: the same floats
     (``m - x`` is exactly ``abs(x - m)`` in IEEE arithmetic), a third of the time on the loss
     spike detector's window of 128, which it takes at every step.
-    ``s`` is ``sorted(xs)``. ``hint``, a one-item list, is where the search starts and where
-    it leaves its answer (how many of the smallest deviations lie left of the median): a
-    rolling window's split moves by a step or two from one point to the next, so the search
-    checks the hint and its neighbours first. Any hint gives the same result (the search
-    finds the one split that holds), a good one in two or three probes instead of seven.
-    ``clean``: the caller knows ``s`` holds no NaN (a copy :class:`SortedWindows` kept); then
-    its two ends tell whether every value is finite, without summing them all.
+    ``s`` is ``sorted(xs)``. ``clean``: the caller knows ``s`` holds no NaN (a copy
+    :class:`SortedWindows` kept); then its two ends tell whether every value is finite,
+    without summing them all.
     """
     n = len(s)
     h = n // 2
@@ -148,25 +144,6 @@ def median_mad_sorted(s: list, xs: list, hint: list | None = None, clean: bool =
     # a = how many of the k + 1 smallest deviations are in the left run: the first a at which
     # L[a] is no longer below the right run's (k - a)-th.
     lo, hi = max(0, k + 1 - (n - p)), min(k + 1, p)
-    if hint is not None and lo < hi:
-        # the split a is the first in [lo, hi] at which the test below fails (it holds below
-        # a, fails from a on): check the hint g (the test at g - 1 and at g), then one step
-        # further, before bisecting what is left
-        g = min(max(hint[0], lo), hi)
-        if g > lo and not m - s[p - g] < s[p + k + 1 - g] - m:  # fails at g - 1: a <= g - 1
-            hi = g - 1
-            if hi > lo and m - s[p - hi] < s[p + k + 1 - hi] - m:  # holds at g - 2: a = g - 1
-                lo = hi
-            else:
-                hi -= 1
-        elif g < hi and m - s[p - 1 - g] < s[p + k - g] - m:  # holds at g: a >= g + 1
-            lo = g + 1
-            if lo < hi and m - s[p - 1 - lo] < s[p + k - lo] - m:  # holds at g + 1: a >= g + 2
-                lo += 1
-            else:
-                hi = lo
-        else:
-            lo = hi = g
     while lo < hi:
         a = (lo + hi) // 2
         if m - s[p - 1 - a] < s[p + k - a] - m:
@@ -174,8 +151,6 @@ def median_mad_sorted(s: list, xs: list, hint: list | None = None, clean: bool =
         else:
             hi = a
     a, b = lo, k + 1 - lo
-    if hint is not None:
-        hint[0] = a
     kth = max(m - s[p - a] if a > 0 else 0.0, s[p + b - 1] - m if b > 0 else 0.0)
     # + 0.0: a deviation of -0.0 (m = -0.0, x = 0.0) is the 0.0 that abs() gives
     if n % 2:

@@ -131,9 +131,6 @@ class LossSpikeDetector(Detector):
     def __init__(self, params: LossSpikeParams | None = None) -> None:
         super().__init__(params)
         self._log_rise = math.log1p(self.params.min_rise)
-        # id(window) -> where the MAD's search ended at the window's last point (a hint for
-        # the next: see median_mad_sorted; a stale one costs probes, never a different result)
-        self._splits: dict[int, list] = {}
 
     def accepts(self, series: str) -> bool:
         return series in self.params.series or series == self.params.task_series
@@ -171,14 +168,8 @@ class LossSpikeDetector(Detector):
                 if series not in starts:  # kept across task switches: the loss's scale
                     starts[series] = math.exp(median(window)) if p.log_scale else median(window)
             return
-        splits = self._splits
-        hint = splits.get(id(window))
-        if hint is None:
-            if len(splits) >= 256:
-                splits.clear()
-            hint = splits[id(window)] = [0]
         ordered, clean = self._sorted.sorted_clean(window)
-        med, mad = median_mad_sorted(ordered, window, hint, clean)
+        med, mad = median_mad_sorted(ordered, window, clean)
         sigma = MAD_TO_SIGMA * mad
         high = med + p.threshold * sigma
         z = (x - med) / sigma if sigma > 0 else (0.0 if x <= med else math.inf)
