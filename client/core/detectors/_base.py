@@ -118,7 +118,7 @@ def median_sorted(s: list) -> float:
     return s[h] if n % 2 else 0.5 * (s[h - 1] + s[h])
 
 
-def median_mad_sorted(s: list, xs: list) -> tuple[float, float]:
+def median_mad_sorted(s: list, xs: list, clean: bool = False) -> tuple[float, float]:
     """Median and median absolute deviation of a non-empty list.
 
     The deviations of the sorted values from their median are two sorted runs (``m - x`` left
@@ -126,14 +126,19 @@ def median_mad_sorted(s: list, xs: list) -> tuple[float, float]:
     runs by a binary search instead of building and sorting a second list: the same floats
     (``m - x`` is exactly ``abs(x - m)`` in IEEE arithmetic), a third of the time on the loss
     spike detector's window of 128, which it takes at every step.
-    ``s`` is ``sorted(xs)``.
+    ``s`` is ``sorted(xs)``. ``clean``: the caller knows ``s`` holds no NaN (a copy
+    :class:`SortedWindows` kept); then its two ends tell whether every value is finite,
+    without summing them all.
     """
     n = len(s)
     h = n // 2
     m = s[h] if n % 2 else 0.5 * (s[h - 1] + s[h])
-    total = sum(s)
-    if total - total != 0.0:  # NaN or inf among them (sorting is then no order): the plain way
-        return m, median([abs(x - m) for x in xs])
+    if clean and s[0] - s[0] == 0.0 and s[-1] - s[-1] == 0.0:
+        pass  # every value finite (a sum of them may overflow: the search is exact all the same)
+    else:
+        total = sum(s)
+        if total - total != 0.0:  # NaN or inf among them (sorting is then no order): the plain way
+            return m, median([abs(x - m) for x in xs])
     p = bisect_right(s, m)  # left run: L[i] = m - s[p - 1 - i]; right run: R[j] = s[p + j] - m
     k = h if n % 2 else h - 1  # the median deviation is the k-th smallest (and the next, n even)
     # a = how many of the k + 1 smallest deviations are in the left run: the first a at which
@@ -189,18 +194,22 @@ class SortedWindows:
     def push(self, window: list, x: float, size: int) -> list:
         """:func:`push` ``x`` onto ``window``; return ``sorted(window)`` after it (not to be
         changed by the caller)."""
-        copies = self._copies
-        entry = copies.get(id(window))
-        if entry is not None and entry[0] is window and len(entry[1]) == len(window) and x == x:
+        entry = self._copies.get(id(window))
+        if entry is not None and entry[0] is window and x == x:
             s = entry[1]
-            window.append(x)
-            insort(s, x)
-            extra = len(window) - size
-            if extra > 0:
-                for old in window[:extra]:
-                    del s[bisect_left(s, old)]
-                del window[:extra]
-            return s
+            n = len(window)
+            if len(s) == n:
+                window.append(x)
+                insort(s, x)
+                if n == size:  # full: the oldest leaves (the usual case)
+                    del s[bisect_left(s, window[0])]
+                    del window[0]
+                elif n > size:
+                    extra = n + 1 - size
+                    for old in window[:extra]:
+                        del s[bisect_left(s, old)]
+                    del window[:extra]
+                return s
         push(window, x, size)
         return self._fresh(window)
 
@@ -210,6 +219,15 @@ class SortedWindows:
         if entry is not None and entry[0] is window and len(entry[1]) == len(window):
             return entry[1]
         return self._fresh(window)
+
+    def sorted_clean(self, window: list) -> tuple[list, bool]:
+        """:meth:`sorted`, and whether that is a copy kept (then it holds no NaN)."""
+        entry = self._copies.get(id(window))
+        if entry is not None and entry[0] is window and len(entry[1]) == len(window):
+            return entry[1], True
+        s = self._fresh(window)
+        entry = self._copies.get(id(window))
+        return s, entry is not None and entry[1] is s
 
     def _fresh(self, window: list) -> list:
         s = sorted(window)
@@ -257,8 +275,10 @@ class ChangeLog:
                 self._pending[k] = len(self.changes)
                 self.changes.append(change)
         elif i is not None and change.action == UPDATE:
-            # Keep "open" if the episode opened in this same batch.
-            self.changes[i] = dataclasses.replace(change, action=self.changes[i].action)
+            # Keep "open" if the episode opened in this same batch (an update after an update
+            # is the change itself: no copy to make).
+            was = self.changes[i].action
+            self.changes[i] = change if was == UPDATE else dataclasses.replace(change, action=was)
         else:
             self._pending[k] = len(self.changes)
             self.changes.append(change)
@@ -275,6 +295,14 @@ class Detector:
 
     name: ClassVar[str] = ""
     Params: ClassVar[type] = object
+    #: The order of the points of one step: None, as they come; else a function of the series
+    #: name, and :meth:`feed` takes a batch's points by (step, step_rank(series)) (stable).
+    step_rank: ClassVar[Any] = None
+    #: None, or a method ``step_points(state, step, names, values, idx, log)`` that does what
+    #: :meth:`feed` does with the points ``(names[i], step, values[i])``, ``i`` in ``idx``, of
+    #: one step, logging to ``log``: :meth:`DetectorSet.feed_step` calls it instead of feeding
+    #: the points one by one.
+    step_points: ClassVar[Any] = None
 
     def __init__(self, params: Any = None) -> None:
         self.params = params if params is not None else self.Params()
@@ -295,6 +323,8 @@ class Detector:
     def feed(self, state: dict, points: Iterable[tuple[str, int, float]]) -> list[AlertChange]:
         """:meth:`update` for points already known to be accepted (the engine routes them)."""
         log = ChangeLog()
+        if self.step_rank is not None:
+            points = sorted(points, key=self._step_key())
         seen = state.get("seen")
         if seen is None:  # not setdefault: that makes a dict at every call (the hook calls per step)
             seen = state["seen"] = {}
@@ -306,6 +336,19 @@ class Detector:
             seen[series] = step
             point(state, series, step, float(value), log)
         return log.changes
+
+    def _step_key(self):
+        """The sort key of :meth:`feed`'s order: ``(step, step_rank(series))``, each series'
+        rank worked out once a call."""
+        rank, ranks = self.step_rank, {}
+
+        def key(pt):
+            r = ranks.get(pt[0])
+            if r is None:
+                r = ranks[pt[0]] = rank(pt[0])
+            return pt[1], r
+
+        return key
 
     # -- episode lifecycle -----------------------------------------------------------------
     def hold(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from itertools import groupby, repeat
+from itertools import repeat
 from operator import itemgetter
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from ._base import OPEN, RESOLVE, UPDATE, AlertChange, ChangeLog, Detector, episode_change
 from ._bounds import check_bounds
@@ -47,7 +47,6 @@ DETECTORS: dict[str, type[Detector]] = {
 #: One point: (series, step, value).
 Point = tuple[str, int, float]
 
-_series = itemgetter(0)
 _step = itemgetter(1)
 #: Incidents: which detectors' alerts another detector's episode explains, root causes in the
 #: order they are preferred. A run blowing up makes its loss jump, its logits grow one-hot and
@@ -199,12 +198,30 @@ class DetectorSet:
         Points are taken in step order (stable, so a series' own order is kept); a point at
         or before the last step a detector saw for its series is ignored.
         """
-        # Runs of points of one series, in the order given: routed, ties keep that order.
-        series = []
-        for name, run in groupby(points, key=_series):
-            run = list(run)
-            series.append((name, [p[1] for p in run], [p[2] for p in run]))
-        return self.feed(state, self.route(series))
+        # What :meth:`route` makes of the runs of points of one series, built point by point:
+        # each detector's points in the order given, then sorted by step (stable). Points of
+        # many series interleaved (a step's points together) make runs of one point, so
+        # grouping them first cost more than the detectors.
+        routes = self._routes
+        out: dict[str, list] = {}
+        lists: dict[str, list] = {}  # series name -> the lists of the detectors taking it
+        for pt in points:
+            name = pt[0]
+            into = lists.get(name)
+            if into is None:
+                dets = routes.get(name)
+                if dets is None:
+                    if len(routes) >= _ROUTE_CACHE:
+                        routes.clear()
+                    dets = routes[name] = [d for d in self.detectors if d.accepts(name)]
+                into = lists[name] = [out.setdefault(d.name, []) for d in dets]
+            if into:
+                p = (name, pt[1], pt[2])
+                for pts in into:
+                    pts.append(p)
+        for pts in out.values():
+            pts.sort(key=_step)
+        return self.feed(state, out)
 
     def feed_step(self, state: dict, step: int, names: tuple, values: Sequence[float]) -> list[AlertChange]:
         """:meth:`update` for the points of one step, ``names[i]`` at ``values[i]`` (the hook's
@@ -227,7 +244,10 @@ class DetectorSet:
             own = state.get(d.name)
             if own is None:
                 own = state[d.name] = {}
-            if not inline:
+            if inline is not True:
+                if inline:  # the detector's own step_points
+                    inline(own, step, names, values, idx, log)
+                    continue
                 changes += log.changes
                 log = ChangeLog()
                 changes += d.feed(own, [(names[i], step, values[i]) for i in idx])
@@ -248,14 +268,21 @@ class DetectorSet:
             changes = attribute(state, changes)
         return changes
 
-    def _plan(self, names: tuple) -> list[tuple[Detector, tuple[int, ...], bool]]:
+    def _plan(self, names: tuple) -> list[tuple[Detector, tuple[int, ...], Any]]:
         """Per detector, in feeding order, the indices of the ``names`` it takes (those with
-        none left out), and whether it feeds points as :meth:`Detector.feed` does."""
+        none left out), and whether it feeds points as :meth:`Detector.feed` does: True, or its
+        ``step_points`` method that does it for one step, or False (its own ``feed``)."""
         plan = []
         for d in self.detectors:
             idx = tuple(i for i, n in enumerate(names) if d.accepts(n))
             if idx:
-                plan.append((d, idx, type(d).feed is Detector.feed))
+                rank = d.step_rank
+                if rank is not None:  # Detector.feed's order within a step (stable)
+                    idx = tuple(sorted(idx, key=lambda i: rank(names[i])))
+                inline = type(d).feed is Detector.feed
+                if inline and d.step_points is not None:
+                    inline = d.step_points
+                plan.append((d, idx, inline))
         return plan
 
     def check(

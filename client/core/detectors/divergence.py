@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ._base import ChangeLog, Detector, fmt, median, median_sorted, push, sentence
+from ._base import ChangeLog, Detector, fmt, sentence
 
 #: Lightning's SpikeDetection flags a loss above ``rtol=2.0`` times its running mean; a
 #: smoothed loss at twice its running minimum is running away, not wobbling.
@@ -118,29 +118,22 @@ class DivergenceDetector(Detector):
         bad = state.get("nonfinite")
         if bad is None:
             bad = state["nonfinite"] = {}
-        is_bad = bad[series] = (value != 0.0) if series == p.nonfinite_series else value - value != 0.0
-        if is_bad:
-            what = (
-                f"{fmt(value)} non-finite gradient entries"
-                if series == p.nonfinite_series
-                else f"{series} is {fmt(value)}"
-            )
-            # A run already warned of as running away: its NaN is the same incident, escalated,
-            # not a second page.
-            self.hold(
-                state,
-                log,
-                "runaway" if self.is_open(state, "runaway") and "nonfinite" not in state["episodes"] else "nonfinite",
-                step,
-                "critical",
-                math.inf,  # the peak of its episode: what the alert must say first
-                f"Training diverged at step {step}: {what}. Non-finite values do not come back by themselves.",
-                {"series": series, "value": value},
-            )
-        elif "nonfinite" in state.get("episodes", ()) and not any(bad.values()):
-            self.clear(state, log, "nonfinite", step, p.clear_points)  # (a no-op with no episode open)
-        if series == p.nonfinite_series or value - value != 0.0:
+        if series == p.nonfinite_series:
+            if value != 0.0:
+                bad[series] = True
+                self._nonfinite(state, log, series, step, value, True)
+            else:
+                bad[series] = False
+                self._clear_nonfinite(state, log, bad, step)
             return
+        if value - value != 0.0:
+            bad[series] = True
+            self._nonfinite(state, log, series, step, value, False)
+            return
+        bad[series] = False
+        eps = state.get("episodes")
+        if eps and "nonfinite" in eps:
+            self._clear_nonfinite(state, log, bad, step)
 
         flags = state.get("flags")
         if flags is None:
@@ -158,8 +151,8 @@ class DivergenceDetector(Detector):
             flag = self._grad(t, value)
             name = "grad"
         if flag is not None:
-            old = flags.get(name)
             if flag["raw"]:
+                old = flags.get(name)
                 v = flag["value"]
                 peak = max(old["peak"], v) if old and old["raw"] else v
                 if v < p.recovering_fraction * peak:
@@ -169,58 +162,97 @@ class DivergenceDetector(Detector):
                 else:
                     flag["since"], flag["count"] = step, 1
                 flag["peak"] = peak
-            flag["hot"] = flag["raw"] and flag["count"] >= p.patience
+                flag["hot"] = flag["count"] >= p.patience
+            else:
+                flag["hot"] = False
             flags[name] = flag
-        hot = [f for f in flags.values() if f["hot"]]
-        if hot:
-            why, evidence, plain = [], {}, []
-            for f in hot:
-                e = f["evidence"]
-                evidence.update(e)
-                if "loss_ratio" in e:
-                    plain.append("the loss is climbing far above its best")
-                    why.append(
-                        f"smoothed loss {fmt(e['loss_smoothed'])} is {fmt(e['loss_ratio'])}x "
-                        f"its running minimum {fmt(e['loss_min'])}"
-                    )
+        hot = None
+        for f in flags.values():
+            if f["hot"]:
+                if hot is None:
+                    hot = [f]
                 else:
-                    plain.append("the gradient norm is exploding")
-                    why.append(
-                        f"gradient norm {fmt(e['grad_norm_smoothed'])} is {fmt(e['grad_ratio'])}x "
-                        f"its rolling median {fmt(e['grad_norm_median'])}"
-                    )
-            evidence["patience"] = p.patience
-            ratio = max(evidence.get("loss_ratio", 0.0), evidence.get("grad_ratio", 0.0))
-            critical = ratio >= p.critical_ratio
-            evidence["critical_ratio"] = p.critical_ratio
-            head = "Training is diverging" if critical else "Training may be diverging"
-            self.hold(
-                state,
-                log,
-                "runaway",
-                step,
-                "critical" if critical else "warning",
-                max(f["score"] for f in hot),
-                f"{head} at step {step}: {' and '.join(plain)}. " + sentence("; ".join(why)) + ".",
-                evidence,
-                start=min(f["since"] for f in hot),
-            )
-        elif "runaway" in state.get("episodes", ()):  # (clear is a no-op with no episode open)
+                    hot.append(f)
+        if hot is not None:
+            self._runaway(state, log, step, hot)
+        elif eps and "runaway" in eps:  # (clear is a no-op with no episode open)
             self.clear(state, log, "runaway", step, p.clear_points)
+
+    def _nonfinite(self, state: dict, log: ChangeLog, series: str, step: int, value: float, count: bool) -> None:
+        what = f"{fmt(value)} non-finite gradient entries" if count else f"{series} is {fmt(value)}"
+        # A run already warned of as running away: its NaN is the same incident, escalated,
+        # not a second page.
+        self.hold(
+            state,
+            log,
+            "runaway" if self.is_open(state, "runaway") and "nonfinite" not in state["episodes"] else "nonfinite",
+            step,
+            "critical",
+            math.inf,  # the peak of its episode: what the alert must say first
+            f"Training diverged at step {step}: {what}. Non-finite values do not come back by themselves.",
+            {"series": series, "value": value},
+        )
+
+    def _clear_nonfinite(self, state: dict, log: ChangeLog, bad: dict, step: int) -> None:
+        if "nonfinite" in state.get("episodes", ()) and not any(bad.values()):
+            self.clear(state, log, "nonfinite", step, self.params.clear_points)  # (a no-op with no episode open)
+
+    def _runaway(self, state: dict, log: ChangeLog, step: int, hot: list) -> None:
+        p = self.params
+        why, evidence, plain = [], {}, []
+        for f in hot:
+            e = f["evidence"]
+            evidence.update(e)
+            if "loss_ratio" in e:
+                plain.append("the loss is climbing far above its best")
+                why.append(
+                    f"smoothed loss {fmt(e['loss_smoothed'])} is {fmt(e['loss_ratio'])}x "
+                    f"its running minimum {fmt(e['loss_min'])}"
+                )
+            else:
+                plain.append("the gradient norm is exploding")
+                why.append(
+                    f"gradient norm {fmt(e['grad_norm_smoothed'])} is {fmt(e['grad_ratio'])}x "
+                    f"its rolling median {fmt(e['grad_norm_median'])}"
+                )
+        evidence["patience"] = p.patience
+        ratio = max(evidence.get("loss_ratio", 0.0), evidence.get("grad_ratio", 0.0))
+        critical = ratio >= p.critical_ratio
+        evidence["critical_ratio"] = p.critical_ratio
+        head = "Training is diverging" if critical else "Training may be diverging"
+        self.hold(
+            state,
+            log,
+            "runaway",
+            step,
+            "critical" if critical else "warning",
+            max(f["score"] for f in hot),
+            f"{head} at step {step}: {' and '.join(plain)}. " + sentence("; ".join(why)) + ".",
+            evidence,
+            start=min(f["since"] for f in hot),
+        )
 
     def _loss(self, t: dict, value: float) -> dict | None:
         p = self.params
-        push(t["recent"], value, p.smooth_points)
+        recent = t["recent"]
+        recent.append(value)  # push(recent, value, smooth_points), inlined
+        k = p.smooth_points
+        if len(recent) > k:
+            del recent[: len(recent) - k]
         level_sorted = self._sorted.push(t["level"], value, p.level_points)
-        t["n"] += 1
-        if t["n"] < p.smooth_points:
+        n = t["n"] = t["n"] + 1
+        if n < k:
             return None
-        s, level = median(t["recent"]), median_sorted(level_sorted)
+        r = sorted(recent)  # median(recent), inlined
+        h = len(r) // 2
+        s = r[h] if len(r) % 2 else 0.5 * (r[h - 1] + r[h])
+        h = len(level_sorted) // 2
+        level = level_sorted[h] if len(level_sorted) % 2 else 0.5 * (level_sorted[h - 1] + level_sorted[h])
         if "ref" not in t:
             t["ref"], t["min"] = s, level
         lo, ref = t["min"], t["ref"]
         result = None
-        if t["n"] >= p.warmup and lo > 0:
+        if n >= p.warmup and lo > 0:
             ratio = s / lo
             raw = ratio >= p.runaway_ratio and s - lo >= p.runaway_progress * max(ref - lo, 0.0)
             result = {
@@ -236,22 +268,29 @@ class DivergenceDetector(Detector):
                     "runaway_progress": p.runaway_progress,
                 },
             }
-        if t["n"] >= p.level_points or t["n"] >= p.warmup:
-            t["min"] = min(lo, level)
+        if (n >= p.level_points or n >= p.warmup) and level < lo:
+            t["min"] = level
         return result
 
     def _grad(self, t: dict, value: float) -> dict | None:
         p = self.params
-        push(t["recent"], value, p.grad_smooth_points)
+        recent = t["recent"]
+        recent.append(value)  # push(recent, value, grad_smooth_points), inlined
+        if len(recent) > p.grad_smooth_points:
+            del recent[: len(recent) - p.grad_smooth_points]
         window = t["window"]
         if len(window) < p.warmup:
             self._sorted.push(window, value, p.grad_window)
             return None
-        base = median_sorted(self._sorted.sorted(window))
+        w = self._sorted.sorted(window)
+        h = len(w) // 2
+        base = w[h] if len(w) % 2 else 0.5 * (w[h - 1] + w[h])
         self._sorted.push(window, min(value, p.grad_ratio * base) if base > 0 else value, p.grad_window)
         if base <= 0:
             return None
-        s = median(t["recent"])
+        r = sorted(recent)
+        h = len(r) // 2
+        s = r[h] if len(r) % 2 else 0.5 * (r[h - 1] + r[h])
         ratio = s / base
         return {
             "raw": ratio >= p.grad_ratio,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ._base import ChangeLog, Detector, finite, fmt
+from ._base import ChangeLog, Detector, fmt
 
 #: Cohen et al. 2021: full-batch GD with step size lr is unstable along a direction of
 #: curvature above 2/lr; sharpness rises until lambda_max ~ 2/lr and hovers there.
@@ -20,9 +20,9 @@ TRACE_RATIO = 1.0
 EOS_CLEAR_POINTS = 5
 
 
-def _bound_first(pt) -> tuple[int, int]:
-    series = pt[0]
-    return pt[1], 0 if series == "hessian/two_over_lr" or series == "lr" or series.startswith("lr/") else 1
+def _bound_rank(series: str) -> int:
+    """0 for a series that sets the bound (2/lr, lr), 1 for the curvature measured against it."""
+    return 0 if series == "hessian/two_over_lr" or series == "lr" or series.startswith("lr/") else 1
 
 
 #: Sharpness back at the edge within 100 steps of leaving it is the same episode (catapults).
@@ -73,13 +73,12 @@ class EdgeOfStabilityDetector(Detector):
             or series.startswith("lr/")
         )
 
-    def feed(self, state: dict, points):
-        # Within one step, take the bound (2/lr, lr) before the curvature measured at that step:
-        # lambda_max at step t must be compared with 2/lr at step t, not with the one before.
-        return super().feed(state, sorted(points, key=_bound_first))
+    #: Within one step, take the bound (2/lr, lr) before the curvature measured at that step:
+    #: lambda_max at step t must be compared with 2/lr at step t, not with the one before.
+    step_rank = staticmethod(_bound_rank)
 
     def point(self, state: dict, series: str, step: int, value: float, log: ChangeLog) -> None:
-        if not finite(value):
+        if value - value != 0.0:  # not finite
             return
         if series == "hessian/two_over_lr" or series == "lr" or series.startswith("lr/"):
             if series == "hessian/two_over_lr":
@@ -92,8 +91,9 @@ class EdgeOfStabilityDetector(Detector):
                 if len(lrs) > self.MAX_LR_GROUPS:
                     del lrs[next(iter(lrs))]
             # A curvature point that came just before its bound (same step, earlier in the batch).
-            for s, st, v in state.pop("pending", ()):
-                self._curvature(state, s, st, v, log)
+            if "pending" in state:
+                for s, st, v in state.pop("pending"):
+                    self._curvature(state, s, st, v, log)
             return
         self._curvature(state, series, step, value, log)
 
@@ -109,9 +109,9 @@ class EdgeOfStabilityDetector(Detector):
             bound = 2.0 / lr
         p = self.params
         ratio = value / bound
-        ev = {"value": value, "two_over_lr": bound, "ratio": ratio}
         if series == "hessian/lambda_max":
             if ratio >= p.near_ratio:
+                ev = {"value": value, "two_over_lr": bound, "ratio": ratio}
                 at = ratio >= p.at_ratio
                 what = "reached" if at else "is approaching"
                 self.hold(
@@ -129,6 +129,7 @@ class EdgeOfStabilityDetector(Detector):
                 self.clear(state, log, "lambda_max", step, p.clear_points)
         elif p.check_trace:
             if ratio > p.trace_ratio:
+                ev = {"value": value, "two_over_lr": bound, "ratio": ratio}
                 self.hold(
                     state,
                     log,

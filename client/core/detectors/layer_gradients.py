@@ -33,7 +33,7 @@ shifts: O(log M) per point.
 from __future__ import annotations
 
 import dataclasses
-import math
+from math import log10
 
 from ._base import ChangeLog, Detector, fmt, median
 
@@ -151,6 +151,32 @@ class LayerGradientsDetector(Detector):
     name = "layer_gradients"
     Params = LayerGradientsParams
 
+    def __init__(self, params: LayerGradientsParams | None = None) -> None:
+        super().__init__(params)
+        p = self.params
+        rf = p.recover_fraction
+        vanish, explode, static = p.vanish_decades, p.explode_decades, p.static_decades
+        # thresholds of a module not flagged (the usual case), and of a flagged one (hysteresis)
+        tv0, te0, tl0 = vanish * 1.0, explode * 1.0, -static * 1.0
+        tv1, te1, tl1 = vanish * rf, explode * rf, -static * rf
+        #: what _judge takes from the parameters at every step, worked out once
+        self._consts = (
+            p.patience,
+            p.static_patience,
+            p.explode_patience,
+            p.clear_points,
+            p.baseline_points,
+            -rf * vanish,  # away_v, away_e: a flagged module this far from its baseline is away
+            rf * explode,
+            tv0,
+            te0,
+            tl0,
+            tv1,
+            te1,
+            tl1,
+            -tv0,
+        )
+
     def accepts(self, series: str) -> bool:
         p = self.params.prefix
         return series.startswith(p) and len(series) > len(p)
@@ -172,11 +198,49 @@ class LayerGradientsDetector(Detector):
                 return  # a module new to this run, at a step already judged
             cur = state["cur"] = [step, {}]
         if value - value == 0.0:  # finite: NaN/inf gradients are the divergence detector's
-            cur[1][series] = math.log10(value) if value > 0 else ZERO_LOG10
+            cur[1][series] = log10(value) if value > 0 else ZERO_LOG10
         if len(cur[1]) >= len(mods) and "judged" in state:
             # every module known has reported this step (the set of modules is known once a
             # first step has been judged, when the next one began)
             self._judge(state, cur, log)
+
+    def step_points(self, state: dict, step: int, names: tuple, values, idx: tuple, log: ChangeLog) -> None:
+        """:meth:`Detector.feed` of one step's points ``names[i]`` at ``values[i]`` for ``i`` in
+        ``idx`` (:meth:`DetectorSet.feed_step`, the hook's path), with :meth:`point` inlined
+        and its lookups made once a step: the same steps in the same order as ``point`` takes
+        them (keep the two in step)."""
+        seen = state.get("seen")
+        if seen is None:
+            seen = state["seen"] = {}
+        mods = None
+        cur = state.get("cur")
+        for i in idx:
+            series = names[i]
+            last = seen.get(series)
+            if last is not None and step <= last:
+                continue
+            seen[series] = step
+            value = float(values[i])
+            if mods is None:
+                mods = state.get("mods")
+                if mods is None:
+                    mods = state["mods"] = {}
+            if cur is not None and step > cur[0]:
+                self._judge(state, cur, log)
+                cur = None
+            if series not in mods:
+                if len(mods) >= MAX_MODULES:
+                    continue
+                mods[series] = [0, 0.0, 0, 0, 0, 0, 0, 0]
+            if cur is None:
+                if step <= state.get("judged", -1):
+                    continue
+                cur = state["cur"] = [step, {}]
+            if value - value == 0.0:
+                cur[1][series] = log10(value) if value > 0 else ZERO_LOG10
+            if len(cur[1]) >= len(mods) and "judged" in state:
+                self._judge(state, cur, log)
+                cur = None  # (popped from the state)
 
     # -- one step, every module ----------------------------------------------------------
     def _judge(self, state: dict, cur: list, log: ChangeLog) -> None:
@@ -189,70 +253,140 @@ class LayerGradientsDetector(Detector):
             for name, x in levels.items():
                 self._learn(mods[name], x, normal=True)
             return
-        shifts = {n: x - mods[n][_BASE] for n, x in levels.items() if mods[n][_N] >= p.warmup}
-        rel_shift = _leave_one_out(shifts)
-        rel_level = _leave_one_out(levels)
-        rf = p.recover_fraction
-        flagged: dict = {VANISHING: [], EXPLODING: []}
-        # Per-module work of a step, with the parameters and ``_count``/``_learn`` inlined (the
-        # same arithmetic in the same order: this runs for every layer at every step).
-        vanish, explode, static = p.vanish_decades, p.explode_decades, p.static_decades
-        patience, static_patience, explode_patience = p.patience, p.static_patience, p.explode_patience
-        clear_points, warmup, baseline_points = p.clear_points, p.warmup, p.baseline_points
-        away_v, away_e = -rf * vanish, rf * explode
-        vanishing, exploding = flagged[VANISHING], flagged[EXPLODING]
-        shift_of, rel_of = shifts.get, rel_shift.get
+        warmup = p.warmup
+        # (name, level, module state, shift: level minus its baseline, None in its warm-up)
+        rows = []
+        shifts = []
         for name, x in levels.items():
             m = mods[name]
+            if m[_N] >= warmup:
+                sh = x - m[_BASE]
+                shifts.append(sh)
+                rows.append((name, x, m, sh))
+            else:
+                rows.append((name, x, m, None))
+        # Each module against the median of the others (leave-one-out): that median is one of
+        # three values fixed by the sorted values, chosen by which side of the middle one the
+        # module sits (see ``_loo_medians``); the same floats as ``_leave_one_out``'s.
+        with_rel = len(shifts) >= MIN_MODULES
+        if with_rel:
+            shifts.sort()
+            sp, sa, sb, sc = _loo_medians(shifts)
+        lp, la, lb, lc = _loo_medians(sorted(levels.values()))
+        # Per-module work of a step, with the parameters and ``_count``/``_learn`` inlined (the
+        # same arithmetic in the same order: this runs for every layer at every step).
+        (
+            patience,
+            static_patience,
+            explode_patience,
+            clear_points,
+            baseline_points,
+            away_v,
+            away_e,
+            tv0,
+            te0,
+            tl0,
+            tv1,
+            te1,
+            tl1,
+            ntv0,
+        ) = self._consts
+        vanishing: list = []
+        exploding: list = []
+        for name, x, m, s in rows:
             flags = m[_FLAGS]
             if x > ZERO_LOG10:
                 flags |= _EVER
-            s, r, lv = shift_of(name), rel_of(name), rel_level[name]
+            if s is not None and with_rel:
+                r = s - (sa if s < sp else sb if s > sp else sc)
+            else:
+                r = None
+            lv = x - (la if x < lp else lb if x > lp else lc)
+            if not (flags & (_V | _E) or m[_VRUN] or m[_ERUN] or m[_SRUN]):
+                # the usual case, nothing counted nor flagged: if nothing holds now either,
+                # every count stays 0 and the point teaches the baseline (below, spelt out)
+                if (
+                    not lv <= tl0
+                    and (r is None or not (s <= ntv0 and (r <= ntv0 or x <= ZERO_LOG10)))
+                    and (r is None or not (s >= te0 and r >= te0))
+                ):
+                    m[_FLAGS] = flags
+                    n = m[_N] = m[_N] + 1
+                    if n == 1:
+                        m[_BASE] = x
+                    else:
+                        b = m[_BASE]
+                        lo = b - BASELINE_CLIP
+                        if not x > lo:
+                            x = lo
+                        hi = b + BASELINE_CLIP
+                        if not x < hi:
+                            x = hi
+                        m[_BASE] = b + (x - b) / (n if n < baseline_points else baseline_points)
+                    continue
             fv, fe = flags & _V, flags & _E
             # a flagged module stays flagged down to the looser threshold (hysteresis)
-            tv = vanish * (rf if fv else 1.0)
-            te = explode * (rf if fe else 1.0)
+            tv = tv1 if fv else tv0
+            te = te1 if fe else te0
             # an exact zero after a non-zero gradient is no gradient at all, whatever the others do
             # (when every layer but the head has died, the others' median died with it)
-            down = s is not None and r is not None and s <= -tv and (r <= -tv or x <= ZERO_LOG10)
-            up = s is not None and r is not None and s >= te and r >= te
-            low = lv <= -static * (rf if fv else 1.0)
-            vrun = m[_VRUN] + 1 if down else max(0, m[_VRUN] - MISS_PENALTY)
-            erun = m[_ERUN] + 1 if up else max(0, m[_ERUN] - MISS_PENALTY)
-            srun = m[_SRUN] + 1 if low else max(0, m[_SRUN] - MISS_PENALTY)
-            if not fv and (vrun >= patience or srun >= static_patience):
-                flags |= _V
-                m[_BACKV] = 0
-            elif fv:
-                m[_BACKV] = 0 if down or low else m[_BACKV] + 1
-                if m[_BACKV] >= clear_points:
-                    flags &= ~_V
-                    vrun = srun = 0
-            if not fe and erun >= explode_patience:
-                flags |= _E
-                m[_BACKE] = 0
-            elif fe:
-                m[_BACKE] = 0 if up else m[_BACKE] + 1
-                if m[_BACKE] >= clear_points:
-                    flags &= ~_E
-                    erun = 0
-            m[_VRUN], m[_ERUN], m[_SRUN], m[_FLAGS] = vrun, erun, srun, flags
-            if flags & _V:
-                vanishing.append((name, s, r, lv, m))
-            if flags & _E:
-                exploding.append((name, s, r, lv, m))
-            # a flagged module still away from its baseline does not teach it (a module flagged
-            # only for being far below the others, at its usual level, does)
-            away = s is not None and flags & (_V | _E) and (s <= away_v or s >= away_e)
-            # _learn(m, x, normal=not (down or up or away)), inlined
+            if r is None:
+                down = up = False
+            else:
+                down = s <= -tv and (r <= -tv or x <= ZERO_LOG10)
+                up = s >= te and r >= te
+            low = lv <= (tl1 if fv else tl0)
+            if not (down or up or low or fv or fe or m[_VRUN] or m[_ERUN] or m[_SRUN]):
+                # the usual case: nothing counted, nothing flagged -- every count stays 0
+                m[_FLAGS] = flags
+                away = False
+            else:
+                vrun, erun, srun = m[_VRUN], m[_ERUN], m[_SRUN]
+                vrun = vrun + 1 if down else (vrun - MISS_PENALTY if vrun > MISS_PENALTY else 0)
+                erun = erun + 1 if up else (erun - MISS_PENALTY if erun > MISS_PENALTY else 0)
+                srun = srun + 1 if low else (srun - MISS_PENALTY if srun > MISS_PENALTY else 0)
+                if fv:
+                    m[_BACKV] = 0 if down or low else m[_BACKV] + 1
+                    if m[_BACKV] >= clear_points:
+                        flags &= ~_V
+                        vrun = srun = 0
+                elif vrun >= patience or srun >= static_patience:
+                    flags |= _V
+                    m[_BACKV] = 0
+                if fe:
+                    m[_BACKE] = 0 if up else m[_BACKE] + 1
+                    if m[_BACKE] >= clear_points:
+                        flags &= ~_E
+                        erun = 0
+                elif erun >= explode_patience:
+                    flags |= _E
+                    m[_BACKE] = 0
+                m[_VRUN], m[_ERUN], m[_SRUN], m[_FLAGS] = vrun, erun, srun, flags
+                if flags & (_V | _E):
+                    if flags & _V:
+                        vanishing.append((name, s, r, lv, m))
+                    if flags & _E:
+                        exploding.append((name, s, r, lv, m))
+                    # a flagged module still away from its baseline does not teach it (a module
+                    # flagged only for being far below the others, at its usual level, does)
+                    away = s is not None and (s <= away_v or s >= away_e)
+                else:
+                    away = False
+            # _learn(m, x, normal=not (down or up or away)), inlined; the clip to within
+            # BASELINE_CLIP of the baseline is min(hi, max(lo, x)) spelt out
             n = m[_N] = m[_N] + 1
             if n == 1:
                 m[_BASE] = x
             elif not (down or up or away) or n <= warmup:
                 b = m[_BASE]
-                x = min(b + BASELINE_CLIP, max(b - BASELINE_CLIP, x))
-                m[_BASE] = b + (x - b) / min(n, baseline_points)
-        for key, mods_now in flagged.items():
+                lo = b - BASELINE_CLIP
+                if not x > lo:
+                    x = lo
+                hi = b + BASELINE_CLIP
+                if not x < hi:
+                    x = hi
+                m[_BASE] = b + (x - b) / (n if n < baseline_points else baseline_points)
+        for key, mods_now in ((VANISHING, vanishing), (EXPLODING, exploding)):
             if mods_now:
                 self._hold(state, log, key, step, mods_now, median(list(levels.values())))
             elif self.is_open(state, key):
@@ -372,6 +506,19 @@ def _leave_one_out(xs: dict) -> dict:
             med = order[h] if x <= order[h - 1] else order[h - 1]
         out[name] = x - med
     return out
+
+
+def _loo_medians(order: list) -> tuple[float, float, float, float]:
+    """For sorted values ``order`` (two or more), ``(pivot, below, above, at)``: the median of
+    the others of a value x is ``below`` when x < pivot, ``above`` when x > pivot, ``at`` when
+    equal -- :func:`_leave_one_out`'s choice, worked out once for all of them."""
+    n = len(order)
+    h = n // 2
+    if n % 2:  # n - 1 others, even: mean of their two middle elements
+        a = 0.5 * (order[h] + order[h + 1])
+        return order[h], a, 0.5 * (order[h - 1] + order[h]), 0.5 * (order[h - 1] + order[h + 1])
+    # n - 1 others, odd: their middle element (order[h] when x <= order[h - 1])
+    return order[h - 1], order[h], order[h - 1], order[h]
 
 
 def _times(decades: float) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ._base import MAD_TO_SIGMA, ChangeLog, Detector, finite, fmt, median, median_mad_sorted, sentence
+from ._base import MAD_TO_SIGMA, ChangeLog, Detector, fmt, median, median_mad_sorted, sentence
 
 #: OLMo-core's SkipStepOptimizer judges a step against the last 128 values
 #: (``rolling_interval_length=128``).
@@ -128,6 +128,10 @@ class LossSpikeDetector(Detector):
     name = "loss_spike"
     Params = LossSpikeParams
 
+    def __init__(self, params: LossSpikeParams | None = None) -> None:
+        super().__init__(params)
+        self._log_rise = math.log1p(self.params.min_rise)
+
     def accepts(self, series: str) -> bool:
         return series in self.params.series or series == self.params.task_series
 
@@ -138,9 +142,10 @@ class LossSpikeDetector(Detector):
             state.pop("elevated", None)
             state["switch"] = step
             return
-        if not finite(value):
+        if value - value != 0.0:  # not finite
             return
-        ep = state.get("episodes", {}).get(series)
+        eps = state.get("episodes")
+        ep = eps.get(series) if eps else None
         if ep is not None and "held" in ep and step - ep["first"]["step"] < SPIKE_WAIT_MAX:
             peak = ep["evidence"]["value"]
             if isinstance(peak, float) and value >= SPIKE_CLIMB * peak:
@@ -163,15 +168,17 @@ class LossSpikeDetector(Detector):
                 if series not in starts:  # kept across task switches: the loss's scale
                     starts[series] = math.exp(median(window)) if p.log_scale else median(window)
             return
-        med, mad = median_mad_sorted(self._sorted.sorted(window), window)
+        ordered, clean = self._sorted.sorted_clean(window)
+        med, mad = median_mad_sorted(ordered, window, clean)
         sigma = MAD_TO_SIGMA * mad
         high = med + p.threshold * sigma
         z = (x - med) / sigma if sigma > 0 else (0.0 if x <= med else math.inf)
         if p.log_scale:
-            rose, median_value = x - med >= math.log1p(p.min_rise), math.exp(med)
+            rose, median_value = x - med >= self._log_rise, math.exp(med)
         else:
             rose, median_value = med <= 0 or x >= med * (1.0 + p.min_rise), med
-        start = state.get("start", {}).get(series)
+        starts = state.get("start")
+        start = starts.get(series) if starts else None
         if start is not None and value - median_value < p.min_rise_of_start * abs(start):
             rose = False
         runs = state.get("elevated")

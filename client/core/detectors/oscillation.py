@@ -18,7 +18,10 @@ from __future__ import annotations
 import dataclasses
 from operator import mul, sub
 
-from ._base import ChangeLog, Detector, finite, fmt, median, push
+from ._base import ChangeLog, Detector, fmt, median, push
+
+#: Series lists whose sign changes are kept between points (see ``OscillationDetector._alternation``).
+_KEPT = 256
 
 #: Differences judged: the last 16. A run of 15 sign changes out of 16 differences has a
 #: chance of about 2% under independent noise (p = 2/3 per change); the alert also needs the
@@ -89,13 +92,48 @@ class OscillationDetector(Detector):
     name = "oscillation"
     Params = OscillationParams
 
+    def __init__(self, params: OscillationParams | None = None) -> None:
+        super().__init__(params)
+        # id(series list) -> [the list, its length, its last value, sign changes in its last
+        # window]: see ``_alternation``. Outside the state, which stays the JSON it was.
+        self._changes: dict[int, list] = {}
+
+    def _alternation(self, s: list, size: int) -> float:
+        """``_alternation(s[-size:])`` (``s`` holds more than ``size`` values), kept up to date
+        from one point to the next: the sign changes of the window are those of the window
+        before it, less the first one leaving it, plus the one the new value makes (the same
+        products, so the same count). The count is kept by the list's identity, and used only
+        when the list is the one counted a point ago (its value before last is the object that
+        was its last then, its length one more or the same, full): a state loaded from JSON,
+        or a list cleared and filled again, is counted afresh."""
+        cache = self._changes
+        entry = cache.get(id(s))
+        n = len(s)
+        if entry is not None and entry[0] is s and s[-2] is entry[2] and (n == entry[1] + 1 or n == entry[1]):
+            count = entry[3]
+            a, b, c = s[-3], s[-2], s[-1]
+            if (b - a) * (c - b) < 0:
+                count += 1
+            a, b, c = s[-size - 1], s[-size], s[-size + 1]
+            if (b - a) * (c - b) < 0:
+                count -= 1
+            entry[1], entry[2], entry[3] = n, s[-1], count
+        else:
+            window = s[-size:]
+            diffs = list(map(sub, window[1:], window))
+            count = sum([x < 0 for x in map(mul, diffs, diffs[1:])])
+            if len(cache) >= _KEPT:
+                cache.clear()
+            cache[id(s)] = [s, n, s[-1], count]
+        return count / max(1, size - 2)
+
     def accepts(self, series: str) -> bool:
         return series in self.params.series or series == self.params.lr_series
 
     def point(self, state: dict, series: str, step: int, value: float, log: ChangeLog) -> None:
         p = self.params
         if series == p.lr_series:
-            if finite(value):
+            if value - value == 0.0:  # finite
                 state["lr"] = value
             return
         # (get, not setdefault: that builds the default at every point)
@@ -105,15 +143,15 @@ class OscillationDetector(Detector):
         s = by_series.get(series)
         if s is None:
             s = by_series[series] = []
-        if not finite(value):
+        if value - value != 0.0:  # not finite
             s.clear()  # a gap: judge afresh from the next finite points
             return
         push(s, value, p.window + 2 + OSC_LOOKBACK)
         if len(s) < p.window + 2 + OSC_LOOKBACK // 2:
             return
-        past, s = s[: -p.window - 2], s[-p.window - 2 :]
-        if not self.is_open(state, series) and _alternation(s) < p.alternating_fraction:
+        if self._alternation(s, p.window + 2) < p.alternating_fraction and not self.is_open(state, series):
             return  # the usual case, minibatch noise or a smooth descent: nothing more to compute
+        past, s = s[: -p.window - 2], s[-p.window - 2 :]
         scale = max(abs(v) for v in s)
         if scale <= 0:
             return

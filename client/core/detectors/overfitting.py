@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ._base import ChangeLog, Detector, finite, fmt, median, push
+from ._base import ChangeLog, Detector, fmt, median, push
 
 #: Held-out loss series: these names, or these names followed by "/<name>".
 EVAL_LOSS_PREFIXES = ("eval/loss", "val/loss")
@@ -96,11 +96,24 @@ class OverfittingDetector(Detector):
     name = "overfitting"
     Params = OverfittingParams
 
+    def __init__(self, params: OverfittingParams | None = None) -> None:
+        super().__init__(params)
+        self._kinds: dict[str, str | None] = {}  # series -> _kind_of(series), a cache
+
     def accepts(self, series: str) -> bool:
         p = self.params
         return series == p.train_series or series == p.task_series or self._kind(series) is not None
 
     def _kind(self, series: str) -> str | None:
+        kinds = self._kinds
+        kind = kinds.get(series, "")
+        if kind == "":
+            if len(kinds) >= 4096:
+                kinds.clear()
+            kind = kinds[series] = self._kind_of(series)
+        return kind
+
+    def _kind_of(self, series: str) -> str | None:
         p = self.params
         if series in p.eval_acc_series:
             return "acc"
@@ -116,7 +129,7 @@ class OverfittingDetector(Detector):
             for key in list(state.get("episodes", {})):
                 self.clear(state, log, key, step, 1)
             return
-        if not finite(value):
+        if value - value != 0.0:  # not finite
             return
         if series == p.train_series:
             x = math.log(max(value, 1e-30))
@@ -134,7 +147,9 @@ class OverfittingDetector(Detector):
                     self.clear(state, log, key, step, 1)
         elif state.get("has_loss"):
             return
-        evals = state.setdefault("evals", {})
+        evals = state.get("evals")
+        if evals is None:  # (not setdefault: that builds the default at every point)
+            evals = state["evals"] = {}
         e = evals.get(series)
         if e is None:
             if len(evals) >= MAX_EVAL_SERIES:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ._base import ChangeLog, Detector, finite, fmt
+from ._base import ChangeLog, Detector, fmt
 
 #: The shortest window judged, in steps. ReduceLROnPlateau and early stopping use patiences
 #: of tens of epochs; 200 steps is past the first fast drop of every healthy run in the
@@ -117,7 +117,7 @@ class PlateauDetector(Detector):
             if self.is_open(state, p.loss_series):
                 self.clear(state, log, p.loss_series, step, 1)
             return
-        if not finite(value):
+        if value - value != 0.0:  # not finite
             return
         if series == p.lr_series:
             state["lr"] = value

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ._base import ChangeLog, Detector, finite, fmt, mean, median, push, sentence
+from ._base import ChangeLog, Detector, finite, fmt, sentence
 
 #: float32 absorbs x in 1 + x once x <= 2^-24 (half an ulp of 1.0). A sample whose softmax
 #: denominator sum_j exp(z_j - max z) rounds to exactly 1 has zero loss and zero gradient;
@@ -92,7 +92,7 @@ class SoftmaxCollapseDetector(Detector):
         return series == p.sc_series or series == p.margin_series or series == p.zero_loss_series
 
     def point(self, state: dict, series: str, step: int, value: float, log: ChangeLog) -> None:
-        if not finite(value):
+        if value - value != 0.0:  # not finite
             return
         p = self.params
         # (get, not setdefault: that builds the default at every point)
@@ -102,29 +102,45 @@ class SoftmaxCollapseDetector(Detector):
         window = recent.get(series)
         if window is None:
             window = recent[series] = []
-        push(window, value, p.smooth_points)
-        sc = mean(recent[p.sc_series]) if p.sc_series in recent else 0.0
-        margin = median(recent[p.margin_series]) if p.margin_series in recent else -math.inf
-        has_zero = p.zero_loss_series in recent
-        zero = mean(recent[p.zero_loss_series]) if has_zero else 0.0
+        window.append(value)  # push(window, value, smooth_points), inlined
+        if len(window) > p.smooth_points:
+            del window[: len(window) - p.smooth_points]
+        # mean() and median() inlined (the same sums and the same picks)
+        w = recent.get(p.sc_series)
+        sc = sum(w) / len(w) if w is not None else 0.0
+        w = recent.get(p.margin_series)
+        if w is not None:
+            w = sorted(w)
+            n = len(w)
+            h = n // 2
+            margin = w[h] if n % 2 else 0.5 * (w[h - 1] + w[h])
+        else:
+            margin = -math.inf
+        w = recent.get(p.zero_loss_series)
+        has_zero = w is not None
+        zero = sum(w) / len(w) if has_zero else 0.0
         # The samples that stopped learning: with targets, those with exactly zero loss (one-hot
         # on their own class). A one-hot softmax on a wrong class has a huge loss and gradient:
         # that is logits blowing up (divergence), not Softmax Collapse.
         collapsed = min(sc, zero) if has_zero else sc
-        is_open = self.is_open(state, self.KEY)
+        eps = state.get("episodes")
+        is_open = eps is not None and self.KEY in eps
         k = SC_CLEAR_FACTOR if is_open else 1.0
         m = SC_MARGIN_HYSTERESIS if is_open else 0.0
-        signs = []
-        if (sc if not has_zero else min(sc, zero)) >= k * p.warn_fraction:
-            signs.append(f"{fmt(100 * sc)}% of samples have an exactly one-hot float32 softmax")
-        if margin >= p.margin_warn - m:
-            signs.append(f"median margin {fmt(margin)} nats (float32 bound {fmt(SC_MARGIN_NATS)})")
-        if has_zero and zero >= k * p.zero_loss_warn:
-            signs.append(f"{fmt(100 * zero)}% of samples have zero loss")
-        if not signs:
+        by_sc = collapsed >= k * p.warn_fraction
+        by_margin = margin >= p.margin_warn - m
+        by_zero = has_zero and zero >= k * p.zero_loss_warn
+        if not (by_sc or by_margin or by_zero):
             if is_open:  # (clear is a no-op with no episode open)
                 self.clear(state, log, self.KEY, step, p.clear_points)
             return
+        signs = []
+        if by_sc:
+            signs.append(f"{fmt(100 * sc)}% of samples have an exactly one-hot float32 softmax")
+        if by_margin:
+            signs.append(f"median margin {fmt(margin)} nats (float32 bound {fmt(SC_MARGIN_NATS)})")
+        if by_zero:
+            signs.append(f"{fmt(100 * zero)}% of samples have zero loss")
         critical = collapsed >= p.critical_fraction
         if critical:
             head = f"Softmax Collapse at step {step}: {fmt(100 * collapsed)}% of samples have stopped learning. "
