@@ -279,6 +279,8 @@ def _lm_run(steps: int, detectors, spool: Path) -> tuple[float, float]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)
     mon = stethoscope.attach(model, opt, project="bench", server="offline", spool_dir=spool, detectors=detectors)
+    if detectors is not False:
+        mon.on_alert(lambda alerts: None)  # without a callback the hook's detectors do not run
     t0 = time.perf_counter()
     for step in range(steps):
         x, y = make_batch(g, 16, 33, 256)
@@ -325,7 +327,7 @@ def measure_detector_cpu(steps: int, rounds: int, spool) -> dict:
     records = _spooled_records(spool / "on-0")
     replay = []
     for _ in range(rounds):
-        watch = Watch(DetectorSet(), "replay", "bench", [])
+        watch = Watch(DetectorSet(), "replay", "bench", [lambda alerts: None])
         for step, names, values in records:
             t0 = time.thread_time_ns()
             watch.points(step, names, values)

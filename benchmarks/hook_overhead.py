@@ -6,7 +6,9 @@ Two workloads, each trained by several identical copies ("arms") in one process:
 - ``mlp``: a tiny MLP whose step takes about a millisecond, where any fixed cost shows.
 
 Arms: ``bare`` (no monitoring), ``stethoscope`` (``attach`` with its defaults: the cost
-budget where this version has one), ``stethoscope_every1`` (every metric every step, the old
+budget where this version has one; no ``on_alert`` callback, so the hook's own detectors wait),
+``stethoscope_on_alert`` (the defaults with an ``on_alert`` callback: the hook's detectors run
+in its sender thread), ``stethoscope_every1`` (every metric every step, the old
 behaviour), ``baseline`` and ``baseline_every1`` (with ``--baseline DIR``: another commit's hook, its
 defaults and every metric every step: the cost of the expensive set, before and after),
 ``stethoscope_dead`` (with ``--dead-units``: the defaults plus ``dead_units=True``), ``floor``
@@ -55,7 +57,7 @@ import torch.nn.functional as F
 
 import stethoscope
 
-ARMS = ("bare", "stethoscope", "stethoscope_every1", "hand")
+ARMS = ("bare", "stethoscope", "stethoscope_on_alert", "stethoscope_every1", "hand")
 #: An older version of the hook (``--baseline DIR``), imported under this name.
 BASELINE = None
 
@@ -222,6 +224,8 @@ class Arm:
                 kwargs = {"dead_units": True}
             hook = BASELINE if name.startswith("baseline") else stethoscope
             self.mon = hook.attach(model, self.opt, run=f"bench-{name}", server="offline", spool_dir=spool, **kwargs)
+            if name.endswith("_on_alert"):
+                self.mon.on_alert(lambda alerts: None)  # the hook's detectors run for a listener
             self.opt.register_step_pre_hook(self._unmark)
             self.opt.register_step_post_hook(self._unmark)
         self.step_i = 0

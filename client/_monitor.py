@@ -272,7 +272,9 @@ class Monitor:
         """Call ``fn(alerts)`` from the sender thread with this run's alerts (the server's dicts)
         as they open or escalate: from the hook's detectors at the step that raised them
         (``"source": "hook"``, offline too), else from the server's reply; each episode once,
-        a consequence with its root in ``cause`` (see ``stethoscope._watch``)."""
+        a consequence with its root in ``cause`` (see ``stethoscope._watch``). The hook's
+        detectors run only while a callback is registered: the first one has them catch up on
+        the last ``_watch.MAX_BACKLOG`` records first."""
         if not callable(fn):
             raise ValueError("on_alert takes a callable fn(alerts)")
         self._alert_callbacks.append(fn)

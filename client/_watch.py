@@ -9,6 +9,13 @@ the ones it already copied to the host for the batch), so ``on_alert`` hears of 
 loss at the step that logged it. The training thread pays
 nothing: ``log()`` queues the record as before and never waits for detection.
 
+Only ``on_alert`` hears of the hook's alerts, so while no callback is registered the detectors
+do not run (on a ~1 ms step they were most of the sender thread's CPU): the sender keeps the
+last ``MAX_BACKLOG`` records, and a callback registered later has the detectors catch up on
+them first, so it hears what it would have heard had they run all along (the opens and
+escalations from its registration on; the state of detectors whose history is longer than
+the backlog starts with its oldest record).
+
 The server stays the record: the hook sends its alerts nowhere, and an alert the ingest reply
 lists for an episode the hook already delivered (same ``(detector, key, start_step)``) is not
 delivered again. What ``on_alert`` hears of, from the hook and from the server alike, is one
@@ -44,6 +51,7 @@ A bug in a detector is logged once, counted (``mon.detector_errors``, the series
 from __future__ import annotations
 
 import logging
+from collections import deque
 from datetime import datetime, timezone
 
 from . import _errors
@@ -55,6 +63,9 @@ logger = logging.getLogger("stethoscope")
 DETECTOR_ERRORS = "stethoscope/detector_errors"
 #: Episodes remembered as delivered; the oldest are forgotten past this many (a run has a few).
 MAX_REMEMBERED = 10_000
+#: Records kept for the detectors while no ``on_alert`` callback is registered (a few MB at
+#: most); a callback registered later has them fed first, and older records are not fed.
+MAX_BACKLOG = 10_000
 
 
 def detector_set(detectors) -> DetectorSet | None:
@@ -99,13 +110,36 @@ class Watch:
         #: (detector, key, start_step) -> rank of the severity delivered for that episode.
         self.delivered: dict[tuple, int] = {}
         self._episodes: dict[int, tuple] = {}  # server alert id -> its (detector, key, start_step)
+        #: Records not yet fed, kept while no callback is registered (see :meth:`points`).
+        self._backlog: deque = deque(maxlen=MAX_BACKLOG)
 
     # -- the hook's own detection ----------------------------------------------------------
     def points(self, step: int, names, values) -> None:
-        """One record's host values at ``step``: feed the detectors, deliver what opened."""
+        """One record's host values at ``step``: feed the detectors, deliver what opened.
+
+        While no callback is registered, nobody would hear of the hook's alerts (the server
+        runs the same detectors on what is sent): the record is only kept (the last
+        ``MAX_BACKLOG``), and the detectors catch up on those records, delivering nothing,
+        when a callback is registered. A late callback hears what it did before this was
+        lazy: the opens and escalations from its registration on.
+        """
         dset = self.detectors
         if dset is None:
             return
+        if not self.callbacks:
+            self._backlog.append((step, names, values))
+            return
+        if self._backlog:
+            self._catch_up()
+        self._feed(dset, step, names, values, True)
+
+    def _catch_up(self) -> None:
+        backlog, self._backlog = self._backlog, deque(maxlen=MAX_BACKLOG)
+        dset = self.detectors
+        for step, names, values in backlog:
+            self._feed(dset, step, names, values, False)
+
+    def _feed(self, dset: DetectorSet, step: int, names, values, deliver: bool) -> None:
         try:
             changes = dset.feed_step(self.state, step, tuple(names), values)
         except Exception as exc:  # noqa: BLE001 - a detector bug must not stop the sender
@@ -120,7 +154,7 @@ class Watch:
             if c.status == "open" and (before is None or rank > before):
                 self._remember(k, rank)
                 news.append(self._alert(c))
-        if news:
+        if news and deliver:
             self._notify(news)
 
     def _alert(self, c) -> dict:

@@ -272,6 +272,7 @@ def test_a_detector_failure_is_counted_and_never_raised(tmp_path, internal_error
     model = TinyNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with stethoscope.attach(model, opt, server="offline", spool_dir=tmp_path) as mon:
+        mon.on_alert(lambda alerts: None)  # the detectors run for a callback (see the next test)
         train(mon, model, opt, 5)
         assert mon.flush(10)  # the sender thread waits on the queue: its state can be touched
         mon._sender.watch.state["divergence"] = ["not", "a", "state"]  # a detector bug, from now on
@@ -283,6 +284,53 @@ def test_a_detector_failure_is_counted_and_never_raised(tmp_path, internal_error
     assert points[DETECTOR_ERRORS] == {s: float(s - 4) for s in range(5, 10)}
     assert {w for w, _ in internal_errors} == {"detectors"}
     internal_errors.clear()  # expected here; the autouse fixture fails on anything left
+
+
+def test_without_a_callback_the_detectors_wait_and_a_late_one_hears_what_it_did_before(tmp_path):
+    """Nobody hears the hook's alerts without an ``on_alert`` callback, so the detectors do not
+    run until one is registered; then they catch up on the records kept meanwhile. A callback
+    registered mid-incident hears exactly what one registered then heard when the detectors ran
+    all along: the opens and escalations from then on, with the same final state."""
+    only_divergence = {name: {"enabled": name == "divergence"} for name in DETECTORS}
+    losses = [1.0 + 0.01 * (i % 3) for i in range(60)] + [3.0] * 40 + [math.nan] * 5 + [1.0] * 10 + [3.0] * 40
+    late = 90  # the loss ran away (a warning opened at step 83); it turns NaN at 100 (an escalation)
+    eager_got, lazy_got = [], []
+    eager = Watch(DetectorSet(only_divergence), "r", "p", [])
+    lazy = Watch(DetectorSet(only_divergence), "r", "p", [])
+    for step, loss in enumerate(losses):
+        if step == late:
+            eager.callbacks.append(eager_got.append)
+            lazy.callbacks.append(lazy_got.append)
+            assert lazy.state == {} and eager.state != {}  # nothing fed while nobody listened
+        # The eager watch is the hook before the detectors waited: always fed, delivering to
+        # whoever is registered.
+        eager._feed(eager.detectors, step, ("loss", "other/series"), (loss, 1.0), True)
+        lazy.points(step, ("loss", "other/series"), (loss, 1.0))
+    assert json.dumps(lazy.state) == json.dumps(eager.state)
+    assert lazy.delivered == eager.delivered
+    heard = [(a["detector"], a["start_step"], a["severity"]) for call in lazy_got for a in call]
+    assert heard == [(a["detector"], a["start_step"], a["severity"]) for call in eager_got for a in call]
+    assert heard == [("divergence", 64, "critical")]  # the NaN's escalation; the warning was told before
+
+
+def test_the_records_kept_for_a_late_callback_are_bounded(monkeypatch):
+    from stethoscope import _watch
+
+    monkeypatch.setattr(_watch, "MAX_BACKLOG", 5)
+    fed = []
+
+    class Recorder(DetectorSet):
+        def feed_step(self, state, step, names, values):
+            fed.append(step)
+            return []
+
+    watch = Watch(Recorder(), "r", "p", [])
+    for step in range(20):
+        watch.points(step, ("loss",), (1.0,))
+    assert fed == [] and len(watch._backlog) == 5
+    watch.callbacks.append(lambda alerts: None)
+    watch.points(20, ("loss",), (1.0,))
+    assert fed == [15, 16, 17, 18, 19, 20]
 
 
 @pytest.mark.parametrize(
