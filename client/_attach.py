@@ -80,8 +80,9 @@ def attach(
     ``ddp/ranks_disagreeing`` and open a critical ``rank_drift`` alert naming the ranks.
 
     The server's detectors also run in the hook, on each step's values as the background
-    thread takes them (``mon.on_alert`` hears of a NaN at its step, online and offline; the
-    server stays the record and an episode is delivered once). ``detectors`` sets them as
+    thread takes them, once an ``mon.on_alert`` callback is registered (it hears of a NaN at
+    its step, online and offline; the server stays the record and an episode is delivered
+    once; until then the last 10,000 records wait for them). ``detectors`` sets them as
     the server's per-project settings do (``{"loss_spike": {"threshold": 8.0}}``; checked
     at once); ``detectors=False`` leaves detection to the server.
 
