@@ -28,14 +28,30 @@ A = Alert.__table__
 STATE_KEY = ""
 
 
+def load_state_texts(conn: Connection, run_id: str) -> list[tuple[str, str | None]]:
+    """A run's detector states as the JSON text stored, ``[(detector, text)]`` (text None for
+    a NULL). PostgreSQL's ``json`` keeps the text it was given, so ``state::text`` is what
+    ``save_states`` wrote, byte for byte: read as text, it is parsed by ``decode_state``
+    (orjson) rather than by psycopg's stdlib ``json.loads``, and can be compared with the
+    text a cache of decoded states holds (``DetectorRunner``)."""
+    dialect = conn.dialect.name
+    ph = placeholder(dialect)
+    col = "state::text" if dialect == "postgresql" else "state"
+    return conn.exec_driver_sql(
+        f"SELECT detector, {col} FROM detector_states WHERE run_id = {ph} AND key = ''", (run_id,)
+    ).all()
+
+
 def load_states(conn: Connection, run_id: str) -> dict[str, dict]:
     """A run's detector states, by detector."""
-    ph = placeholder(conn.dialect.name)
-    rows = conn.exec_driver_sql(
-        f"SELECT detector, state FROM detector_states WHERE run_id = {ph} AND key = ''", (run_id,)
-    ).all()
-    # psycopg hands json columns over parsed; SQLite as text.
-    return {d: (_parse(st) if isinstance(st, (str, bytes)) else st) or {} for d, st in rows}
+    return {d: decode_state(text) for d, text in load_state_texts(conn, run_id)}
+
+
+def decode_state(text: str | bytes | None) -> Any:
+    """A state's stored text as ``load_states`` gives it (``{}`` for NULL or JSON null)."""
+    if text is None:
+        return {}
+    return _parse(text) or {}
 
 
 def _parse(text: str | bytes) -> Any:
@@ -57,7 +73,14 @@ def encode_states(states: dict[str, dict]) -> dict[str, str]:
     """States as strict JSON text. ``ValueError`` for one that is not (an infinity a
     detector kept): on PostgreSQL its statement would fail and take the whole ingest
     transaction with it."""
-    return {d: json.dumps(st, allow_nan=False, separators=(",", ":")) for d, st in states.items()}
+    enc = _ENCODE
+    return {d: enc(st) for d, st in states.items()}
+
+
+#: ``json.dumps(st, allow_nan=False, separators=(",", ":"))`` without building an encoder at
+#: each call (the same C encoder, the same text; orjson's differs: ``1e-05`` is ``0.00001``
+#: there, and it writes NaN as null instead of refusing it).
+_ENCODE = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
 
 
 def save_states(conn: Connection, run_id: str, states: dict[str, str], stored: set[str]) -> None:
