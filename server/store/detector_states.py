@@ -10,6 +10,7 @@ runner loads and saves states inside each ingest transaction, so they commit wit
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -73,14 +74,38 @@ def encode_states(states: dict[str, dict]) -> dict[str, str]:
     """States as strict JSON text. ``ValueError`` for one that is not (an infinity a
     detector kept): on PostgreSQL its statement would fail and take the whole ingest
     transaction with it."""
-    enc = _ENCODE
-    return {d: enc(st) for d, st in states.items()}
+    return {d: _encode(st) for d, st in states.items()}
 
 
 #: ``json.dumps(st, allow_nan=False, separators=(",", ":"))`` without building an encoder at
-#: each call (the same C encoder, the same text; orjson's differs: ``1e-05`` is ``0.00001``
-#: there, and it writes NaN as null instead of refusing it).
+#: each call: the text states are stored as (and a NaN or an infinity refused).
 _ENCODE = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
+#: orjson, refusing what ``json`` would not write as it is (a type it does not know, a subclass,
+#: an integer past 64 bits, a key that is not a string): then ``_ENCODE`` writes it, or raises.
+_ORJSON_OPTS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS
+#: Where orjson's text may differ from ``_ENCODE``'s: a float between 1e-10 and 1e-4 (``0.00001``
+#: and ``1e-7`` there, ``1e-05`` and ``1e-07`` in ``json``), null (a NaN or an infinity is null
+#: there, refused by ``json``; a None in a state is null in both), and DEL or any byte past
+#: ASCII (``json`` escapes them). A string in a state that holds these merely takes the slow way.
+_SHORT_EXPONENT = re.compile(rb"e-\d(?!\d)")
+
+
+def _encode(state: Any) -> str:
+    """``_ENCODE(state)``, the same text, from orjson (several times faster on a state's
+    floats) where its text is known to be the same."""
+    try:
+        out = orjson.dumps(state, option=_ORJSON_OPTS)
+    except TypeError:  # orjson.JSONEncodeError: json writes it (an int past 64 bits) or raises
+        return _ENCODE(state)
+    if (
+        out.isascii()
+        and b"\x7f" not in out
+        and b"null" not in out
+        and b"0.0000" not in out
+        and (b"e-" not in out or _SHORT_EXPONENT.search(out) is None)
+    ):
+        return out.decode("ascii")
+    return _ENCODE(state)
 
 
 def save_states(conn: Connection, run_id: str, states: dict[str, str], stored: set[str]) -> None:

@@ -5,7 +5,10 @@ refused and not kept, and what is stored is what a runner without the cache stor
 
 from __future__ import annotations
 
+import json
 import math
+import random
+import struct
 
 import orjson
 import pytest
@@ -188,3 +191,49 @@ def test_kept_runs_are_bounded_least_recently_used_first(engine, settings):
     for r in ("a", "b", "a", "c"):
         store.ingest(r, _batch(0 if r != "a" or "a" not in runner._states else 1))
     assert list(runner._states) == ["a", "c"]
+
+
+def _random_value(rng, depth: int = 0):
+    kind = rng.randrange(9 if depth < 3 else 6)
+    if kind == 0:  # any finite float, every exponent alike
+        while True:
+            x = struct.unpack("d", struct.pack("Q", rng.getrandbits(64)))[0]
+            if x - x == 0.0:
+                return x
+    if kind == 1:  # floats where the spellings of json and orjson part
+        return rng.choice([1.0, -1.0]) * rng.random() * 10.0 ** rng.randrange(-12, 18)
+    if kind == 2:
+        return rng.choice([0, -1, 2**63 - 1, -(2**63), 2**64, -(2**70), rng.getrandbits(40), 0.0, -0.0, 1e16])
+    if kind == 3:
+        return "".join(chr(rng.choice([rng.randrange(0x80), rng.randrange(0x80, 0x3000)])) for _ in range(5))
+    if kind == 4:
+        return rng.choice([None, True, False, "0.00001", "e-5", "", "\x7f", "\u00e9"])
+    if kind == 5:
+        return rng.choice(["loss", "grad/norm", "eval/loss"])
+    if kind in (6, 7):
+        return [_random_value(rng, depth + 1) for _ in range(rng.randrange(6))]
+    return {_random_value(rng, 3) if rng.random() < 0.9 else "k": _random_value(rng, depth + 1) for _ in range(4)}
+
+
+def test_states_are_encoded_as_json_dumps_writes_them():
+    """orjson writes most states; where its text could differ, json does: the text is
+    ``json.dumps``'s, and a NaN or an infinity is refused, wherever it is."""
+    rng = random.Random(7)
+    fast = 0
+    for _ in range(3000):
+        st = {"seen": {"loss": rng.randrange(10**6)}, "v": _random_value(rng), "w": _random_value(rng, 1)}
+        want = json.dumps(st, allow_nan=False, separators=(",", ":"))
+        assert _states.encode_states({"d": st}) == {"d": want}, st
+        try:
+            fast += orjson.dumps(st) == want.encode()  # orjson's text would do
+        except TypeError:
+            pass
+        for bad in (math.nan, math.inf, -math.inf):
+            st["w"] = [st["w"], {"x": bad}]
+            with pytest.raises(ValueError):
+                _states.encode_states({"d": st})
+    assert fast > 500
+    # A state of floats typical of detectors (windows of losses): the same text.
+    window = [2.0 / (1 + 1e-3 * s) + 1e-9 * s for s in range(128)]
+    st = {"w": window, "lr": [1e-3, 1e-5, 3e-7, 2.5e-10], "n": -0.0, "big": 2**80}
+    assert _states.encode_states({"d": st})["d"] == json.dumps(st, allow_nan=False, separators=(",", ":"))
