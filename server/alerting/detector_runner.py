@@ -235,11 +235,6 @@ class DetectorRunner:
             while len(cache) > self.state_cache_runs:
                 cache.popitem(last=False)
 
-    def forget_states(self) -> None:
-        """Drop the states kept (they are decoded afresh from the database)."""
-        with self._states_lock:
-            self._states.clear()
-
     # -- alert rows and deliveries ---------------------------------------------------------
     def apply_changes(self, conn: Connection, run_id: str, project_id: int, changes: list[AlertChange]) -> list[dict]:
         """Write alert changes as rows (one per episode: one that comes back reopens its row),
