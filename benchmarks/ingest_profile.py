@@ -85,6 +85,13 @@ PARTS = {
     "    rollup rows (Python)": ("stethoscope_server.store.points", "_rollups.rollup_rows"),
     "    rollup rows (Python, whole batch)": ("stethoscope_server.store.points", "_rollups.batch_rows"),
     "  detector runner": ("stethoscope_server.alerting.detector_runner", "DetectorRunner.__call__"),
+    "    states read and decoded": ("stethoscope_server.store.detector_states", "load_states"),
+    "    states read, decoded or kept ones reused": (
+        "stethoscope_server.alerting.detector_runner",
+        "DetectorRunner._load_states",
+    ),
+    "    states encoded": ("stethoscope_server.store.detector_states", "encode_states"),
+    "    states written": ("stethoscope_server.store.detector_states", "save_states"),
     "  commit": ("sqlalchemy.engine.base", "Connection._commit_impl"),
 }
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -40,6 +41,10 @@ from .outbox import enqueue_for_alert, run_link
 log = logging.getLogger("stethoscope.server.detectors")
 
 STALLED = StalledRunDetector.name
+
+#: Runs whose decoded detector states a runner keeps between requests (least recently used
+#: dropped first); a run's states are some tens of KB.
+STATE_CACHE_RUNS = 256
 
 
 def _as_left_by(c: AlertChange) -> dict:
@@ -82,9 +87,28 @@ class _ProjectDetectors:
 
 
 class DetectorRunner:
-    """The store's ``on_points`` callable, and the periodic stalled-run check."""
+    """The store's ``on_points`` callable, and the periodic stalled-run check.
 
-    def __init__(self, settings: Settings, wake_outbox: Callable[[Connection], None] | None = None) -> None:
+    It keeps the states it saved, decoded, with the text it wrote (at most ``state_cache_runs``
+    runs; 0: none). A request takes a run's kept states out (no other request can change them
+    meanwhile) and uses one only where the text it read from the database in its own
+    transaction is the text kept: another worker's write, the stalled-run check's, a restart
+    or a rollback all show as another text, and that state is decoded afresh. The states it
+    saves go back once the transaction committed (the store's after-commit callbacks); a
+    request that fails or rolls back puts nothing back. A state kept is the objects the
+    detectors left, so the sorted copies of its windows (``SortedWindows``, kept by the
+    lists' identity) stay valid from one request to the next instead of being rebuilt.
+    """
+
+    #: The store passes ``__call__`` a list of after-commit callbacks.
+    takes_after_commit = True
+
+    def __init__(
+        self,
+        settings: Settings,
+        wake_outbox: Callable[[Connection], None] | None = None,
+        state_cache_runs: int = STATE_CACHE_RUNS,
+    ) -> None:
         self.ttl = settings.detector_settings_ttl_s
         self.base_url = settings.base_url
         self.wake_outbox = wake_outbox
@@ -92,6 +116,10 @@ class DetectorRunner:
         self.errors = 0
         self._cache: dict[int, _ProjectDetectors] = {}
         self._lock = threading.Lock()
+        self.state_cache_runs = state_cache_runs
+        #: run id -> {detector: (stored text, the state decoded from it)}, least recently used first.
+        self._states: OrderedDict[str, dict[str, tuple[str, dict]]] = OrderedDict()
+        self._states_lock = threading.Lock()
 
     # -- settings ----------------------------------------------------------------------
     def invalidate(self) -> None:
@@ -112,7 +140,12 @@ class DetectorRunner:
 
     # -- on ingest -----------------------------------------------------------------------
     def __call__(
-        self, conn: Connection, run_id: str, project_id: int, new_points: list[tuple[str, list[int], list[float]]]
+        self,
+        conn: Connection,
+        run_id: str,
+        project_id: int,
+        new_points: list[tuple[str, list[int], list[float]]],
+        after_commit: list[Callable[[], None]] | None = None,
     ) -> list[dict]:
         proj = self._project(project_id, lambda pid: _settings.load_overrides(conn, pid))
         # Routed here, once: the detectors fed are the keys, and ``feed`` takes the same dict.
@@ -123,7 +156,7 @@ class DetectorRunner:
             return []
         t0 = time.perf_counter()
         try:
-            return self._run(conn, run_id, project_id, proj, routed)
+            return self._run(conn, run_id, project_id, proj, routed, after_commit)
         except Exception:
             # A bug in a detector must not cost the points (the client would retry the batch
             # forever): they commit, detection skips this batch. Nothing of it reached the
@@ -141,8 +174,9 @@ class DetectorRunner:
         project_id: int,
         proj: _ProjectDetectors,
         routed: dict[str, list[tuple[str, int, float]]],
+        after_commit: list[Callable[[], None]] | None = None,
     ) -> list[dict]:
-        state = _states.load_states(conn, run_id)
+        state = self._load_states(conn, run_id)
         stored = set(state)
         fed = set(routed)
         changes = proj.dset.feed(state, routed)
@@ -167,7 +201,39 @@ class DetectorRunner:
             with conn.begin_nested():
                 opened = self.apply_changes(conn, run_id, project_id, changes)
         _states.save_states(conn, run_id, states, stored)
+        if after_commit is not None and self.state_cache_runs > 0:
+            # Only the states saved: their text is theirs exactly. One loaded but not saved
+            # is dropped (decoded again next time) rather than trusted to be unchanged.
+            saved = {d: (text, state[d]) for d, text in states.items()}
+            after_commit.append(lambda: self._keep_states(run_id, saved))
         return opened
+
+    # -- decoded states kept between requests -----------------------------------------------
+    def _load_states(self, conn: Connection, run_id: str) -> dict[str, dict]:
+        """``load_states``, reusing a state kept whose text is the one read now."""
+        rows = _states.load_state_texts(conn, run_id)
+        with self._states_lock:
+            # Taken out, all of the run's: the detectors change them in place from here on.
+            kept = self._states.pop(run_id, None)
+        if not kept:
+            return {d: _states.decode_state(text) for d, text in rows}
+        state = {}
+        for d, text in rows:
+            hit = kept.get(d)
+            state[d] = hit[1] if hit is not None and hit[0] == text else _states.decode_state(text)
+        return state
+
+    def _keep_states(self, run_id: str, saved: dict[str, tuple[str, dict]]) -> None:
+        """After the commit: keep the states saved (run as the most recently used)."""
+        with self._states_lock:
+            cache = self._states
+            other = cache.pop(run_id, None)  # put back meanwhile by another transaction of the run
+            if other:
+                other.update(saved)
+                saved = other
+            cache[run_id] = saved
+            while len(cache) > self.state_cache_runs:
+                cache.popitem(last=False)
 
     # -- alert rows and deliveries ---------------------------------------------------------
     def apply_changes(self, conn: Connection, run_id: str, project_id: int, changes: list[AlertChange]) -> list[dict]:

@@ -15,6 +15,7 @@ connection and calls the functions of those modules; no statement lives outside 
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -37,6 +38,8 @@ from .overview import Overview
 from .points import PointWriter, SeriesBatch
 from .sql import placeholder
 
+log = logging.getLogger("stethoscope.server.store")
+
 __all__ = [
     "Store",
     "SeriesBatch",
@@ -52,7 +55,9 @@ R = Run.__table__
 S = Series.__table__
 E = Event.__table__
 
-#: ``on_points(conn, run_id, project_id, [(series, steps, values), ...]) -> alerts opened``
+#: ``on_points(conn, run_id, project_id, [(series, steps, values), ...]) -> alerts opened``; one
+#: whose ``takes_after_commit`` is true gets a fifth argument, a list it may append callables
+#: to: they run once the transaction committed, never after a rollback.
 OnPoints = Callable[[Connection, str, int, list[tuple[str, list[int], list[float]]]], list[dict]]
 
 #: Series ids kept in memory (run, name) -> id; a few MB at most.
@@ -200,13 +205,17 @@ class Store:
             new = self._writer.write(conn, [(ids[b.name], b) for b in batches])
         new_points = [(sb.name, sb.steps, sb.values) for _, sb in new]
         alerts: list[dict] = []
+        committed: list[Callable[[], None]] = []
         if self.on_points is not None and new_points:
             # Same transaction as the points: detector state and alerts commit with them,
             # so a crash or a second worker neither forgets nor doubles an alert.
-            alerts = self.on_points(conn, run_id, project_id, new_points)
+            if getattr(self.on_points, "takes_after_commit", False):
+                alerts = self.on_points(conn, run_id, project_id, new_points, committed)
+            else:
+                alerts = self.on_points(conn, run_id, project_id, new_points)
         inserted = sum(len(sb.steps) for _, sb in new)
         result = IngestResult(total, inserted, alerts=alerts, new_points=new_points)
-        result._commit_info = (run_id, created)
+        result._commit_info = (run_id, created, committed)
         return result
 
     def _touch_run(self, conn: Connection, run_id: str, last_step: int | None) -> int | None:
@@ -241,8 +250,16 @@ class Store:
         return out
 
     def _after_ingest_commit(self, result: IngestResult) -> None:
-        run_id, created = result._commit_info
+        run_id, created, committed = result._commit_info
         self._remember(run_id, created)
+        # What ``on_points`` asked to run once its writes are durable (the detector runner's
+        # state cache): never for a transaction that rolled back (a group that ran again
+        # without a failed job builds new results, and their own callbacks).
+        for fn in committed:
+            try:
+                fn()
+            except Exception:  # the batch is stored: its reply must not turn into an error
+                log.exception("after-commit callback failed on run %r", run_id)
 
     def _resolve_series(self, conn: Connection, run_id: str, names: list[str]) -> tuple[dict[str, int], dict[str, int]]:
         ids: dict[str, int] = {}
