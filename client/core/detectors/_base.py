@@ -298,11 +298,6 @@ class Detector:
     #: The order of the points of one step: None, as they come; else a function of the series
     #: name, and :meth:`feed` takes a batch's points by (step, step_rank(series)) (stable).
     step_rank: ClassVar[Any] = None
-    #: None, or a method ``step_points(state, step, names, values, idx, log)`` that does what
-    #: :meth:`feed` does with the points ``(names[i], step, values[i])``, ``i`` in ``idx``, of
-    #: one step, logging to ``log``: :meth:`DetectorSet.feed_step` calls it instead of feeding
-    #: the points one by one.
-    step_points: ClassVar[Any] = None
 
     def __init__(self, params: Any = None) -> None:
         self.params = params if params is not None else self.Params()
@@ -336,6 +331,23 @@ class Detector:
             seen[series] = step
             point(state, series, step, float(value), log)
         return log.changes
+
+    def step_points(self, state: dict, step: int, names: tuple, values, idx: tuple, log: ChangeLog) -> None:
+        """What :meth:`feed` does with the points ``(names[i], step, values[i])``, ``i`` in
+        ``idx`` (in feeding order), of one step, logging to ``log``: :meth:`DetectorSet.feed_step`
+        (the hook's path) calls it for a detector that keeps :meth:`feed`, without building
+        the points. A detector may override it to take a step's points in one go."""
+        seen = state.get("seen")
+        if seen is None:
+            seen = state["seen"] = {}
+        point = self.point
+        for i in idx:
+            name = names[i]
+            last = seen.get(name)
+            if last is not None and step <= last:
+                continue
+            seen[name] = step
+            point(state, name, step, float(values[i]), log)
 
     def _step_key(self):
         """The sort key of :meth:`feed`'s order: ``(step, step_rank(series))``, each series'

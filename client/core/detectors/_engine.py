@@ -6,7 +6,7 @@ import dataclasses
 import typing
 from itertools import repeat
 from operator import itemgetter
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 from ._base import OPEN, RESOLVE, UPDATE, AlertChange, ChangeLog, Detector, episode_change
 from ._bounds import check_bounds
@@ -236,42 +236,29 @@ class DetectorSet:
                 plans.clear()
             plan = plans[names] = self._plan(names)
         changes: list[AlertChange] = []
-        # Detector.feed inlined for the detectors that keep it, with one ChangeLog for all of
-        # them: a log merges changes per (detector, key), so sharing it merges nothing across
-        # detectors, and changes stay in detector order.
+        # Detector.step_points for the detectors that keep Detector.feed, with one ChangeLog
+        # for all of them: a log merges changes per (detector, key), so sharing it merges
+        # nothing across detectors, and changes stay in detector order.
         log = ChangeLog()
-        for d, idx, inline in plan:
+        for d, idx, by_step in plan:
             own = state.get(d.name)
             if own is None:
                 own = state[d.name] = {}
-            if inline is not True:
-                if inline:  # the detector's own step_points
-                    inline(own, step, names, values, idx, log)
-                    continue
-                changes += log.changes
-                log = ChangeLog()
-                changes += d.feed(own, [(names[i], step, values[i]) for i in idx])
+            if by_step:
+                d.step_points(own, step, names, values, idx, log)
                 continue
-            seen = own.get("seen")
-            if seen is None:
-                seen = own["seen"] = {}
-            point = d.point
-            for i in idx:
-                name = names[i]
-                last = seen.get(name)
-                if last is not None and step <= last:
-                    continue
-                seen[name] = step
-                point(own, name, step, float(values[i]), log)
+            changes += log.changes
+            log = ChangeLog()
+            changes += d.feed(own, [(names[i], step, values[i]) for i in idx])
         changes += log.changes
         if changes:
             changes = attribute(state, changes)
         return changes
 
-    def _plan(self, names: tuple) -> list[tuple[Detector, tuple[int, ...], Any]]:
+    def _plan(self, names: tuple) -> list[tuple[Detector, tuple[int, ...], bool]]:
         """Per detector, in feeding order, the indices of the ``names`` it takes (those with
-        none left out), and whether it feeds points as :meth:`Detector.feed` does: True, or its
-        ``step_points`` method that does it for one step, or False (its own ``feed``)."""
+        none left out), and whether it feeds points as :meth:`Detector.feed` does (then
+        :meth:`Detector.step_points` takes the step) or by a ``feed`` of its own."""
         plan = []
         for d in self.detectors:
             idx = tuple(i for i, n in enumerate(names) if d.accepts(n))
@@ -279,10 +266,7 @@ class DetectorSet:
                 rank = d.step_rank
                 if rank is not None:  # Detector.feed's order within a step (stable)
                     idx = tuple(sorted(idx, key=lambda i: rank(names[i])))
-                inline = type(d).feed is Detector.feed
-                if inline and d.step_points is not None:
-                    inline = d.step_points
-                plan.append((d, idx, inline))
+                plan.append((d, idx, type(d).feed is Detector.feed))
         return plan
 
     def check(
