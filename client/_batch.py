@@ -106,25 +106,18 @@ class Batch:
                 # A run of rows with these names (each name once, a value for each).
                 while j < n and rows[j][2] == names and len(rows[j][3]) == k:
                     j += 1
-                run = rows[i:j]
-                steps = [r[0] for r in run]
-                walls = [r[1] for r in run]
-                for name, values in zip(names, zip(*[r[3] for r in run])):
-                    col = series.get(name)
-                    if col is None:
-                        col = series[name] = ([], [], [])
-                    col[0].extend(steps)
-                    col[1].extend(values)
-                    col[2].extend(walls)
-            else:  # a name twice (its points in record order), or values that do not match
-                step, wall, _, values = rows[i]
-                for name, v in zip(names, values):
-                    col = series.get(name)
-                    if col is None:
-                        col = series[name] = ([], [], [])
-                    col[0].append(step)
-                    col[1].append(v)
-                    col[2].append(wall)
+            # else a run of this row alone: a name twice (its points in record order), or
+            # values that do not match the names (as many points as the shorter has)
+            run = rows[i:j]
+            steps = [r[0] for r in run]
+            walls = [r[1] for r in run]
+            for name, values in zip(names, zip(*[r[3] for r in run])):
+                col = series.get(name)
+                if col is None:
+                    col = series[name] = ([], [], [])
+                col[0].extend(steps)
+                col[1].extend(values)
+                col[2].extend(walls)
             i = j
 
     def set_point(self, name: str, step: int, value: float) -> None:
