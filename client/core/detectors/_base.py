@@ -159,6 +159,18 @@ def median_mad_sorted(s: list, xs: list, clean: bool = False) -> tuple[float, fl
     return m, 0.5 * (kth + nxt) + 0.0
 
 
+def series_list(state: dict, field: str, series: str) -> list:
+    """``state[field][series]``, a list, made empty where missing. (get, not setdefault: that
+    builds both defaults at every point.)"""
+    by_series = state.get(field)
+    if by_series is None:
+        by_series = state[field] = {}
+    s = by_series.get(series)
+    if s is None:
+        s = by_series[series] = []
+    return s
+
+
 def push(window: list, x: float, size: int) -> None:
     """Append to a fixed-size window kept as a plain list (oldest first)."""
     window.append(x)

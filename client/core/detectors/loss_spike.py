@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ._base import MAD_TO_SIGMA, ChangeLog, Detector, fmt, median, median_mad_sorted, sentence
+from ._base import MAD_TO_SIGMA, ChangeLog, Detector, fmt, median, median_mad_sorted, sentence, series_list
 
 #: OLMo-core's SkipStepOptimizer judges a step against the last 128 values
 #: (``rolling_interval_length=128``).
@@ -154,13 +154,7 @@ class LossSpikeDetector(Detector):
                 # for the divergence to claim it.
                 ep["held"] = step - p.delay_steps + 1
         x = math.log(max(value, LOG_FLOOR)) if p.log_scale else value
-        # (get, not setdefault: that builds the default at every point)
-        windows = state.get("windows")
-        if windows is None:
-            windows = state["windows"] = {}
-        window = windows.get(series)
-        if window is None:
-            window = windows[series] = []
+        window = series_list(state, "windows", series)
         if len(window) < p.warmup:
             self._sorted.push(window, x, p.window)
             if len(window) == p.warmup:

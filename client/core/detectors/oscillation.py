@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from operator import mul, sub
 
-from ._base import ChangeLog, Detector, fmt, median, push
+from ._base import ChangeLog, Detector, fmt, median, push, series_list
 
 #: Series lists whose sign changes are kept between points (see ``OscillationDetector._alternation``).
 _KEPT = 256
@@ -136,13 +136,7 @@ class OscillationDetector(Detector):
             if value - value == 0.0:  # finite
                 state["lr"] = value
             return
-        # (get, not setdefault: that builds the default at every point)
-        by_series = state.get("series")
-        if by_series is None:
-            by_series = state["series"] = {}
-        s = by_series.get(series)
-        if s is None:
-            s = by_series[series] = []
+        s = series_list(state, "series", series)
         if value - value != 0.0:  # not finite
             s.clear()  # a gap: judge afresh from the next finite points
             return

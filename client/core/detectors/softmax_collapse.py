@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ._base import ChangeLog, Detector, finite, fmt, sentence
+from ._base import ChangeLog, Detector, finite, fmt, sentence, series_list
 
 #: float32 absorbs x in 1 + x once x <= 2^-24 (half an ulp of 1.0). A sample whose softmax
 #: denominator sum_j exp(z_j - max z) rounds to exactly 1 has zero loss and zero gradient;
@@ -95,13 +95,8 @@ class SoftmaxCollapseDetector(Detector):
         if value - value != 0.0:  # not finite
             return
         p = self.params
-        # (get, not setdefault: that builds the default at every point)
-        recent = state.get("recent")
-        if recent is None:
-            recent = state["recent"] = {}
-        window = recent.get(series)
-        if window is None:
-            window = recent[series] = []
+        window = series_list(state, "recent", series)
+        recent = state["recent"]
         window.append(value)  # push(window, value, smooth_points), inlined
         if len(window) > p.smooth_points:
             del window[: len(window) - p.smooth_points]
