@@ -178,7 +178,7 @@ class Monitor:
         except Exception as exc:  # noqa: BLE001
             _errors.report("cost budget", exc)
         full = budget.full
-        _attention._active = full  # _attention.set_active(full), one call fewer
+        _attention.set_active(full)
         if self._dead is not None:
             self._dead.active = full
 
