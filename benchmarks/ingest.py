@@ -16,6 +16,13 @@ processes); ``--workers-scan`` measures how throughput grows with uvicorn worker
 Then a 200,000-point series is read downsampled, on both arms: the points returned for
 ``max_points`` 1,500 and 2,000 (at most that many, and close to it) and the read's latency.
 
+On SQLite, ``database_floor`` is the database's own work for the same batches, measured in
+this process on a fresh file migrated like the server's, through the store's own statements
+and connection settings: the resend probe, the multi-row points insert, the rollup upsert,
+the commit and the periodic WAL checkpoint, with their parameters built beforehand. No
+ingest path that keeps a row per point costs less than that; it is set beside the issue's
+target (the baseline's CPU per point / 4) measured in the same run.
+
     python benchmarks/ingest.py [--rounds 4] [--seconds 4] [--senders 4] [--db sqlite,postgres]
     python benchmarks/ingest.py --db postgres --workers-scan 1,2,4   # new path only
 
@@ -150,6 +157,67 @@ def measure_read(url: str, repeats: int = 9) -> dict:
     return out
 
 
+def database_floor(batches: int = 1200, runs: int = 4) -> dict:
+    """The SQLite work of ``batches`` 1,000-point batches (``runs`` runs' 20 series each, in
+    turn, steps ascending like the senders'), CPU microseconds per point by part."""
+    from itertools import chain
+
+    from stethoscope_server.settings import Settings
+    from stethoscope_server.store import migrate
+    from stethoscope_server.store import rollups as _rollups
+    from stethoscope_server.store.db import CHECKPOINT_INTERVAL_S, make_engine
+    from stethoscope_server.store.points import PointWriter, SeriesBatch, _point_params
+
+    wall = time.time()
+    with fresh_database("sqlite") as url:
+        migrate.upgrade(url)
+        engine = make_engine(Settings(database_url=url))
+        raw = engine.raw_connection()
+        db = raw.driver_connection  # the server's pragmas (the engine's connect hook)
+        writer = PointWriter("sqlite")
+        parts = dict.fromkeys(("probe", "points", "rollups", "commit", "checkpoint", "params"), 0.0)
+        # Checkpoint as often as the server's background thread would at the new path's rate
+        # (~300 batches a second on this kind of machine: one per CHECKPOINT_INTERVAL_S).
+        every = max(1, round(300 * CHECKPOINT_INTERVAL_S))
+        cpu = time.process_time
+        for b in range(batches):
+            run, step = b % runs, (b // runs) * STEPS_PER_BATCH
+            steps = list(range(step, step + STEPS_PER_BATCH))
+            items = [
+                (
+                    1 + run * SERIES + i,
+                    SeriesBatch(f"metric/{i}", steps, [0.5 + 1e-4 * s for s in steps], [wall] * STEPS_PER_BATCH),
+                )
+                for i in range(SERIES)
+            ]
+            t0 = cpu()
+            flat = _point_params(items)
+            rows = list(chain.from_iterable(_rollups.batch_rows([(sid, sb.steps, sb.values) for sid, sb in items])))
+            t1 = cpu()
+            db.execute("BEGIN IMMEDIATE")
+            if writer._any_stored(db, items):
+                raise RuntimeError("a fresh batch found stored points")
+            t2 = cpu()
+            writer._points.run(db, flat)
+            t3 = cpu()
+            writer._rollups.run(db, rows)
+            t4 = cpu()
+            db.execute("COMMIT")
+            t5 = cpu()
+            if (b + 1) % every == 0:
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            t6 = cpu()
+            for part, dt in zip(parts, (t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t1 - t0)):
+                parts[part] += dt
+        raw.close()
+        engine.dispose()
+    n = batches * SERIES * STEPS_PER_BATCH
+    out = {f"{k}_us_per_point": round(v / n * 1e6, 3) for k, v in parts.items()}
+    out["database_us_per_point"] = round(sum(v for k, v in parts.items() if k != "params") / n * 1e6, 3)
+    out["points"] = n
+    return out
+
+
 def _summary(rounds: list[dict]) -> dict:
     keys = ("points_per_s", "server_cpu_us_per_point", "server_cpu_share", "p50_ms", "p99_ms")
     out = {k: median([r[k] for r in rounds]) for k in keys}
@@ -159,7 +227,7 @@ def _summary(rounds: list[dict]) -> dict:
     return out
 
 
-def ab(kind: str, ref: str, rounds: int, seconds: float, senders: int, workers: int) -> dict:
+def ab(kind: str, ref: str, rounds: int, seconds: float, senders: int, workers: int, with_floor: bool = True) -> dict:
     with ExitStack() as stack:
         old_code = stack.enter_context(baseline_code(ref))
         arms = {
@@ -173,6 +241,15 @@ def ab(kind: str, ref: str, rounds: int, seconds: float, senders: int, workers: 
                 got[arm].append(measure_ingest(arms[arm], senders, seconds, first_step=r * ROUND_STEPS))
         reads = {arm: measure_read(srv.url) for arm, srv in arms.items()}
     base, new = _summary(got["baseline"]), _summary(got["new"])
+    floor = {}
+    if kind == "sqlite" and with_floor:
+        floor = database_floor()
+        target = base["server_cpu_us_per_point"] / 4
+        floor["target_cpu_us_per_point_from_baseline"] = round(target, 3)
+        floor["database_share_of_target"] = round(floor["database_us_per_point"] / target, 2)
+        floor["new_path_over_floor_us_per_point"] = round(
+            new["server_cpu_us_per_point"] - floor["database_us_per_point"], 3
+        )
     return {
         "benchmark": "ingest",
         "database": kind,
@@ -193,6 +270,7 @@ def ab(kind: str, ref: str, rounds: int, seconds: float, senders: int, workers: 
         "new": new,
         "baseline": base,
         "reads": reads,
+        **({"database_floor": floor} if floor else {}),
         "target_cpu_us_per_point": 4.0 if kind == "sqlite" else None,
         "target_ratio": 4.0 if kind == "sqlite" else 3.0,
         "machine": machine_load(),
@@ -225,6 +303,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--db", default="sqlite,postgres")
     ap.add_argument("--baseline", default=BASELINE_REF, help="git ref of the baseline arm")
+    ap.add_argument("--no-floor", action="store_true", help="SQLite: skip the database floor")
     ap.add_argument("--workers-scan", default="", help="e.g. 1,2,4: worker scaling of the new path only")
     args = ap.parse_args()
     for kind in args.db.split(","):
@@ -233,7 +312,10 @@ def main() -> None:
             print(json.dumps(workers_scan(kind, counts, args.seconds, args.senders)), flush=True)
         else:
             print(
-                json.dumps(ab(kind, args.baseline, args.rounds, args.seconds, args.senders, args.workers)), flush=True
+                json.dumps(
+                    ab(kind, args.baseline, args.rounds, args.seconds, args.senders, args.workers, not args.no_floor)
+                ),
+                flush=True,
             )
 
 
