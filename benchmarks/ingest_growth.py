@@ -3,11 +3,13 @@
 Two real servers (the baseline exported from git ``--baseline``, and this tree) run side by
 side on fresh SQLite files. At each size the table is first topped up with filler rows
 (other series, written straight into the file in SQL while the servers are idle), then 4
-senders POST 1,000-point batches to each server in turn (the order alternates between
-sizes) for ``--seconds``. Each figure is given against the same arm's figure at the first
-size (flat = 1.0), and the new arm against the baseline at each size.
+senders POST 1,000-point batches to each server in turn for ``--seconds``, ``--rounds``
+times per size in ABBA order (so the load other work puts on a shared machine falls on both
+arms alike); each size's figure is the median of its rounds. Each figure is given against
+the same arm's figure at the first size (flat = 1.0), and the new arm against the baseline
+at each size. Server CPU per point is the steadier figure on a loaded machine.
 
-    python benchmarks/ingest_growth.py [--sizes 200000,1000000,2000000,4000000] [--seconds 5]
+    python benchmarks/ingest_growth.py [--sizes 200000,1000000,2000000,4000000] [--seconds 4] [--rounds 3]
 
 Prints one JSON line.
 """
@@ -23,7 +25,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import baseline_code, fresh_database, machine_load, server  # noqa: E402
+from _common import baseline_code, fresh_database, machine_load, median, server  # noqa: E402
 from ingest import BASELINE_REF, ROUND_STEPS, measure_ingest  # noqa: E402
 
 #: Filler rows per filler series, and where their ids start (no real series has such an id).
@@ -58,7 +60,8 @@ def _fill(path: str, have: int, want: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="200000,1000000,2000000,4000000", help="filler rows at each step")
-    ap.add_argument("--seconds", type=float, default=5)
+    ap.add_argument("--seconds", type=float, default=4)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per size and arm (medians)")
     ap.add_argument("--senders", type=int, default=4)
     ap.add_argument("--baseline", default=BASELINE_REF)
     args = ap.parse_args()
@@ -80,13 +83,29 @@ def main() -> None:
             for arm in arms:
                 fill_s[arm] = _fill(urls[arm].removeprefix("sqlite:///"), filled[arm], size)
                 filled[arm] = size
-            order = ["baseline", "new"] if i % 2 == 0 else ["new", "baseline"]
-            for arm in order:
-                r = measure_ingest(arms[arm], args.senders, args.seconds, first_step=i * ROUND_STEPS)
-                r["rows_after"] = _rows(urls[arm].removeprefix("sqlite:///"))
-                r["fill_s"] = round(fill_s[arm], 1)
-                got[arm].append(r)
-    out = {"benchmark": "ingest_growth", "database": "sqlite", "sizes": sizes, "baseline_ref": args.baseline}
+            rounds: dict[str, list[dict]] = {arm: [] for arm in arms}
+            for k in range(args.rounds):
+                order = ["baseline", "new"] if k % 2 == 0 else ["new", "baseline"]  # ABBA
+                for arm in order:
+                    first_step = (i * args.rounds + k) * ROUND_STEPS
+                    rounds[arm].append(measure_ingest(arms[arm], args.senders, args.seconds, first_step=first_step))
+            for arm, rs in rounds.items():
+                got[arm].append(
+                    {
+                        "points_per_s": median([r["points_per_s"] for r in rs]),
+                        "server_cpu_us_per_point": median([r["server_cpu_us_per_point"] for r in rs]),
+                        "errors": sum(r["errors"] for r in rs),
+                        "rows_after": _rows(urls[arm].removeprefix("sqlite:///")),
+                        "fill_s": round(fill_s[arm], 1),
+                    }
+                )
+    out = {
+        "benchmark": "ingest_growth",
+        "database": "sqlite",
+        "sizes": sizes,
+        "rounds": args.rounds,
+        "baseline_ref": args.baseline,
+    }
     for arm, rs in got.items():
         first = rs[0]
         out[arm] = {
@@ -102,6 +121,10 @@ def main() -> None:
         }
     out["ratio_points_per_s_new_over_baseline"] = [
         round(n["points_per_s"] / b["points_per_s"], 2) for n, b in zip(got["new"], got["baseline"])
+    ]
+    out["ratio_cpu_per_point_baseline_over_new"] = [
+        round(b["server_cpu_us_per_point"] / n["server_cpu_us_per_point"], 2)
+        for n, b in zip(got["new"], got["baseline"])
     ]
     out["machine"] = machine_load()
     print(json.dumps(out), flush=True)
