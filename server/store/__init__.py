@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 from sqlalchemy import Connection, Engine, func, insert, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DBAPIError
 
 from . import runs as _runs
 from .alerts import group_incidents
@@ -65,6 +66,14 @@ SERIES_CACHE_SIZE = 100_000
 
 #: Series names one statement looks up or creates (well inside both databases' parameter limits).
 NAMES_PER_STATEMENT = 1000
+
+
+class _Retry(Exception):
+    """An ingest transaction lost its connection before its commit: ``cause``."""
+
+    def __init__(self, cause: DBAPIError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 @dataclass(slots=True)
@@ -179,9 +188,27 @@ class Store:
             return self._ingest_group.submit(run_id, batches)
         # PostgreSQL: concurrent transactions, each its own; the server commits them in
         # parallel (and groups their WAL flushes itself).
-        with self._begin_write() as conn:
-            result = self._ingest_in(conn, run_id, batches)
+        try:
+            result = self._ingest_pg(run_id, batches)
+        except _Retry as r:
+            # The connection was lost before the commit was asked for (a backend that ended
+            # after the pool's check, ``db._ping_when_spoken_to``): nothing of the batch was
+            # stored, so it goes once more, on another connection.
+            log.info("ingest on run %r lost its database connection before its commit (%s); once more", run_id, r.cause)
+            result = self._ingest_pg(run_id, batches, retry=False)
         self._after_ingest_commit(result)
+        return result
+
+    def _ingest_pg(self, run_id: str, batches: list[SeriesBatch], retry: bool = True) -> IngestResult:
+        committing = False
+        try:
+            with self._begin_write() as conn:
+                result = self._ingest_in(conn, run_id, batches)
+                committing = True
+        except DBAPIError as e:
+            if retry and not committing and e.connection_invalidated:
+                raise _Retry(e) from e
+            raise
         return result
 
     def _ingest_in(self, conn: Connection, run_id: str, batches: list[SeriesBatch]) -> IngestResult:
