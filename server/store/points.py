@@ -31,7 +31,7 @@ from itertools import chain
 from sqlalchemy import Connection
 
 from . import rollups as _rollups
-from .pg_arrays import float8_array, int8_array
+from .pg_arrays import float8_array, int8_array, int8_runs
 from .sql import placeholder
 
 #: Rows one SQLite statement inserts. Per-row ``executemany`` paid ~2.1 us a point, a 64-row
@@ -237,18 +237,16 @@ class PointWriter:
 
     def _params(self, items: list[tuple[int, SeriesBatch]]) -> tuple:
         """The points and rollups statement's parameters, after the run's (if any)."""
-        sids: list[int] = []
         steps: list[int] = []
         values: list[float] = []
         walls: list[float] = []
-        for series_id, sb in items:
-            sids.extend([series_id] * len(sb.steps))
+        for _, sb in items:
             steps.extend(sb.steps)
             values.extend(sb.values)
             walls.extend(sb.walls)
         n = len(steps)
         return (
-            int8_array(sids),
+            int8_runs([(series_id, len(sb.steps)) for series_id, sb in items]),
             int8_array(steps),
             float8_array(values, nan_is_null=True),
             float8_array(walls),
