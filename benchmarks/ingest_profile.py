@@ -78,6 +78,10 @@ PARTS = {
         "stethoscope_server.store.points",
         "PointWriter.write_touching",
     ),
+    "  points writer (PostgreSQL, known series no detector takes: one statement in autocommit)": (
+        "stethoscope_server.store.points",
+        "PointWriter.write_all_new",
+    ),
     "    points insert (PostgreSQL; since the one-statement path, with the rollups)": (
         "stethoscope_server.store.points",
         "PointWriter._write_pg",

@@ -139,6 +139,14 @@ class DetectorRunner:
         return p
 
     # -- on ingest -----------------------------------------------------------------------
+    def takes_none(self, project_id: int, names: list[str]) -> bool:
+        """True when the project's detectors, as cached now (not expired), take no series of
+        these names: ``__call__`` would then route nothing and return no alert without a
+        statement, so the store may write such a batch without a transaction of its own
+        (``Store._ingest_autocommit``). False when one is taken, or the settings are not at hand."""
+        p = self._cache.get(project_id)
+        return p is not None and p.expires > time.monotonic() and not p.dset.takes_any(names)
+
     def __call__(
         self,
         conn: Connection,

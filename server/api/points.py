@@ -12,6 +12,7 @@ from starlette.routing import BaseRoute, Match, compile_path
 
 from stethoscope.core.wire import encode_values
 
+from ..auth.gate import body_read
 from ..ops.observability import METRICS, note_batch_points
 from .deps import StoreDep, StrictJSONRoute
 from .ingest_parse import decode_body, parse_batch
@@ -70,7 +71,10 @@ async def _ingest(run_id: str, request: Request) -> Response:
     store, settings = state.store, state.settings
     # The gate has read the body already, within STETHOSCOPE_MAX_BODY_BYTES (its one check of
     # the size on the wire); decoding holds the decompressed body to the same limit.
-    body = decode_body(await request.body(), request.headers.get("content-encoding"), settings.max_body_bytes)
+    raw = body_read(request.scope)  # the gate's bytes, not a second trip through ``receive``
+    if raw is None:
+        raw = await request.body()
+    body = decode_body(raw, request.headers.get("content-encoding"), settings.max_body_bytes)
     batches = parse_batch(body, settings.max_points_per_batch)
     note_batch_points(request.scope, sum(len(b.steps) for b in batches))
     result = await state.run_in_thread(store.ingest, run_id, batches)

@@ -310,6 +310,16 @@ def same_origin(headers: Headers) -> bool:
     return urlsplit(origin).netloc.lower() == headers.get("host", "").lower()
 
 
+#: Where in the request's scope state the gate leaves the body it read.
+BODY_KEY = "stethoscope.body"
+
+
+def body_read(scope) -> bytes | None:
+    """The body the gate read for this request, or None if it read none."""
+    state = scope.get("state")
+    return state.get(BODY_KEY) if state is not None else None
+
+
 class SecurityMiddleware:
     def __init__(self, app, settings: Settings) -> None:
         self.app = app
@@ -332,9 +342,13 @@ class SecurityMiddleware:
             return await _deny(scope, send, d)
         await self.app(scope, receive, send)
 
-    async def _body(self, receive, read: list) -> bytes:
+    async def _body(self, scope, receive, read: list) -> bytes:
         read[0] = True
-        return await read_body(receive, self.settings.max_body_bytes, self.settings.body_timeout_s)
+        body = await read_body(receive, self.settings.max_body_bytes, self.settings.body_timeout_s)
+        # The very bytes the gate read, for a route that takes them as they are (``body_read``)
+        # instead of through the replayed ``receive``.
+        scope["state"][BODY_KEY] = body
+        return body
 
     async def _checked(self, scope, receive, read: list):
         """The request's ``receive`` once it may go on (its body read, within the limits, and
@@ -358,11 +372,11 @@ class SecurityMiddleware:
             check_host(headers.get("host"), self.gate.hosts)
             if unsafe and (method, path) not in access.FORMS:
                 require_json(method, headers.get("content-type"))
-            return replay(await self._body(receive, read), receive) if unsafe else receive
+            return replay(await self._body(scope, receive, read), receive) if unsafe else receive
         app = scope["app"]
         route_path, rule, params = access.match(method, path)
         if rule is not None and rule.scope is None:
-            return replay(await self._body(receive, read), receive) if unsafe else receive
+            return replay(await self._body(scope, receive, read), receive) if unsafe else receive
         if rule is None:  # fail closed: no such route, or a route nobody gave a rule
             raise Denied(
                 403, f"{method} {path} has no access rule (no such route?), so it is refused while authentication is on"
@@ -410,7 +424,7 @@ class SecurityMiddleware:
             )
         if rule.needs_body:
             require_json(method, headers.get("content-type"))  # the route reads no other body
-        body = await self._body(receive, read) if unsafe else None
+        body = await self._body(scope, receive, read) if unsafe else None
         if rule.target != access.NONE:
             query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
             known = self.gate.resolver.cached_run(params["run_id"]) if rule.target == access.RUN else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import sqlite3
 
 from sqlalchemy import Engine, create_engine, event
@@ -100,7 +101,9 @@ def make_engine(settings: Settings) -> Engine:
                 conn.exec_driver_sql("BEGIN")
 
         return engine
-    return create_engine(url, pool_size=settings.pool_size, max_overflow=settings.pool_size, pool_pre_ping=True)
+    engine = create_engine(url, pool_size=settings.pool_size, max_overflow=settings.pool_size, pool_pre_ping=True)
+    _ping_when_spoken_to(engine.dialect)
+    return engine
 
 
 def make_null_engine(url: str) -> Engine:
@@ -119,3 +122,35 @@ def checkpoint_wal(engine: Engine) -> tuple[int, int, int]:
         return tuple(row)
     finally:
         raw.close()
+
+
+def _ping_when_spoken_to(dialect) -> None:
+    """The pool's pre-ping, asked of the database only when an idle connection has heard from
+    it. A backend that ends (``pg_terminate_backend``, a restart, ``idle_session_timeout``)
+    first writes its FATAL error and closes the socket, so the socket of a connection that
+    died while pooled reads ready; one that did not has nothing to say. A readable socket, a
+    connection that is not idle or not OK, gets the real ``SELECT 1`` and SQLAlchemy's
+    reconnect as before; the others skip its round trip (~30 us of the server's CPU a
+    transaction measured bare, ~0.1 ms on an ingest request). A backend that dies after the
+    check fails the statement as it did after a ping (``Store.ingest`` tries a batch once more
+    on another connection when that happens before its commit)."""
+    ping = dialect.do_ping
+
+    def do_ping(dbapi_connection) -> bool:
+        return True if _quiet(dbapi_connection) else ping(dbapi_connection)
+
+    dialect.do_ping = do_ping
+
+
+def _quiet(dbapi_connection) -> bool:
+    """Whether a pooled psycopg connection is open, idle and has nothing waiting on its socket."""
+    try:
+        pgconn = dbapi_connection.pgconn
+        # libpq's CONNECTION_OK and PQTRANS_IDLE (psycopg.pq.ConnStatus.OK, TransactionStatus.IDLE)
+        if pgconn.status != 0 or pgconn.transaction_status != 0 or dbapi_connection.closed:
+            return False
+        poll = select.poll()
+        poll.register(pgconn.socket, select.POLLIN | select.POLLPRI)
+        return not poll.poll(0)  # readable, hung up or in error: something to read or nothing left
+    except Exception:  # not a psycopg connection, or one that cannot say: ask the database
+        return False

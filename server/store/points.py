@@ -31,7 +31,7 @@ from itertools import chain
 from sqlalchemy import Connection
 
 from . import rollups as _rollups
-from .pg_arrays import float8_array, int8_array
+from .pg_arrays import float8_array, int8_array, int8_runs
 from .sql import placeholder
 
 #: Rows one SQLite statement inserts. Per-row ``executemany`` paid ~2.1 us a point, a 64-row
@@ -92,6 +92,25 @@ def _only(items: list[tuple[int, SeriesBatch]], stored: set[tuple[int, int]]) ->
     return out
 
 
+def _driver_row(conn: Connection, statement: str, params: tuple) -> tuple:
+    """The one row of ``conn.exec_driver_sql(statement, params).one()``, from the driver's own
+    cursor: SQLAlchemy's execution context and result object (its metadata built anew for a
+    text statement each time) cost ~0.07 ms a batch. A driver error goes through SQLAlchemy's
+    own handling all the same: wrapped as its ``DBAPIError`` (an outage is still a 503), and a
+    lost connection invalidated (``connection_invalidated``, the pool's reconnect)."""
+    cursor = conn.connection.driver_connection.cursor()
+    try:
+        cursor.execute(statement, params)
+        row = cursor.fetchone()
+    except conn.dialect.loaded_dbapi.Error as e:
+        conn._handle_dbapi_exception(e, statement, params, cursor, None)
+    finally:
+        cursor.close()
+    if row is None:  # as ``.one()``
+        raise RuntimeError(f"no row from {statement[:60]!r}")
+    return row
+
+
 class _MultiRow:
     """``INSERT ... VALUES (...), (...) ...`` over a flat parameter list on a sqlite3
     connection: ``per`` rows a statement, the remainder in powers of two."""
@@ -140,24 +159,28 @@ class PointWriter:
             body = (
                 "stored AS (INSERT INTO points (series_id, step, value, wall) "
                 "SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::float8[], %s::float8[]){only_if} "
-                "ON CONFLICT DO NOTHING RETURNING series_id, step), "
+                "{on_conflict}RETURNING series_id, step), "
                 "counted AS (SELECT count(*) AS n FROM stored), "
                 f"merged AS (INSERT INTO rollups AS r ({_rollups.COLUMNS}) SELECT * FROM unnest({casts}) "
                 f"WHERE (SELECT n FROM counted) = %s {_rollups.MERGE}) "
                 "SELECT {project}n, CASE WHEN n < %s THEN (SELECT array_agg(series_id) FROM stored) END, "
                 "CASE WHEN n < %s THEN (SELECT array_agg(step) FROM stored) END FROM counted"
             )
-            self._insert_sql = "WITH " + body.format(only_if="", project="")
+            self._insert_sql = "WITH " + body.format(only_if="", project="", on_conflict="ON CONFLICT DO NOTHING ")
             # The same, marking the run as seen first (``Store._touch_step_sql``): a batch of
             # known series is then one statement. A missing run stores nothing (its project
             # id comes back NULL and the caller raises).
-            self._touch_insert_sql = (
+            touched = (
                 "WITH touched AS (UPDATE runs SET last_seen_at = %s, last_step = CASE WHEN last_step IS NULL "
                 "OR last_step < %s THEN %s ELSE last_step END WHERE id = %s RETURNING project_id), "
-                + body.format(
-                    only_if=" WHERE EXISTS (SELECT 1 FROM touched)", project="(SELECT project_id FROM touched), "
-                )
             )
+            only_if, project = " WHERE EXISTS (SELECT 1 FROM touched)", "(SELECT project_id FROM touched), "
+            self._touch_insert_sql = touched + body.format(
+                only_if=only_if, project=project, on_conflict="ON CONFLICT DO NOTHING "
+            )
+            # And without the conflict clause, for ``write_all_new``: a point stored already
+            # fails the statement (unique_violation) and with it everything it did.
+            self._touch_insert_all_sql = touched + body.format(only_if=only_if, project=project, on_conflict="")
         else:
             self._points = _MultiRow(
                 "INSERT INTO points (series_id, step, value, wall)",
@@ -193,25 +216,37 @@ class PointWriter:
         id, the new points), or (None, []) when there is no such run (nothing stored)."""
         return self._write_pg(conn, [(sid, sb) for sid, sb in items if sb.steps], touch)
 
+    def write_all_new(self, conn: Connection, items: list[tuple[int, SeriesBatch]], touch: tuple) -> int | None:
+        """PostgreSQL, on a connection in autocommit: ``write_touching`` as one statement that
+        is its own transaction, for a batch that must be new point for point. The run's project
+        id (None: no such run, nothing stored); a point stored already fails the statement
+        with a unique violation (``IntegrityError``, sqlstate 23505), which stored nothing.
+        ``items``: non-empty series."""
+        seen, last_step, run_id = touch
+        params = self._params(items)
+        project_id, count, _, _ = _driver_row(
+            conn, self._touch_insert_all_sql, (seen, last_step, last_step, run_id, *params)
+        )
+        if project_id is not None and count != params[-1]:  # cannot happen
+            raise RuntimeError(f"points stored ({count}) differ from the points sent, without a conflict")
+        return project_id
+
     def _rollup_params(self, items: list[tuple[int, SeriesBatch]]) -> tuple:
         rows = _rollups.batch_rows([(series_id, sb.steps, sb.values) for series_id, sb in items])
         return tuple(pack(list(col)) for pack, col in zip(_PG_ROLLUP_PACKERS, zip(*rows)))
 
-    def _write_pg(
-        self, conn: Connection, items: list[tuple[int, SeriesBatch]], touch: tuple | None
-    ) -> tuple[int | None, list[tuple[int, SeriesBatch]]]:
-        sids: list[int] = []
+    def _params(self, items: list[tuple[int, SeriesBatch]]) -> tuple:
+        """The points and rollups statement's parameters, after the run's (if any)."""
         steps: list[int] = []
         values: list[float] = []
         walls: list[float] = []
-        for series_id, sb in items:
-            sids.extend([series_id] * len(sb.steps))
+        for _, sb in items:
             steps.extend(sb.steps)
             values.extend(sb.values)
             walls.extend(sb.walls)
         n = len(steps)
-        params = (
-            int8_array(sids),
+        return (
+            int8_runs([(series_id, len(sb.steps)) for series_id, sb in items]),
             int8_array(steps),
             float8_array(values, nan_is_null=True),
             float8_array(walls),
@@ -220,14 +255,20 @@ class PointWriter:
             n,
             n,
         )
+
+    def _write_pg(
+        self, conn: Connection, items: list[tuple[int, SeriesBatch]], touch: tuple | None
+    ) -> tuple[int | None, list[tuple[int, SeriesBatch]]]:
+        params = self._params(items)
+        n = params[-1]
         if touch is None:
             project_id = None
-            count, stored_sids, stored_steps = conn.exec_driver_sql(self._insert_sql, params).one()
+            count, stored_sids, stored_steps = _driver_row(conn, self._insert_sql, params)
         else:
             seen, last_step, run_id = touch
-            project_id, count, stored_sids, stored_steps = conn.exec_driver_sql(
-                self._touch_insert_sql, (seen, last_step, last_step, run_id, *params)
-            ).one()
+            project_id, count, stored_sids, stored_steps = _driver_row(
+                conn, self._touch_insert_sql, (seen, last_step, last_step, run_id, *params)
+            )
             if project_id is None:
                 return None, []
         if count == n:

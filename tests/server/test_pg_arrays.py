@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from live_servers import PG_URL
 
-from stethoscope_server.store.pg_arrays import float8_array, int8_array
+from stethoscope_server.store.pg_arrays import float8_array, int8_array, int8_runs
 
 INF = float("inf")
 NAN = float("nan")
@@ -76,3 +76,10 @@ def test_none_is_null_among_floats_and_ints(pg):
 @pytest.mark.parametrize("ints", [[0, 1, -1, 2**63 - 1, -(2**63)], list(range(10_000, 11_000)), [None] * 5])
 def test_ints_arrive_exactly(pg, ints):
     assert _ints(pg, int8_array(ints)) == ints
+
+
+@pytest.mark.parametrize("runs", [[(7, 50), (2**63 - 1, 3), (-(2**63), 1), (8, 0), (9, 2)], [(1, 1)], []])
+def test_runs_of_ints_arrive_each_value_its_count_of_times(pg, runs):
+    want = [v for v, count in runs for _ in range(count)]
+    assert _ints(pg, int8_runs(runs)) == want
+    assert int8_runs(runs) == int8_array(want)  # the same bytes

@@ -152,6 +152,20 @@ class DetectorSet:
             out[det.name] = {"enabled": True, **_as_json(det.params)}
         return out
 
+    def takes_any(self, names: Iterable[str]) -> bool:
+        """Whether any detector takes a series of one of ``names`` (matched as ``route`` matches
+        them, and cached alike)."""
+        routes = self._routes
+        for name in names:
+            dets = routes.get(name)
+            if dets is None:
+                if len(routes) >= _ROUTE_CACHE:
+                    routes.clear()
+                dets = routes[name] = [d for d in self.detectors if d.accepts(name)]
+            if dets:
+                return True
+        return False
+
     def route(self, series: Iterable[tuple[str, Sequence[int], Sequence[float]]]) -> dict[str, list[Point]]:
         """The points each detector takes: ``{detector name: [(series, step, value), ...]}``.
 

@@ -1,0 +1,133 @@
+"""PostgreSQL: a batch that no detector takes, of known series, all of it new, is one statement
+in autocommit (``Store._ingest_autocommit``); anything else, a resend or an overlap included,
+goes through the transaction as before. Both must store the same points and rollups."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+from sqlalchemy import text
+
+from stethoscope_server.alerting import Alerting
+from stethoscope_server.store import SeriesBatch, migrate
+from stethoscope_server.store.db import make_engine
+from stethoscope_server.store.points import PointWriter
+
+WALL = 1.7e9
+
+
+@pytest.fixture
+def store(settings):
+    if not settings.database_url.startswith("postgresql"):
+        pytest.skip("the autocommit path is PostgreSQL's")
+    migrate.upgrade(settings.database_url)
+    engine = make_engine(settings)
+    alerting = Alerting(settings)
+    store = alerting.make_store(engine)  # ingest runs the detectors, as in the server
+    yield store
+    assert alerting.runner.errors == 0
+    engine.dispose()
+
+
+@pytest.fixture
+def fast_calls(monkeypatch):
+    """How many statements went the autocommit way."""
+    calls = []
+    real = PointWriter.write_all_new
+
+    def spy(self, *args):
+        calls.append(1)
+        return real(self, *args)
+
+    monkeypatch.setattr(PointWriter, "write_all_new", spy)
+    return calls
+
+
+def _batch(name: str, steps, values) -> SeriesBatch:
+    steps = list(steps)
+    return SeriesBatch(name, steps, [float(v) for v in values], [WALL + s for s in steps])
+
+
+def _batches(rng: random.Random, first: int, names: list[str]) -> list[SeriesBatch]:
+    special = [math.nan, math.inf, -math.inf, -0.0, 0.0]
+    out = []
+    for name in names:
+        steps = range(first, first + 150)
+        out.append(_batch(name, steps, [rng.choice(special) if rng.random() < 0.1 else rng.gauss(0, 1) for _ in steps]))
+    return out
+
+
+def _rows(store, run: str) -> tuple[list, list]:
+    """The run's points and rollups, by series name, floats as their bits."""
+
+    def key(v):
+        return v if not isinstance(v, float) else (math.copysign(1, v), repr(v))
+
+    with store.engine.connect() as conn:
+        points = conn.execute(
+            text(
+                "SELECT s.name, p.step, p.value, p.wall FROM points p JOIN series s ON s.id = p.series_id "
+                "WHERE s.run_id = :r ORDER BY 1, 2"
+            ),
+            {"r": run},
+        ).all()
+        rollups = conn.execute(
+            text(
+                "SELECT s.name, r.level, r.bucket, r.min_value, r.min_step, r.max_value, r.max_step, r.nan_step, "
+                "r.first_step, r.last_step FROM rollups r JOIN series s ON s.id = r.series_id "
+                "WHERE s.run_id = :r ORDER BY 1, 2, 3"
+            ),
+            {"r": run},
+        ).all()
+    return [tuple(map(key, r)) for r in points], [tuple(map(key, r)) for r in rollups]
+
+
+def test_the_autocommit_path_stores_what_the_transaction_stores(store, fast_calls, monkeypatch):
+    names = ["metric/a", "metric/b", "metric/c"]
+    for run in ("fast", "slow"):
+        store.upsert_run(run, "p")
+    sent = {run: [] for run in ("fast", "slow")}
+    for run in ("fast", "slow"):
+        rng = random.Random(7)
+        for k in range(6):
+            batch = _batches(rng, 100 * k, names)  # each overlaps the one before by 50 steps
+            if k == 3:
+                batch = _batches(rng, 1000, names)  # all new, after a gap
+            sent[run].append(store.ingest(run, batch))
+        if run == "fast":
+            assert len(fast_calls) == 5  # the first batch (new series) went the transaction's way
+            monkeypatch.setattr(store, "_ingest_autocommit", lambda *args: None)
+    fast, slow = sent["fast"], sent["slow"]
+    assert [(r.points, r.inserted) for r in fast] == [(r.points, r.inserted) for r in slow]
+    assert [r.inserted for r in fast] == [450, 300, 300, 450, 450, 300]
+    assert [[(n, s) for n, s, _ in r.new_points] for r in fast] == [[(n, s) for n, s, _ in r.new_points] for r in slow]
+    assert _rows(store, "fast") == _rows(store, "slow")
+    assert len(_rows(store, "fast")[0]) == 3 * (350 + 250 + 150)
+
+
+def test_a_batch_a_detector_takes_keeps_its_transaction(store, fast_calls):
+    store.upsert_run("r", "p")
+    store.ingest("r", [_batch("loss", range(100), [1.0] * 100), _batch("metric/a", range(100), [1.0] * 100)])
+    res = store.ingest(
+        "r", [_batch("loss", range(100, 200), [1.0] * 100), _batch("metric/a", range(100, 200), [1.0] * 100)]
+    )
+    assert res.inserted == 200 and not fast_calls
+    res = store.ingest("r", [_batch("metric/a", range(200, 300), [1.0] * 100)])
+    assert res.inserted == 100 and fast_calls == [1]
+
+
+def test_a_resend_through_the_autocommit_path_stores_nothing_twice(store, fast_calls):
+    store.upsert_run("r", "p")
+    store.ingest("r", [_batch("metric/a", range(100), [1.0] * 100)])
+    assert store.ingest("r", [_batch("metric/a", range(100, 200), [2.0] * 100)]).inserted == 100
+    res = store.ingest("r", [_batch("metric/a", range(100, 200), [3.0] * 100)])  # tried fast, conflicted
+    assert (res.points, res.inserted, res.new_points) == (100, 0, [])
+    assert fast_calls == [1, 1]
+    r = store.read_series("r", "metric/a", max_points=1000)
+    assert r.values == [1.0] * 100 + [2.0] * 100
+    down = store.read_series("r", "metric/a", max_points=10)  # from the rollups
+    assert down.downsampled and max(down.values) == 2.0
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT last_step FROM runs WHERE id = 'r'")).scalar() == 199
