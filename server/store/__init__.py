@@ -107,8 +107,9 @@ class Store:
         )
         self._seen_bind = R.c.last_seen_at.type.dialect_impl(engine.dialect).bind_processor(engine.dialect)
         self._series_ids: OrderedDict[tuple[str, str], int] = OrderedDict()
-        #: run id -> its project's id, for runs this worker has stored points of (PostgreSQL).
-        self._run_projects: OrderedDict[str, int] = OrderedDict()
+        #: run id -> (its project's id, the last step this worker has stored of it), for runs
+        #: this worker has stored points of (PostgreSQL).
+        self._run_projects: OrderedDict[str, tuple[int, int | None]] = OrderedDict()
         self._cache_lock = threading.Lock()
         # SQLite has one writer at a time. Threads of this process queue here, on a lock that
         # wakes the next one at once, rather than in SQLite's busy handler, which sleeps.
@@ -212,21 +213,25 @@ class Store:
         own round trip (a transaction block adds BEGIN's and COMMIT's: ~0.1 ms of the server's
         CPU a batch). None when the batch is not that case (nothing done then), or when a point
         of it was stored already: the statement then failed whole, stored nothing, and the
-        transaction of ``_ingest_pg`` takes the batch as ever (a resend, an overlap).
+        transaction of ``_ingest_pg`` takes the batch as ever (a resend, an overlap). Only a
+        batch whose first step is past the last step this worker stored of the run goes this
+        way: a resend or an overlap that this worker can tell (steps it stored) does not cost a
+        failed statement, nor the database's log an error line.
 
         Nothing else would have been in the transaction: the detector runner takes none of
         these series (``takes_none``, from the settings it has cached; it would have returned
         no alert without a statement). A lost connection is not retried here: the statement
         may have committed."""
-        project_id = self._run_projects.get(run_id)
-        if project_id is None:
+        known_run = self._run_projects.get(run_id)
+        if known_run is None:
             return None
+        project_id, stored_to = known_run
         takes_none = getattr(self.on_points, "takes_none", None) if self.on_points is not None else None
         if self.on_points is not None and (takes_none is None or not takes_none(project_id, [b.name for b in batches])):
             return None
         full = [b for b in batches if b.steps]
         known = self._cached_ids(run_id, full) if full else None
-        if known is None:
+        if known is None or stored_to is None or min(min(b.steps) for b in full) <= stored_to:
             return None
         last_step = max(max(b.steps) for b in full)
         with self.engine.connect() as conn:
@@ -245,7 +250,7 @@ class Store:
             raise NotFound(f"run {run_id!r} does not exist: create it first with PUT /api/v1/runs/{run_id}")
         total = sum(len(b.steps) for b in full)
         result = IngestResult(total, total, new_points=[(b.name, b.steps, b.values) for b in full])
-        result._commit_info = (run_id, {}, (), found)
+        result._commit_info = (run_id, {}, (), found, last_step)
         return result
 
     def _ingest_pg(self, run_id: str, batches: list[SeriesBatch], retry: bool = True) -> IngestResult:
@@ -291,7 +296,7 @@ class Store:
                 alerts = self.on_points(conn, run_id, project_id, new_points)
         inserted = sum(len(sb.steps) for _, sb in new)
         result = IngestResult(total, inserted, alerts=alerts, new_points=new_points)
-        result._commit_info = (run_id, created, committed, project_id)
+        result._commit_info = (run_id, created, committed, project_id, last_step)
         return result
 
     def _touch_run(self, conn: Connection, run_id: str, last_step: int | None) -> int | None:
@@ -326,8 +331,8 @@ class Store:
         return out
 
     def _after_ingest_commit(self, result: IngestResult) -> None:
-        run_id, created, committed, project_id = result._commit_info
-        self._remember(run_id, created, project_id)
+        run_id, created, committed, project_id, last_step = result._commit_info
+        self._remember(run_id, created, project_id, last_step)
         # What ``on_points`` asked to run once its writes are durable (the detector runner's
         # state cache): never for a transaction that rolled back (a group that ran again
         # without a failed job builds new results, and their own callbacks).
@@ -391,13 +396,19 @@ class Store:
                 f"series per run (STETHOSCOPE_MAX_SERIES_PER_RUN); nothing of the batch was stored"
             )
 
-    def _remember(self, run_id: str, ids: dict[str, int], project_id: int | None = None) -> None:
+    def _remember(
+        self, run_id: str, ids: dict[str, int], project_id: int | None = None, last_step: int | None = None
+    ) -> None:
         # Only after commit: a rolled-back insert must not leave a dangling id in the cache.
-        if project_id is not None and run_id not in self._run_projects:
+        if project_id is not None:
             # A run's project never changes (``upsert_run`` refuses another) and runs are not
-            # deleted: the id stays true.
+            # deleted: the id stays true. The last step only grows (batches of one run may
+            # commit out of order on several threads).
             with self._cache_lock:
-                self._run_projects[run_id] = project_id
+                had = self._run_projects.get(run_id)
+                if had is not None and had[1] is not None and (last_step is None or had[1] >= last_step):
+                    last_step = had[1]
+                self._run_projects[run_id] = (project_id, last_step)
                 while len(self._run_projects) > SERIES_CACHE_SIZE:
                     self._run_projects.popitem(last=False)
         if not ids:

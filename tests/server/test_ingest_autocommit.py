@@ -1,6 +1,8 @@
-"""PostgreSQL: a batch that no detector takes, of known series, all of it new, is one statement
-in autocommit (``Store._ingest_autocommit``); anything else, a resend or an overlap included,
-goes through the transaction as before. Both must store the same points and rollups."""
+"""PostgreSQL: a batch that no detector takes, of known series, past the last step this worker
+stored of its run, is one statement in autocommit (``Store._ingest_autocommit``); anything
+else, a resend or an overlap included, goes through the transaction as before, and so does a
+batch that the statement finds stored already (by another worker). Both must store the same
+points and rollups."""
 
 from __future__ import annotations
 
@@ -91,20 +93,18 @@ def test_the_autocommit_path_stores_what_the_transaction_stores(store, fast_call
     sent = {run: [] for run in ("fast", "slow")}
     for run in ("fast", "slow"):
         rng = random.Random(7)
-        for k in range(6):
-            batch = _batches(rng, 100 * k, names)  # each overlaps the one before by 50 steps
-            if k == 3:
-                batch = _batches(rng, 1000, names)  # all new, after a gap
-            sent[run].append(store.ingest(run, batch))
+        for first in (0, 150, 300, 400, 1000, 1150, 1250):  # 400 and 1250 overlap the batch before
+            sent[run].append(store.ingest(run, _batches(rng, first, names)))
         if run == "fast":
-            assert len(fast_calls) == 5  # the first batch (new series) went the transaction's way
+            # The first batch (new series) and the two overlaps went the transaction's way.
+            assert len(fast_calls) == 4
             monkeypatch.setattr(store, "_ingest_autocommit", lambda *args: None)
     fast, slow = sent["fast"], sent["slow"]
     assert [(r.points, r.inserted) for r in fast] == [(r.points, r.inserted) for r in slow]
-    assert [r.inserted for r in fast] == [450, 300, 300, 450, 450, 300]
+    assert [r.inserted for r in fast] == [450, 450, 450, 300, 450, 450, 300]
     assert [[(n, s) for n, s, _ in r.new_points] for r in fast] == [[(n, s) for n, s, _ in r.new_points] for r in slow]
     assert _rows(store, "fast") == _rows(store, "slow")
-    assert len(_rows(store, "fast")[0]) == 3 * (350 + 250 + 150)
+    assert len(_rows(store, "fast")[0]) == 3 * (550 + 400)
 
 
 def test_a_batch_a_detector_takes_keeps_its_transaction(store, fast_calls):
@@ -118,16 +118,39 @@ def test_a_batch_a_detector_takes_keeps_its_transaction(store, fast_calls):
     assert res.inserted == 100 and fast_calls == [1]
 
 
-def test_a_resend_through_the_autocommit_path_stores_nothing_twice(store, fast_calls):
+def test_a_resend_of_steps_this_worker_stored_keeps_its_transaction(store, fast_calls):
+    """No failed statement (nor an error line in the database's log) for a resend or an overlap
+    that this worker can tell from the steps it stored."""
     store.upsert_run("r", "p")
     store.ingest("r", [_batch("metric/a", range(100), [1.0] * 100)])
     assert store.ingest("r", [_batch("metric/a", range(100, 200), [2.0] * 100)]).inserted == 100
-    res = store.ingest("r", [_batch("metric/a", range(100, 200), [3.0] * 100)])  # tried fast, conflicted
+    assert fast_calls == [1]
+    res = store.ingest("r", [_batch("metric/a", range(100, 200), [3.0] * 100)])  # the same steps again
+    assert (res.points, res.inserted, res.new_points) == (100, 0, [])
+    res = store.ingest("r", [_batch("metric/a", range(150, 250), [3.0] * 100)])  # half of it stored
+    assert (res.points, res.inserted) == (100, 50)
+    assert fast_calls == [1]  # neither tried the statement
+    assert store.ingest("r", [_batch("metric/a", range(250, 300), [4.0] * 50)]).inserted == 50
+    assert fast_calls == [1, 1]  # past the last step stored: the statement again
+
+
+def test_steps_another_worker_stored_fail_the_statement_and_go_through_the_transaction(store, settings, fast_calls):
+    store.upsert_run("r", "p")
+    store.ingest("r", [_batch("metric/a", range(100), [1.0] * 100)])
+    assert store.ingest("r", [_batch("metric/a", range(100, 200), [2.0] * 100)]).inserted == 100
+    # A second worker (its own store and engine) stores steps this one has not seen.
+    engine = make_engine(settings)
+    try:
+        other = Alerting(settings).make_store(engine)
+        assert other.ingest("r", [_batch("metric/a", range(200, 300), [5.0] * 100)]).inserted == 100
+    finally:
+        engine.dispose()
+    res = store.ingest("r", [_batch("metric/a", range(200, 300), [3.0] * 100)])  # tried fast, conflicted
     assert (res.points, res.inserted, res.new_points) == (100, 0, [])
     assert fast_calls == [1, 1]
     r = store.read_series("r", "metric/a", max_points=1000)
-    assert r.values == [1.0] * 100 + [2.0] * 100
+    assert r.values == [1.0] * 100 + [2.0] * 100 + [5.0] * 100
     down = store.read_series("r", "metric/a", max_points=10)  # from the rollups
-    assert down.downsampled and max(down.values) == 2.0
+    assert down.downsampled and max(down.values) == 5.0 and min(down.values) == 1.0
     with store.engine.connect() as conn:
-        assert conn.execute(text("SELECT last_step FROM runs WHERE id = 'r'")).scalar() == 199
+        assert conn.execute(text("SELECT last_step FROM runs WHERE id = 'r'")).scalar() == 299
