@@ -81,7 +81,6 @@ class CostBudget:
         self._last_start: float | None = None
         self._pending = 0.0  # charged since the last step_done
         self._since_full = 0
-        self._calls = 0
         #: Totals since attach: steps, steps with the expensive set, seconds the hook spent and
         #: seconds of training (the sum of the clipped steps).
         self.steps = 0
@@ -104,8 +103,7 @@ class CostBudget:
             cost = 0.0
         cost += self._pending
         self._pending = 0.0
-        calls = self._calls = self._calls + 1
-        self.steps += 1
+        calls = self.steps = self.steps + 1
         self.spent_s += cost
         last = self._last_start
         self._last_start = start

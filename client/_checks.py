@@ -47,24 +47,33 @@ def _check_name(name) -> None:
 def _check_log_args(loss, logits, targets, scalars) -> int | None:
     """Misuse raises ValueError. Returns the batch size the logits show (their first
     dimension; ``targets`` has it too), or None without logits."""
-    if loss is not None and loss.__class__ is not float and not _is_scalar(loss):
-        raise ValueError("loss must be a number or a one-element tensor (pass loss, not a batch of losses)")
+    # Called on every step: plain tensors (the usual arguments) are told by their class, and
+    # 2-D logits' targets compared by length and rows, without further calls or a shape slice.
+    if loss is not None:
+        cls = loss.__class__
+        if cls is _Tensor:
+            if loss.numel() != 1:
+                raise ValueError(_LOSS_MESSAGE)
+        elif cls is not float and not _is_scalar(loss):
+            raise ValueError(_LOSS_MESSAGE)
     batch = None
     if logits is not None:
-        shape = logits.shape if isinstance(logits, torch.Tensor) else ()
-        if len(shape) < 2 or shape[-1] < 2:
+        shape = logits.shape if logits.__class__ is _Tensor or isinstance(logits, _Tensor) else ()
+        dims = len(shape)
+        if dims < 2 or shape[-1] < 2:
             raise ValueError("logits must be a tensor of shape [batch, classes] or [batch, seq, vocab]")
+        batch = shape[0]
         if targets is not None:
-            if (
-                not isinstance(targets, torch.Tensor)
-                or (_wrong_rows(targets.shape, shape) if len(shape) == 2 else targets.shape != shape[:-1])
-                or targets.is_floating_point()
-            ):
+            if targets.__class__ is _Tensor or isinstance(targets, _Tensor):
+                tshape = targets.shape
+                wrong = (len(tshape) != 1 or tshape[0] != batch) if dims == 2 else tshape != shape[:-1]
+            else:
+                wrong = True
+            if wrong or targets.is_floating_point():
                 raise ValueError(
                     f"targets must be class indices of shape {tuple(logits.shape[:-1])} "
                     f"(logits' shape without the class dimension)"
                 )
-        batch = shape[0]
     elif targets is not None:
         raise ValueError("targets were given without logits")
     if scalars:
@@ -75,9 +84,8 @@ def _check_log_args(loss, logits, targets, scalars) -> int | None:
     return batch
 
 
-def _wrong_rows(tshape, shape) -> bool:
-    """``tshape != shape[:-1]`` for 2-D logits, without making the slice (every step)."""
-    return len(tshape) != 1 or tshape[0] != shape[0]
+_Tensor = torch.Tensor
+_LOSS_MESSAGE = "loss must be a number or a one-element tensor (pass loss, not a batch of losses)"
 
 
 def _is_scalar(v) -> bool:

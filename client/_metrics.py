@@ -151,9 +151,9 @@ class ParamLayout:
         stall: one norm kernel and one read, the grouping in Python (on a ~1 ms step each
         small kernel costs more than its arithmetic)."""
         grads, index = [], []
-        for p, i in zip(self.params, self._index_list):
-            if p.grad is not None:
-                grads.append(_local(p.grad))
+        for g, i in zip(map(_GRAD, self.params), self._index_list):
+            if g is not None:
+                grads.append(_local(g) if self.sharded else g)  # _local: a failed getattr a tensor
                 index.append(i)
         if not grads:
             return None
@@ -169,7 +169,7 @@ class ParamLayout:
         ratios per module...] (the same values ``finish`` makes of the squares)."""
         if self.snapshot is None:
             return None
-        params = [_local(p).detach() for p in self.params]
+        params = self._detached()
         torch._foreach_sub_(self.snapshot, params)  # snapshot now holds -update
         k = len(params)
         norms = torch.stack(self._norms(self.snapshot + params)).tolist()
@@ -189,9 +189,15 @@ class ParamLayout:
             return [n.float() for n in torch._foreach_norm(tensors, 2)]
         return torch._foreach_norm(tensors, 2, dtype=torch.float32)
 
+    def _detached(self) -> list:
+        """The parameters' (local shards') tensors, detached."""
+        if self.sharded:
+            return [_local(p).detach() for p in self.params]
+        return [p.detach() for p in self.params]  # no _local: a failed getattr a tensor
+
     def take_snapshot(self) -> None:
         """Copy the weights before the optimizer step (for the update ratio)."""
-        params = [_local(p).detach() for p in self.params]
+        params = self._detached()
         if self.snapshot is None:
             self.snapshot = [t.clone() for t in params]
         else:
@@ -201,7 +207,7 @@ class ParamLayout:
         """[weight sums of squares per module..., update sums of squares per module...]."""
         if self.snapshot is None:
             return None
-        params = [_local(p).detach() for p in self.params]
+        params = self._detached()
         torch._foreach_sub_(self.snapshot, params)  # snapshot now holds -update
         dn = self._stack_sq(self._norms(self.snapshot))
         wn = self._stack_sq(self._norms(params))

@@ -389,7 +389,6 @@ class Monitor:
 
     # -- the record ------------------------------------------------------------------
     def _record(self, step, loss, logits, targets, scalars, full, start=None, batch=None):
-        L = self._layout
         host = self._host
         host_names, host_values = [], []
         if start is not None:
@@ -399,10 +398,11 @@ class Monitor:
                 _errors.report("step time", exc)
         tensors, names, ops = dev = [], [], []
         if loss is not None:
-            if loss.__class__ is float:
+            cls = loss.__class__
+            if cls is float:
                 host_names.append("loss")
                 host_values.append(loss)
-            elif isinstance(loss, torch.Tensor):
+            elif cls is _TENSOR or isinstance(loss, torch.Tensor):
                 if host and loss.is_cpu:
                     host_names.append("loss")
                     host_values.append(float(loss.item()))  # item(): no detach, no grad warning
@@ -419,6 +419,7 @@ class Monitor:
         else:  # no optimizer, log() before step(), or the step was skipped
             grads = self._grads(full)
         if grads is not None:
+            L = self._layout
             if host:  # host floats, finished (see _grads)
                 host_names += L.grad_names if full else L.grad_total_names
                 host_values += grads
@@ -428,6 +429,7 @@ class Monitor:
                 _add(dev, grads, L.grad_total_names, L.grad_total_ops)
         update = self._pending_update
         if update is not None:
+            L = self._layout
             if host:
                 host_names += L.update_names
                 host_values += update
@@ -440,15 +442,16 @@ class Monitor:
         att = _attention.take()
         if att is not None:
             _add(dev, att, ("attention/max_logit",), (MAX,))
-        dead = self._dead.take() if self._dead is not None else None
-        if dead is not None:
-            shares, dead_names = dead
-            if len(shares) > 1:  # a model split over devices: one tensor, on the device of the rest
-                dv = tensors[0].device if tensors else shares[0].device
-                shares = torch.cat([t.to(dv, non_blocking=True) for t in shares])
-            else:
-                shares = shares[0]
-            _add(dev, shares, dead_names, (MEAN,) * len(dead_names))
+        if self._dead is not None:
+            dead = self._dead.take()
+            if dead is not None:
+                shares, dead_names = dead
+                if len(shares) > 1:  # a model split over devices: one tensor, on the device of the rest
+                    dv = tensors[0].device if tensors else shares[0].device
+                    shares = torch.cat([t.to(dv, non_blocking=True) for t in shares])
+                else:
+                    shares = shares[0]
+                _add(dev, shares, dead_names, (MEAN,) * len(dead_names))
         opt = self._optimizer
         if opt is not None:
             for name, group in zip(self._lr_names, opt.param_groups):
@@ -568,6 +571,7 @@ class Monitor:
 
 
 _NO_STREAM = contextlib.nullcontext()
+_TENSOR = torch.Tensor
 
 
 def _close_message(run_id: str, status: str, sender) -> str | None:

@@ -44,12 +44,20 @@ FIRST_FLUSH_SPREAD = 0.5
 FLUSH_JITTER = 0.1
 #: A batch is sent early past this many points (well under the server's 50,000).
 BATCH_POINTS = 10_000
-#: While records flow, the thread looks at the queue this often instead of being woken by each
-#: one: waking a thread on every step cost a ~1 ms training step more than the record itself
-#: (the wake-up, then the training thread waiting for the GIL the sender held). A record that
-#: finds the thread idle (no record in the last look) wakes it, so slow steps are seen at once
-#: and fast ones within this long; flush, events and close always wake it.
+#: While an ``on_alert`` callback is registered and records flow, the thread looks at the queue
+#: this often instead of being woken by each one: waking a thread on every step cost a ~1 ms
+#: training step more than the record itself (the wake-up, then the training thread waiting for
+#: the GIL the sender held). A record that finds the thread idle (no record in the last look)
+#: wakes it, so slow steps are seen at once and fast ones within this long; flush, events and
+#: close always wake it.
 POLL_INTERVAL_S = 0.02
+#: Without an ``on_alert`` callback the hook's detectors wait (``_watch``) and nothing reads a
+#: record before its batch ships: the thread looks when the batch is due, or once this many
+#: records wait. A look costs the thread ~0.1 ms of CPU however few records it takes (the
+#: wake-up, the GIL, its loop): one per 20 ms was ~4 us a step of the ~0.7 ms step of
+#: benchmarks/hook_overhead.py's MLP. The queue stays far below ``QUEUE_SIZE``, and on CUDA
+#: few pinned copies wait; urgent records (a NaN, an event, a flush) still wake it at once.
+QUIET_LOOK_RECORDS = 256
 
 _STOP = object()
 
@@ -103,10 +111,12 @@ class RecordQueue:
     """The bounded queue between the training loop and the sender thread.
 
     ``put_nowait`` never blocks (a deque append, atomic under the GIL). It wakes the consumer
-    only when the consumer is idle (its last look found no record) or the record is ``urgent``
-    (anything but a step's points: a flush, an event, the final status); while records flow
-    the consumer looks every ``POLL_INTERVAL_S`` and takes what came. (Yielding the GIL between
-    records, ``time.sleep(0)``, was tried: it cost the ~1 ms step more than it saved.)
+    only when the consumer is idle (its last look found no record), the record is ``urgent``
+    (anything but a step's points: a flush, an event, the final status) or
+    ``QUIET_LOOK_RECORDS`` records wait; while records flow the consumer looks every ``poll``
+    seconds (``POLL_INTERVAL_S``) and takes what came, or with ``poll=None`` only when its wait
+    ends or it is woken. (Yielding the GIL between records, ``time.sleep(0)``, was tried: it
+    cost the ~1 ms step more than it saved.)
     """
 
     def __init__(self, maxsize: int) -> None:
@@ -120,10 +130,12 @@ class RecordQueue:
         return len(self._items)
 
     def put_nowait(self, item, urgent: bool = False) -> None:
-        if len(self._items) >= self._maxsize:
+        items = self._items
+        n = len(items)
+        if n >= self._maxsize:
             raise queue.Full
-        self._items.append(item)
-        if urgent or self._idle:  # read after the append: see get()
+        items.append(item)
+        if urgent or self._idle or n >= QUIET_LOOK_RECORDS:  # _idle read after the append: see get()
             self._wake.set()
 
     def put(self, item, timeout: float) -> None:
@@ -146,14 +158,19 @@ class RecordQueue:
         self._flowing = True
         return item
 
-    def get(self, timeout: float):
+    def get(self, timeout: float, poll: float | None = POLL_INTERVAL_S):
+        """The next record, waiting up to ``timeout`` s; ``queue.Empty`` if none came. ``poll``:
+        see the class; None waits the whole ``timeout`` unless woken (nobody waits for records
+        before their batch ships)."""
         items = self._items
         if items:
             self._flowing = True
             return items.popleft()
-        if self._flowing:  # records are coming: poll, do not be woken by each
+        if poll is None:
+            self._wake.wait(timeout)
+        elif self._flowing:  # records are coming: poll, do not be woken by each
             self._flowing = False
-            self._wake.wait(min(timeout, POLL_INTERVAL_S))
+            self._wake.wait(min(timeout, poll))
         else:
             # Idle: the next record wakes us. _idle is set before the queue is looked at again,
             # and a put reads it after its append, so a record is either seen here or wakes us.
@@ -324,7 +341,9 @@ class Sender:
         while True:
             self.cpu_s = time.thread_time()  # a float store: the training thread reads it
             try:
-                rec = self._queue.get(timeout=max(0.05, schedule.wait()))
+                # Without an on_alert callback nothing reads a record before its batch ships
+                # (the detectors wait: _watch): the thread looks when the batch is due.
+                rec = self._queue.get(max(0.05, schedule.wait()), POLL_INTERVAL_S if watch.callbacks else None)
             except queue.Empty:
                 rec = None
             stop = False

@@ -253,6 +253,82 @@ def test_once_records_come_the_sender_polls_instead_of_being_woken_by_each(arriv
     assert spy.waits[-2:] == [_sender.POLL_INTERVAL_S, 1.0]
 
 
+def test_a_quiet_consumer_waits_for_its_batch_unless_records_pile_up_or_one_is_urgent():
+    """With ``poll=None`` (no on_alert callback: nothing reads a record before its batch ships)
+    the consumer waits its whole timeout, whether records flowed or not, and a step's record
+    does not wake it, idle or not, until ``QUIET_LOOK_RECORDS`` wait; an urgent record (a
+    flush, an event, a NaN) still does."""
+    from stethoscope import _sender
+
+    q = _sender.RecordQueue(10_000)
+
+    class Spy:
+        def __init__(self):
+            self.waits, self.sets = [], 0
+
+        def wait(self, timeout):
+            self.waits.append(timeout)
+            return False
+
+        def set(self):
+            self.sets += 1
+
+        def clear(self):
+            pass
+
+    q._wake = spy = Spy()
+    with pytest.raises(queue.Empty):
+        q.get(timeout=1.0, poll=None)  # nothing came: a quiet consumer does not go idle
+    for i in range(_sender.QUIET_LOOK_RECORDS):
+        q.put_nowait(("points", i))
+    assert spy.sets == 0  # records do not wake it, though it found none at its last look
+    assert [q.get(timeout=1.0, poll=None) for _ in range(3)] == [("points", i) for i in range(3)]
+    while q.take() is not None:
+        pass
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.7, poll=None)  # records flowed: still the whole wait, no poll
+    assert spy.waits == [1.0, 0.7]
+    for i in range(_sender.QUIET_LOOK_RECORDS + 1):
+        q.put_nowait(("points", i))
+    assert spy.sets == 1  # past QUIET_LOOK_RECORDS waiting records, a put wakes it
+    while q.take() is not None:
+        pass
+    q.put_nowait(("flush", None), urgent=True)
+    assert spy.sets == 2
+
+
+def test_the_sender_looks_at_each_batch_until_an_on_alert_callback_listens(tmp_path, monkeypatch):
+    """Without an on_alert callback the hook's detectors wait and the sender thread looks at
+    the queue only when its batch is due (``poll=None``); once a callback is registered it
+    looks every ``POLL_INTERVAL_S``, so the callback hears of a step soon after it is logged."""
+    from stethoscope import _sender
+
+    polls = []
+    get = _sender.RecordQueue.get
+
+    def spy(self, timeout, poll=_sender.POLL_INTERVAL_S):
+        polls.append(poll)
+        return get(self, timeout, poll)
+
+    monkeypatch.setattr(_sender.RecordQueue, "get", spy)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = stethoscope.attach(model, opt, run="quiet", server="offline", spool_dir=tmp_path)
+    train(mon, model, opt, 30)
+    assert mon.flush(10)
+    quiet = len(polls)
+    assert quiet and set(polls) == {None}
+    mon.on_alert(lambda alerts: None)
+    deadline = time.monotonic() + 10
+    step = 30
+    while _sender.POLL_INTERVAL_S not in polls[quiet:] and time.monotonic() < deadline:
+        train(mon, model, opt, 1, start=step)
+        step += 1
+        time.sleep(0.01)
+    mon.close()
+    assert _sender.POLL_INTERVAL_S in polls[quiet:]
+
+
 def test_spool_lines_are_what_json_dumps_writes(tmp_path, monkeypatch):
     """The spool writes a points entry with each shared steps or walls column encoded once
     (``_spool._points_line``): each line must be byte for byte ``json.dumps`` of the entry it
