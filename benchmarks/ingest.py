@@ -252,10 +252,11 @@ def ab(kind: str, ref: str, rounds: int, seconds: float, senders: int, workers: 
         floor["grouped"] = database_floor(group=senders)
         target = base["server_cpu_us_per_point"] / 4
         floor["target_cpu_us_per_point_from_baseline"] = round(target, 3)
-        floor["database_share_of_target"] = round(floor["database_us_per_point"] / target, 2)
-        floor["new_path_over_floor_us_per_point"] = round(
-            new["server_cpu_us_per_point"] - floor["database_us_per_point"], 3
-        )
+        for f in (floor, floor["grouped"]):
+            f["database_share_of_target"] = round(f["database_us_per_point"] / target, 2)
+            f["new_path_over_floor_us_per_point"] = round(
+                new["server_cpu_us_per_point"] - f["database_us_per_point"], 3
+            )
     return {
         "benchmark": "ingest",
         "database": kind,
