@@ -159,12 +159,19 @@ class DetectorSet:
         for name in names:
             dets = routes.get(name)
             if dets is None:
-                if len(routes) >= _ROUTE_CACHE:
-                    routes.clear()
-                dets = routes[name] = [d for d in self.detectors if d.accepts(name)]
+                dets = self._takers(name)
             if dets:
                 return True
         return False
+
+    def _takers(self, name: str) -> list[Detector]:
+        """The detectors that take series ``name``, matched once and cached (``_routes``; the
+        callers look the cache up themselves first, once per name)."""
+        routes = self._routes
+        if len(routes) >= _ROUTE_CACHE:
+            routes.clear()
+        dets = routes[name] = [d for d in self.detectors if d.accepts(name)]
+        return dets
 
     def route(self, series: Iterable[tuple[str, Sequence[int], Sequence[float]]]) -> dict[str, list[Point]]:
         """The points each detector takes: ``{detector name: [(series, step, value), ...]}``.
@@ -179,9 +186,7 @@ class DetectorSet:
         for name, steps, values in series:
             dets = routes.get(name)
             if dets is None:
-                if len(routes) >= _ROUTE_CACHE:
-                    routes.clear()
-                dets = routes[name] = [d for d in self.detectors if d.accepts(name)]
+                dets = self._takers(name)
             if dets and len(steps):
                 pts = list(zip(repeat(name), steps, values))
                 for d in dets:
@@ -225,9 +230,7 @@ class DetectorSet:
             if into is None:
                 dets = routes.get(name)
                 if dets is None:
-                    if len(routes) >= _ROUTE_CACHE:
-                        routes.clear()
-                    dets = routes[name] = [d for d in self.detectors if d.accepts(name)]
+                    dets = self._takers(name)
                 into = lists[name] = [out.setdefault(d.name, []) for d in dets]
             if into:
                 p = (name, pt[1], pt[2])
