@@ -10,22 +10,14 @@ import struct
 import pytest
 
 from stethoscope.core.detectors import DetectorSet
-from stethoscope_server.alerting import Alerting
-from stethoscope_server.store import SeriesBatch, migrate
-from stethoscope_server.store.db import make_engine
+from stethoscope_server.store import SeriesBatch
 
 WALL = 1.7e9
 
 
 @pytest.fixture
-def store(settings):
-    migrate.upgrade(settings.database_url)
-    engine = make_engine(settings)
-    alerting = Alerting(settings)
-    store = alerting.make_store(engine)  # ingest runs the detectors, as in the server
-    yield store
-    assert alerting.runner.errors == 0
-    engine.dispose()
+def store(detecting_store):
+    return detecting_store
 
 
 def _bits(x: float) -> bytes:

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import text
 
 from stethoscope_server.alerting import Alerting
-from stethoscope_server.store import SeriesBatch, migrate
+from stethoscope_server.store import SeriesBatch
 from stethoscope_server.store.db import make_engine
 from stethoscope_server.store.points import PointWriter
 
@@ -21,16 +21,10 @@ WALL = 1.7e9
 
 
 @pytest.fixture
-def store(settings):
+def store(settings, request):
     if not settings.database_url.startswith("postgresql"):
         pytest.skip("the autocommit path is PostgreSQL's")
-    migrate.upgrade(settings.database_url)
-    engine = make_engine(settings)
-    alerting = Alerting(settings)
-    store = alerting.make_store(engine)  # ingest runs the detectors, as in the server
-    yield store
-    assert alerting.runner.errors == 0
-    engine.dispose()
+    return request.getfixturevalue("detecting_store")
 
 
 @pytest.fixture

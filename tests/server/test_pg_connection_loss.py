@@ -64,6 +64,13 @@ def _server(url: str):
     return _ThreadServer(app, port), httpx.Client(base_url=f"http://127.0.0.1:{port}/api/v1", timeout=30)
 
 
+def _first_batch(c: httpx.Client, names: list[str]) -> None:
+    """Run ``r`` made and its first 50 steps of ``names`` stored (the pool's connections open)."""
+    assert c.put("/runs/r", json={"project": "p"}).status_code == 201
+    r = c.post("/runs/r/points", json=_batch(names, 0, 50))
+    assert r.status_code == 200 and r.json()["inserted"] == 50 * len(names)
+
+
 def _assert_stored(c: httpx.Client, names: list[str], steps: int) -> None:
     for name in names:
         got = c.get(f"/runs/r/series/{name}", params={"max_points": 10_000}).json()
@@ -76,9 +83,7 @@ def test_requests_after_the_pools_backends_were_terminated_succeed(pg):
     names = ["loss", "lr", "metric/0"]
     server, c = _server(url)
     with server, c:
-        assert c.put("/runs/r", json={"project": "p"}).status_code == 201
-        r = c.post("/runs/r/points", json=_batch(names, 0, 50))
-        assert r.status_code == 200 and r.json()["inserted"] == 150
+        _first_batch(c, names)
         assert terminate() >= 1
         # A read and a run update: no retry behind them, only the pool's check.
         assert c.get("/runs/r").status_code == 200
@@ -100,9 +105,7 @@ def test_an_ingest_whose_connection_died_unnoticed_goes_again_on_another(pg, mon
     names = ["loss", "lr", "metric/0"]
     server, c = _server(url)
     with server, c:
-        assert c.put("/runs/r", json={"project": "p"}).status_code == 201
-        r = c.post("/runs/r/points", json=_batch(names, 0, 50))
-        assert r.status_code == 200 and r.json()["inserted"] == 150
+        _first_batch(c, names)
         monkeypatch.setattr(store_db, "_quiet", lambda dbapi_connection: True)
         assert terminate() >= 1
         later = names + ["metric/1"] if series == "new" else names
