@@ -107,8 +107,9 @@ class Point(Base):
     step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     value: Mapped[float | None] = mapped_column(Value, nullable=True)
     wall: Mapped[float] = mapped_column(Double)
-    # No foreign key: it would cost an index probe per inserted point; series rows are
-    # never deleted on their own (a run's deletion removes its points explicitly).
+    # No foreign key: it would cost an index probe per inserted point; series rows are never
+    # deleted (nor are runs: no route or command deletes one; whatever comes to delete them
+    # must remove their points explicitly).
     __table_args__ = {"sqlite_with_rowid": False}
 
 
