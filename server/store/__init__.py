@@ -68,6 +68,12 @@ SERIES_CACHE_SIZE = 100_000
 NAMES_PER_STATEMENT = 1000
 
 
+def _no_run(run_id: str) -> NotFound:
+    """What ingest into a run that does not exist raises (the gate says the same of a run it
+    hides: ``auth.access.not_found``)."""
+    return NotFound(f"run {run_id!r} does not exist: create it first with PUT /api/v1/runs/{run_id}")
+
+
 class _Retry(Exception):
     """An ingest transaction lost its connection before its commit: ``cause``."""
 
@@ -101,10 +107,7 @@ class Store:
         self._insert_new = pg_insert if self.dialect == "postgresql" else sqlite_insert
         ph = placeholder(self.dialect)
         self._touch_sql = f"UPDATE runs SET last_seen_at = {ph} WHERE id = {ph} RETURNING project_id"
-        self._touch_step_sql = (
-            f"UPDATE runs SET last_seen_at = {ph}, last_step = CASE WHEN last_step IS NULL OR last_step < {ph} "
-            f"THEN {ph} ELSE last_step END WHERE id = {ph} RETURNING project_id"
-        )
+        self._touch_step_sql = _runs.touch_step_sql(ph)
         self._seen_bind = R.c.last_seen_at.type.dialect_impl(engine.dialect).bind_processor(engine.dialect)
         self._series_ids: OrderedDict[tuple[str, str], int] = OrderedDict()
         #: run id -> (its project's id, the last step this worker has stored of it), for runs
@@ -247,7 +250,7 @@ class Store:
                 if not raw.closed and not raw.broken:
                     raw.autocommit = False
         if found is None:
-            raise NotFound(f"run {run_id!r} does not exist: create it first with PUT /api/v1/runs/{run_id}")
+            raise _no_run(run_id)
         total = sum(len(b.steps) for b in full)
         result = IngestResult(total, total, new_points=[(b.name, b.steps, b.values) for b in full])
         result._commit_info = (run_id, {}, (), found, last_step)
@@ -275,13 +278,13 @@ class Store:
             # the points and merges their rollups.
             project_id, new = self._writer.write_touching(conn, known, (self._seen(), last_step, run_id))
             if project_id is None:
-                raise NotFound(f"run {run_id!r} does not exist: create it first with PUT /api/v1/runs/{run_id}")
+                raise _no_run(run_id)
             created: dict[str, int] = {}
         else:
             # One statement marks the run as seen and tells whether it exists.
             project_id = self._touch_run(conn, run_id, last_step)
             if project_id is None:
-                raise NotFound(f"run {run_id!r} does not exist: create it first with PUT /api/v1/runs/{run_id}")
+                raise _no_run(run_id)
             ids, created = self._resolve_series(conn, run_id, [b.name for b in batches])
             new = self._writer.write(conn, [(ids[b.name], b) for b in batches])
         new_points = [(sb.name, sb.steps, sb.values) for _, sb in new]

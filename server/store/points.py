@@ -32,6 +32,7 @@ from sqlalchemy import Connection
 
 from . import rollups as _rollups
 from .pg_arrays import float8_array, int8_array, int8_runs
+from .runs import touch_step_sql
 from .sql import placeholder
 
 #: Rows one SQLite statement inserts. Per-row ``executemany`` paid ~2.1 us a point, a 64-row
@@ -167,13 +168,10 @@ class PointWriter:
                 "CASE WHEN n < %s THEN (SELECT array_agg(step) FROM stored) END FROM counted"
             )
             self._insert_sql = "WITH " + body.format(only_if="", project="", on_conflict="ON CONFLICT DO NOTHING ")
-            # The same, marking the run as seen first (``Store._touch_step_sql``): a batch of
-            # known series is then one statement. A missing run stores nothing (its project
-            # id comes back NULL and the caller raises).
-            touched = (
-                "WITH touched AS (UPDATE runs SET last_seen_at = %s, last_step = CASE WHEN last_step IS NULL "
-                "OR last_step < %s THEN %s ELSE last_step END WHERE id = %s RETURNING project_id), "
-            )
+            # The same, marking the run as seen first (``runs.touch_step_sql``, which the store
+            # also runs alone): a batch of known series is then one statement. A missing run
+            # stores nothing (its project id comes back NULL and the caller raises).
+            touched = f"WITH touched AS ({touch_step_sql('%s')}), "
             only_if, project = " WHERE EXISTS (SELECT 1 FROM touched)", "(SELECT project_id FROM touched), "
             self._touch_insert_sql = touched + body.format(
                 only_if=only_if, project=project, on_conflict="ON CONFLICT DO NOTHING "

@@ -16,6 +16,17 @@ P = Project.__table__
 R = Run.__table__
 
 
+def touch_step_sql(ph: str) -> str:
+    """The statement that marks a run as seen at a step: ``last_seen_at`` set, ``last_step``
+    raised to the step if it is higher, the run's project id returned (no row: no such run).
+    Parameters: last seen, the step twice, the run id; ``ph``, the driver's placeholder. The
+    store runs it alone and the PostgreSQL point writer as the head of its one statement."""
+    return (
+        f"UPDATE runs SET last_seen_at = {ph}, last_step = CASE WHEN last_step IS NULL OR last_step < {ph} "
+        f"THEN {ph} ELSE last_step END WHERE id = {ph} RETURNING project_id"
+    )
+
+
 def run_dict(row: Any, project: str) -> dict:
     return {
         "id": row.id,
