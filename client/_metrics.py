@@ -137,10 +137,7 @@ class ParamLayout:
         # The per-tensor norms read one by one and combined in double on the host: two kernels
         # fewer than stacking them and taking a dot (a ~1 ms step pays ~10 us per kernel), and
         # no float32 overflow of the sum of squares (a norm above 1.8e19 squared).
-        norms = (
-            torch._foreach_norm(grads, 2, dtype=torch.float32) if not self._float64 else self._norms(grads)
-        )  # self._norms, inlined: every step
-        total = math.hypot(*[n.item() for n in norms])
+        total = math.hypot(*[n.item() for n in self._norms(grads)])
         if math.isfinite(total):
             return total, 0.0
         return total, float(sum(int((~torch.isfinite(g)).sum()) for g in grads))

@@ -352,10 +352,7 @@ class Monitor:
                 mode = self._mode = "after"
             if mode == "after":
                 full = self._budget.full
-                if full or not self._host:
-                    self._pending_grads = (full, self._grads(full))
-                else:  # the cheap step of a CPU model: _grads inlined
-                    self._pending_grads = (False, self._layout.grad_total_host())
+                self._pending_grads = (full, self._grads(full))
                 if full:
                     self._snap()
             elif self._post_step is not None:
@@ -483,10 +480,6 @@ class Monitor:
                     host_values += _logits.extremes_host(logits)
             else:
                 job = (logits, targets, full)
-        if not tensors and job is None:  # host numbers only (a CPU model's cheap step): _emit's first case
-            if self._sender is not None:
-                self._sender.put_points(("points", step, time.time(), (), (), None, None, host_names, host_values))
-            return
         self._emit(step, tensors, names, ops, host_names, host_values, job)
 
     def _grads(self, full):
@@ -524,7 +517,7 @@ class Monitor:
         """
         if not tensors and logit_job is None:  # host numbers only (a CPU model's cheap step)
             if self._sender is not None:
-                self._sender.put(("points", step, time.time(), (), (), None, None, host_names, host_values))
+                self._sender.put_points(("points", step, time.time(), (), (), None, None, host_names, host_values))
             return
         packed = ready = None
         side = None
