@@ -8,6 +8,7 @@ so test files import these with ``from live_servers import ...`` wherever they a
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import threading
@@ -25,8 +26,33 @@ def _pg_schema_url(schema: str) -> str:
     return f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
 
 
+#: Where ``free_port`` looks: the 12,000 ports below the kernel's ephemeral range.
+_PORTS_BELOW_EPHEMERAL = 12_000
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback port nothing listens on, for a server a test starts. Not one the kernel picks
+    (binding port 0): it comes from the ephemeral range, where any outgoing connection's local
+    end may take it before the server binds it ("address already in use", seen in CI). A port
+    below that range is taken only by a listener, which the bind here finds."""
+    low = _ephemeral_low()
+    rng = random.Random()
+    for _ in range(500):
+        port = rng.randrange(max(1024, low - _PORTS_BELOW_EPHEMERAL), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # all of them busy: the kernel's pick, as before
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import read_series, series_names
+from live_servers import free_port
 
 import stethoscope
 from stethoscope import _ranks
@@ -19,14 +20,6 @@ from stethoscope.core.detectors import DetectorSet
 
 HERE = Path(__file__).parent
 EVERY, AT = 10, 33  # rank_drift_worker's check spacing and the step rank 1 goes wrong
-
-
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ranks(scenario, url, tmp_path, errors=((), ())):

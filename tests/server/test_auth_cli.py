@@ -4,7 +4,6 @@ token create|list|revoke`` against a live server with authentication on (both da
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,14 +11,9 @@ import time
 import httpx
 import pytest
 from _auth_helpers import auth_settings
+from live_servers import free_port
 
 CLI = [sys.executable, "-m", "stethoscope_server.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
