@@ -86,3 +86,41 @@ def test_every_job_failing_stores_nothing(engine):
     transactions, results, committed, stored = _run_group(engine, set("abcd"))
     assert all(isinstance(results[k], ValueError) for k in "abcd")
     assert committed == [] and stored == []
+
+
+def test_sqlite_writes_keep_to_the_connection_used_last(tmp_path):
+    """Writes one after another go through the same pooled connection even when the pool holds
+    several (readers opened them): SQLite empties a connection's page cache when another
+    connection has written since its last transaction, so writers that take the pool's
+    connections in turn re-read every page of every batch from the file."""
+    from sqlalchemy import event
+
+    from stethoscope_server.store import Store, migrate
+    from stethoscope_server.store.db import WRITE_OPTION
+    from stethoscope_server.store.points import SeriesBatch
+
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    migrate.upgrade(url)
+    engine = make_engine(Settings(database_url=url))
+    writers = []
+
+    @event.listens_for(engine, "begin")
+    def _note(conn):
+        if conn.get_execution_options().get(WRITE_OPTION):
+            writers.append(id(conn.connection.driver_connection))
+
+    try:
+        store = Store(engine)
+        store.upsert_run("r", "p")
+        readers = [engine.connect() for _ in range(3)]  # the pool now holds three connections
+        for c in readers:
+            c.exec_driver_sql("SELECT 1").all()
+        for c in readers:
+            c.close()
+        writers.clear()
+        for k in range(4):
+            store.ingest("r", [SeriesBatch("loss", [k], [1.0], [0.0])])
+            assert store.read_series("r", "loss").steps == list(range(k + 1))  # a read between writes
+        assert len(writers) == 4 and len(set(writers)) == 1, writers
+    finally:
+        engine.dispose()
