@@ -157,10 +157,14 @@ def measure_read(url: str, repeats: int = 9) -> dict:
     return out
 
 
-def database_floor(batches: int = 1200, runs: int = 4, group: int = 1) -> dict:
+def database_floor(
+    batches: int = 1200, runs: int = 4, group: int = 1, rollups: bool = True, chunk: int | None = None
+) -> dict:
     """The SQLite work of ``batches`` 1,000-point batches (``runs`` runs' 20 series each, in
     turn, steps ascending like the senders'), ``group`` batches a transaction (the server's
-    group commit joins at most one pending batch per sender), CPU microseconds per point by part."""
+    group commit joins at most one pending batch per sender), CPU microseconds per point by part.
+    ``rollups=False`` leaves the rollup upsert out; ``chunk``: the same figures also for each
+    ``chunk`` batches in turn (``chunks``), to see the cost change as the series grow."""
     from itertools import chain
 
     from stethoscope_server.settings import Settings
@@ -177,6 +181,8 @@ def database_floor(batches: int = 1200, runs: int = 4, group: int = 1) -> dict:
         db = raw.driver_connection  # the server's pragmas (the engine's connect hook)
         writer = PointWriter("sqlite")
         parts = dict.fromkeys(("probe", "points", "rollups", "commit", "checkpoint", "params"), 0.0)
+        chunks: list[dict] = []
+        at_chunk = dict(parts)
         # Checkpoint as often as the server's background thread would at the new path's rate
         # (~300 batches a second on this kind of machine: one per CHECKPOINT_INTERVAL_S).
         every = max(1, round(300 * CHECKPOINT_INTERVAL_S))
@@ -202,7 +208,8 @@ def database_floor(batches: int = 1200, runs: int = 4, group: int = 1) -> dict:
             t2 = cpu()
             writer._points.run(db, flat)
             t3 = cpu()
-            writer._rollups.run(db, rows)
+            if rollups:
+                writer._rollups.run(db, rows)
             t4 = cpu()
             if (b + 1) % group == 0 or b + 1 == batches:
                 db.execute("COMMIT")
@@ -212,13 +219,25 @@ def database_floor(batches: int = 1200, runs: int = 4, group: int = 1) -> dict:
             t6 = cpu()
             for part, dt in zip(parts, (t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t1 - t0)):
                 parts[part] += dt
+            if chunk and (b + 1) % chunk == 0:
+                piece = _per_point({k: v - at_chunk[k] for k, v in parts.items()}, chunk * SERIES * STEPS_PER_BATCH)
+                chunks.append({"points_stored": (b + 1) * SERIES * STEPS_PER_BATCH, **piece})
+                at_chunk = dict(parts)
         raw.close()
         engine.dispose()
     n = batches * SERIES * STEPS_PER_BATCH
-    out = {f"{k}_us_per_point": round(v / n * 1e6, 3) for k, v in parts.items()}
-    out["database_us_per_point"] = round(sum(v for k, v in parts.items() if k != "params") / n * 1e6, 3)
+    out = _per_point(parts, n)
     out["points"] = n
     out["batches_per_transaction"] = group
+    out["rollups"] = rollups
+    if chunk:
+        out["chunks"] = chunks
+    return out
+
+
+def _per_point(parts: dict, n: int) -> dict:
+    out = {f"{k}_us_per_point": round(v / n * 1e6, 3) for k, v in parts.items()}
+    out["database_us_per_point"] = round(sum(v for k, v in parts.items() if k != "params") / n * 1e6, 3)
     return out
 
 

@@ -9,9 +9,18 @@ arms alike); each size's figure is the median of its rounds. Each figure is give
 the same arm's figure at the first size (flat = 1.0), and the new arm against the baseline
 at each size. Server CPU per point is the steadier figure on a loaded machine.
 
-    python benchmarks/ingest_growth.py [--sizes 200000,1000000,2000000,4000000] [--seconds 4] [--rounds 3]
+The filler goes into other series, and each round's batches into the senders' own series, so
+the figures above are mostly the cost of a table that grows around series that stay short. A
+long training's own series grow too, and so does what each of their batches touches: the
+second part replays this tree's database work alone (``ingest.database_floor``: the store's own
+statements and pragmas on a fresh file, no server) for ``--replay-points`` points into the same
+80 series, with and without the rollup upsert, and gives the CPU per point of each 600,000
+points in turn against the first.
 
-Prints one JSON line.
+    python benchmarks/ingest_growth.py [--sizes 200000,1000000,2000000,4000000] [--seconds 4] [--rounds 3]
+    python benchmarks/ingest_growth.py --replay-only [--replay-points 4800000]
+
+Prints one JSON line per part.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import baseline_code, fresh_database, machine_load, median, server  # noqa: E402
-from ingest import BASELINE_REF, ROUND_STEPS, measure_ingest  # noqa: E402
+from ingest import BASELINE_REF, ROUND_STEPS, SERIES, STEPS_PER_BATCH, database_floor, measure_ingest  # noqa: E402
 
 #: Filler rows per filler series, and where their ids start (no real series has such an id).
 FILLER_PER_SERIES = 100_000
@@ -64,7 +73,41 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds per size and arm (medians)")
     ap.add_argument("--senders", type=int, default=4)
     ap.add_argument("--baseline", default=BASELINE_REF)
+    ap.add_argument("--replay-points", type=int, default=4_800_000, help="points of the series replay (0: none)")
+    ap.add_argument("--replay-only", action="store_true", help="only the series replay, no servers")
     args = ap.parse_args()
+    if not args.replay_only:
+        servers_part(args)
+    if args.replay_points:
+        print(json.dumps(series_replay(args.replay_points)), flush=True)
+
+
+#: Batches per figure of the series replay (600,000 points).
+REPLAY_CHUNK = 600
+
+
+def series_replay(points: int) -> dict:
+    """This tree's database work per point as the same 80 series grow, with and without the
+    rollup upsert, for each ``REPLAY_CHUNK`` batches in turn (``database_floor``)."""
+    batches = max(REPLAY_CHUNK, points // (SERIES * STEPS_PER_BATCH) // REPLAY_CHUNK * REPLAY_CHUNK)
+    out: dict = {"benchmark": "ingest_growth_series_replay", "database": "sqlite", "series": 4 * SERIES}
+    for name, rollups in (("with_rollups", True), ("without_rollups", False)):
+        got = database_floor(batches=batches, rollups=rollups, chunk=REPLAY_CHUNK)
+        first = got["chunks"][0]
+        keys = ("database", "points", "rollups", "commit")
+        out[name] = {
+            "points_stored": [c["points_stored"] for c in got["chunks"]],
+            **{f"{k}_us_per_point": [c[f"{k}_us_per_point"] for c in got["chunks"]] for k in keys},
+            # Against the first 600,000 points: 1.0 is flat.
+            "ratio_database_vs_first": [
+                round(c["database_us_per_point"] / first["database_us_per_point"], 2) for c in got["chunks"]
+            ],
+        }
+    out["machine"] = machine_load()
+    return out
+
+
+def servers_part(args) -> None:
     sizes = [int(x) for x in args.sizes.split(",")]
     got: dict[str, list[dict]] = {"baseline": [], "new": []}
     with ExitStack() as stack:
