@@ -204,6 +204,29 @@ def test_each_sender_runs_its_own_schedule(live_server, tmp_path, monkeypatch):
         assert steps == list(range(40))
 
 
+class _WakeSpy:
+    """Stands in for a ``RecordQueue``'s wake-up event: notes each wait's timeout and each
+    ``set``; during the first wait the ``arriving`` records are put on the queue, and a wait
+    returns ``woken``."""
+
+    def __init__(self, q, arriving=(), woken=True):
+        self.q, self.arriving, self.woken = q, list(arriving), woken
+        self.waits, self.sets = [], 0
+
+    def wait(self, timeout):
+        self.waits.append(timeout)
+        for item in self.arriving:
+            self.q.put_nowait(item)
+        self.arriving = []
+        return self.woken
+
+    def set(self):
+        self.sets += 1
+
+    def clear(self):
+        pass
+
+
 @pytest.mark.parametrize("arriving", [["a"], ["a", "b"]], ids=["woken-by-one", "drained-several"])
 def test_once_records_come_the_sender_polls_instead_of_being_woken_by_each(arriving):
     """An idle sender is woken by the first record of a run; from then on records are flowing
@@ -216,25 +239,7 @@ def test_once_records_come_the_sender_polls_instead_of_being_woken_by_each(arriv
 
     q = _sender.RecordQueue(100)
 
-    class Spy:  # the queue's wake-up event; records arrive while the consumer waits
-        def __init__(self):
-            self.waits, self.sets, self.arriving = [], 0, []
-
-        def wait(self, timeout):
-            self.waits.append(timeout)
-            for item in self.arriving:
-                q.put_nowait(item)
-            self.arriving = []
-            return True
-
-        def set(self):
-            self.sets += 1
-
-        def clear(self):
-            pass
-
-    q._wake = spy = Spy()
-    spy.arriving = list(arriving)
+    q._wake = spy = _WakeSpy(q, arriving)  # records arrive while the consumer waits
     taken = [q.get(timeout=1.0)]  # idle: waited to be woken, then took the first
     while (item := q.take()) is not None:  # and the rest, in order
         taken.append(item)
@@ -262,21 +267,7 @@ def test_a_quiet_consumer_waits_for_its_batch_unless_records_pile_up_or_one_is_u
 
     q = _sender.RecordQueue(10_000)
 
-    class Spy:
-        def __init__(self):
-            self.waits, self.sets = [], 0
-
-        def wait(self, timeout):
-            self.waits.append(timeout)
-            return False
-
-        def set(self):
-            self.sets += 1
-
-        def clear(self):
-            pass
-
-    q._wake = spy = Spy()
+    q._wake = spy = _WakeSpy(q, woken=False)
     with pytest.raises(queue.Empty):
         q.get(timeout=1.0, poll=None)  # nothing came: a quiet consumer does not go idle
     for i in range(_sender.QUIET_LOOK_RECORDS):
